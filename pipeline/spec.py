@@ -1,0 +1,378 @@
+"""The workflow spec: YAML in, one frozen and fully validated :class:`Workflow` out.
+
+Every rule is checked here, at load time, before Ray starts or a byte is written. An error
+names the field path, the value received and what would be valid::
+
+    workflow.yaml: 2 problems
+      - merge.method: unknown merge method 'tie' (got 'tie'). Known: linear, task_arithmetic.
+      - tasks[1].name: duplicate task name 'sst2' (got 'sst2'). Task names must be unique.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from operators.merge import MERGE_METHODS, validate_merge_params
+
+# Strategies the spec accepts. Only the ones in IMPLEMENTED_STRATEGIES run today; the others are
+# recognised so that a spec written for them gets a precise "not available yet" error.
+STRATEGIES = ("oneshot", "atm", "cold_fusion")
+IMPLEMENTED_STRATEGIES = ("oneshot",)
+
+DEFAULT_BASE_MODEL = "packaged:all-minilm-l6-v2"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_STORE = "mergeflow-store"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class SpecError(ValueError):
+    """A workflow spec that cannot run, with one line per problem (field path, value, fix)."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        head = f"{source}: {len(problems)} problem" + ("s" if len(problems) != 1 else "")
+        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_name(value: str, what: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{what} must be 1-64 characters of letters, digits, '_', '-' or '.', starting with a "
+            f"letter or digit (got {value!r})"
+        )
+    return value
+
+
+class DatasetSpec(_Frozen):
+    """Where a task's examples come from and how they are split into train and eval."""
+
+    source: str | None = Field(
+        default=None,
+        description="One table split by eval_fraction: a local path, a pyarrow.fs URI "
+        "(s3://, gs://, hdfs://, file://) or a packaged dataset (packaged:NAME).",
+    )
+    train: str | None = Field(default=None, description="A separate train table (instead of source).")
+    eval: str | None = Field(default=None, description="A separate eval table (with train).")
+    format: Literal["parquet", "jsonl", "csv"] | None = Field(
+        default=None, description="File format; inferred from the extension when omitted."
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    eval_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    max_train_examples: int | None = Field(default=None, gt=0)
+    max_eval_examples: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> DatasetSpec:
+        if self.source and (self.train or self.eval):
+            raise ValueError(
+                "give either 'source' (split by eval_fraction) or 'train' and 'eval', not both "
+                f"(got source={self.source!r}, train={self.train!r}, eval={self.eval!r})"
+            )
+        if not self.source and not (self.train and self.eval):
+            raise ValueError(
+                "a dataset needs 'source' (one table, split by eval_fraction) or both 'train' and "
+                f"'eval' (got source={self.source!r}, train={self.train!r}, eval={self.eval!r})"
+            )
+        return self
+
+
+class TaskSpec(_Frozen):
+    """One classification task: one expert is fine-tuned for it and it keeps its own head."""
+
+    name: str
+    dataset: DatasetSpec
+    labels: list[str] | None = Field(
+        default=None, description="Label names; label values in the data must be among them."
+    )
+    num_labels: int | None = Field(default=None, ge=2, description="Alternative to labels: ids 0..n-1.")
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "a task name")
+
+    @model_validator(mode="after")
+    def _labels(self) -> TaskSpec:
+        if self.labels is None and self.num_labels is None:
+            raise ValueError("give 'labels' (a list of label names) or 'num_labels' (an integer >= 2)")
+        if self.labels is not None:
+            if len(self.labels) < 2:
+                raise ValueError(f"'labels' needs at least 2 entries (got {self.labels!r})")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"'labels' has duplicates (got {self.labels!r})")
+            if self.num_labels is not None and self.num_labels != len(self.labels):
+                raise ValueError(
+                    f"num_labels={self.num_labels} disagrees with the {len(self.labels)} labels given; "
+                    "drop num_labels or make them agree"
+                )
+        return self
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.labels) if self.labels is not None else [str(i) for i in range(self.num_labels or 0)]
+
+
+class FinetuneSpec(_Frozen):
+    """How each expert is fine-tuned from the base (full fine-tune of body and task head)."""
+
+    mode: Literal["full"] = Field(default="full", description="'full' today; LoRA comes with peft support.")
+    epochs: float | None = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="Overrides epochs when set.")
+    learning_rate: float = Field(default=5e-5, gt=0, lt=1)
+    head_learning_rate: float | None = Field(default=None, gt=0, lt=1, description="Defaults to learning_rate.")
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    batch_size: int = Field(default=32, gt=0)
+    max_length: int = Field(default=64, gt=1, le=8192)
+    seed: int = 0
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    log_every: int = Field(default=10, gt=0, description="Log the training loss every N steps.")
+
+    @model_validator(mode="after")
+    def _budget(self) -> FinetuneSpec:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give 'epochs' or 'max_steps' (got neither)")
+        return self
+
+
+class MergeSpec(_Frozen):
+    """Which merge method combines the experts' bodies, and its parameters."""
+
+    method: str = "task_arithmetic"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _method_and_params(self) -> MergeSpec:
+        if self.method not in MERGE_METHODS:
+            raise ValueError(
+                f"unknown merge method {self.method!r}. Known: {', '.join(sorted(MERGE_METHODS))}"
+            )
+        # Raises ValueError naming the parameter, the value and the valid range.
+        validate_merge_params(self.method, self.params)
+        return self
+
+
+class ResourcesSpec(_Frozen):
+    """Ray resources for each expert's fine-tuning task (and the merge/eval tasks)."""
+
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    max_retries: int = Field(default=1, ge=0, description="Ray retries when a worker process dies.")
+    torch_threads: int | None = Field(
+        default=None, gt=0, description="torch intra-op threads per task; defaults to num_cpus."
+    )
+
+
+class TrackingSpec(_Frozen):
+    """Where lineage goes: an MLflow tracking URI and experiment, and the registered model name."""
+
+    uri: str = DEFAULT_TRACKING_URI
+    experiment: str | None = Field(default=None, description="Defaults to the workflow name.")
+    registered_model: str | None = Field(default=None, description="Defaults to '<name>-merged'.")
+    alias: str = Field(default="current", description="Registry alias moved to each new merged version.")
+    log_model_artifacts: bool = Field(
+        default=True,
+        description="Upload the merged checkpoint as the LoggedModel's artifacts (the registry "
+        "version then resolves inside MLflow). When false, the version's source is the store URI.",
+    )
+    log_expert_artifacts: bool = Field(
+        default=False, description="Also upload every expert checkpoint to MLflow (they stay in the store anyway)."
+    )
+    artifact_location: str | None = Field(
+        default=None, description="Artifact root of a new experiment; for SQLite, defaults next to the database."
+    )
+
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        if v.lower() == "latest" or v.lower().startswith("v") and v[1:].isdigit():
+            raise ValueError(
+                f"MLflow reserves the alias {v!r} (it already means the newest version / a version number); "
+                "choose another, e.g. 'current' or 'champion'"
+            )
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_-]{0,255}$", v):
+            raise ValueError(f"an alias is letters, digits, '_' and '-', starting with a letter (got {v!r})")
+        return v
+
+
+class StoreSpec(_Frozen):
+    """The checkpoint store: a local folder or any pyarrow.fs URI."""
+
+    root: str = DEFAULT_STORE
+
+
+class Workflow(_Frozen):
+    """A whole workflow. Load with :func:`load_workflow`; never build half-validated ones by hand."""
+
+    name: str
+    description: str = ""
+    base_model: str = DEFAULT_BASE_MODEL
+    tasks: Annotated[list[TaskSpec], Field(min_length=1)]
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    strategy: Literal["oneshot", "atm", "cold_fusion"] = "oneshot"
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    store: StoreSpec = Field(default_factory=StoreSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_name(v, "the workflow name")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_available(cls, v: str) -> str:
+        if v not in IMPLEMENTED_STRATEGIES:
+            raise ValueError(
+                f"strategy {v!r} is recognised but not available in this version; "
+                f"use one of: {', '.join(IMPLEMENTED_STRATEGIES)}"
+            )
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        seen: set[str] = set()
+        for t in tasks:
+            if t.name in seen:
+                raise ValueError(f"duplicate task name {t.name!r}; task names must be unique")
+            seen.add(t.name)
+        return tasks
+
+    @model_validator(mode="after")
+    def _merge_weights_name_tasks(self) -> Workflow:
+        weights = self.merge.params.get("weights") or {}
+        unknown = sorted(set(weights) - {t.name for t in self.tasks})
+        if unknown:
+            raise ValueError(
+                f"merge.params.weights names {unknown}, which are not tasks of this workflow; "
+                f"use task names ({', '.join(t.name for t in self.tasks)})"
+            )
+        return self
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.tracking.registered_model or f"{self.name}-merged"
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"no task named {name!r}; tasks are: {', '.join(t.name for t in self.tasks)}")
+
+    def spec_hash(self) -> str:
+        """A stable hash of everything that changes the weights (not tracking or store settings)."""
+        payload = self.model_dump(mode="json", exclude={"tracking", "store", "description"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-before") or str(part).startswith("function-"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(err: dict[str, Any], data: Any) -> str:
+    loc = _format_loc(tuple(err.get("loc", ())))
+    msg = str(err.get("msg", "")).removeprefix("Value error, ")
+    kind = err.get("type", "")
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key (got {value!r}). Remove it or check its spelling against the README's spec reference."
+    if kind == "missing":
+        return f"{loc}: required field is missing."
+    if kind == "literal_error":
+        return f"{loc}: {msg} (got {value!r})."
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        if "(got " not in msg:
+            return f"{loc}: {msg} (got {value!r})."
+    return f"{loc}: {msg}."
+
+
+def parse_workflow(data: Any, source: str = "<spec>") -> Workflow:
+    """Validate a parsed YAML/JSON mapping into a :class:`Workflow`.
+
+    Args:
+        data: The mapping read from the spec file.
+        source: Where it came from, for error messages.
+
+    Returns:
+        The frozen, validated workflow.
+
+    Raises:
+        SpecError: with one line per problem.
+    """
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"(top level): a workflow spec is a mapping of keys (got {type(data).__name__})."])
+    try:
+        return Workflow.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, [_describe(e, data) for e in exc.errors()]) from None
+
+
+def load_workflow(path: str | Path, overrides: dict[str, Any] | None = None) -> Workflow:
+    """Read and validate a workflow spec file.
+
+    Args:
+        path: A YAML (or JSON) file.
+        overrides: Dotted keys to set before validation, e.g. ``{"tracking.uri": "sqlite:///x.db"}``.
+
+    Returns:
+        The validated workflow.
+
+    Raises:
+        SpecError: when the file is missing, is not YAML, or breaks a rule.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), [f"(file): no such spec file {str(path)!r}. Check the path; shipped specs are in workflows/."])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [f"(file): not valid YAML: {exc}"]) from None
+    if overrides and isinstance(data, dict):
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+    wf = parse_workflow(data, str(path))
+    return wf

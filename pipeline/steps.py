@@ -1,0 +1,279 @@
+"""Steps: what one Ray task (or one in-process call) does. Each wraps one operator with the edges:
+
+fetch inputs from the store → run the operator on local directories → publish the output
+atomically → log lineage into the run the driver created for it.
+
+Steps receive and return references (store paths, run and model ids), never weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from operators.checkpoint import read_provenance, resolve_model_path, write_provenance
+from operators.data import TaskData, load_task_data
+from pipeline.lineage import TAG_STORE_URI, Lineage
+from pipeline.spec import TaskSpec, Workflow
+from pipeline.store import CheckpointStore, content_key
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a step needs to find its inputs and record its lineage."""
+
+    workflow: Workflow
+    tracking_uri: str
+    experiment_id: str
+    workflow_run_id: str
+    base_ref: str  # the workflow's base model: packaged:NAME, a local dir, or a store path
+
+    def store(self) -> CheckpointStore:
+        return CheckpointStore(self.workflow.store.root)
+
+    def lineage(self) -> Lineage:
+        return Lineage(self.tracking_uri, self.experiment_id)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.workflow.resources.num_gpus > 0 else "cpu"
+
+    @property
+    def torch_threads(self) -> int:
+        r = self.workflow.resources
+        return r.torch_threads or max(1, int(r.num_cpus))
+
+
+@dataclass
+class ModelRef:
+    """A checkpoint in the store, and the MLflow run and LoggedModel that made it."""
+
+    kind: str  # "base" | "expert" | "merged"
+    name: str
+    path: str  # path inside the store's filesystem ("" for the base)
+    uri: str
+    key: str
+    run_id: str | None = None
+    model_id: str | None = None
+    reused: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifact_location: str | None = None
+
+
+@functools.lru_cache(maxsize=32)
+def _task_data_cached(task_json: str) -> TaskData:
+    task = TaskSpec.model_validate_json(task_json)
+    return load_task_data(task.name, task.dataset, task.label_names)
+
+
+def task_data(task: TaskSpec) -> TaskData:
+    """Load (and cache per process) one task's data."""
+    return _task_data_cached(task.model_dump_json())
+
+
+def local_dir(ctx: StepContext, ref: ModelRef) -> Path:
+    """A local directory for a model reference (the packaged/local base, or a store checkpoint)."""
+    if ref.kind == "base":
+        return resolve_model_path(ref.uri) if not ref.path else ctx.store().materialize(ref.path)
+    return ctx.store().materialize(ref.path)
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+    sys.stdout.flush()
+
+
+# --- keys and paths (also used by the driver to find finished work) ------------------------------
+
+def expert_key(start: ModelRef, task: TaskSpec, workflow: Workflow, data_digest: str) -> str:
+    return content_key("expert", start.key, task.model_dump(mode="json"), workflow.finetune.model_dump(mode="json"), data_digest)
+
+
+def expert_path(store: CheckpointStore, workflow: Workflow, round_index: int, task: str, key: str) -> str:
+    return store.path(workflow.name, f"round-{round_index:03d}", "experts", f"{task}-{key}")
+
+
+def merged_key(base: ModelRef, experts: dict[str, ModelRef], workflow: Workflow) -> str:
+    return content_key("merged", base.key, {t: e.key for t, e in sorted(experts.items())}, workflow.merge.model_dump(mode="json"))
+
+
+def merged_path(store: CheckpointStore, workflow: Workflow, round_index: int, key: str) -> str:
+    return store.path(workflow.name, f"round-{round_index:03d}", "merged", f"{workflow.merge.method}-{key}")
+
+
+def ref_from_store(store: CheckpointStore, path: str, kind: str, name: str, key: str) -> ModelRef:
+    """Rebuild a reference to a finished checkpoint from its provenance (for resume and reuse)."""
+    prov = read_provenance(store.materialize(path))
+    mlflow_ids = prov.get("mlflow", {})
+    return ModelRef(kind=kind, name=name, path=path, uri=store.uri(path), key=key,
+                    run_id=mlflow_ids.get("run_id"), model_id=mlflow_ids.get("model_id"), reused=True,
+                    metrics=prov.get("metrics", {}), artifact_location=mlflow_ids.get("artifact_location"))
+
+
+# --- steps ----------------------------------------------------------------------------------------
+
+def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index: int, run_id: str, key: str) -> ModelRef:
+    """Fine-tune one expert from ``start`` and publish it; logs into ``run_id``."""
+    from operators.evaluate import evaluate
+    from operators.finetune import finetune, total_steps
+
+    wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
+    data = task_data(task)
+    path = expert_path(store, wf, round_index, task.name, key)
+    lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri,
+                                "finetune": wf.finetune.model_dump(mode="json"), "labels": task.label_names,
+                                "train_examples": len(data.train), "eval_examples": len(data.eval)})
+    lineage.log_dataset(run_id, name=f"{task.name}-train", texts=data.train.texts,
+                        labels=[data.label_names[i] for i in data.train.labels], source=data.source,
+                        digest=data.digest, context="training")
+    lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.eval.texts,
+                        labels=[data.label_names[i] for i in data.eval.labels], source=data.source,
+                        digest=data.digest, context="evaluation")
+    steps = total_steps(len(data.train), wf.finetune)
+    say(f"[expert {task.name}] round {round_index}: fine-tuning {steps} steps on {len(data.train)} examples")
+
+    pending: list[tuple[int, dict[str, float]]] = []
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        pending.append((step, metrics))
+        if len(pending) >= 5 or step == steps:  # batch metric writes: fewer round trips to the store
+            for s, m in pending:
+                lineage.log_metrics(run_id, m, step=s)
+            pending.clear()
+            say(f"[expert {task.name}] step {step}/{steps} loss {metrics['train_loss']:.4f}")
+
+    model_id = lineage.create_model(run_id, f"expert-{task.name}", tags={
+        "mergeflow.kind": "expert", "mergeflow.task": task.name, "mergeflow.round": str(round_index),
+        TAG_STORE_URI: store.uri(path)})
+    staging = store.staging_dir()
+    try:
+        start_dir = local_dir(ctx, start)
+        ckpt = staging / "ckpt"
+        result = finetune(start_dir, data, wf.finetune, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads)
+        own = evaluate(ckpt, data, max_length=wf.finetune.max_length, device=ctx.device)
+        metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
+                   "train_seconds": result.seconds, "train_steps": float(result.steps)}
+        lineage.log_metrics(run_id, metrics, step=round_index)
+        write_provenance(ckpt, {
+            "kind": "expert", "task": task.name, "round": round_index, "workflow": wf.name,
+            "spec_hash": wf.spec_hash(), "key": key,
+            "parents": [{"kind": start.kind, "uri": start.uri, "key": start.key, "model_id": start.model_id}],
+            "finetune": wf.finetune.model_dump(mode="json"), "head_init": result.head_init,
+            "data": {"source": data.source, "digest": data.digest, "train": len(data.train), "eval": len(data.eval)},
+            "metrics": {**metrics, f"eval/{task.name}/accuracy": own["accuracy"]},
+            "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
+        })
+        if wf.tracking.log_expert_artifacts:
+            lineage._upload(model_id, ckpt)
+        store.publish(ckpt, path)
+        location = lineage.finalize_model(model_id, run_id=run_id, step=round_index)
+    except BaseException:
+        lineage.fail_model(model_id)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"[expert {task.name}] done in {result.seconds:.1f}s: loss {result.final_loss:.4f}, "
+        f"eval accuracy {own['accuracy']:.3f}")
+    return ModelRef("expert", task.name, path, store.uri(path), key, run_id, model_id,
+                    metrics={**metrics, "own_accuracy": own["accuracy"]}, artifact_location=location)
+
+
+def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str, key: str) -> ModelRef:
+    """Merge the experts' bodies (keeping each task's head) and publish the merged checkpoint."""
+    from operators.merge.engine import merge_checkpoints
+
+    wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
+    path = merged_path(store, wf, round_index, key)
+    lineage.log_params(run_id, {"method": wf.merge.method, "params": wf.merge.params, "round": round_index,
+                                "base": base.uri, "experts": {t: e.uri for t, e in sorted(experts.items())}})
+    lineage.log_model_inputs(run_id, [e.model_id for e in experts.values() if e.model_id])
+    model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags={
+        "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": wf.merge.method,
+        "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: store.uri(path)},
+        params={"method": wf.merge.method, **wf.merge.params})
+    staging = store.staging_dir()
+    say(f"[merge] round {round_index}: {wf.merge.method} of {', '.join(sorted(experts))}")
+    try:
+        ckpt = staging / "ckpt"
+        report = merge_checkpoints(
+            local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
+            wf.merge.method, wf.merge.params, ckpt,
+            provenance={
+                "round": round_index, "workflow": wf.name, "spec_hash": wf.spec_hash(), "key": key,
+                "parents": [{"kind": base.kind, "uri": base.uri, "key": base.key, "model_id": base.model_id}]
+                + [{"kind": "expert", "task": t, "uri": e.uri, "key": e.key, "model_id": e.model_id,
+                    "run_id": e.run_id} for t, e in sorted(experts.items())],
+                "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
+            },
+        )
+        lineage.log_metrics(run_id, {"merge_seconds": report.seconds, "merge_tensors": report.tensors,
+                                     "merge_bytes_written": report.bytes_written}, step=round_index)
+        if wf.tracking.log_model_artifacts:
+            lineage._upload(model_id, ckpt)
+        store.publish(ckpt, path)
+        location = lineage.finalize_model(model_id, run_id=run_id, step=round_index)
+    except BaseException:
+        lineage.fail_model(model_id)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"[merge] done in {report.seconds:.1f}s: {report.tensors} tensors")
+    return ModelRef("merged", f"{wf.name}-merged", path, store.uri(path), key, run_id, model_id,
+                    artifact_location=location if wf.tracking.log_model_artifacts else None)
+
+
+def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, ModelRef], run_id: str,
+                  round_index: int, prefix: str = "eval") -> dict[str, dict[str, float]]:
+    """Score ``model``'s body with each task's head (from ``head_sources``) on every task."""
+    from operators.evaluate import evaluate
+
+    wf, lineage = ctx.workflow, ctx.lineage()
+    body = local_dir(ctx, model)
+    results: dict[str, dict[str, float]] = {}
+    for task in wf.tasks:
+        data = task_data(task)
+        head_ref = head_sources[task.name]
+        head_dir = local_dir(ctx, head_ref)
+        m = evaluate(body, data, head_from=None if head_dir == body else head_dir,
+                     max_length=wf.finetune.max_length, device=ctx.device)
+        results[task.name] = m
+        lineage.log_metrics(run_id, {f"{prefix}/{task.name}/accuracy": m["accuracy"],
+                                     f"{prefix}/{task.name}/macro_f1": m["macro_f1"]},
+                            step=round_index, model_id=model.model_id)
+    say(f"[evaluate {model.kind} {model.name}] " + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
+    return results
+
+
+def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int) -> dict[str, dict[str, float]]:
+    """The baseline: a linear probe (head only, body frozen) of the base model on every task."""
+    from operators.evaluate import linear_probe
+
+    wf, lineage = ctx.workflow, ctx.lineage()
+    body = local_dir(ctx, base)
+    results = {}
+    start = time.perf_counter()
+    for task in wf.tasks:
+        m = linear_probe(body, task_data(task), max_length=wf.finetune.max_length, seed=wf.finetune.seed, device=ctx.device)
+        results[task.name] = m
+        lineage.log_metrics(run_id, {f"probe/{task.name}/accuracy": m["accuracy"],
+                                     f"probe/{task.name}/macro_f1": m["macro_f1"]}, step=round_index)
+    say(f"[baseline] linear probe of the base in {time.perf_counter() - start:.1f}s: "
+        + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
+    return results
+
+
+def base_ref(ctx_workflow: Workflow) -> ModelRef:
+    """A reference to the workflow's base model; its key hashes the reference and its config."""
+    path = resolve_model_path(ctx_workflow.base_model)
+    cfg = (path / "config.json").read_text()
+    weights = sorted(p.name + ":" + str(p.stat().st_size) for p in path.glob("*.safetensors"))
+    return ModelRef("base", "base", "", ctx_workflow.base_model, content_key("base", ctx_workflow.base_model, cfg, weights))
+
+
+def eval_record(results: dict[str, dict[str, float]]) -> dict[str, Any]:
+    return {t: {k: float(v) for k, v in m.items()} for t, m in results.items()}

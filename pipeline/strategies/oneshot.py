@@ -1,0 +1,22 @@
+"""One-shot: fine-tune every expert once from the base, merge once, evaluate.
+
+    base ──▶ [finetune task_1 … task_K] ──▶ merge ──▶ evaluate (merged and experts, every task)
+"""
+
+from __future__ import annotations
+
+from pipeline.steps import ModelRef
+from pipeline.strategies.rounds import RoundResult, Rounds
+
+
+def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
+    """Run the one-shot strategy; returns its single round."""
+    wf = rounds.wf
+    round_run = rounds.start_round(0)
+    probe = rounds.submit_probe(base, 0, round_run)  # the baseline runs beside the fine-tuning
+    experts = rounds.finetune(base, wf.tasks, 0, round_run)
+    merged = rounds.merge(base, experts, 0, round_run)
+    merged_eval, expert_evals = rounds.evaluate(merged, experts, 0, round_run)
+    result = RoundResult(0, round_run, experts, merged, expert_evals, merged_eval, rounds.probe_result(probe))
+    rounds.record(result, strategy="oneshot")
+    return [result]

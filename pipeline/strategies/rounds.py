@@ -1,0 +1,246 @@
+"""The building blocks every strategy loops over: fine-tune experts, merge, evaluate, register.
+
+A strategy (one-shot, ATM, ColD Fusion) is a short loop over these calls. Each call submits steps
+through the runtime (Ray or in-process), skips work whose checkpoint is already complete in the
+store (so a stopped workflow resumes and a repeated run does not train twice), and creates the
+MLflow runs its steps log into.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.lineage import TAG_ROUND, TAG_STORE_URI, TAG_TASK, Lineage
+from pipeline.runtime import Resources
+from pipeline.spec import TaskSpec, Workflow
+from pipeline.steps import (
+    ModelRef,
+    StepContext,
+    evaluate_step,
+    expert_key,
+    expert_path,
+    finetune_step,
+    merge_step,
+    merged_key,
+    merged_path,
+    probe_step,
+    ref_from_store,
+    task_data,
+)
+from pipeline.store import CheckpointStore
+
+Reporter = Callable[[str], None]
+
+
+@dataclass
+class RoundResult:
+    """What one round produced and how it scored."""
+
+    index: int
+    run_id: str
+    experts: dict[str, ModelRef]
+    merged: ModelRef
+    expert_evals: dict[str, dict[str, dict[str, float]]]  # expert -> task -> metrics
+    merged_eval: dict[str, dict[str, float]]  # task -> metrics
+    baseline: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metrics
+    registered_version: str | None = None
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per task: base (linear probe), expert (own task), merged, normalised (merged / expert)."""
+        rows: dict[str, dict[str, float]] = {}
+        for task, merged in self.merged_eval.items():
+            expert_acc = self.expert_evals[task][task]["accuracy"]
+            row = {"expert": expert_acc, "merged": merged["accuracy"],
+                   "normalized": merged["accuracy"] / expert_acc if expert_acc > 0 else float("nan")}
+            if task in self.baseline:
+                row = {"base_probe": self.baseline[task]["accuracy"], **row}
+            rows[task] = row
+        keys = next(iter(rows.values())).keys() if rows else []
+        rows["mean"] = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}
+        return rows
+
+
+class Rounds:
+    """Submit the steps of a round and record them; shared by every strategy."""
+
+    def __init__(self, ctx: StepContext, runtime: Any, lineage: Lineage, store: CheckpointStore, report: Reporter):
+        self.ctx = ctx
+        self.wf: Workflow = ctx.workflow
+        self.runtime = runtime
+        self.lineage = lineage
+        self.store = store
+        self.report = report
+        r = self.wf.resources
+        self.resources = Resources(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=r.max_retries)
+
+    # --- runs -----------------------------------------------------------------------------------
+    def start_round(self, index: int) -> str:
+        run_id = self.lineage.start_run(f"round-{index}", kind="round", parent=self.ctx.workflow_run_id,
+                                        workflow_run=self.ctx.workflow_run_id, tags={TAG_ROUND: str(index)})
+        self.report(f"round {index}: started (MLflow run {run_id})")
+        return run_id
+
+    def _child(self, name: str, kind: str, round_run: str, index: int, tags: dict[str, str] | None = None) -> str:
+        return self.lineage.start_run(name, kind=kind, parent=round_run, workflow_run=self.ctx.workflow_run_id,
+                                      tags={TAG_ROUND: str(index), **(tags or {})})
+
+    # --- fine-tuning ----------------------------------------------------------------------------
+    def finetune(self, start: ModelRef, tasks: list[TaskSpec], index: int, round_run: str) -> dict[str, ModelRef]:
+        """Fine-tune one expert per task from ``start`` in parallel; reuse complete ones."""
+        experts: dict[str, ModelRef] = {}
+        futures = []
+        run_ids: dict[str, str] = {}
+        for task in tasks:
+            key = expert_key(start, task, self.wf, task_data(task).digest)
+            path = expert_path(self.store, self.wf, index, task.name, key)
+            if self.store.is_complete(path):
+                experts[task.name] = ref_from_store(self.store, path, "expert", task.name, key)
+                self.report(f"round {index}: expert {task.name!r} already in the store, reused ({self.store.uri(path)})")
+                continue
+            run_id = self._child(f"expert:{task.name}", "expert", round_run, index,
+                                 {TAG_TASK: task.name, TAG_STORE_URI: self.store.uri(path)})
+            run_ids[task.name] = run_id
+            futures.append(self.runtime.submit(finetune_step, self.ctx, task, start, index, run_id, key,
+                                               name=f"finetune-{task.name}-r{index}", resources=self.resources))
+        try:
+            for fut, ref in self.runtime.as_completed(futures):
+                experts[ref.name] = ref
+                self.lineage.end_run(ref.run_id)
+                self.report(f"round {index}: expert {ref.name!r} finished "
+                            f"(loss {ref.metrics['train_final_loss']:.4f}, {ref.metrics['train_seconds']:.1f}s)")
+        except BaseException:
+            for task, run_id in run_ids.items():
+                if task not in experts:
+                    self.lineage.end_run(run_id, "FAILED")
+            raise
+        if any(e.reused for e in experts.values()):
+            self.lineage.set_tags(round_run, {"mergeflow.reused_experts": ",".join(sorted(t for t, e in experts.items() if e.reused))})
+        return experts
+
+    # --- merging --------------------------------------------------------------------------------
+    def merge(self, base: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str) -> ModelRef:
+        """Merge the experts into one model (skipped when the same merge is already stored)."""
+        key = merged_key(base, experts, self.wf)
+        path = merged_path(self.store, self.wf, index, key)
+        if self.store.is_complete(path):
+            self.report(f"round {index}: merged model already in the store, reused ({self.store.uri(path)})")
+            return ref_from_store(self.store, path, "merged", f"{self.wf.name}-merged", key)
+        run_id = self._child(f"merge:{self.wf.merge.method}", "merge", round_run, index,
+                             {TAG_STORE_URI: self.store.uri(path), "mergeflow.method": self.wf.merge.method})
+        fut = self.runtime.submit(merge_step, self.ctx, base, experts, index, run_id, key,
+                                  name=f"merge-r{index}", resources=Resources(num_cpus=self.resources.num_cpus,
+                                                                              max_retries=self.resources.max_retries))
+        try:
+            ref = self.runtime.result(fut)
+        except BaseException:
+            self.lineage.end_run(run_id, "FAILED")
+            raise
+        self.report(f"round {index}: merged {len(experts)} experts with {self.wf.merge.method}")
+        return ref
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, merged: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
+                 baseline: Any = None) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+        """Score the merged model and every expert on every task, in parallel.
+
+        Experts are scored on other tasks with those tasks' heads: the cross-task matrix shows how
+        much each expert's body change helps or hurts the others.
+        """
+        jobs = []
+        merged_run = merged.run_id if not merged.reused else self._child("evaluate:merged", "evaluation", round_run, index)
+        heads_for_merged = {t.name: merged for t in self.wf.tasks}
+        jobs.append(("merged", self.runtime.submit(evaluate_step, self.ctx, merged, heads_for_merged, merged_run, index,
+                                                   name=f"evaluate-merged-r{index}", resources=self._eval_resources())))
+        for name, expert in experts.items():
+            run = expert.run_id if not expert.reused else self._child(f"evaluate:{name}", "evaluation", round_run, index)
+            heads = {t: experts[t] for t in experts}
+            jobs.append((name, self.runtime.submit(evaluate_step, self.ctx, expert, heads, run, index,
+                                                   name=f"evaluate-{name}-r{index}", resources=self._eval_resources())))
+        merged_eval: dict[str, dict[str, float]] = {}
+        expert_evals: dict[str, dict[str, dict[str, float]]] = {}
+        for name, fut in jobs:
+            res = self.runtime.result(fut)
+            if name == "merged":
+                merged_eval = res
+            else:
+                expert_evals[name] = res
+        for run in {merged_run} | {e.run_id for e in experts.values() if not e.reused}:
+            if run:
+                self.lineage.end_run(run)
+        if merged_run != merged.run_id:
+            self.lineage.end_run(merged_run)
+        return merged_eval, expert_evals
+
+    def _eval_resources(self) -> Resources:
+        return Resources(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
+                         max_retries=self.resources.max_retries)
+
+    def submit_probe(self, base: ModelRef, index: int, round_run: str):
+        """Start the linear-probe baseline of ``base`` (returns a future; collect with ``probe_result``)."""
+        run_id = self._child("baseline:linear-probe", "baseline", round_run, index)
+        fut = self.runtime.submit(probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}",
+                                  resources=self._eval_resources())
+        return run_id, fut
+
+    def probe_result(self, handle) -> dict[str, dict[str, float]]:
+        run_id, fut = handle
+        try:
+            res = self.runtime.result(fut)
+        except BaseException:
+            self.lineage.end_run(run_id, "FAILED")
+            raise
+        self.lineage.end_run(run_id)
+        return res
+
+    # --- recording ------------------------------------------------------------------------------
+    def record(self, result: RoundResult, strategy: str) -> None:
+        """Log the round's summary with step=round, register the merged model, close the round run."""
+        summary = result.summary()
+        metrics: dict[str, float] = {}
+        for task, row in summary.items():
+            for col, value in row.items():
+                metrics[f"{task}/{col}_accuracy" if col != "normalized" else f"{task}/normalized_accuracy"] = value
+        self.lineage.log_metrics(result.run_id, metrics, step=result.index)
+        self.lineage.log_metrics(self.ctx.workflow_run_id, metrics, step=result.index)
+        if result.merged.run_id and not result.merged.reused:
+            self.lineage.log_metrics(result.merged.run_id, {
+                f"eval/{t}/normalized_accuracy": row["normalized"] for t, row in summary.items() if t != "mean"
+            } | {"eval/mean/accuracy": summary["mean"]["merged"],
+                 "eval/mean/normalized_accuracy": summary["mean"]["normalized"]}, step=result.index)
+            self.lineage.end_run(result.merged.run_id)
+        result.registered_version = self.register(result, strategy, summary)
+        self.lineage.end_run(result.run_id)
+
+    def register(self, result: RoundResult, strategy: str, summary: dict[str, dict[str, float]]) -> str | None:
+        merged = result.merged
+        if not merged.model_id:
+            return None
+        name = self.wf.registered_model_name
+        existing = self.lineage.find_version(name, merged.model_id)
+        if existing:
+            self.report(f"round {result.index}: merged model already registered as {name} v{existing}")
+            return existing
+        source = merged.artifact_location
+        if source is None and self.wf.tracking.log_model_artifacts:
+            source = self.lineage.model_artifact_location(merged.model_id)
+        source = source or merged.uri  # artifacts not uploaded: the version points at the store
+        version = self.lineage.register(
+            name, model_id=merged.model_id, source=source, run_id=merged.run_id or result.run_id,
+            alias=self.wf.tracking.alias,
+            tags={"mergeflow.round": str(result.index), "mergeflow.strategy": strategy,
+                  "mergeflow.method": self.wf.merge.method, "mergeflow.store_uri": merged.uri,
+                  "mergeflow.experts": ",".join(sorted(result.experts)),
+                  "mean_accuracy": f"{summary['mean']['merged']:.4f}",
+                  "mean_normalized_accuracy": f"{summary['mean']['normalized']:.4f}"},
+            description=f"{strategy} round {result.index}: {self.wf.merge.method} of {', '.join(sorted(result.experts))}",
+        )
+        self.report(f"round {result.index}: registered {name} v{version} (alias '{self.wf.tracking.alias}')")
+        return version
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    return fn(), time.perf_counter() - start

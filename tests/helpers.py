@@ -1,0 +1,100 @@
+"""Tiny models and data built in the test process: nothing is downloaded.
+
+The pico BERT (hidden 32, 2 layers, a character-level vocabulary) follows mergekit's test models.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_char_tokenizer(directory: Path) -> None:
+    """A WordPiece tokenizer over single characters (and ##continuations): any lowercase word fits."""
+    from transformers import BertTokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits)
+    vocab = SPECIALS + chars + [f"##{c}" for c in chars]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(str(directory))
+
+
+def make_tiny_bert(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a random-initialised pico BERT body (BertModel) with its tokenizer to ``directory``."""
+    from transformers import BertConfig, BertModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    write_char_tokenizer(directory)
+    vocab_size = len((directory / "vocab.txt").read_text().split())
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertModel(config).save_pretrained(str(directory))
+    return directory
+
+
+def word_rows(rule: str, n: int = 120, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Random lowercase words with a label given by a simple, learnable rule."""
+    g = torch.Generator().manual_seed(seed)
+    letters = string.ascii_lowercase
+    texts, labels = [], []
+    for _ in range(n):
+        length = int(torch.randint(3, 8, (1,), generator=g))
+        word = "".join(letters[int(i)] for i in torch.randint(0, 26, (length,), generator=g))
+        texts.append(word)
+        if rule == "vowel":
+            labels.append("vowel" if word[0] in "aeiou" else "consonant")
+        elif rule == "length":
+            labels.append("long" if length >= 5 else "short")
+        else:
+            raise ValueError(rule)
+    return texts, labels
+
+
+def write_task_file(path: Path, rule: str, n: int = 120, seed: int = 0) -> Path:
+    """Write a task table as Parquet, JSON Lines or CSV depending on the suffix."""
+    texts, labels = word_rows(rule, n, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"text": texts, "label": labels})
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels, strict=True)))
+    elif path.suffix == ".csv":
+        path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels, strict=True)))
+    else:
+        raise ValueError(path)
+    return path
+
+
+def tiny_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
+    """A 2-task workflow over the pico BERT with everything (store, MLflow) inside ``tmp``."""
+    vowel = write_task_file(tmp / "data" / "vowel.parquet", "vowel", seed=1)
+    length = write_task_file(tmp / "data" / "length.jsonl", "length", seed=2)
+    spec = {
+        "name": "tiny",
+        "base_model": str(base),
+        "tasks": [
+            {"name": "vowel", "dataset": {"source": str(vowel)}, "labels": ["consonant", "vowel"]},
+            {"name": "length", "dataset": {"source": str(length)}, "labels": ["short", "long"]},
+        ],
+        "finetune": {"max_steps": 6, "batch_size": 16, "learning_rate": 1e-3, "max_length": 12, "log_every": 2},
+        "merge": {"method": "task_arithmetic", "params": {"scaling": 0.5}},
+        "resources": {"num_cpus": 1},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        "store": {"root": str(tmp / "store")},
+    }
+    spec.update(overrides)
+    return spec
