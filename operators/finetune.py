@@ -34,6 +34,7 @@ class FinetuneSettings(Protocol):
     seed: int
     max_grad_norm: float | None
     log_every: int
+    freeze_embeddings: bool
 
 
 @dataclass
@@ -106,9 +107,13 @@ def finetune(
     model = load_task_model(init_ckpt, data.name, label_names=data.label_names).to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(init_ckpt))
 
+    if settings.freeze_embeddings:
+        # the word-embedding table is most of a small model's parameters and of each step's cost
+        model.get_input_embeddings().weight.requires_grad_(False)
     body_prefix = model.base_model_prefix + "."
-    body_params = [p for n, p in model.named_parameters() if n.startswith(body_prefix)]
-    head_params = [p for n, p in model.named_parameters() if not n.startswith(body_prefix)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    body_params = [p for n, p in trainable if n.startswith(body_prefix)]
+    head_params = [p for n, p in trainable if not n.startswith(body_prefix)]
     optimizer = torch.optim.AdamW(
         [
             {"params": body_params, "lr": settings.learning_rate},

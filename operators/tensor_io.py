@@ -41,6 +41,7 @@ class TensorReader:
                 if self._weight_map.get(key) == fname:
                     sl = handle.get_slice(key)
                     self._meta[key] = (_dtype_of(sl.get_dtype(), self.directory / fname), tuple(sl.get_shape()))
+        self._keys = sorted(self._meta)
         missing = sorted(set(self._weight_map) - set(self._meta))
         if missing:
             raise CheckpointError(
@@ -90,7 +91,10 @@ class TensorReader:
         return self._handles[fname]
 
     def keys(self) -> list[str]:
-        return sorted(self._meta)
+        return self._keys
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._meta
 
     def dtype(self, key: str) -> torch.dtype:
         return self._meta[key][0]

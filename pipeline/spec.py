@@ -108,6 +108,9 @@ class TaskSpec(_Frozen):
     )
     num_labels: int | None = Field(default=None, ge=2, description="Alternative to labels: ids 0..n-1.")
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    finetune: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the workflow's finetune settings for this task only."
+    )
 
     @field_validator("name")
     @classmethod
@@ -139,6 +142,9 @@ class FinetuneSpec(_Frozen):
     """How each expert is fine-tuned from the base (full fine-tune of body and task head)."""
 
     mode: Literal["full"] = Field(default="full", description="'full' today; LoRA comes with peft support.")
+    freeze_embeddings: bool = Field(
+        default=False, description="Keep the input word embeddings fixed (faster; they stay equal to the base's)."
+    )
     epochs: float | None = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="Overrides epochs when set.")
     learning_rate: float = Field(default=5e-5, gt=0, lt=1)
@@ -263,6 +269,28 @@ class Workflow(_Frozen):
                 raise ValueError(f"duplicate task name {t.name!r}; task names must be unique")
             seen.add(t.name)
         return tasks
+
+    @model_validator(mode="after")
+    def _task_finetune_overrides(self) -> Workflow:
+        for i, t in enumerate(self.tasks):
+            if not t.finetune:
+                continue
+            try:
+                FinetuneSpec.model_validate({**self.finetune.model_dump(), **t.finetune})
+            except ValidationError as exc:
+                e = exc.errors()[0]
+                where = ".".join(str(x) for x in e["loc"]) or "(settings)"
+                msg = str(e["msg"]).removeprefix("Value error, ")
+                if e["type"] == "extra_forbidden":
+                    msg = f"unknown finetune setting; valid: {', '.join(FinetuneSpec.model_fields)}"
+                raise ValueError(f"tasks[{i}].finetune.{where}: {msg} (got {e.get('input')!r})") from None
+        return self
+
+    def finetune_for(self, task: TaskSpec) -> FinetuneSpec:
+        """The fine-tuning settings of one task: the workflow's, with the task's overrides."""
+        if not task.finetune:
+            return self.finetune
+        return FinetuneSpec.model_validate({**self.finetune.model_dump(), **task.finetune})
 
     @model_validator(mode="after")
     def _merge_weights_name_tasks(self) -> Workflow:

@@ -91,7 +91,8 @@ def say(msg: str) -> None:
 # --- keys and paths (also used by the driver to find finished work) ------------------------------
 
 def expert_key(start: ModelRef, task: TaskSpec, workflow: Workflow, data_digest: str) -> str:
-    return content_key("expert", start.key, task.model_dump(mode="json"), workflow.finetune.model_dump(mode="json"), data_digest)
+    return content_key("expert", start.key, task.model_dump(mode="json"),
+                       workflow.finetune_for(task).model_dump(mode="json"), data_digest)
 
 
 def expert_path(store: CheckpointStore, workflow: Workflow, round_index: int, task: str, key: str) -> str:
@@ -123,10 +124,11 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     from operators.finetune import finetune, total_steps
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
+    settings = wf.finetune_for(task)
     data = task_data(task)
     path = expert_path(store, wf, round_index, task.name, key)
     lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri,
-                                "finetune": wf.finetune.model_dump(mode="json"), "labels": task.label_names,
+                                "finetune": settings.model_dump(mode="json"), "labels": task.label_names,
                                 "train_examples": len(data.train), "eval_examples": len(data.eval)})
     lineage.log_dataset(run_id, name=f"{task.name}-train", texts=data.train.texts,
                         labels=[data.label_names[i] for i in data.train.labels], source=data.source,
@@ -134,7 +136,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.eval.texts,
                         labels=[data.label_names[i] for i in data.eval.labels], source=data.source,
                         digest=data.digest, context="evaluation")
-    steps = total_steps(len(data.train), wf.finetune)
+    steps = total_steps(len(data.train), settings)
     say(f"[expert {task.name}] round {round_index}: fine-tuning {steps} steps on {len(data.train)} examples")
 
     pending: list[tuple[int, dict[str, float]]] = []
@@ -154,8 +156,8 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     try:
         start_dir = local_dir(ctx, start)
         ckpt = staging / "ckpt"
-        result = finetune(start_dir, data, wf.finetune, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads)
-        own = evaluate(ckpt, data, max_length=wf.finetune.max_length, device=ctx.device)
+        result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads)
+        own = evaluate(ckpt, data, max_length=settings.max_length, device=ctx.device)
         metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
                    "train_seconds": result.seconds, "train_steps": float(result.steps)}
         lineage.log_metrics(run_id, metrics, step=round_index)
@@ -163,7 +165,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             "kind": "expert", "task": task.name, "round": round_index, "workflow": wf.name,
             "spec_hash": wf.spec_hash(), "key": key,
             "parents": [{"kind": start.kind, "uri": start.uri, "key": start.key, "model_id": start.model_id}],
-            "finetune": wf.finetune.model_dump(mode="json"), "head_init": result.head_init,
+            "finetune": settings.model_dump(mode="json"), "head_init": result.head_init,
             "data": {"source": data.source, "digest": data.digest, "train": len(data.train), "eval": len(data.eval)},
             "metrics": {**metrics, f"eval/{task.name}/accuracy": own["accuracy"]},
             "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
@@ -240,7 +242,7 @@ def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, Mod
         head_ref = head_sources[task.name]
         head_dir = local_dir(ctx, head_ref)
         m = evaluate(body, data, head_from=None if head_dir == body else head_dir,
-                     max_length=wf.finetune.max_length, device=ctx.device)
+                     max_length=wf.finetune_for(task).max_length, device=ctx.device)
         results[task.name] = m
         lineage.log_metrics(run_id, {f"{prefix}/{task.name}/accuracy": m["accuracy"],
                                      f"{prefix}/{task.name}/macro_f1": m["macro_f1"]},

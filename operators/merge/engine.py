@@ -101,7 +101,11 @@ def check_compatible(base: Path, experts: Mapping[str, Path], readers: Mapping[s
     ref_keys = set(ref.keys())
     for name, path in experts.items():
         arch = _arch(path / "config.json")
-        diff = sorted(k for k in set(base_arch) | set(arch) if base_arch.get(k) != arch.get(k))
+        # transformers versions add or drop default keys when saving; compare what both declare
+        # (tensor names, shapes and dtypes are compared one by one below)
+        diff = sorted(k for k in set(base_arch) & set(arch) if base_arch[k] != arch[k])
+        if base_arch.get("model_type") != arch.get("model_type"):
+            diff = ["model_type", *diff]
         if diff:
             k = diff[0]
             raise MergeError(
@@ -110,7 +114,10 @@ def check_compatible(base: Path, experts: Mapping[str, Path], readers: Mapping[s
                 "Experts must be fine-tuned from the same base model."
             )
         keys = set(readers[name].keys())
-        missing, extra = sorted(ref_keys - keys), sorted(keys - ref_keys)
+        # integer buffers (e.g. position_ids) are not weights; some transformers versions stop
+        # saving them, so an expert may lack one its base has: the base's copy is used
+        missing = sorted(k for k in ref_keys - keys if ref.dtype(k).is_floating_point)
+        extra = sorted(k for k in keys - ref_keys if readers[name].dtype(k).is_floating_point)
         if missing or extra:
             raise MergeError(
                 f"expert {name!r} ({path}) does not have the base's tensors: "
@@ -118,7 +125,7 @@ def check_compatible(base: Path, experts: Mapping[str, Path], readers: Mapping[s
                 f"extra {extra[:3]}{'...' if len(extra) > 3 else ''} ({len(extra)}). "
                 "Experts must share the base's architecture and parameter names."
             )
-        for key in ref.keys():
+        for key in sorted(ref_keys & keys):
             if readers[name].shape(key) != ref.shape(key):
                 raise MergeError(
                     f"expert {name!r}: tensor {key!r} has shape {list(readers[name].shape(key))}, "
@@ -190,6 +197,10 @@ def merge_checkpoints(
             writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes, metadata={"merge_method": method})
             for i, key in enumerate(keys):
                 base_t = readers["__base__"].get(key)
+                if not base_t.is_floating_point() and not all(key in readers[n] for n in names):
+                    writer.add(key, base_t)  # an integer buffer some experts did not save
+                    report.tensors += 1
+                    continue
                 expert_ts = [readers[n].get(key) for n in names]
                 report.bytes_read += readers["__base__"].nbytes(key) * (1 + len(names))
                 for who, t in (("base", base_t), *zip(names, expert_ts, strict=True)):
