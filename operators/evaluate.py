@@ -95,7 +95,8 @@ def linear_probe(
 
     This is the baseline "what the body gives without fine-tuning it" (ColD Fusion's ColD-Frozen
     evaluation). Head inputs are computed once with the body frozen; the head module itself (for
-    BERT the ``classifier`` linear layer) is trained full-batch with Adam on cross-entropy.
+    BERT the ``classifier`` linear layer) is trained full-batch with Adam on cross-entropy, over
+    standardised features.
 
     Returns:
         ``{"accuracy", "macro_f1", "n"}`` on the eval split.
@@ -116,6 +117,10 @@ def linear_probe(
     x_train = _features(model, tokenizer, data.train, head, max_length, device)
     x_eval = _features(model, tokenizer, data.eval, head, max_length, device)
     y_train = torch.tensor(data.train.labels)
+    # standardise the frozen features (train statistics): the probe's optimum does not change, but
+    # features that differ only slightly (a small or randomly initialised body) become learnable
+    mean, std = x_train.mean(0, keepdim=True), x_train.std(0, keepdim=True) + 1e-6
+    x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
     head.train()
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(steps):

@@ -298,7 +298,7 @@ class Workflow(_Frozen):
         unknown = sorted(set(weights) - {t.name for t in self.tasks})
         if unknown:
             raise ValueError(
-                f"merge.params.weights names {unknown}, which are not tasks of this workflow; "
+                f"merge.params.weights: names {unknown}, which are not tasks of this workflow; "
                 f"use task names ({', '.join(t.name for t in self.tasks)})"
             )
         return self
@@ -340,6 +340,12 @@ def _describe(err: dict[str, Any], data: Any) -> str:
     msg = str(err.get("msg", "")).removeprefix("Value error, ")
     kind = err.get("type", "")
     value = err.get("input")
+    # validators that check several fields name the exact sub-field at the start of their message
+    sub = re.match(r"^((?:params|merge|tasks)[\w\[\].]*): (.*)$", msg, re.S)
+    if sub:
+        inner, msg = sub.group(1), sub.group(2)
+        loc = inner if loc == "(top level)" else f"{loc}.{inner}"
+        return f"{loc}: {msg}" + ("" if msg.endswith(".") else ".")
     if kind == "extra_forbidden":
         return f"{loc}: unknown key (got {value!r}). Remove it or check its spelling against the README's spec reference."
     if kind == "missing":

@@ -17,15 +17,26 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def write_char_tokenizer(directory: Path) -> None:
-    """A WordPiece tokenizer over single characters (and ##continuations): any lowercase word fits."""
+    """A WordPiece tokenizer over single characters (and ##continuations): any lowercase word fits.
+
+    Built from a ``tokenizers`` object: transformers 5 ignores ``BertTokenizerFast(vocab_file=...)``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
     chars = list(string.ascii_lowercase + string.digits)
     vocab = SPECIALS + chars + [f"##{c}" for c in chars]
+    ids = {w: i for i, w in enumerate(vocab)}
+    tk = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.BertProcessing(("[SEP]", ids["[SEP]"]), ("[CLS]", ids["[CLS]"]))
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]")
     tok.save_pretrained(str(directory))
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    assert tok.tokenize("ab") == ["a", "##b"], "the pico tokenizer must split words into characters"
 
 
 def make_tiny_bert(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:

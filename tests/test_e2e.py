@@ -1,0 +1,162 @@
+"""End to end: a 2-task workflow on the pico BERT through a real local Ray cluster and a real
+SQLite MLflow store in a temp dir; the lineage is asserted run by run and model by model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.entities import LoggedModelStatus
+
+from pipeline.lineage import TAG_KIND, TAG_WORKFLOW_RUN
+from pipeline.spec import parse_workflow
+from tests.helpers import tiny_workflow_dict
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def ray_run(tiny_base, tmp_path_factory):
+    from pipeline.driver import run_workflow
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    wf = parse_workflow(tiny_workflow_dict(tmp, tiny_base))
+    lines: list[str] = []
+    result = run_workflow(wf, address="local", num_cpus=2, report=lines.append)
+    return wf, result, lines, tmp
+
+
+def _client(wf):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+
+
+def test_run_tree(ray_run):
+    wf, result, _, _ = ray_run
+    client = _client(wf)
+    runs = client.search_runs([result.experiment_id], f"tags.`{TAG_WORKFLOW_RUN}` = '{result.run_id}'")
+    by_kind: dict[str, list] = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags[TAG_KIND], []).append(r)
+    assert len(by_kind["workflow"]) == 1 and by_kind["workflow"][0].info.run_id == result.run_id
+    (round_run,) = by_kind["round"]
+    assert round_run.data.tags["mlflow.parentRunId"] == result.run_id
+    experts = {r.data.tags["mergeflow.task"]: r for r in by_kind["expert"]}
+    assert set(experts) == {"vowel", "length"}, "one child run per expert"
+    for r in by_kind["expert"] + by_kind["merge"] + by_kind["baseline"]:
+        assert r.data.tags["mlflow.parentRunId"] == round_run.info.run_id
+        assert r.info.status == "FINISHED"
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_expert_runs_have_params_loss_curve_datasets_and_evals(ray_run):
+    wf, result, _, _ = ray_run
+    client = _client(wf)
+    for task, ref in result.final.experts.items():
+        run = client.get_run(ref.run_id)
+        assert run.data.params["task"] == task
+        assert run.data.params["finetune.max_steps"] == "6"
+        history = client.get_metric_history(ref.run_id, "train_loss")
+        assert [m.step for m in history] == [2, 4, 6], "per-step loss, every log_every=2 steps"
+        names = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert names.keys() == {f"{task}-train", f"{task}-eval"}
+        contexts = {d.tags[0].value for d in run.inputs.dataset_inputs}
+        assert contexts == {"training", "evaluation"}
+        # every expert is scored on every task (its body with that task's head)
+        for other in ("vowel", "length"):
+            assert f"eval/{other}/accuracy" in run.data.metrics
+
+
+def test_merge_run_names_its_experts_and_registry_points_at_the_merged_model(ray_run):
+    wf, result, _, tmp = ray_run
+    client = _client(wf)
+    final = result.final
+    merge_run = client.get_run(final.merged.run_id)
+    assert merge_run.data.params["method"] == "task_arithmetic"
+    assert merge_run.data.params["params.scaling"] == "0.5"
+    input_ids = {m.model_id for m in merge_run.inputs.model_inputs}
+    assert input_ids == {e.model_id for e in final.experts.values()}, "the merge's inputs are both experts"
+    for e in final.experts.values():
+        model = client.get_logged_model(e.model_id)
+        assert model.source_run_id == e.run_id
+        assert model.status == LoggedModelStatus.READY
+
+    merged_model = client.get_logged_model(final.merged.model_id)
+    assert merged_model.source_run_id == final.merged.run_id
+    assert merged_model.status == LoggedModelStatus.READY
+    version = client.get_model_version(wf.registered_model_name, final.registered_version)
+    assert version.source == merged_model.artifact_location, "the registry version is the merged model"
+    assert version.tags["mergeflow.model_id"] == final.merged.model_id
+    assert version.tags["mergeflow.strategy"] == "oneshot"
+    alias = client.get_model_version_by_alias(wf.registered_model_name, wf.tracking.alias)
+    assert str(alias.version) == final.registered_version
+    # the version's source really holds the checkpoint (nothing points at nothing)
+    artifacts = Path(merged_model.artifact_location.removeprefix("file://"))
+    assert (artifacts / "config.json").is_file() and (artifacts / "heads" / "vowel" / "head.safetensors").is_file()
+
+    # the merged checkpoint's provenance matches the lineage
+    prov = json.loads((Path(final.merged.path) / "mergeflow.json").read_text())
+    assert prov["mlflow"]["model_id"] == final.merged.model_id
+    assert prov["mlflow"]["run_id"] == final.merged.run_id
+    assert prov["spec_hash"] == wf.spec_hash()
+    parents = {p.get("task"): p for p in prov["parents"] if p["kind"] == "expert"}
+    assert {t: p["model_id"] for t, p in parents.items()} == {t: e.model_id for t, e in final.experts.items()}
+    assert prov["method"] == "task_arithmetic" and prov["params"]["scaling"] == 0.5
+
+
+def test_summary_metrics_and_artifacts(ray_run):
+    wf, result, _, _ = ray_run
+    client = _client(wf)
+    summary = result.summary()
+    assert set(summary) == {"vowel", "length", "mean"}
+    for task in ("vowel", "length"):
+        row = summary[task]
+        assert row["normalized"] == pytest.approx(row["merged"] / row["expert"])
+    parent = client.get_run(result.run_id)
+    assert parent.data.metrics["mean/merged_accuracy"] == pytest.approx(summary["mean"]["merged"])
+    arts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"results.json", "results.md", "workflow.json"} <= arts
+
+
+def test_rerun_reuses_everything_and_registers_nothing_new(ray_run):
+    from pipeline.driver import run_workflow
+
+    wf, first, _, _ = ray_run
+    lines: list[str] = []
+    second = run_workflow(wf, address="in-process", report=lines.append)
+    assert all(e.reused for e in second.final.experts.values())
+    assert second.final.merged.path == first.final.merged.path
+    assert second.final.registered_version == first.final.registered_version
+    versions = _client(wf).search_model_versions(f"name = '{wf.registered_model_name}'")
+    assert len(versions) == 1, "no duplicate registry versions"
+    assert any("already registered" in line for line in lines)
+
+
+def test_cli_validate_and_run_bad_data_exit_codes(tiny_base, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    spec = tiny_workflow_dict(tmp_path, tiny_base)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(spec))
+    res = CliRunner().invoke(main, ["validate", str(good)])
+    assert res.exit_code == 0, res.output
+    assert "ok:" in res.output and "2 tasks" in res.output
+
+    spec["tasks"][0]["dataset"]["text_column"] = "sentence"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    res = CliRunner().invoke(main, ["run", str(bad)])
+    assert res.exit_code == 2
+    assert "no text column 'sentence'" in res.output
+    assert not (tmp_path / "mlflow.db").exists(), "bad data is caught before anything is tracked or run"
+
+    spec["merge"] = {"method": "ties"}
+    worse = tmp_path / "worse.yaml"
+    worse.write_text(yaml.safe_dump(spec))
+    res = CliRunner().invoke(main, ["validate", str(worse)])
+    assert res.exit_code == 2 and "merge: unknown merge method 'ties'" in res.output

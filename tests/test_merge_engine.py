@@ -1,0 +1,172 @@
+"""The streaming engine: equals an in-memory merge, writes loadable shards, refuses bad inputs
+before writing anything, and never leaves a partial output behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from operators.merge import get_method
+from operators.merge.engine import MergeError, merge_checkpoints
+from operators.tensor_io import INDEX_FILE, CheckpointError, TensorReader, load_state_dict
+
+
+def _siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
+
+
+def test_streaming_equals_in_memory_on_multi_shard(tiny_base, tiny_experts, tmp_path):
+    out = tmp_path / "merged"
+    report = merge_checkpoints(tiny_base, tiny_experts, "task_arithmetic", {"scaling": 0.4}, out, max_shard_bytes=20_000)
+    assert (out / INDEX_FILE).is_file(), "small shards force a sharded output with an index"
+    assert len([f for f in report.output_files if f.endswith(".safetensors")]) > 2
+    merged = load_state_dict(out)
+    base = load_state_dict(tiny_base)
+    experts = {n: load_state_dict(p) for n, p in tiny_experts.items()}
+    method = get_method("task_arithmetic")
+    params = method.parse_params({"scaling": 0.4})
+    assert set(merged) == set(base)
+    for key, b in base.items():
+        expected = method.fn(b, [experts[n][key] for n in sorted(experts)], [1.0, 1.0], params)
+        assert torch.allclose(merged[key], expected.to(b.dtype), atol=1e-6), key
+    assert report.tensors == len(base)
+    assert report.bytes_written > 0 and report.bytes_read > 0
+
+
+def test_output_is_a_loadable_checkpoint_with_heads_and_provenance(tiny_base, tiny_experts, tmp_path):
+    from transformers import AutoModel
+
+    out = tmp_path / "merged"
+    merge_checkpoints(tiny_base, tiny_experts, "linear", {}, out, max_shard_bytes=20_000,
+                      provenance={"round": 0})
+    body = AutoModel.from_pretrained(str(out))
+    assert body.config.hidden_size == 32
+    assert sorted(p.name for p in (out / "heads").iterdir()) == ["length", "vowel"]
+    # each head is copied byte-for-byte from its expert
+    for task, path in tiny_experts.items():
+        assert (out / "heads" / task / "head.safetensors").read_bytes() == (path / "heads" / task / "head.safetensors").read_bytes()
+    prov = json.loads((out / "mergeflow.json").read_text())
+    assert prov["kind"] == "merged" and prov["method"] == "linear" and prov["round"] == 0
+    assert set(prov["experts"]) == {"vowel", "length"}
+    assert (out / "vocab.txt").is_file(), "tokenizer copied from the base"
+
+
+def test_lambda_zero_reproduces_the_base(tiny_base, tiny_experts, tmp_path):
+    out = tmp_path / "m"
+    merge_checkpoints(tiny_base, tiny_experts, "task_arithmetic", {"scaling": 0.0}, out)
+    base = load_state_dict(tiny_base)
+    for k, v in load_state_dict(out).items():
+        assert torch.equal(v, base[k]), k
+
+
+def test_expert_mapping_order_does_not_matter(tiny_base, tiny_experts, tmp_path):
+    a = merge_checkpoints(tiny_base, dict(sorted(tiny_experts.items())), "task_arithmetic", {}, tmp_path / "a")
+    b = merge_checkpoints(tiny_base, dict(sorted(tiny_experts.items(), reverse=True)), "task_arithmetic", {}, tmp_path / "b")
+    assert a.experts == b.experts
+    for k, v in load_state_dict(tmp_path / "a").items():
+        assert torch.equal(v, load_state_dict(tmp_path / "b")[k])
+
+
+# --- bad inputs: each refused with its own message, and nothing is left behind ---------------------
+
+def _broken_copy(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    sd = load_file(str(dst / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+KEY = "encoder.layer.0.attention.self.query.weight"
+
+BAD_EXPERTS = [
+    ("shape", lambda sd: sd.__setitem__(KEY, torch.zeros(16, 32)), MergeError,
+     f"expert 'vowel': tensor '{KEY}' has shape [16, 32], base has [32, 32]"),
+    ("missing tensor", lambda sd: sd.pop(KEY), MergeError,
+     f"does not have the base's tensors: missing ['{KEY}'] (1), extra [] (0)"),
+    ("extra tensor", lambda sd: sd.__setitem__("encoder.layer.9.extra.weight", torch.zeros(2)), MergeError,
+     "extra ['encoder.layer.9.extra.weight'] (1)"),
+    ("dtype", lambda sd: sd.__setitem__(KEY, sd[KEY].to(torch.float16)), MergeError,
+     f"expert 'vowel': tensor '{KEY}' has dtype torch.float16, base has torch.float32"),
+    ("nan", lambda sd: sd[KEY].__setitem__((0, 0), float("nan")), MergeError,
+     f"vowel: tensor '{KEY}' has 1 NaN/Inf values"),
+]
+
+
+@pytest.mark.parametrize("edit,exc,message", [(e, x, m) for _, e, x, m in BAD_EXPERTS], ids=[b[0] for b in BAD_EXPERTS])
+def test_bad_expert_refused_and_nothing_written(tiny_base, tiny_experts, tmp_path, edit, exc, message):
+    broken = _broken_copy(tiny_experts["vowel"], tmp_path / "in" / "vowel", edit)
+    out = tmp_path / "out" / "merged"
+    with pytest.raises(exc) as info:
+        merge_checkpoints(tiny_base, {"vowel": broken, "length": tiny_experts["length"]}, "task_arithmetic", {}, out)
+    assert message in str(info.value)
+    assert not out.exists()
+    assert _siblings(out) == [], "no partial directory is left behind"
+
+
+def test_truncated_shard_refused(tiny_base, tiny_experts, tmp_path):
+    broken = tmp_path / "vowel"
+    shutil.copytree(tiny_experts["vowel"], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out" / "m"
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        merge_checkpoints(tiny_base, {"vowel": broken}, "linear", {}, out)
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_pickle_only_checkpoint_refused(tiny_base, tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    shutil.copy(tiny_base / "config.json", d / "config.json")
+    (d / "pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(CheckpointError, match="mergeflow loads safetensors only"):
+        TensorReader(d)
+
+
+def test_different_architecture_refused(tiny_base, tiny_experts, tmp_path):
+    from tests.helpers import make_tiny_bert
+
+    other = make_tiny_bert(tmp_path / "other", hidden=16)
+    with pytest.raises(MergeError, match="different architecture from the base: config.json hidden_size=16 vs base 32"):
+        merge_checkpoints(tiny_base, {"vowel": other}, "linear", {}, tmp_path / "out")
+
+
+def test_missing_shard_listed_in_index(tiny_base, tiny_experts, tmp_path):
+    src = tmp_path / "sharded"
+    merge_checkpoints(tiny_base, tiny_experts, "linear", {}, src, max_shard_bytes=20_000)
+    victim = sorted(src.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=f"{victim.name}: shard listed in {INDEX_FILE} is missing"):
+        merge_checkpoints(tiny_base, {"vowel": src}, "linear", {}, tmp_path / "o")
+
+
+def test_bad_params_and_existing_output_refused(tiny_base, tiny_experts, tmp_path):
+    with pytest.raises(ValueError, match="params.scaling"):
+        merge_checkpoints(tiny_base, tiny_experts, "task_arithmetic", {"scaling": -2}, tmp_path / "o1")
+    assert not (tmp_path / "o1").exists()
+    with pytest.raises(ValueError, match="not among the experts being merged"):
+        merge_checkpoints(tiny_base, tiny_experts, "linear", {"weights": {"nope": 1}}, tmp_path / "o2")
+    occupied = tmp_path / "o3"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(MergeError, match="exists and is not empty"):
+        merge_checkpoints(tiny_base, tiny_experts, "linear", {}, occupied)
+    assert (occupied / "keep.txt").read_text() == "mine"
+
+
+def test_failure_mid_write_leaves_nothing(tiny_base, tiny_experts, tmp_path):
+    out = tmp_path / "out" / "m"
+
+    def boom(done, total):
+        if done == 5:
+            raise RuntimeError("simulated crash while writing")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        merge_checkpoints(tiny_base, tiny_experts, "linear", {}, out, max_shard_bytes=1_000, progress=boom)
+    assert not out.exists() and _siblings(out) == []
