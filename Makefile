@@ -31,7 +31,7 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -m "not e2e"
+	$(VENV)/bin/pytest -q -m "not e2e and not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline operators tests benchmarks
