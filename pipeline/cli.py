@@ -24,7 +24,8 @@ EXIT_BAD_INPUT = 2
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False)
+    # piped or logged output gets a wide console: rich would squeeze tables to 80 columns
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(message: str, code: int) -> None:

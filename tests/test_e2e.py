@@ -160,3 +160,21 @@ def test_cli_validate_and_run_bad_data_exit_codes(tiny_base, tmp_path):
     worse.write_text(yaml.safe_dump(spec))
     res = CliRunner().invoke(main, ["validate", str(worse)])
     assert res.exit_code == 2 and "merge: unknown merge method 'ties'" in res.output
+
+
+def test_cli_status_lists_the_workflow_and_its_runs(ray_run):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    wf, result, _, _ = ray_run
+    listing = CliRunner().invoke(main, ["status", "--tracking-uri", wf.tracking.uri])
+    assert listing.exit_code == 0, listing.output
+    assert result.run_id[:8] in listing.output and "FINISHED" in listing.output
+    tree = CliRunner().invoke(main, ["status", result.run_id, "--tracking-uri", wf.tracking.uri])
+    assert tree.exit_code == 0, tree.output
+    for kind in ("round", "expert", "merge", "baseline"):
+        assert kind in tree.output
+    assert "expert:vowel" in tree.output and "merge:task_arithmetic" in tree.output
+    missing = CliRunner().invoke(main, ["status", "--tracking-uri", "sqlite:////nonexistent/x.db"])
+    assert missing.exit_code == 2 and "no tracking database" in missing.output

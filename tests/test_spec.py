@@ -120,8 +120,10 @@ def test_good_spec_defaults_and_frozen():
     assert wf.tracking.uri == "sqlite:///mlflow.db"
     assert wf.registered_model_name == "wf-merged"
     assert wf.task("b").label_names == ["0", "1", "2"]
-    with pytest.raises(Exception):
-        wf.name = "other"  # frozen
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
+        wf.name = "other"
 
 
 def test_per_task_finetune_override():

@@ -33,7 +33,7 @@ from operators.checkpoint import (
     write_provenance,
 )
 from operators.merge.registry import get_method, resolve_weights
-from operators.tensor_io import CheckpointError, ShardedWriter, TensorReader
+from operators.tensor_io import ShardedWriter, TensorReader
 
 # config.json keys that do not change the architecture
 _CONFIG_NOISE = {"_name_or_path", "transformers_version", "architectures", "id2label", "label2id",

@@ -106,7 +106,7 @@ class Rounds:
             futures.append(self.runtime.submit(finetune_step, self.ctx, task, start, index, run_id, key,
                                                name=f"finetune-{task.name}-r{index}", resources=self.resources))
         try:
-            for fut, ref in self.runtime.as_completed(futures):
+            for _fut, ref in self.runtime.as_completed(futures):
                 experts[ref.name] = ref
                 self.lineage.end_run(ref.run_id)
                 self.report(f"round {index}: expert {ref.name!r} finished "
