@@ -201,7 +201,7 @@ class Lineage:
         from mlflow.entities import LoggedModelOutput
 
         if local_dir is not None:
-            self._upload(model_id, local_dir)
+            self.upload_model_artifacts(model_id, local_dir)
         self._call(self.client.finalize_logged_model, model_id, "READY")
         self._call(self.client.log_outputs, run_id, [LoggedModelOutput(model_id, step)])
         return self.client.get_logged_model(model_id).artifact_location
@@ -212,7 +212,8 @@ class Lineage:
         except Exception:  # best effort: we are already handling a failure
             log.warning("could not mark LoggedModel %s FAILED", model_id)
 
-    def _upload(self, model_id: str, local_dir: str | Path) -> None:
+    def upload_model_artifacts(self, model_id: str, local_dir: str | Path) -> None:
+        """Upload a checkpoint directory as the LoggedModel's artifacts."""
         self._call(self.client.log_model_artifacts, model_id, str(local_dir))
 
     @_retry

@@ -8,10 +8,12 @@ Steps receive and return references (store paths, run and model ids), never weig
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,38 @@ def local_dir(ctx: StepContext, ref: ModelRef) -> Path:
     return ctx.store().materialize(ref.path)
 
 
+@contextlib.contextmanager
+def staged_checkpoint(store: CheckpointStore, lineage: Lineage, model_id: str) -> Iterator[Path]:
+    """A local directory to write a new checkpoint into; its LoggedModel is marked FAILED on error.
+
+    The staging directory is removed afterwards whatever happens (a published checkpoint has
+    been moved out of it by then).
+    """
+    staging = store.staging_dir()
+    try:
+        yield staging / "ckpt"
+    except BaseException:
+        lineage.fail_model(model_id)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_checkpoint(store: CheckpointStore, lineage: Lineage, ckpt: Path, path: str, *, model_id: str,
+                       run_id: str, step: int, upload: bool) -> str:
+    """The one order that loses nothing: upload to MLflow (optional), publish atomically to the store,
+    then mark the LoggedModel READY. A crash before the end leaves a PENDING/FAILED model and no
+    visible checkpoint, never a READY model or a registry version without its weights.
+
+    Returns:
+        The LoggedModel's artifact location.
+    """
+    if upload:
+        lineage.upload_model_artifacts(model_id, ckpt)
+    store.publish(ckpt, path)
+    return lineage.finalize_model(model_id, run_id=run_id, step=step)
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
     sys.stdout.flush()
@@ -152,10 +186,8 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     model_id = lineage.create_model(run_id, f"expert-{task.name}", tags={
         "mergeflow.kind": "expert", "mergeflow.task": task.name, "mergeflow.round": str(round_index),
         TAG_STORE_URI: store.uri(path)})
-    staging = store.staging_dir()
-    try:
+    with staged_checkpoint(store, lineage, model_id) as ckpt:
         start_dir = local_dir(ctx, start)
-        ckpt = staging / "ckpt"
         result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads)
         own = evaluate(ckpt, data, max_length=settings.max_length, device=ctx.device)
         metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
@@ -170,15 +202,8 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             "metrics": {**metrics, f"eval/{task.name}/accuracy": own["accuracy"]},
             "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
         })
-        if wf.tracking.log_expert_artifacts:
-            lineage._upload(model_id, ckpt)
-        store.publish(ckpt, path)
-        location = lineage.finalize_model(model_id, run_id=run_id, step=round_index)
-    except BaseException:
-        lineage.fail_model(model_id)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
+                                      step=round_index, upload=wf.tracking.log_expert_artifacts)
     say(f"[expert {task.name}] done in {result.seconds:.1f}s: loss {result.final_loss:.4f}, "
         f"eval accuracy {own['accuracy']:.3f}")
     return ModelRef("expert", task.name, path, store.uri(path), key, run_id, model_id,
@@ -198,10 +223,8 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": wf.merge.method,
         "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: store.uri(path)},
         params={"method": wf.merge.method, **wf.merge.params})
-    staging = store.staging_dir()
     say(f"[merge] round {round_index}: {wf.merge.method} of {', '.join(sorted(experts))}")
-    try:
-        ckpt = staging / "ckpt"
+    with staged_checkpoint(store, lineage, model_id) as ckpt:
         report = merge_checkpoints(
             local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
             wf.merge.method, wf.merge.params, ckpt,
@@ -215,15 +238,8 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         )
         lineage.log_metrics(run_id, {"merge_seconds": report.seconds, "merge_tensors": report.tensors,
                                      "merge_bytes_written": report.bytes_written}, step=round_index)
-        if wf.tracking.log_model_artifacts:
-            lineage._upload(model_id, ckpt)
-        store.publish(ckpt, path)
-        location = lineage.finalize_model(model_id, run_id=run_id, step=round_index)
-    except BaseException:
-        lineage.fail_model(model_id)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
+                                      step=round_index, upload=wf.tracking.log_model_artifacts)
     say(f"[merge] done in {report.seconds:.1f}s: {report.tensors} tensors")
     return ModelRef("merged", f"{wf.name}-merged", path, store.uri(path), key, run_id, model_id,
                     artifact_location=location if wf.tracking.log_model_artifacts else None)
