@@ -32,7 +32,7 @@ def test_streaming_equals_in_memory_on_multi_shard(tiny_base, tiny_experts, tmp_
     params = method.parse_params({"scaling": 0.4})
     assert set(merged) == set(base)
     for key, b in base.items():
-        expected = method.fn(b, [experts[n][key] for n in sorted(experts)], [1.0, 1.0], params)
+        expected = method.fn(b, [experts[n][key] for n in sorted(experts)], [1.0, 1.0], params, None)
         assert torch.allclose(merged[key], expected.to(b.dtype), atol=1e-6), key
     assert report.tensors == len(base)
     assert report.bytes_written > 0 and report.bytes_read > 0
@@ -170,3 +170,32 @@ def test_failure_mid_write_leaves_nothing(tiny_base, tiny_experts, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         merge_checkpoints(tiny_base, tiny_experts, "linear", {}, out, max_shard_bytes=1_000, progress=boom)
     assert not out.exists() and _siblings(out) == []
+
+
+def test_methods_get_a_first_pass_statistic_and_the_tensor_name(tiny_base, tiny_experts, tmp_path):
+    """The interface whole-model methods (TIES' global top-k, LiNeS' layer index) build on."""
+    from operators.merge.registry import MERGE_METHODS, MergeParams, register
+
+    seen_keys: list[str] = []
+
+    def prepare(tensors, params, names):
+        # the largest |τ| over the whole model and every expert, streamed tensor by tensor
+        return max(float((e.float() - b.float()).abs().max()) for _, b, es in tensors for e in es)
+
+    @register("_test_global_clip", params=MergeParams, needs_base=True, paper="https://arxiv.org/abs/0000.00000",
+              formula="θ = θ0 + τ_1 / max|τ|", prepare=prepare)
+    def global_clip(base, experts, weights, params, ctx):
+        seen_keys.append(ctx.key)
+        return base.float() + (experts[0].float() - base.float()) / ctx.stats
+
+    try:
+        merge_checkpoints(tiny_base, {"vowel": tiny_experts["vowel"]}, "_test_global_clip", {}, tmp_path / "m")
+    finally:
+        del MERGE_METHODS["_test_global_clip"]
+    base, expert = load_state_dict(tiny_base), load_state_dict(tiny_experts["vowel"])
+    floats = [k for k in base if base[k].is_floating_point() and k in expert]
+    top = max(float((expert[k] - base[k]).abs().max()) for k in floats)
+    merged = load_state_dict(tmp_path / "m")
+    assert sorted(seen_keys) == sorted(floats)
+    for k in floats:
+        assert torch.allclose(merged[k], base[k] + (expert[k] - base[k]) / top, atol=1e-7), k

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from operators.merge import MERGE_METHODS, get_method, validate_merge_params
+from operators.merge import MERGE_METHODS, TensorContext, get_method, validate_merge_params
 
 # θ0 and two experts, small enough to do on paper:
 #   τ1 = e1 − base = [ 1, 0,  1]
@@ -20,7 +20,7 @@ E2 = torch.tensor([1.0, 4.0, -3.0])
 def merge(name, experts, weights=None, base=BASE, **params):
     m = get_method(name)
     p = m.parse_params(params)
-    return m.fn(base if m.needs_base else None, experts, weights or [1.0] * len(experts), p)
+    return m.fn(base if m.needs_base else None, experts, weights or [1.0] * len(experts), p, TensorContext("t"))
 
 
 def test_task_arithmetic_by_hand():

@@ -32,7 +32,7 @@ from operators.checkpoint import (
     head_names,
     write_provenance,
 )
-from operators.merge.registry import get_method, resolve_weights
+from operators.merge.registry import TensorContext, get_method, resolve_weights
 from operators.tensor_io import ShardedWriter, TensorReader
 
 # config.json keys that do not change the architecture
@@ -193,6 +193,11 @@ def merge_checkpoints(
 
         report = MergeReport(method=method, params=p.model_dump(mode="json"), experts=names, weights=weights)
         keys = readers["__base__"].keys()
+        stats = None
+        if spec.prepare is not None:  # a first streaming pass for whole-model statistics
+            float_keys = [k for k in keys if readers["__base__"].dtype(k).is_floating_point]
+            stats = spec.prepare(((k, readers["__base__"].get(k), [readers[n].get(k) for n in names])
+                                  for k in float_keys), p, names)
         with atomic_output_dir(out_dir) as tmp:
             writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes, metadata={"merge_method": method})
             for i, key in enumerate(keys):
@@ -212,7 +217,8 @@ def merge_checkpoints(
                             raise MergeError(f"expert {n!r}: integer tensor {key!r} differs from the base's")
                     merged = base_t
                 else:
-                    merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p).to(base_t.dtype)
+                    ctx = TensorContext(key=key, stats=stats)
+                    merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p, ctx).to(base_t.dtype)
                 writer.add(key, merged)
                 del base_t, expert_ts, merged
                 report.tensors += 1

@@ -12,7 +12,7 @@ import torch
 from pydantic import field_validator
 from torch import Tensor
 
-from operators.merge.registry import MergeParams, register
+from operators.merge.registry import MergeParams, TensorContext, register
 
 
 class LinearParams(MergeParams):
@@ -33,7 +33,10 @@ class LinearParams(MergeParams):
     paper="https://arxiv.org/abs/2203.05482",
     formula="θ = Σ w_t θ_t / Σ w_t",
 )
-def linear(base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: LinearParams) -> Tensor:
+def linear(
+    base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: LinearParams,
+    ctx: TensorContext | None = None,
+) -> Tensor:
     """Weighted average of the experts' tensors.
 
     Args:

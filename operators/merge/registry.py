@@ -1,12 +1,15 @@
 """The merge-method registry: one pure tensor function per method, registered by name.
 
-A method is a function ``fn(base, experts, weights, params) -> Tensor`` over one parameter
+A method is a function ``fn(base, experts, weights, params, ctx) -> Tensor`` over one parameter
 tensor at a time:
 
 - ``base``: the base model's tensor (``None`` for methods that do not need it),
 - ``experts``: the experts' tensors, in a fixed order,
 - ``weights``: one float per expert (already resolved from the spec's per-task weights),
-- ``params``: the method's validated parameter model.
+- ``params``: the method's validated parameter model,
+- ``ctx``: the tensor's name (for per-tensor seeds, or the layer index of layer-wise methods) and
+  ``stats``, whatever the method's optional ``prepare`` pass computed over the whole model (for
+  methods that need a global statistic, e.g. a whole-model top-k threshold).
 
 The streaming engine (``operators.merge.engine``) calls it tensor by tensor, in float32, and casts
 the result back to the checkpoint's dtype. Methods know nothing of files, Ray or MLflow.
@@ -14,13 +17,25 @@ the result back to the checkpoint's dtype. Methods know nothing of files, Ray or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-TensorMergeFn = Callable[[Tensor | None, Sequence[Tensor], Sequence[float], BaseModel], Tensor]
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Where in the model the tensor being merged sits, and the method's whole-model statistics."""
+
+    key: str = ""
+    stats: Any = None
+
+
+TensorMergeFn = Callable[[Tensor | None, Sequence[Tensor], Sequence[float], BaseModel, TensorContext], Tensor]
+# prepare(tensors, params, names) streams (key, base, experts) once before merging and returns stats
+PrepareFn = Callable[[Iterator[tuple[str, Tensor | None, list[Tensor]]], BaseModel, Sequence[str]], Any]
 
 
 class MergeParams(BaseModel):
@@ -43,6 +58,7 @@ class MergeMethod:
     paper: str
     formula: str
     allow_negative_weights: bool = False
+    prepare: PrepareFn | None = None
 
     def parse_params(self, raw: dict | None) -> MergeParams:
         """Validate raw parameters, raising ``ValueError`` that names parameter, value and fix."""
@@ -79,6 +95,7 @@ def register(
     paper: str,
     formula: str,
     allow_negative_weights: bool = False,
+    prepare: PrepareFn | None = None,
 ) -> Callable[[TensorMergeFn], TensorMergeFn]:
     """Register a tensor merge function under ``name`` (decorator)."""
 
@@ -93,6 +110,7 @@ def register(
             paper=paper,
             formula=formula,
             allow_negative_weights=allow_negative_weights,
+            prepare=prepare,
         )
         return fn
 

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from operators.merge.registry import MergeParams, register
+from operators.merge.registry import MergeParams, TensorContext, register
 
 
 class TaskArithmeticParams(MergeParams):
@@ -36,7 +36,8 @@ def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
     allow_negative_weights=True,  # negation (forgetting a task) is part of the method
 )
 def task_arithmetic(
-    base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: TaskArithmeticParams
+    base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: TaskArithmeticParams,
+    ctx: TensorContext | None = None,
 ) -> Tensor:
     """Add the scaled, weighted sum of task vectors to the base.
 
