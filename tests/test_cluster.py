@@ -54,50 +54,53 @@ def mlflow_server(tmp_path):
 
 
 @pytest.fixture
-def ray_cluster(tmp_path, monkeypatch):
+def ray_cluster(tmp_path):
     import secrets
 
     port = _free_port()
-    # Ray clusters authenticate with a shared token: every node and the driver carry the same one
+    # Ray clusters authenticate with a shared token: every node and the driver carry the same one.
+    # It stays out of this test process (Ray caches a token per process), only in the children.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
-    for k, v in auth.items():
-        monkeypatch.setenv(k, v)
     env = {**os.environ, **auth}
     common = ["--disable-usage-stats"]
     subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1",
                     "--include-dashboard=false", *common], check=True, env=env, capture_output=True)
     address = f"127.0.0.1:{port}"
     try:
-        subprocess.run([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", *common],
+        subprocess.run([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"],
                        check=True, env=env, capture_output=True)
-        yield address
+        yield address, env
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
 
 
 def test_workflow_on_existing_cluster_with_tracking_server(tiny_base, tmp_path, ray_cluster, mlflow_server):
-    import ray
+    import json
+
+    import mlflow.artifacts
+    import yaml
     from mlflow import MlflowClient
 
-    from pipeline.driver import run_workflow
-
+    address, env = ray_cluster
     spec = tiny_workflow_dict(tmp_path, tiny_base)
     spec["tracking"] = {"uri": mlflow_server}
     wf = parse_workflow(spec)
-    result = run_workflow(wf, address=ray_cluster, report=lambda _m: None)
-    assert not ray.is_initialized(), "the driver disconnects; the cluster stays up"
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([str(BIN / "mergeflow"), "run", str(tmp_path / "wf.yaml"), "--address", address, "--json"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    final = result["rounds"][0]
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version_by_alias(wf.registered_model_name, "current")
-    model = client.get_logged_model(result.final.merged.model_id)
+    model = client.get_logged_model(final["merged_model_id"])
     assert version.source == model.artifact_location
     # the merged checkpoint went through the server into its artifact store, and comes back out
-    import mlflow.artifacts
-
     got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl"),
                                                    tracking_uri=mlflow_server))
     assert (got / "config.json").is_file() and (got / "heads" / "length" / "head.safetensors").is_file()
     assert (tmp_path / "server-artifacts").is_dir()
-    # expert runs were logged by workers on the cluster's nodes through the server
-    for e in result.final.experts.values():
-        assert len(client.get_metric_history(e.run_id, "train_loss")) == 3
+    # expert runs were logged by workers on the cluster's nodes, through the server
+    for e in final["experts"].values():
+        assert len(client.get_metric_history(e["run_id"], "train_loss")) == 3

@@ -155,11 +155,11 @@ def test_cli_validate_and_run_bad_data_exit_codes(tiny_base, tmp_path):
     assert "no text column 'sentence'" in res.output
     assert not (tmp_path / "mlflow.db").exists(), "bad data is caught before anything is tracked or run"
 
-    spec["merge"] = {"method": "ties"}
+    spec["merge"] = {"method": "tie"}
     worse = tmp_path / "worse.yaml"
     worse.write_text(yaml.safe_dump(spec))
     res = CliRunner().invoke(main, ["validate", str(worse)])
-    assert res.exit_code == 2 and "merge: unknown merge method 'ties'" in res.output
+    assert res.exit_code == 2 and "merge: unknown merge method 'tie'" in res.output
 
 
 def test_cli_status_lists_the_workflow_and_its_runs(ray_run):

@@ -178,9 +178,9 @@ def test_methods_get_a_first_pass_statistic_and_the_tensor_name(tiny_base, tiny_
 
     seen_keys: list[str] = []
 
-    def prepare(tensors, params, names):
+    def prepare(stream, params, names):
         # the largest |τ| over the whole model and every expert, streamed tensor by tensor
-        return max(float((e.float() - b.float()).abs().max()) for _, b, es in tensors for e in es)
+        return max(float((e.float() - b.float()).abs().max()) for _, b, es in stream() for e in es)
 
     @register("_test_global_clip", params=MergeParams, needs_base=True, paper="https://arxiv.org/abs/0000.00000",
               formula="θ = θ0 + τ_1 / max|τ|", prepare=prepare)

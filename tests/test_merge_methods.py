@@ -81,8 +81,8 @@ def test_every_method_is_documented():
 
 
 def test_unknown_method_lists_known_ones():
-    with pytest.raises(ValueError, match=r"unknown merge method 'ties'\. Known: linear, task_arithmetic"):
-        get_method("ties")
+    with pytest.raises(ValueError, match=r"unknown merge method 'tie'\. Known: dare_linear, dare_ties, linear, task_arithmetic, ties"):
+        get_method("tie")
 
 
 def test_param_errors_name_parameter_and_value():

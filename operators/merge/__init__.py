@@ -3,7 +3,7 @@
 Importing this package registers every method in ``MERGE_METHODS``.
 """
 
-from operators.merge import linear, task_arithmetic  # noqa: F401  (registers the methods)
+from operators.merge import dare, linear, task_arithmetic, ties  # noqa: F401  (registers the methods)
 from operators.merge.registry import (
     MERGE_METHODS,
     MergeMethod,

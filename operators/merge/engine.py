@@ -196,8 +196,12 @@ def merge_checkpoints(
         stats = None
         if spec.prepare is not None:  # a first streaming pass for whole-model statistics
             float_keys = [k for k in keys if readers["__base__"].dtype(k).is_floating_point]
-            stats = spec.prepare(((k, readers["__base__"].get(k), [readers[n].get(k) for n in names])
-                                  for k in float_keys), p, names)
+
+            def stream():
+                for k in float_keys:
+                    yield k, readers["__base__"].get(k), [readers[n].get(k) for n in names]
+
+            stats = spec.prepare(stream, p, names)
         with atomic_output_dir(out_dir) as tmp:
             writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes, metadata={"merge_method": method})
             for i, key in enumerate(keys):
@@ -217,7 +221,7 @@ def merge_checkpoints(
                             raise MergeError(f"expert {n!r}: integer tensor {key!r} differs from the base's")
                     merged = base_t
                 else:
-                    ctx = TensorContext(key=key, stats=stats)
+                    ctx = TensorContext(key=key, stats=stats, experts=tuple(names))
                     merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p, ctx).to(base_t.dtype)
                 writer.add(key, merged)
                 del base_t, expert_ts, merged

@@ -31,11 +31,14 @@ class TensorContext:
 
     key: str = ""
     stats: Any = None
+    experts: tuple[str, ...] = ()  # the experts' names, in the order their tensors are given
 
 
 TensorMergeFn = Callable[[Tensor | None, Sequence[Tensor], Sequence[float], BaseModel, TensorContext], Tensor]
-# prepare(tensors, params, names) streams (key, base, experts) once before merging and returns stats
-PrepareFn = Callable[[Iterator[tuple[str, Tensor | None, list[Tensor]]], BaseModel, Sequence[str]], Any]
+TensorStream = Callable[[], Iterator[tuple[str, Tensor | None, list[Tensor]]]]
+# prepare(stream, params, names): before merging, a method may read the whole model, tensor by
+# tensor, as often as it needs (each stream() call starts a fresh pass), and return its statistics
+PrepareFn = Callable[[TensorStream, BaseModel, Sequence[str]], Any]
 
 
 class MergeParams(BaseModel):
