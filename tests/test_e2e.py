@@ -133,6 +133,11 @@ def test_rerun_reuses_everything_and_registers_nothing_new(ray_run):
     versions = _client(wf).search_model_versions(f"name = '{wf.registered_model_name}'")
     assert len(versions) == 1, "no duplicate registry versions"
     assert any("already registered" in line for line in lines)
+    client = _client(wf)
+    second_runs = client.search_runs([second.experiment_id], f"tags.`{TAG_WORKFLOW_RUN}` = '{second.run_id}'")
+    kinds = sorted(r.data.tags[TAG_KIND] for r in second_runs)
+    assert kinds == ["baseline", "evaluation", "evaluation", "evaluation", "round", "workflow"]
+    assert {r.info.status for r in second_runs} == {"FINISHED"}, "no run is left RUNNING"
 
 
 def test_cli_validate_and_run_bad_data_exit_codes(tiny_base, tmp_path):

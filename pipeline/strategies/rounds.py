@@ -142,37 +142,38 @@ class Rounds:
         return ref
 
     # --- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, merged: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
-                 baseline: Any = None) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+    def evaluate(self, merged: ModelRef, experts: dict[str, ModelRef], index: int,
+                 round_run: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
         """Score the merged model and every expert on every task, in parallel.
 
         Experts are scored on other tasks with those tasks' heads: the cross-task matrix shows how
-        much each expert's body change helps or hurts the others.
+        much each expert's body change helps or hurts the others. Metrics go to the run that made
+        the model; a model reused from an earlier run gets a new ``evaluate:<name>`` run.
         """
-        jobs = []
-        merged_run = merged.run_id if not merged.reused else self._child("evaluate:merged", "evaluation", round_run, index)
-        heads_for_merged = {t.name: merged for t in self.wf.tasks}
-        jobs.append(("merged", self.runtime.submit(evaluate_step, self.ctx, merged, heads_for_merged, merged_run, index,
-                                                   name=f"evaluate-merged-r{index}", resources=self._eval_resources())))
+        runs: dict[str, str] = {}
+        for name, ref in [("merged", merged), *experts.items()]:
+            runs[name] = ref.run_id if (ref.run_id and not ref.reused) else self._child(
+                f"evaluate:{name}", "evaluation", round_run, index)
+        jobs = {"merged": self.runtime.submit(
+            evaluate_step, self.ctx, merged, {t.name: merged for t in self.wf.tasks}, runs["merged"], index,
+            name=f"evaluate-merged-r{index}", resources=self._eval_resources())}
         for name, expert in experts.items():
-            run = expert.run_id if not expert.reused else self._child(f"evaluate:{name}", "evaluation", round_run, index)
-            heads = {t: experts[t] for t in experts}
-            jobs.append((name, self.runtime.submit(evaluate_step, self.ctx, expert, heads, run, index,
-                                                   name=f"evaluate-{name}-r{index}", resources=self._eval_resources())))
-        merged_eval: dict[str, dict[str, float]] = {}
-        expert_evals: dict[str, dict[str, dict[str, float]]] = {}
-        for name, fut in jobs:
-            res = self.runtime.result(fut)
-            if name == "merged":
-                merged_eval = res
-            else:
-                expert_evals[name] = res
-        for run in {merged_run} | {e.run_id for e in experts.values() if not e.reused}:
-            if run:
+            jobs[name] = self.runtime.submit(evaluate_step, self.ctx, expert, dict(experts), runs[name], index,
+                                             name=f"evaluate-{name}-r{index}", resources=self._eval_resources())
+        results = {}
+        try:
+            for name, fut in jobs.items():
+                results[name] = self.runtime.result(fut)
+        except BaseException:
+            for run in runs.values():
+                self.lineage.end_run(run, "FAILED")
+            raise
+        # the merge run stays open: record() adds the normalised scores, then closes it
+        for name, run in runs.items():
+            if not (name == "merged" and run == merged.run_id):
                 self.lineage.end_run(run)
-        if merged_run != merged.run_id:
-            self.lineage.end_run(merged_run)
-        return merged_eval, expert_evals
+        merged_eval = results.pop("merged")
+        return merged_eval, results
 
     def _eval_resources(self) -> Resources:
         return Resources(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
