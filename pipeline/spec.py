@@ -28,9 +28,8 @@ from pydantic import (
 
 from operators.merge import MERGE_METHODS, validate_merge_params
 
-# Strategies the spec accepts. Only the ones in IMPLEMENTED_STRATEGIES run today; the others are
-# recognised so that a spec written for them gets a precise "not available yet" error.
-STRATEGIES = ("oneshot", "atm", "cold_fusion")
+# The spec accepts every strategy of the design (see Workflow.strategy); only these run today, the
+# others are recognised so that a spec written for them gets a precise "not available yet" error.
 IMPLEMENTED_STRATEGIES = ("oneshot",)
 
 DEFAULT_BASE_MODEL = "packaged:all-minilm-l6-v2"

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from operators.checkpoint import read_provenance, resolve_model_path, write_provenance
 from operators.data import TaskData, load_task_data
@@ -291,7 +290,3 @@ def base_ref(ctx_workflow: Workflow) -> ModelRef:
     cfg = (path / "config.json").read_text()
     weights = sorted(p.name + ":" + str(p.stat().st_size) for p in path.glob("*.safetensors"))
     return ModelRef("base", "base", "", ctx_workflow.base_model, content_key("base", ctx_workflow.base_model, cfg, weights))
-
-
-def eval_record(results: dict[str, dict[str, float]]) -> dict[str, Any]:
-    return {t: {k: float(v) for k, v in m.items()} for t, m in results.items()}

@@ -63,11 +63,6 @@ class CheckpointStore:
         scheme = self.root_uri.split("://", 1)[0]
         return f"{scheme}://{path}"
 
-    def local_path(self, path: str) -> Path:
-        if not self.is_local:
-            raise StoreError(f"{self.uri(path)} is not on the local filesystem; use materialize()")
-        return Path(path)
-
     # --- state --------------------------------------------------------------------------------
     def is_complete(self, path: str) -> bool:
         info = self.fs.get_file_info(f"{path}/{COMPLETE_MARKER}")
@@ -75,14 +70,6 @@ class CheckpointStore:
 
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type != pafs.FileType.NotFound
-
-    def read_json(self, path: str) -> dict[str, Any]:
-        with self.fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
-
-    def list_dirs(self, path: str) -> list[str]:
-        sel = pafs.FileSelector(path, allow_not_found=True)
-        return sorted(i.path for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.Directory)
 
     # --- writing ------------------------------------------------------------------------------
     def publish(self, local_dir: str | Path, path: str, *, move: bool = True) -> str:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
 from operators.merge.task_vectors import (
+    add_weighted_sum,
     dare,
     disjoint_merge,
     elect_sign,
@@ -63,8 +64,7 @@ def dare_linear(
         θ_0 + λ Σ_t w_t δ̃_t (float32).
     """
     assert base is not None
-    tv = weighted(_dropped(base, experts, params, ctx), weights)
-    return base.float() + params.scaling * tv.sum(dim=0)
+    return add_weighted_sum(base, _dropped(base, experts, params, ctx), weights, params.scaling)
 
 
 @register(

@@ -10,21 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
+from operators.merge.task_vectors import add_weighted_sum, stack_task_vectors
 
 
 class TaskArithmeticParams(MergeParams):
     scaling: float = Field(default=0.3, ge=0.0, le=10.0, description="λ, applied to the sum of task vectors")
-
-
-def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
-    """Stack the task vectors τ_t = θ_t − θ_0 in float32 (shape: experts × tensor shape)."""
-    b = base.float()
-    return torch.stack([e.float() - b for e in experts])
 
 
 @register(
@@ -51,6 +45,4 @@ def task_arithmetic(
         θ_0 + λ Σ_t w_t τ_t (float32).
     """
     assert base is not None  # the engine guarantees it for needs_base methods
-    tv = task_vectors(base, experts)
-    w = torch.tensor(list(weights), dtype=torch.float32)
-    return base.float() + params.scaling * torch.tensordot(w, tv, dims=1)
+    return add_weighted_sum(base, stack_task_vectors(base, experts), weights, params.scaling)

@@ -23,6 +23,12 @@ def stack_task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
     return torch.stack([e.float() - b for e in experts])
 
 
+def add_weighted_sum(base: Tensor, tv: Tensor, weights: Sequence[float], scaling: float) -> Tensor:
+    """Task arithmetic's combine step: θ_0 + λ Σ_t w_t τ_t (float32)."""
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    return base.float() + scaling * torch.tensordot(w, tv, dims=1)
+
+
 # --- sparsify -------------------------------------------------------------------------------------
 
 def trim_by_threshold(tv: Tensor, thresholds: Sequence[float]) -> Tensor:

@@ -8,7 +8,6 @@ MLflow runs its steps log into.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,8 +239,3 @@ class Rounds:
         )
         self.report(f"round {result.index}: registered {name} v{version} (alias '{self.wf.tracking.alias}')")
         return version
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    return fn(), time.perf_counter() - start
