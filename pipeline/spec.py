@@ -39,6 +39,9 @@ DEFAULT_STORE = "mergeflow-store"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+PER_EXPERT_PARAMS = ("weights", "densities", "lambdas")
+
+
 class SpecError(ValueError):
     """A workflow spec that cannot run, with one line per problem (field path, value, fix)."""
 
@@ -293,13 +296,15 @@ class Workflow(_Frozen):
 
     @model_validator(mode="after")
     def _merge_weights_name_tasks(self) -> Workflow:
-        weights = self.merge.params.get("weights") or {}
-        unknown = sorted(set(weights) - {t.name for t in self.tasks})
-        if unknown:
-            raise ValueError(
-                f"merge.params.weights: names {unknown}, which are not tasks of this workflow; "
-                f"use task names ({', '.join(t.name for t in self.tasks)})"
-            )
+        # every per-expert parameter (weights, densities, ...) is keyed by task name
+        for field in PER_EXPERT_PARAMS:
+            given = self.merge.params.get(field) or {}
+            unknown = sorted(set(given) - {t.name for t in self.tasks}) if isinstance(given, dict) else []
+            if unknown:
+                raise ValueError(
+                    f"merge.params.{field}: names {unknown}, which are not tasks of this workflow; "
+                    f"use task names ({', '.join(t.name for t in self.tasks)})"
+                )
         return self
 
     @property

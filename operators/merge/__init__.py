@@ -3,7 +3,17 @@
 Importing this package registers every method in ``MERGE_METHODS``.
 """
 
-from operators.merge import dare, linear, task_arithmetic, ties  # noqa: F401  (registers the methods)
+from operators.merge import (  # noqa: F401  (registers the methods)
+    breadcrumbs,
+    consensus,
+    dare,
+    linear,
+    lines,
+    model_stock,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 from operators.merge.registry import (
     MERGE_METHODS,
     MergeMethod,

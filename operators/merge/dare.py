@@ -3,7 +3,8 @@
 Per task vector and tensor: m ~ Bernoulli(p), δ̃ = (1 − m) ⊙ δ / (1 − p); then merge the δ̃ with
 task arithmetic (``dare_linear``) or with TIES' sign election and disjoint merge (``dare_ties``).
 The masks are seeded per (seed, tensor name, expert name): the same seed gives the same merge,
-whatever order tensors are streamed in. p = 0 gives the base method exactly.
+whatever order tensors are streamed in. p = 0 gives the base method exactly. ``rescale: l1`` is
+mergekit's rescaling (match each task vector's L1 norm) instead of the paper's 1/(1 − p).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from operators.merge.task_vectors import (
 class DareParams(MergeParams):
     drop_rate: float = Field(default=0.5, ge=0.0, lt=1.0, description="p, the probability of dropping an entry")
     seed: int = 0
+    rescale: Literal["inverse_keep", "l1", "none"] = Field(
+        default="inverse_keep", description="survivors × 1/(1 − p) (paper), or match each τ's L1 norm (mergekit)"
+    )
 
 
 class DareLinearParams(DareParams):
@@ -43,7 +47,8 @@ class DareTiesParams(DareParams):
 def _dropped(base: Tensor, experts: Sequence[Tensor], params: DareParams, ctx: TensorContext | None) -> Tensor:
     ctx = ctx or TensorContext()
     names = ctx.experts or tuple(str(i) for i in range(len(experts)))
-    return dare(stack_task_vectors(base, experts), params.drop_rate, [tensor_seed(params.seed, ctx.key, n) for n in names])
+    seeds = [tensor_seed(params.seed, ctx.key, n) for n in names]
+    return dare(stack_task_vectors(base, experts), params.drop_rate, seeds, params.rescale)
 
 
 @register(

@@ -32,7 +32,7 @@ from operators.checkpoint import (
     head_names,
     write_provenance,
 )
-from operators.merge.registry import TensorContext, get_method, resolve_weights
+from operators.merge.registry import ModelStream, TensorContext, get_method, resolve_weights
 from operators.tensor_io import ShardedWriter, TensorReader
 
 # config.json keys that do not change the architecture
@@ -196,11 +196,7 @@ def merge_checkpoints(
         stats = None
         if spec.prepare is not None:  # a first streaming pass for whole-model statistics
             float_keys = [k for k in keys if readers["__base__"].dtype(k).is_floating_point]
-
-            def stream():
-                for k in float_keys:
-                    yield k, readers["__base__"].get(k), [readers[n].get(k) for n in names]
-
+            stream = ModelStream(float_keys, lambda k: (readers["__base__"].get(k), [readers[n].get(k) for n in names]))
             stats = spec.prepare(stream, p, names)
         with atomic_output_dir(out_dir) as tmp:
             writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes, metadata={"merge_method": method})

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import Tensor
 
 
@@ -36,6 +36,20 @@ class TensorContext:
 
 TensorMergeFn = Callable[[Tensor | None, Sequence[Tensor], Sequence[float], BaseModel, TensorContext], Tensor]
 TensorStream = Callable[[], Iterator[tuple[str, Tensor | None, list[Tensor]]]]
+
+
+class ModelStream:
+    """A re-readable pass over the whole model: ``stream()`` yields ``(key, base, experts)`` per
+    floating-point tensor, reading lazily; ``keys`` lists the tensor names without reading anything."""
+
+    def __init__(self, keys: Sequence[str], read: Callable[[str], tuple[Tensor | None, list[Tensor]]]):
+        self.keys = list(keys)
+        self._read = read
+
+    def __call__(self) -> Iterator[tuple[str, Tensor | None, list[Tensor]]]:
+        for k in self.keys:
+            base, experts = self._read(k)
+            yield k, base, experts
 # prepare(stream, params, names): before merging, a method may read the whole model, tensor by
 # tensor, as often as it needs (each stream() call starts a fresh pass), and return its statistics
 PrepareFn = Callable[[TensorStream, BaseModel, Sequence[str]], Any]
@@ -48,6 +62,52 @@ class MergeParams(BaseModel):
 
     # Per-expert weights keyed by task (expert) name. Missing names get weight 1.0.
     weights: dict[str, float] | None = None
+
+
+class DensityParams(MergeParams):
+    """Parameters of methods that keep a fraction of each task vector (TIES, breadcrumbs).
+
+    ``density`` applies to every expert; ``densities`` overrides it per expert (mergekit configs
+    give density per model).
+    """
+
+    density: float = 0.2
+    densities: dict[str, float] | None = None
+
+    @field_validator("density")
+    @classmethod
+    def _density_in_range(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("density must be in (0, 1]: the fraction of each task vector kept")
+        return v
+
+    @field_validator("densities")
+    @classmethod
+    def _densities_in_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        bad = {k: d for k, d in (v or {}).items() if not 0.0 < d <= 1.0}
+        if bad:
+            raise ValueError(f"densities must be in (0, 1], got {bad}")
+        return v
+
+    def density_for(self, names: Sequence[str]) -> list[float]:
+        """One density per expert, in ``names`` order (``densities`` must name experts only)."""
+        return resolve_per_expert(self.densities, self.density, names, "densities")
+
+
+def resolve_per_expert(given: dict[str, float] | None, default: float, names: Sequence[str], field: str) -> list[float]:
+    """Values per expert in ``names`` order; names not listed get ``default``.
+
+    Raises:
+        ValueError: when ``given`` names an expert that is not being merged.
+    """
+    given = given or {}
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(
+            f"params.{field} names {unknown}, which are not among the experts being merged "
+            f"({', '.join(names)}); use the task names"
+        )
+    return [float(given.get(n, default)) for n in names]
 
 
 @dataclass(frozen=True)
@@ -141,11 +201,4 @@ def resolve_weights(params: MergeParams, expert_names: Sequence[str]) -> list[fl
     Raises:
         ValueError: when ``weights`` names an expert that is not being merged.
     """
-    given = params.weights or {}
-    unknown = sorted(set(given) - set(expert_names))
-    if unknown:
-        raise ValueError(
-            f"params.weights names {unknown}, which are not among the experts being merged "
-            f"({', '.join(expert_names)}); use the task names"
-        )
-    return [float(given.get(n, 1.0)) for n in expert_names]
+    return resolve_per_expert(params.weights, 1.0, expert_names, "weights")

@@ -19,6 +19,7 @@ from operators.merge.task_vectors import add_weighted_sum, stack_task_vectors
 
 class TaskArithmeticParams(MergeParams):
     scaling: float = Field(default=0.3, ge=0.0, le=10.0, description="λ, applied to the sum of task vectors")
+    normalize: bool = Field(default=False, description="divide by the sum of weights (mergekit's normalize)")
 
 
 @register(
@@ -39,10 +40,13 @@ def task_arithmetic(
         base: The base tensor θ_0.
         experts: The experts' tensors θ_t.
         weights: One weight per expert.
-        params: ``scaling`` is λ.
+        params: ``scaling`` is λ; ``normalize`` divides by Σ_t w_t.
 
     Returns:
         θ_0 + λ Σ_t w_t τ_t (float32).
     """
     assert base is not None  # the engine guarantees it for needs_base methods
+    if params.normalize:
+        total = sum(weights)
+        weights = [w / total for w in weights] if abs(total) >= 1e-8 else weights
     return add_weighted_sum(base, stack_task_vectors(base, experts), weights, params.scaling)

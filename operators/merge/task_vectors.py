@@ -8,7 +8,6 @@ works on float32 task vectors stacked as ``(experts, *shape)``.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 
 import torch
@@ -37,32 +36,82 @@ def trim_by_threshold(tv: Tensor, thresholds: Sequence[float]) -> Tensor:
     return torch.where(tv.abs() >= thr, tv, torch.zeros((), dtype=tv.dtype))
 
 
+def keep_count(density: float, n: int) -> int:
+    """How many of ``n`` entries a density keeps: k = max(1, ⌊density · n⌋).
+
+    The floor is what TIES' reference code (``int(d * K)``) and mergekit (``int(density * numel)``)
+    both use; at least one entry is always kept.
+    """
+    return max(1, int(density * n))
+
+
 def topk_threshold(values: Tensor, density: float) -> float:
-    """The k-th largest |value| with k = max(1, round(density · n)); 0 when density = 1."""
+    """The k-th largest |value| with k = :func:`keep_count`; 0 when density = 1."""
     flat = values.abs().flatten()
     if density >= 1.0:
         return 0.0
-    k = max(1, round(density * flat.numel()))
-    return float(torch.topk(flat, k, sorted=False).values.min())
+    k = keep_count(density, flat.numel())
+    if k == flat.numel():
+        return float(flat.min())
+    # kthvalue is a linear-time selection; the k-th largest is the (n − k + 1)-th smallest
+    return float(torch.kthvalue(flat.float(), flat.numel() - k + 1).values)
 
 
-def dare(tv: Tensor, drop_rate: float, seeds: Sequence[int]) -> Tensor:
-    """DARE: drop each entry with probability p, rescale the survivors by 1/(1 − p).
+def rescale_l1(original: Tensor, sparsified: Tensor, eps: float = 1e-7) -> Tensor:
+    """mergekit's ``rescale``: scale each sparsified task vector so its L1 norm matches the original's.
+
+    Works per expert on stacked ``(T, ...)`` tensors; an expert whose norm (before or after) is
+    below ``eps`` is left as it is, as mergekit does.
+    """
+    dims = tuple(range(1, original.dim()))
+    before = original.abs().sum(dim=dims) if dims else original.abs()
+    after = sparsified.abs().sum(dim=dims) if dims else sparsified.abs()
+    ok = (before >= eps) & (after >= eps)
+    factor = torch.where(ok, before / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after))
+    return sparsified * factor.view(-1, *([1] * (original.dim() - 1)))
+
+
+def middle_band(tv: Tensor, density: float, gamma: float, scope: str) -> Tensor:
+    """Model breadcrumbs' mask: drop the top-γ outliers by |τ|, keep the next top-``density`` entries.
+
+    Per expert, over each row of the last dimension (``scope="row"``, the paper's code) or over the
+    whole flattened tensor (``scope="tensor"``, mergekit's). Counts are ⌊γ·n⌋ removed and ⌊density·n⌋
+    kept; when the two together exceed n, fewer outliers are removed so the kept count holds
+    (mergekit's rule). Scalars are kept as they are.
+    """
+    if tv.dim() <= 1:  # one expert's scalar each: nothing to rank
+        return tv
+    flat = tv.reshape(tv.shape[0], -1) if scope == "tensor" or tv.dim() == 2 else tv
+    n = flat.shape[-1]
+    keep = int(density * n)
+    top = min(int(gamma * n), n - keep)
+    order = flat.abs().argsort(dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(n).expand_as(order).contiguous())
+    mask = (ranks >= top) & (ranks < top + keep)
+    return (flat * mask).reshape(tv.shape)
+
+
+def dare(tv: Tensor, drop_rate: float, seeds: Sequence[int], rescale: str = "inverse_keep") -> Tensor:
+    """DARE: drop each entry with probability p, rescale the survivors.
 
     Args:
         tv: Stacked task vectors ``(T, ...)``.
         drop_rate: p in [0, 1).
         seeds: One seed per expert (see :func:`tensor_seed`), so results do not depend on the order
             in which tensors are streamed.
+        rescale: ``inverse_keep`` multiplies survivors by 1/(1 − p) (the paper: unbiased);
+            ``l1`` matches each task vector's L1 norm (mergekit's ``rescale``); ``none`` keeps them.
     """
     if drop_rate == 0.0:
         return tv
     out = torch.empty_like(tv)
+    factor = 1.0 / (1.0 - drop_rate) if rescale == "inverse_keep" else 1.0
     for t, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(seed)
         keep = torch.rand(tv[t].shape, generator=g) >= drop_rate  # P(keep) = 1 − p
-        out[t] = torch.where(keep, tv[t] / (1.0 - drop_rate), torch.zeros((), dtype=tv.dtype))
-    return out
+        out[t] = torch.where(keep, tv[t] * factor, torch.zeros((), dtype=tv.dtype))
+    return rescale_l1(tv, out) if rescale == "l1" else out
 
 
 def tensor_seed(seed: int, key: str, expert: str) -> int:
@@ -86,19 +135,22 @@ def elect_sign(tv: Tensor) -> Tensor:
     return torch.where(sign == 0, majority, sign)
 
 
-def disjoint_merge(tv: Tensor, sign: Tensor, how: str = "mean") -> Tensor:
-    """Combine only the entries whose sign agrees with the elected sign.
+def disjoint_merge(tv: Tensor, sign: Tensor, how: str = "mean", weights: Sequence[float] | None = None) -> Tensor:
+    """Combine only the (weighted) entries whose sign agrees with the elected sign.
 
-    ``mean``: divide by the number of agreeing non-zero entries (TIES "dis-mean", the paper's);
-    ``sum``: their sum ("dis-sum", used by AdaMerging and FusionBench).
+    ``mean``: divide by the number of agreeing non-zero entries (TIES "dis-mean", the paper's), or,
+    given ``weights``, by the sum of the agreeing entries' weights (mergekit's ``normalize``; equal
+    to the count for unit weights); ``sum``: their sum ("dis-sum", used by AdaMerging and FusionBench).
     """
     agree = torch.where(sign > 0, tv > 0, tv < 0)
-    selected = tv * agree
-    total = selected.sum(dim=0)
+    total = (tv * agree).sum(dim=0)
     if how == "sum":
         return total
-    count = agree.sum(dim=0).clamp(min=1)
-    return total / count
+    if weights is None:
+        divisor = agree.sum(dim=0).to(tv.dtype)
+    else:
+        divisor = weighted(agree.to(tv.dtype), weights).sum(dim=0)
+    return total / torch.where(divisor == 0, torch.ones((), dtype=tv.dtype), divisor)
 
 
 def weighted(tv: Tensor, weights: Sequence[float]) -> Tensor:
@@ -108,15 +160,16 @@ def weighted(tv: Tensor, weights: Sequence[float]) -> Tensor:
 
 # --- whole-model statistics (a streaming pass, bounded memory) ------------------------------------
 
-def global_topk_thresholds(stream: TensorStream, density: float, n_experts: int) -> list[float]:
-    """Per expert, the exact k-th largest |τ| over the *whole model* (k = max(1, round(density·n))).
+def global_topk_thresholds(stream: TensorStream, density: float | Sequence[float], n_experts: int) -> list[float]:
+    """Per expert, the exact k-th largest |τ| over the *whole model* (k = :func:`keep_count`).
 
     Exact and in bounded memory: a radix select over the bit patterns of |τ| as float32 (for
     non-negative floats the bit pattern orders like the value). Pass 1 counts the top 16 bits into
     65,536 bins and finds the bin holding the k-th largest value; pass 2 counts the low 16 bits of
     the values in that bin. Memory: two histograms per expert, plus one tensor at a time.
     """
-    if density >= 1.0:
+    densities = [density] * n_experts if isinstance(density, (int, float)) else list(density)
+    if all(d >= 1.0 for d in densities):
         return [0.0] * n_experts
     hi_counts = torch.zeros(n_experts, 65536, dtype=torch.int64)
     total = 0
@@ -125,9 +178,10 @@ def global_topk_thresholds(stream: TensorStream, density: float, n_experts: int)
             bits = (e.float() - base.float()).abs().flatten().view(torch.int32)
             hi_counts[t] += torch.bincount((bits >> 16).long(), minlength=65536)
         total += base.numel()
-    k = max(1, round(density * total))
+    ks = [keep_count(d, total) for d in densities]
     bins, above = [], []
     for t in range(n_experts):
+        k = ks[t]
         from_top = hi_counts[t].flip(0).cumsum(0)  # from_top[i] = count of values with hi ≥ 65535 − i
         i = int(torch.searchsorted(from_top, torch.tensor(k)))  # first index where the count reaches k
         b = 65535 - i
@@ -142,12 +196,8 @@ def global_topk_thresholds(stream: TensorStream, density: float, n_experts: int)
     thresholds = []
     for t in range(n_experts):
         from_top = lo_counts[t].flip(0).cumsum(0)
-        i = int(torch.searchsorted(from_top, torch.tensor(k - above[t])))
+        i = int(torch.searchsorted(from_top, torch.tensor(ks[t] - above[t])))
         bits = (bins[t] << 16) | (65535 - i)
         thresholds.append(float(torch.tensor(bits, dtype=torch.int32).view(torch.float32)))
-    return thresholds
+    return [0.0 if d >= 1.0 else thr for d, thr in zip(densities, thresholds, strict=True)]
 
-
-def check_density(density: float) -> None:
-    if not (0.0 < density <= 1.0) or math.isnan(density):
-        raise ValueError(f"density must be in (0, 1] (got {density})")

@@ -6,8 +6,10 @@
 4. θ = θ_0 + λ · τ_m.
 
 Defaults follow the paper: the top-k is taken over the *whole model* per task vector
-(``scope: model``; computed exactly in a streaming pass), and the disjoint merge is a mean
-(``merge_func: mean``). ``scope: tensor`` trims each tensor separately (mergekit's behaviour);
+(``scope: model``; computed exactly in a streaming pass), and the disjoint merge is a mean over the
+agreeing entries (``merge_func: mean``, ``divisor: count``). mergekit's behaviour is a set of
+explicit options: ``scope: tensor`` trims each tensor separately, ``divisor: weights`` divides by
+the agreeing entries' summed weights, ``rescale: l1`` restores each trimmed task vector's L1 norm.
 ``merge_func: sum`` is the "dis-sum" variant AdaMerging and FusionBench use (with λ = 0.3).
 """
 
@@ -19,11 +21,12 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from operators.merge.registry import MergeParams, TensorContext, register
+from operators.merge.registry import DensityParams, TensorContext, register
 from operators.merge.task_vectors import (
     disjoint_merge,
     elect_sign,
     global_topk_thresholds,
+    rescale_l1,
     stack_task_vectors,
     topk_threshold,
     trim_by_threshold,
@@ -31,16 +34,20 @@ from operators.merge.task_vectors import (
 )
 
 
-class TiesParams(MergeParams):
-    density: float = Field(default=0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
+class TiesParams(DensityParams):
+    density: float = Field(default=0.2, description="fraction of each task vector kept")
     scaling: float = Field(default=1.0, ge=0.0, le=10.0, description="λ")
     merge_func: Literal["mean", "sum"] = "mean"
+    divisor: Literal["count", "weights"] = Field(
+        default="count", description="dis-mean divides by the agreeing entries' count (paper) or summed weights (mergekit)"
+    )
     scope: Literal["model", "tensor"] = Field(default="model", description="where the top-k is taken")
+    rescale: Literal["none", "l1"] = Field(default="none", description="l1: restore each trimmed τ's L1 norm (mergekit)")
 
 
 def _prepare(stream, params: TiesParams, names: Sequence[str]):
     if params.scope == "model":
-        return global_topk_thresholds(stream, params.density, len(names))
+        return global_topk_thresholds(stream, params.density_for(names), len(names))
     return None
 
 
@@ -62,18 +69,25 @@ def ties(
         base: θ_0's tensor.
         experts: The experts' tensors.
         weights: Per-expert weights, applied to the trimmed task vectors before the sign election.
-        params: density, λ (``scaling``), ``merge_func`` and ``scope``.
+        params: density, λ (``scaling``), ``merge_func``, ``divisor``, ``scope`` and ``rescale``.
         ctx: With ``scope: model``, ``ctx.stats`` holds each expert's whole-model magnitude threshold.
 
     Returns:
         The merged tensor (float32).
     """
     assert base is not None
+    ctx = ctx or TensorContext()
     tv = stack_task_vectors(base, experts)
-    if params.scope == "model" and ctx is not None and ctx.stats is not None:
+    if params.scope == "model" and ctx.stats is not None:
         thresholds = ctx.stats
     else:  # per tensor (also what a lone tensor outside the engine gets)
-        thresholds = [topk_threshold(tv[t], params.density) for t in range(len(experts))]
-    trimmed = weighted(trim_by_threshold(tv, thresholds), weights)
-    merged_tv = disjoint_merge(trimmed, elect_sign(trimmed), params.merge_func)
+        names = ctx.experts or tuple(str(i) for i in range(len(experts)))
+        densities = params.density_for(names) if ctx.experts else [params.density] * len(experts)
+        thresholds = [topk_threshold(tv[t], d) for t, d in enumerate(densities)]
+    trimmed = trim_by_threshold(tv, thresholds)
+    if params.rescale == "l1":
+        trimmed = rescale_l1(tv, trimmed)
+    trimmed = weighted(trimmed, weights)
+    divide_by = weights if params.divisor == "weights" else None
+    merged_tv = disjoint_merge(trimmed, elect_sign(trimmed), params.merge_func, divide_by)
     return base.float() + params.scaling * merged_tv
