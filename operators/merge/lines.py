@@ -129,6 +129,9 @@ def lines(
 ) -> Tensor:
     """Scale one tensor's merged update by its block's LiNeS coefficient.
 
+    Returns:
+        θ_0 + λ(ℓ) · τ_merged (float32).
+
     Raises:
         ValueError: outside the engine (the block count needs the whole model's names).
     """
