@@ -46,7 +46,7 @@ def slerp_tensors(t: float, v0: Tensor, v1: Tensor, eps: float = 1e-8) -> Tensor
     params=SlerpParams,
     needs_base=False,
     paper="https://dl.acm.org/doi/10.1145/325165.325242",
-    formula="v = [sin((1−t)Ω) v_0 + sin(tΩ) v_1] / sin Ω",
+    formula="θ = [sin((1−t)Ω) θ_a + sin(tΩ) θ_b] / sin Ω",
 )
 def slerp(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: SlerpParams,
