@@ -29,7 +29,7 @@ def problems(mutate) -> list[str]:
 BAD_SPECS = [
     ("unknown merge method",
      lambda d: d.update(merge={"method": "tie"}),
-     "merge: unknown merge method 'tie'. Known: dare_linear, dare_ties, linear, task_arithmetic, ties."),
+     "merge: unknown merge method 'tie'. Known: breadcrumbs, consensus, dare_linear, dare_ties, linear, lines, model_stock, slerp, task_arithmetic, ties."),
     ("duplicate task",
      lambda d: d["tasks"].append(copy.deepcopy(d["tasks"][0])),
      "tasks: duplicate task name 'a'; task names must be unique."),
