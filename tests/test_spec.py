@@ -41,7 +41,7 @@ BAD_SPECS = [
      "merge.params.scaling: Input should be greater than or equal to 0 (got -1)."),
     ("parameter of another method",
      lambda d: d.update(merge={"method": "task_arithmetic", "params": {"density": 0.2}}),
-     "merge.params.density: unknown parameter for 'task_arithmetic'; its parameters are: scaling, weights (got 0.2)."),
+     "merge.params.density: unknown parameter for 'task_arithmetic'; its parameters are: normalize, scaling, weights (got 0.2)."),
     ("zero learning rate",
      lambda d: d.update(finetune={"learning_rate": 0}),
      "finetune.learning_rate: Input should be greater than 0 (got 0)."),
