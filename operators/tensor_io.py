@@ -8,13 +8,12 @@ The layout is Hugging Face's: either one ``model.safetensors`` or shards
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -25,22 +24,24 @@ class CheckpointError(ValueError):
 
 
 class TensorReader:
-    """Open a (possibly sharded) safetensors checkpoint and read tensors one at a time.
+    """Open a (possibly sharded) safetensors checkpoint and read tensors, or slices of them, one at a time.
 
-    Headers are read up front (cheap); tensor data is read lazily from memory-mapped files.
+    The safetensors headers (JSON) are parsed and checked up front: dtype, shape and byte range of
+    every tensor, against the file's size, so a truncated or corrupt shard is refused before any
+    merging starts. Tensor data is then read with ``pread`` into fresh buffers: nothing is
+    memory-mapped, so reading a model does not grow the process's resident memory by the model's
+    size (the pages stay in the OS page cache), and slices of a tensor can be read on their own.
     """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._weight_map = self._read_weight_map()
-        self._handles: dict[str, object] = {}
-        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._fds: dict[str, int] = {}
+        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...], str, int]] = {}  # dtype, shape, file, offset
         for fname in sorted(set(self._weight_map.values())):
-            handle = self._open(fname)
-            for key in handle.keys():
+            for key, (dtype, shape, offset) in _read_header(self.directory / fname).items():
                 if self._weight_map.get(key) == fname:
-                    sl = handle.get_slice(key)
-                    self._meta[key] = (_dtype_of(sl.get_dtype(), self.directory / fname), tuple(sl.get_shape()))
+                    self._meta[key] = (dtype, shape, fname, offset)
         self._keys = sorted(self._meta)
         missing = sorted(set(self._weight_map) - set(self._meta))
         if missing:
@@ -65,8 +66,7 @@ class TensorReader:
                     )
             return dict(wm)
         if single.is_file():
-            with self._safe(single) as h:
-                return {k: SINGLE_FILE for k in h.keys()}
+            return {k: SINGLE_FILE for k in _read_header(single)}
         if any(self.directory.glob("*.bin")) or any(self.directory.glob("*.pt")):
             raise CheckpointError(
                 f"{self.directory}: only pickle weights (*.bin/*.pt) found. mergeflow loads safetensors "
@@ -77,18 +77,10 @@ class TensorReader:
             f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face checkpoint directory?"
         )
 
-    def _safe(self, path: Path):
-        try:
-            return safe_open(str(path), framework="pt", device="cpu")
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(
-                f"{path}: cannot read safetensors file ({exc}); the file is corrupt or truncated."
-            ) from None
-
-    def _open(self, fname: str):
-        if fname not in self._handles:
-            self._handles[fname] = self._safe(self.directory / fname).__enter__()
-        return self._handles[fname]
+    def _fd(self, fname: str) -> int:
+        if fname not in self._fds:
+            self._fds[fname] = os.open(self.directory / fname, os.O_RDONLY)
+        return self._fds[fname]
 
     def keys(self) -> list[str]:
         return self._keys
@@ -102,37 +94,94 @@ class TensorReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._meta[key][1]
 
+    def numel(self, key: str) -> int:
+        return math.prod(self._meta[key][1])
+
     def nbytes(self, key: str) -> int:
-        dtype, shape = self._meta[key]
-        n = 1
-        for s in shape:
-            n *= s
-        return n * torch.empty((), dtype=dtype).element_size()
+        return self.numel(key) * _itemsize(self._meta[key][0])
 
     def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._open(self._weight_map[key]).get_tensor(key)
-        except KeyError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(
-                f"{self.directory / self._weight_map[key]}: cannot read tensor {key!r} ({exc}); "
-                "the shard is corrupt or truncated."
-            ) from None
+        """The whole tensor (a fresh, writable buffer)."""
+        dtype, shape, _, _ = self._meta[key]
+        return self.get_flat(key, 0, self.numel(key)).reshape(shape)
+
+    def get_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of the flattened tensor, read from disk on their own."""
+        dtype, _, fname, offset = self._meta[key]
+        out = torch.empty(stop - start, dtype=dtype)
+        size = _itemsize(dtype)
+        if out.numel():
+            _pread_into(self._fd(fname), offset + start * size, out, self.directory / fname, key)
+        return out
 
     def close(self) -> None:
-        for h in self._handles.values():
+        for fd in self._fds.values():
             try:
-                h.__exit__(None, None, None)  # type: ignore[attr-defined]
-            except Exception:
+                os.close(fd)
+            except OSError:
                 pass
-        self._handles.clear()
+        self._fds.clear()
 
     def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+MAX_HEADER_BYTES = 100 * 1024**2
+
+
+def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """Parse and check a safetensors header: key → (dtype, shape, absolute byte offset of the data)."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: cannot read safetensors file ({why}); the file is corrupt or truncated.")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("shorter than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise bad(f"header length {n} does not fit in the file's {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise bad(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    data_start, data_size = 8 + n, size - 8 - n
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = _dtype_of(info["dtype"], path)
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry {key!r} lacks dtype, shape or data_offsets") from None
+        if not 0 <= begin <= end <= data_size:
+            raise bad(f"tensor {key!r} lies at bytes {begin}-{end}, past the {data_size} data bytes")
+        if end - begin != math.prod(shape) * _itemsize(dtype):
+            raise bad(f"tensor {key!r}: {end - begin} bytes for shape {list(shape)} of {dtype}")
+        out[key] = (dtype, shape, data_start + begin)
+    return out
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _pread_into(fd: int, offset: int, out: torch.Tensor, path: Path, key: str) -> None:
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} (file ended early); the shard is corrupt or truncated.")
+        done += got
 
 
 _DTYPES = {
@@ -149,63 +198,100 @@ def _dtype_of(name: str, path: Path) -> torch.dtype:
         raise CheckpointError(f"{path}: unsupported tensor dtype {name!r}") from None
 
 
-class ShardedWriter:
-    """Write tensors in order into shards of at most ``max_shard_bytes``, then an index.
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
-    Holds at most one shard's worth of tensors in memory. ``close()`` writes the index (or renames a
-    lone shard to ``model.safetensors``), so a directory with no index is visibly unfinished.
+
+class ShardedWriter:
+    """Write a checkpoint whose tensors (names, dtypes, shapes) are known in advance, streaming.
+
+    The shard layout is planned up front (tensors in the given order; a new shard starts when the
+    next tensor would pass ``max_shard_bytes``), so each shard's safetensors header is written first
+    and tensor data is appended as it is produced, in pieces if need be: nothing is buffered, so
+    memory does not grow with the shard size. Shards are named ``model-0000i-of-0000n.safetensors``
+    with an index (or ``model.safetensors`` when there is one), like ``save_pretrained``.
     """
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None):
+    def __init__(self, directory: str | Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None):
+        if not plan:
+            raise ValueError("ShardedWriter: no tensors to write")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[list[str]] = []
-        self._total_bytes = 0
+        self._shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        size = 0
+        for key, dtype, shape in plan:
+            nbytes = math.prod(shape) * _itemsize(dtype)
+            if self._shards[-1] and size + nbytes > max_shard_bytes:
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append((key, dtype, tuple(shape), nbytes))
+            size += nbytes
+        n = len(self._shards)
+        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(i, entry) for i, shard in enumerate(self._shards) for entry in shard]
+        self._pos = 0  # index into _order of the tensor being written
+        self._written = 0  # bytes of that tensor written so far
+        self._file = None
+        self._shard = -1
         self.bytes_written = 0
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[key] = tensor.contiguous()
-        self._buffer_bytes += nbytes
-        self._total_bytes += nbytes
+    def _open_shard(self, i: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for key, dtype, shape, nbytes in self._shards[i]:
+            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self._file = open(self.directory / self.files[i], "wb")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self.bytes_written += 8 + len(raw)
+        self._shard = i
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        n = len(self._shards)
-        tmp_name = f"shard-{n:05d}.tmp.safetensors"
-        save_file(self._buffer, str(self.directory / tmp_name), metadata=self.metadata)
-        self.bytes_written += os.path.getsize(self.directory / tmp_name)
-        self._shards.append(list(self._buffer))
-        # flush the tensors as soon as they are on disk: no need for this memory any more
-        self._buffer = {}
-        self._buffer_bytes = 0
+    def write(self, key: str, piece: torch.Tensor) -> None:
+        """Append ``piece`` (the next elements, in row-major order) to tensor ``key``."""
+        if self._pos >= len(self._order):
+            raise ValueError(f"ShardedWriter: {key!r} written after every planned tensor was complete")
+        shard, (expected, dtype, _, nbytes) = self._order[self._pos]
+        if key != expected:
+            raise ValueError(f"ShardedWriter: got {key!r}, expected {expected!r} (tensors are written in plan order)")
+        if piece.dtype != dtype:
+            raise ValueError(f"ShardedWriter: {key!r} is planned as {dtype}, got {piece.dtype}")
+        if shard != self._shard:
+            self._open_shard(shard)
+        data = piece.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        if self._written + len(data) > nbytes:
+            raise ValueError(f"ShardedWriter: more data for {key!r} than its planned {nbytes} bytes")
+        self._file.write(memoryview(data))
+        self._written += len(data)
+        self.bytes_written += len(data)
+        if self._written == nbytes:
+            self._pos += 1
+            self._written = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor."""
+        self.write(key, tensor)
 
     def close(self) -> list[str]:
-        """Finish writing; returns the file names written."""
-        self._flush()
-        total = len(self._shards)
-        if total == 0:
-            raise ValueError("ShardedWriter.close(): no tensors were written")
-        if total == 1:
-            os.replace(self.directory / "shard-00000.tmp.safetensors", self.directory / SINGLE_FILE)
-            return [SINGLE_FILE]
-        weight_map: dict[str, str] = {}
-        names = []
-        for i, keys in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            os.replace(self.directory / f"shard-{i:05d}.tmp.safetensors", self.directory / final)
-            names.append(final)
-            weight_map.update({k: final for k in keys})
-        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        """Finish writing (every planned tensor must be complete); returns the file names written."""
+        while self._pos < len(self._order) and self._order[self._pos][1][3] == 0:
+            self.write(self._order[self._pos][1][0], torch.empty(0, dtype=self._order[self._pos][1][1]))
+        if self._pos < len(self._order):
+            raise ValueError(f"ShardedWriter.close(): {self._order[self._pos][1][0]!r} and later tensors were not written")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if len(self.files) == 1:
+            return list(self.files)
+        weight_map = {key: self.files[i] for i, shard in enumerate(self._shards) for key, *_ in shard}
+        total = sum(nbytes for shard in self._shards for *_, nbytes in shard)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        return [*names, INDEX_FILE]
+        return [*self.files, INDEX_FILE]
 
 
 def iter_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -4,6 +4,7 @@
     mergeflow run SPEC [--address ADDR]      run a workflow; prints progress and an accuracy table
     mergeflow status [RUN_ID]                recent workflow runs, or one run's tree and artifacts
     mergeflow export CKPT TASK OUT           write a stand-alone HF checkpoint for one task
+    mergeflow merge CONFIG OUT               merge checkpoints (mergeflow or mergekit YAML config)
 
 Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, data, model).
 """
@@ -205,6 +206,90 @@ def export(checkpoint: str, task: str, out: str) -> None:
     except CheckpointError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     click.echo(f"wrote {path}: load with AutoModelForSequenceClassification.from_pretrained({str(path)!r})")
+
+
+@main.command()
+@click.argument("config", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--shard-size", default="2GB", show_default=True, help="Output shard size (e.g. 200MB, 5GB).")
+@click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (time, peak memory, bytes) on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: bool, quiet: bool) -> None:
+    """Merge the checkpoints CONFIG names into OUT, streaming tensor by tensor.
+
+    CONFIG is a mergeflow merge config (base, experts, method, params) or a mergekit YAML config
+    (merge_method, base_model, models, parameters, dtype), read with mergekit's semantics.
+    """
+    import json
+    import resource
+
+    import torch
+    from tqdm import tqdm
+
+    from operators.merge.engine import MergeError, merge_checkpoints
+    from operators.merge.merge_config import MergeConfigError, load_merge_config
+    from operators.tensor_io import CheckpointError
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        shard_bytes = _parse_size(shard_size)
+        plan = load_merge_config(config)
+    except (MergeConfigError, ValueError) as exc:
+        _fail(f"{config}: {exc}", EXIT_BAD_INPUT)
+    bar = None if quiet else tqdm(total=None, unit="tensor", desc=f"{plan.method}", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    start = time.perf_counter()
+    try:
+        report = merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, out,
+                                   max_shard_bytes=shard_bytes, progress=progress, out_dtype=plan.out_dtype,
+                                   provenance={"config": str(Path(config).resolve()), "config_format": plan.source_format})
+    except (MergeError, CheckpointError, ValueError) as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = {
+        "output": str(Path(out).resolve()),
+        "method": plan.method,
+        "config_format": plan.source_format,
+        "experts": report.experts,
+        "tensors": report.tensors,
+        "seconds": round(time.perf_counter() - start, 3),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "bytes_read": report.bytes_read,
+        "bytes_written": report.bytes_written,
+        "output_files": report.output_files,
+        "notes": plan.notes,
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"merged {len(report.experts)} models with {plan.method} into {out}: {report.tensors} tensors, "
+                   f"{report.bytes_written / 1e6:.0f} MB written in {summary['seconds']:.1f} s, "
+                   f"peak RSS {summary['peak_rss_bytes'] / 1e6:.0f} MB")
+        for note in plan.notes:
+            click.echo(f"note: {note}")
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        value = float(num) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"--shard-size: {text!r} is not a size; use e.g. 200MB or 5GB") from None
+    if value < 1:
+        raise ValueError(f"--shard-size: {text!r} must be positive")
+    return int(value)
 
 
 if __name__ == "__main__":

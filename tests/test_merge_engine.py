@@ -95,6 +95,8 @@ BAD_EXPERTS = [
      f"expert 'vowel': tensor '{KEY}' has dtype torch.float16, base has torch.float32"),
     ("nan", lambda sd: sd[KEY].__setitem__((0, 0), float("nan")), MergeError,
      f"vowel: tensor '{KEY}' has 1 NaN/Inf values"),
+    ("inf", lambda sd: sd[KEY].__setitem__((1, 2), float("-inf")), MergeError,
+     f"vowel: tensor '{KEY}' has 1 NaN/Inf values"),
 ]
 
 
@@ -118,6 +120,55 @@ def test_truncated_shard_refused(tiny_base, tiny_experts, tmp_path):
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         merge_checkpoints(tiny_base, {"vowel": broken}, "linear", {}, out)
     assert not out.exists() and _siblings(out) == []
+
+
+def test_corrupt_header_refused(tiny_base, tiny_experts, tmp_path):
+    broken = tmp_path / "vowel"
+    shutil.copytree(tiny_experts["vowel"], broken)
+    data = bytearray((broken / "model.safetensors").read_bytes())
+    data[8:40] = b"\x00garbage, not a JSON header....."
+    (broken / "model.safetensors").write_bytes(bytes(data))
+    out = tmp_path / "out" / "m"
+    with pytest.raises(CheckpointError, match=r"model.safetensors: cannot read safetensors file \(header is not JSON"):
+        merge_checkpoints(tiny_base, {"vowel": broken}, "linear", {}, out)
+    assert not out.exists() and _siblings(out) == []
+
+
+@pytest.mark.parametrize("method,params,message", [
+    ("ties", {"density": 0.0}, "params.density: density must be in (0, 1]: the fraction of each task vector kept (got 0.0)"),
+    ("ties", {"density": 1.2}, "params.density: density must be in (0, 1]: the fraction of each task vector kept (got 1.2)"),
+    ("ties", {"weights": {"vowel": -0.5}}, "params.weights: negative weights are not allowed for 'ties' (got {'vowel': -0.5})"),
+    ("dare_ties", {"drop_rate": 1.0}, "params.drop_rate: Input should be less than 1 (got 1.0)"),
+    ("consensus", {"k": 3}, "params.k: 3 is more than the 2 experts being merged"),
+])
+def test_parameters_out_of_range_refused_and_nothing_written(tiny_base, tiny_experts, tmp_path, method, params, message):
+    out = tmp_path / "out" / "m"
+    with pytest.raises(ValueError) as info:
+        merge_checkpoints(tiny_base, tiny_experts, method, params, out)
+    assert message in str(info.value)
+    assert not out.exists() and _siblings(out) == []
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"scaling": 0.7}),
+    ("ties", {"density": 0.3, "scope": "tensor"}),
+    ("ties", {"density": 0.3}),
+    ("consensus", {"k": 1, "scaling": 0.5}),
+    ("breadcrumbs", {"density": 0.4, "gamma": 0.05, "scaling": 1.0}),
+    ("linear", {}),
+])
+def test_merging_in_row_blocks_equals_merging_whole_tensors(tiny_base, tiny_experts, tmp_path, method, params):
+    """The engine splits large matrices of element-wise methods; the pico model's are split here."""
+    merge_checkpoints(tiny_base, tiny_experts, method, params, tmp_path / "whole")
+    merge_checkpoints(tiny_base, tiny_experts, method, params, tmp_path / "blocks", chunk_elements=100,
+                      max_shard_bytes=30_000)
+    whole, blocks = load_state_dict(tmp_path / "whole"), load_state_dict(tmp_path / "blocks")
+    assert sorted(whole) == sorted(blocks)
+    for k in whole:
+        assert torch.allclose(whole[k], blocks[k], atol=1e-6), k
+    # the streamed shards are ordinary safetensors files
+    for shard in (tmp_path / "blocks").glob("model-*.safetensors"):
+        assert load_file(shard)
 
 
 def test_pickle_only_checkpoint_refused(tiny_base, tmp_path):

@@ -43,6 +43,7 @@ class BreadcrumbsParams(DensityParams):
     needs_base=True,
     paper="https://arxiv.org/abs/2312.06795",
     formula="θ = θ_0 + λ Σ w_t · mask_{γ,β}(τ_t) ⊙ τ_t",
+    chunkable=lambda p: p.scope == "row",  # whole rows stay together
     allow_negative_weights=True,
 )
 def breadcrumbs(

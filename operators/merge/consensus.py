@@ -42,6 +42,7 @@ def tall_masks(tv: Tensor, lambdas: Sequence[float]) -> Tensor:
     needs_base=True,
     paper="https://arxiv.org/abs/2405.07813",
     formula="θ = θ_0 + α · 1{Σ_t 1{|τ_t| ≥ λ_t|τ_MTL − τ_t|} ≥ k} ⊙ τ_MTL",
+    chunkable=True,
 )
 def consensus(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: ConsensusParams,

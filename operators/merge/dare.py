@@ -42,6 +42,7 @@ class DareLinearParams(DareParams):
 class DareTiesParams(DareParams):
     scaling: float = Field(default=1.0, ge=0.0, le=10.0, description="λ")
     merge_func: Literal["mean", "sum"] = "mean"
+    divisor: Literal["count", "weights"] = "count"
 
 
 def _dropped(base: Tensor, experts: Sequence[Tensor], params: DareParams, ctx: TensorContext | None) -> Tensor:
@@ -90,7 +91,8 @@ def dare_ties(
     """
     assert base is not None
     tv = weighted(_dropped(base, experts, params, ctx), weights)
-    return base.float() + params.scaling * disjoint_merge(tv, elect_sign(tv), params.merge_func)
+    divide_by = weights if params.divisor == "weights" else None
+    return base.float() + params.scaling * disjoint_merge(tv, elect_sign(tv), params.merge_func, divide_by)
 
 
 __all__ = ["dare_linear", "dare_ties"]

@@ -2,11 +2,15 @@
 
 1. Check before writing anything: same architecture (config), same tensor names, shapes and
    dtypes in the base and every expert, readable shards, valid parameters.
-2. For every body tensor: read it from the base and each expert (memory-mapped), merge it with the
-   method's pure function in float32, cast back, hand it to a sharded writer.
+2. For every body tensor: read it from the base and each expert (``pread``, no memory map), merge
+   it with the method's pure function in float32, cast, and append it to its planned output shard.
+   Element-wise methods (linear, task arithmetic, TIES, consensus, row-wise breadcrumbs) get large
+   matrices in row blocks of ``CHUNK_ELEMENTS``; the others get whole tensors.
 3. Copy each expert's task head, the base's config and tokenizer; write provenance.
 
-Peak memory stays near (experts + 2) × the largest tensor plus one output shard, never × the model.
+Peak memory stays near (experts + 2) × one row block (whole tensor for methods that need it, plus
+one task vector for per-tensor statistics such as TIES' per-tensor top-k); output shards are
+streamed to disk, never buffered.
 The output appears under ``out_dir`` only when complete: it is written to a hidden sibling
 directory and renamed into place; a failure removes the partial directory.
 """
@@ -15,11 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import queue
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,10 @@ from operators.checkpoint import (
 )
 from operators.merge.registry import ModelStream, TensorContext, get_method, resolve_weights
 from operators.tensor_io import ShardedWriter, TensorReader
+
+# element-wise merges of large matrices go in row blocks of about this many elements (4 MiB per input
+# in float32: measured as fast as 16 MiB blocks, with 100 MiB less peak memory on a 134M model)
+CHUNK_ELEMENTS = 1024 * 1024
 
 # config.json keys that do not change the architecture
 _CONFIG_NOISE = {"_name_or_path", "transformers_version", "architectures", "id2label", "label2id",
@@ -139,7 +150,9 @@ def check_compatible(base: Path, experts: Mapping[str, Path], readers: Mapping[s
 
 
 def _check_finite(t: torch.Tensor, who: str, key: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    # fast path: one sum (NaN/Inf make it non-finite); only a non-finite sum, which huge finite
+    # values could also give, pays for the exact element-wise check
+    if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise MergeError(f"{who}: tensor {key!r} has {bad} NaN/Inf values; the checkpoint is broken, re-create it")
 
@@ -154,6 +167,8 @@ def merge_checkpoints(
     max_shard_bytes: int = 2 * 1024**3,
     provenance: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    out_dtype: torch.dtype | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> MergeReport:
     """Merge the experts' bodies with ``method``; keep each expert's task head.
 
@@ -166,6 +181,8 @@ def merge_checkpoints(
         max_shard_bytes: Output shard size.
         provenance: Extra fields for the output's ``mergeflow.json`` (parents, round, ...).
         progress: Called as ``progress(done, total)`` after each tensor.
+        out_dtype: Floating-point dtype of the output (default: each tensor's input dtype).
+        chunk_elements: Element-wise methods merge matrices in row blocks of about this many elements.
 
     Returns:
         A :class:`MergeReport`.
@@ -199,34 +216,19 @@ def merge_checkpoints(
             stream = ModelStream(float_keys, lambda k: (readers["__base__"].get(k), [readers[n].get(k) for n in names]))
             stats = spec.prepare(stream, p, names)
         with atomic_output_dir(out_dir) as tmp:
-            writer = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes, metadata={"merge_method": method})
-            for i, key in enumerate(keys):
-                base_t = readers["__base__"].get(key)
-                if not base_t.is_floating_point() and not all(key in readers[n] for n in names):
-                    writer.add(key, base_t)  # an integer buffer some experts did not save
+            ref = readers["__base__"]
+            plan = [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
+                    for k in keys]
+            writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes, metadata={"merge_method": method})
+            with _BackgroundWriter(writer) as out:
+                for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, out, out_dtype, chunk_elements):
+                    report.bytes_read += ref.nbytes(key) * (1 + sum(key in readers[n] for n in names))
                     report.tensors += 1
-                    continue
-                expert_ts = [readers[n].get(key) for n in names]
-                report.bytes_read += readers["__base__"].nbytes(key) * (1 + len(names))
-                for who, t in (("base", base_t), *zip(names, expert_ts, strict=True)):
-                    _check_finite(t, who, key)
-                if not base_t.is_floating_point():
-                    # integer buffers (e.g. position ids) are not weights: they must agree, and are copied
-                    for n, t in zip(names, expert_ts, strict=True):
-                        if not torch.equal(t, base_t):
-                            raise MergeError(f"expert {n!r}: integer tensor {key!r} differs from the base's")
-                    merged = base_t
-                else:
-                    ctx = TensorContext(key=key, stats=stats, experts=tuple(names))
-                    merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p, ctx).to(base_t.dtype)
-                writer.add(key, merged)
-                del base_t, expert_ts, merged
-                report.tensors += 1
-                if progress is not None:
-                    progress(i + 1, len(keys))
+                    if progress is not None:
+                        progress(report.tensors, len(keys))
             report.output_files = writer.close()
             report.bytes_written = writer.bytes_written
-            shutil.copy2(base / "config.json", tmp / "config.json")
+            _write_config(base / "config.json", tmp / "config.json", out_dtype)
             copy_tokenizer(base, tmp)
             for expert_name, task in heads:
                 copy_head(paths[expert_name], tmp, task)
@@ -245,6 +247,146 @@ def merge_checkpoints(
     finally:
         for r in readers.values():
             r.close()
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A piece of one tensor to merge: elements start:stop of the flattened tensor."""
+
+    key: str
+    start: int
+    stop: int
+    view: tuple[int, ...]
+    first: bool
+    last: bool
+
+
+def _plan_blocks(keys, ref: TensorReader, spec, p, chunk_elements: int) -> list[_Block]:
+    """Whole tensors, except large matrices of element-wise methods: row blocks of ~chunk_elements."""
+    blocks = []
+    for key in keys:
+        shape, numel = ref.shape(key), ref.numel(key)
+        pieces = ref.dtype(key).is_floating_point and len(shape) >= 2 and numel > chunk_elements and spec.chunkable(p)
+        if not pieces:
+            blocks.append(_Block(key, 0, numel, tuple(shape), True, True))
+            continue
+        row = math.prod(shape[1:])
+        step = max(1, chunk_elements // row) * row
+        starts = range(0, numel, step)
+        for j, start in enumerate(starts):
+            blocks.append(_Block(key, start, min(numel, start + step), (-1, *shape[1:]), j == 0, j == len(starts) - 1))
+    return blocks
+
+
+def _read_block(readers, names, b: _Block) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    ref = readers["__base__"]
+    base_t = ref.get_flat(b.key, b.start, b.stop).reshape(b.view)
+    experts = [readers[n].get_flat(b.key, b.start, b.stop).reshape(b.view) if b.key in readers[n] else None
+               for n in names]
+    return base_t, experts
+
+
+def _merge_blocks(keys, readers, names, spec, p, weights, stats, out, out_dtype, chunk_elements) -> Iterator[str]:
+    """Merge every tensor, block by block.
+
+    Yields each tensor's name once all of it has been handed to the writer.
+    """
+    ref = readers["__base__"]
+    blocks = _plan_blocks(keys, ref, spec, p, chunk_elements)
+    # (reading the next block on a second thread while merging this one was measured: no faster on
+    # 2 cores, where torch's own threads already keep both busy, and it holds one more block)
+    ctx, checked = None, set()
+    for b in blocks:
+        base_t, expert_ts = _read_block(readers, names, b)
+        dtype = ref.dtype(b.key)
+        if not dtype.is_floating_point:
+            # integer buffers (e.g. position ids) are not weights: they must agree, and are copied
+            for n, t in zip(names, expert_ts, strict=True):
+                if t is not None and not torch.equal(t, base_t):
+                    raise MergeError(f"expert {n!r}: integer tensor {b.key!r} differs from the base's")
+            out.write(b.key, base_t)
+            yield b.key
+            continue
+        if b.first:  # per-tensor statistics are needed only when the tensor comes in pieces
+            ctx, checked = _tensor_context(b.key, readers, names, spec, p, stats, whole=b.last)
+        for who, t in (("base", base_t), *zip(names, expert_ts, strict=True)):
+            if who not in checked:
+                _check_finite(t, who, b.key)
+        merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p, ctx)
+        out.write(b.key, merged.to(out_dtype or dtype))
+        del base_t, expert_ts, merged
+        if b.last:
+            yield b.key
+
+
+def _tensor_context(key, readers, names, spec, p, stats, whole: bool) -> tuple[TensorContext, set[str]]:
+    """The tensor's context, with the method's per-tensor statistics (the inputs they checked).
+
+    A tensor merged whole gets none: the method computes them from the tensors it is given.
+    """
+    ctx = TensorContext(key=key, stats=stats, experts=tuple(names))
+    checked: set[str] = set()  # inputs already checked for NaN/Inf in full
+    if spec.tensor_stats is None or whole:
+        return ctx, checked
+    ref = readers["__base__"]
+    whole_base: list[torch.Tensor] = []
+
+    def task_vector(i: int) -> torch.Tensor:
+        if not whole_base:
+            whole_base.append(ref.get(key).float())
+            _check_finite(whole_base[0], "base", key)
+            checked.add("base")
+        e = readers[names[i]].get(key)  # a fresh buffer: the task vector may be formed in place
+        _check_finite(e, names[i], key)
+        checked.add(names[i])
+        return e.sub_(whole_base[0]) if e.dtype == torch.float32 else e.float() - whole_base[0]
+
+    return replace(ctx, local=spec.tensor_stats(task_vector, p, names)), checked
+
+
+class _BackgroundWriter:
+    """Hands tensors to a :class:`ShardedWriter` on a thread, so disk writes overlap merging."""
+
+    def __init__(self, writer: ShardedWriter, depth: int = 2):
+        self._writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mergeflow-write", daemon=True)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write(*item)
+                except BaseException as exc:  # surfaced in the merging thread
+                    self._error = exc
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((key, tensor))
+
+    def __enter__(self) -> _BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
+
+
+def _write_config(src: Path, dst: Path, out_dtype: torch.dtype | None) -> None:
+    if out_dtype is None:
+        shutil.copy2(src, dst)
+        return
+    cfg = json.loads(src.read_text())
+    name = str(out_dtype).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in cfg or key == "dtype":
+            cfg[key] = name
+    dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _plan_heads(paths: Mapping[str, Path]) -> list[tuple[str, str]]:

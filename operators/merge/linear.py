@@ -32,6 +32,7 @@ class LinearParams(MergeParams):
     needs_base=False,
     paper="https://arxiv.org/abs/2203.05482",
     formula="θ = Σ w_t θ_t / Σ w_t",
+    chunkable=True,
 )
 def linear(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: LinearParams,

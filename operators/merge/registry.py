@@ -32,6 +32,7 @@ class TensorContext:
     key: str = ""
     stats: Any = None
     experts: tuple[str, ...] = ()  # the experts' names, in the order their tensors are given
+    local: Any = None  # what the method's ``tensor_stats`` computed over this whole tensor
 
 
 TensorMergeFn = Callable[[Tensor | None, Sequence[Tensor], Sequence[float], BaseModel, TensorContext], Tensor]
@@ -53,6 +54,10 @@ class ModelStream:
 # prepare(stream, params, names): before merging, a method may read the whole model, tensor by
 # tensor, as often as it needs (each stream() call starts a fresh pass), and return its statistics
 PrepareFn = Callable[[TensorStream, BaseModel, Sequence[str]], Any]
+# tensor_stats(task_vector, params, names): statistics over one whole tensor, computed before a
+# large tensor is merged in pieces (a tensor merged whole gets ctx.local None, and the method
+# computes them itself); task_vector(i) reads expert i's τ in float32, one expert at a time
+TensorStatsFn = Callable[[Callable[[int], Tensor], BaseModel, Sequence[str]], Any]
 
 
 class MergeParams(BaseModel):
@@ -86,7 +91,7 @@ class DensityParams(MergeParams):
     def _densities_in_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         bad = {k: d for k, d in (v or {}).items() if not 0.0 < d <= 1.0}
         if bad:
-            raise ValueError(f"densities must be in (0, 1], got {bad}")
+            raise ValueError(f"every density must be in (0, 1]; out of range: {', '.join(sorted(bad))}")
         return v
 
     def density_for(self, names: Sequence[str]) -> list[float]:
@@ -122,6 +127,10 @@ class MergeMethod:
     formula: str
     allow_negative_weights: bool = False
     prepare: PrepareFn | None = None
+    # element-wise methods (given their statistics) let the engine merge large tensors in row
+    # blocks, so memory does not grow with the largest tensor; chunkable(params) says when
+    chunkable: Callable[[BaseModel], bool] | None = None
+    tensor_stats: TensorStatsFn | None = None
 
     def parse_params(self, raw: dict | None) -> MergeParams:
         """Validate raw parameters, raising ``ValueError`` that names parameter, value and fix."""
@@ -159,6 +168,8 @@ def register(
     formula: str,
     allow_negative_weights: bool = False,
     prepare: PrepareFn | None = None,
+    chunkable: bool | Callable[[BaseModel], bool] = False,
+    tensor_stats: TensorStatsFn | None = None,
 ) -> Callable[[TensorMergeFn], TensorMergeFn]:
     """Register a tensor merge function under ``name`` (decorator)."""
 
@@ -174,6 +185,8 @@ def register(
             formula=formula,
             allow_negative_weights=allow_negative_weights,
             prepare=prepare,
+            chunkable=chunkable if callable(chunkable) else (lambda _p, c=bool(chunkable): c),
+            tensor_stats=tensor_stats,
         )
         return fn
 

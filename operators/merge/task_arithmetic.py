@@ -29,6 +29,7 @@ class TaskArithmeticParams(MergeParams):
     paper="https://arxiv.org/abs/2212.04089",
     formula="θ = θ_0 + λ Σ w_t (θ_t − θ_0)",
     allow_negative_weights=True,  # negation (forgetting a task) is part of the method
+    chunkable=True,
 )
 def task_arithmetic(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: TaskArithmeticParams,

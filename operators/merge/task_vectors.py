@@ -8,6 +8,7 @@ works on float32 task vectors stacked as ``(experts, *shape)``.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -17,9 +18,12 @@ from operators.merge.registry import TensorStream
 
 
 def stack_task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
-    """τ_t = θ_t − θ_0, stacked in float32: shape ``(T, *base.shape)``."""
+    """τ_t = θ_t − θ_0, stacked in float32: shape ``(T, *base.shape)`` (a fresh tensor)."""
     b = base.float()
-    return torch.stack([e.float() - b for e in experts])
+    out = torch.empty((len(experts), *base.shape), dtype=torch.float32)
+    for t, e in enumerate(experts):
+        torch.sub(e.float(), b, out=out[t])
+    return out
 
 
 def add_weighted_sum(base: Tensor, tv: Tensor, weights: Sequence[float], scaling: float) -> Tensor:
@@ -30,10 +34,10 @@ def add_weighted_sum(base: Tensor, tv: Tensor, weights: Sequence[float], scaling
 
 # --- sparsify -------------------------------------------------------------------------------------
 
-def trim_by_threshold(tv: Tensor, thresholds: Sequence[float]) -> Tensor:
-    """TIES' trim: keep entries with |τ_t| ≥ threshold_t (ties at the threshold are kept)."""
+def trim_by_threshold_(tv: Tensor, thresholds: Sequence[float]) -> Tensor:
+    """TIES' trim, in place: keep entries with |τ_t| ≥ threshold_t (ties at the threshold are kept)."""
     thr = torch.tensor(list(thresholds), dtype=tv.dtype).view(-1, *([1] * (tv.dim() - 1)))
-    return torch.where(tv.abs() >= thr, tv, torch.zeros((), dtype=tv.dtype))
+    return tv.masked_fill_(tv.abs() < thr, 0.0)
 
 
 def keep_count(density: float, n: int) -> int:
@@ -45,16 +49,43 @@ def keep_count(density: float, n: int) -> int:
     return max(1, int(density * n))
 
 
-def topk_threshold(values: Tensor, density: float) -> float:
-    """The k-th largest |value| with k = :func:`keep_count`; 0 when density = 1."""
-    flat = values.abs().flatten()
+def topk_threshold(values: Tensor, density: float, inplace: bool = False) -> float:
+    """The k-th largest |value| with k = :func:`keep_count`; 0 when density = 1.
+
+    ``inplace`` lets it overwrite ``values`` (a float32 scratch tensor) with their magnitudes.
+    """
     if density >= 1.0:
         return 0.0
-    k = keep_count(density, flat.numel())
-    if k == flat.numel():
-        return float(flat.min())
-    # kthvalue is a linear-time selection; the k-th largest is the (n − k + 1)-th smallest
-    return float(torch.kthvalue(flat.float(), flat.numel() - k + 1).values)
+    flat = values.abs_() if inplace and values.dtype == torch.float32 else values.abs().float()
+    return kth_largest(flat.flatten(), keep_count(density, flat.numel()))
+
+
+def kth_largest(a: Tensor, k: int) -> float:
+    """Exactly the k-th largest of a flat tensor, faster than a full selection on large tensors.
+
+    A strided sample brackets the answer; one pass counts the values above the bracket and picks
+    out those inside it, and a selection over that small band finds the exact value. If the
+    bracket misses (an unlucky sample), the full selection runs instead, so the result is exact.
+    """
+    n = a.numel()
+    if k >= n:
+        return float(a.min())
+    if n <= 1 << 18:
+        return float(torch.kthvalue(a, n - k + 1).values)
+    sample = a[:: n // 16384].sort().values
+    m = sample.numel()
+    q = 1.0 - k / n  # the answer's quantile
+    margin = int(6 * math.sqrt(m * q * (1 - q))) + 32
+    lo = sample[max(0, int(q * m) - margin)]
+    hi = sample[min(m - 1, int(q * m) + margin)]
+    candidates = a[a > lo]  # about a fraction 1 − q of the values: everything the answer can be
+    above = int((candidates > hi).sum())
+    if above < k <= candidates.numel():
+        band = candidates[candidates <= hi]
+        need = k - above
+        if need <= band.numel():
+            return float(torch.kthvalue(band, band.numel() - need + 1).values)
+    return float(torch.kthvalue(a, n - k + 1).values)
 
 
 def rescale_l1(original: Tensor, sparsified: Tensor, eps: float = 1e-7) -> Tensor:
@@ -136,24 +167,26 @@ def elect_sign(tv: Tensor) -> Tensor:
 
 
 def disjoint_merge(tv: Tensor, sign: Tensor, how: str = "mean", weights: Sequence[float] | None = None) -> Tensor:
-    """Combine only the (weighted) entries whose sign agrees with the elected sign.
+    """Combine only the (weighted) entries whose sign agrees with the elected sign (overwrites ``tv``).
 
     ``mean``: divide by the number of agreeing non-zero entries (TIES "dis-mean", the paper's), or,
     given ``weights``, by the sum of the agreeing entries' weights (mergekit's ``normalize``; equal
     to the count for unit weights); ``sum``: their sum ("dis-sum", used by AdaMerging and FusionBench).
     """
-    agree = torch.where(sign > 0, tv > 0, tv < 0)
-    total = (tv * agree).sum(dim=0)
+    agree = (tv * sign) > 0
+    total = tv.mul_(agree).sum(dim=0)  # tv is consumed: it is always a fresh stack here
     if how == "sum":
         return total
-    if weights is None:
-        divisor = agree.sum(dim=0).to(tv.dtype)
+    if weights is None or all(w == 1.0 for w in weights):
+        divisor = agree.sum(dim=0, dtype=tv.dtype)
     else:
         divisor = weighted(agree.to(tv.dtype), weights).sum(dim=0)
-    return total / torch.where(divisor == 0, torch.ones((), dtype=tv.dtype), divisor)
+    return total / divisor.masked_fill_(divisor == 0, 1.0)
 
 
 def weighted(tv: Tensor, weights: Sequence[float]) -> Tensor:
+    if all(w == 1.0 for w in weights):
+        return tv
     w = torch.tensor(list(weights), dtype=tv.dtype).view(-1, *([1] * (tv.dim() - 1)))
     return tv * w
 

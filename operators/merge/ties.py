@@ -29,7 +29,7 @@ from operators.merge.task_vectors import (
     rescale_l1,
     stack_task_vectors,
     topk_threshold,
-    trim_by_threshold,
+    trim_by_threshold_,
     weighted,
 )
 
@@ -51,6 +51,13 @@ def _prepare(stream, params: TiesParams, names: Sequence[str]):
     return None
 
 
+def _tensor_thresholds(task_vector, params: TiesParams, names: Sequence[str]):
+    """``scope: tensor``: each expert's magnitude threshold over the whole tensor (one τ at a time)."""
+    if params.scope != "tensor":
+        return None
+    return [topk_threshold(task_vector(i), d, inplace=True) for i, d in enumerate(params.density_for(names))]
+
+
 @register(
     "ties",
     params=TiesParams,
@@ -58,6 +65,8 @@ def _prepare(stream, params: TiesParams, names: Sequence[str]):
     paper="https://arxiv.org/abs/2306.01708",
     formula="θ = θ_0 + λ · disjoint_merge(elect(trim_k(τ_t)))",
     prepare=_prepare,
+    chunkable=True,
+    tensor_stats=_tensor_thresholds,
 )
 def ties(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: TiesParams,
@@ -70,7 +79,8 @@ def ties(
         experts: The experts' tensors.
         weights: Per-expert weights, applied to the trimmed task vectors before the sign election.
         params: density, λ (``scaling``), ``merge_func``, ``divisor``, ``scope`` and ``rescale``.
-        ctx: With ``scope: model``, ``ctx.stats`` holds each expert's whole-model magnitude threshold.
+        ctx: With ``scope: model``, ``ctx.stats`` holds each expert's whole-model magnitude threshold;
+            with ``scope: tensor``, ``ctx.local`` may hold the whole tensor's (when merged in pieces).
 
     Returns:
         The merged tensor (float32).
@@ -80,13 +90,15 @@ def ties(
     tv = stack_task_vectors(base, experts)
     if params.scope == "model" and ctx.stats is not None:
         thresholds = ctx.stats
+    elif params.scope == "tensor" and ctx.local is not None:
+        thresholds = ctx.local
     else:  # per tensor (also what a lone tensor outside the engine gets)
         names = ctx.experts or tuple(str(i) for i in range(len(experts)))
         densities = params.density_for(names) if ctx.experts else [params.density] * len(experts)
         thresholds = [topk_threshold(tv[t], d) for t, d in enumerate(densities)]
-    trimmed = trim_by_threshold(tv, thresholds)
+    trimmed = trim_by_threshold_(tv, thresholds)  # tv is a fresh stack: trim it in place
     if params.rescale == "l1":
-        trimmed = rescale_l1(tv, trimmed)
+        trimmed = rescale_l1(stack_task_vectors(base, experts), trimmed)
     trimmed = weighted(trimmed, weights)
     divide_by = weights if params.divisor == "weights" else None
     merged_tv = disjoint_merge(trimmed, elect_sign(trimmed), params.merge_func, divide_by)

@@ -1,0 +1,280 @@
+"""Merge configs for ``mergeflow merge``: mergeflow's own format, or a mergekit YAML read as mergekit does.
+
+mergeflow's format names the base, the experts and one registered method::
+
+    base: ./models/base
+    experts: {sentiment: ./experts/sentiment, emotion: ./experts/emotion}
+    method: ties
+    params: {density: 0.2, scaling: 1.0}
+    dtype: float32            # optional: output dtype (default: the base's)
+
+A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, ``parameters``,
+``dtype``, ``out_dtype``, ``tokenizer_source: base``) is a drop-in: it is translated to the registered
+method with mergekit 0.1.5's semantics (its defaults, per-tensor sparsification, its ``normalize``
+divisor, L1 ``rescale``), so deterministic methods give mergekit's tensors. Keys, parameter forms and
+methods that mergeflow does not implement are refused by name rather than ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from operators.merge.registry import get_method
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# mergekit methods mergeflow reproduces, and the mergekit keys each accepts (global or per model)
+MERGEKIT_METHODS: dict[str, set[str]] = {
+    "linear": {"weight", "normalize"},
+    "task_arithmetic": {"weight", "lambda", "normalize", "rescale", "int8_mask", "density"},
+    "ties": {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"},
+    "dare_linear": {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"},
+    "dare_ties": {"weight", "density", "lambda", "normalize", "rescale", "int8_mask"},
+    "breadcrumbs": {"weight", "density", "gamma", "lambda", "normalize", "rescale", "int8_mask"},
+    "breadcrumbs_ties": {"weight", "density", "gamma", "lambda", "normalize", "rescale", "int8_mask"},
+    "slerp": {"t"},
+    "model_stock": {"filter_wise"},
+}
+MERGEKIT_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                     "name"}
+MERGEKIT_UNSUPPORTED_KEYS = {
+    "slices": "layer slicing (passthrough/frankenmerges)",
+    "modules": "per-module merges",
+    "tokenizer": "tokenizer surgery",
+    "chat_template": "chat templates",
+}
+
+
+class MergeConfigError(ValueError):
+    """A merge config mergeflow cannot run, naming the key, the value and the fix."""
+
+
+@dataclass
+class MergePlan:
+    """What ``merge_checkpoints`` needs, from either config format."""
+
+    base: Path
+    experts: dict[str, Path]
+    method: str
+    params: dict[str, Any]
+    out_dtype: torch.dtype | None = None
+    source_format: str = "mergeflow"
+    notes: list[str] = field(default_factory=list)
+
+
+def load_merge_config(path: str | Path) -> MergePlan:
+    """Read a mergeflow or mergekit YAML merge config (relative model paths resolve from its folder)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MergeConfigError(f"{path}: no such merge config") from None
+    except yaml.YAMLError as exc:
+        raise MergeConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise MergeConfigError(f"{path}: a merge config is a mapping (got {type(raw).__name__})")
+    return parse_merge_config(raw, path.parent)
+
+
+def parse_merge_config(raw: Mapping[str, Any], root: Path = Path(".")) -> MergePlan:
+    """Translate a config mapping into a :class:`MergePlan` (mergekit's when it has ``merge_method``)."""
+    if "merge_method" in raw:
+        return _from_mergekit(raw, root)
+    known = {"base", "experts", "method", "params", "dtype"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise MergeConfigError(f"{unknown[0]}: unknown key; a mergeflow merge config has {', '.join(sorted(known))} "
+                               "(or give a mergekit config with merge_method)")
+    for key in ("base", "experts", "method"):
+        if key not in raw:
+            raise MergeConfigError(f"{key}: required")
+    experts = raw["experts"]
+    if not isinstance(experts, dict) or not experts:
+        raise MergeConfigError(f"experts: a mapping of expert name → checkpoint path (got {experts!r})")
+    method = str(raw["method"])
+    params = dict(raw.get("params") or {})
+    try:
+        get_method(method).parse_params(params)
+    except ValueError as exc:
+        raise MergeConfigError(f"method: {exc}" if "unknown merge method" in str(exc) else str(exc)) from None
+    return MergePlan(
+        base=_local(raw["base"], root, "base"),
+        experts={str(n): _local(p, root, f"experts.{n}") for n, p in experts.items()},
+        method=method,
+        params=params,
+        out_dtype=_dtype(raw.get("dtype"), "dtype"),
+    )
+
+
+def _local(ref: Any, root: Path, where: str) -> Path:
+    ref = str(ref)
+    if "@" in ref:
+        raise MergeConfigError(f"{where}: {ref!r} applies a LoRA (model@lora); merge the adapter into its model first")
+    p = Path(ref).expanduser()
+    p = p if p.is_absolute() else root / p
+    if not p.exists():
+        hint = " (a Hugging Face hub id? mergeflow reads local checkpoints only; download it first)" \
+            if "/" in ref and not ref.startswith((".", "/")) else ""
+        raise MergeConfigError(f"{where}: {ref!r} is not a local checkpoint directory{hint}")
+    return p
+
+
+def _dtype(value: Any, where: str) -> torch.dtype | None:
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise MergeConfigError(f"{where}: {value!r} is not a supported dtype; use one of {', '.join(DTYPES)}")
+    return DTYPES[value]
+
+
+def _scalar(value: Any, where: str) -> Any:
+    if isinstance(value, list):
+        raise MergeConfigError(f"{where}: gradients (a list of values interpolated over layers) are not supported "
+                               "by mergeflow; give one value")
+    if isinstance(value, dict):
+        raise MergeConfigError(f"{where}: filtered (per-tensor) parameter values are not supported by mergeflow; "
+                               "give one value")
+    return value
+
+
+def _from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
+    for key in raw:
+        if key in MERGEKIT_UNSUPPORTED_KEYS:
+            raise MergeConfigError(f"{key}: mergekit's {MERGEKIT_UNSUPPORTED_KEYS[key]} is not supported by mergeflow")
+        if key not in MERGEKIT_TOP_KEYS:
+            raise MergeConfigError(f"{key}: not a mergekit config key mergeflow knows; "
+                                   f"supported: {', '.join(sorted(MERGEKIT_TOP_KEYS))}")
+    method = raw["merge_method"]
+    if method not in MERGEKIT_METHODS:
+        raise MergeConfigError(f"merge_method: {method!r} is not supported by mergeflow; "
+                               f"supported mergekit methods: {', '.join(sorted(MERGEKIT_METHODS))}")
+    ts = raw.get("tokenizer_source")
+    if ts not in (None, "base"):
+        raise MergeConfigError(f"tokenizer_source: {ts!r} is not supported; mergeflow copies the base model's "
+                               "tokenizer (tokenizer_source: base)")
+    allowed = MERGEKIT_METHODS[method]
+    glob = dict(raw.get("parameters") or {})
+    for k, v in glob.items():
+        if k not in allowed:
+            raise MergeConfigError(f"parameters.{k}: not a parameter of mergekit's {method} "
+                                   f"(its parameters: {', '.join(sorted(allowed))})")
+        glob[k] = _scalar(v, f"parameters.{k}")
+
+    models = raw.get("models") or []
+    if not isinstance(models, list) or not models:
+        raise MergeConfigError("models: a list of {model: PATH, parameters: {...}} entries is required")
+    base_ref = raw.get("base_model")
+    base = _local(base_ref, root, "base_model") if base_ref is not None else None
+    inputs: list[tuple[str, Path, dict[str, Any]]] = []
+    for i, entry in enumerate(models):
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise MergeConfigError(f"models[{i}]: each entry needs model: PATH (got {entry!r})")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise MergeConfigError(f"models[{i}].{extra[0]}: not supported; an entry has model and parameters")
+        path = _local(entry["model"], root, f"models[{i}].model")
+        params = {}
+        for k, v in (entry.get("parameters") or {}).items():
+            if k not in allowed:
+                raise MergeConfigError(f"models[{i}].parameters.{k}: not a parameter of mergekit's {method} "
+                                       f"(its parameters: {', '.join(sorted(allowed))})")
+            params[k] = _scalar(v, f"models[{i}].parameters.{k}")
+        if base is not None and path.resolve() == base.resolve() and method != "linear":
+            continue  # the base listed among the models: mergekit does not merge it as a non-base input
+        inputs.append((str(entry["model"]), path, params))
+
+    names = _unique_names([ref for ref, _, _ in inputs])
+    plan = MergePlan(base=base or inputs[0][1], experts={n: p for n, (_, p, _) in zip(names, inputs, strict=True)},
+                     method=method, params={}, source_format="mergekit",
+                     out_dtype=_dtype(raw.get("out_dtype") or raw.get("dtype"), "out_dtype" if raw.get("out_dtype") else "dtype"))
+
+    def value(i: int, key: str, default: Any = None, required: bool = False) -> Any:
+        if key in inputs[i][2]:
+            return inputs[i][2][key]
+        if key in glob:
+            return glob[key]
+        if required:
+            raise MergeConfigError(f"models[{i}].parameters.{key}: required by mergekit's {method} "
+                                   f"(give it per model or under parameters)")
+        return default
+
+    def shared(key: str, default: Any) -> Any:
+        return glob.get(key, default)
+
+    def per_expert(key: str, default: Any = None, required: bool = False) -> dict[str, float]:
+        out = {}
+        for i, n in enumerate(names):
+            v = value(i, key, default, required)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise MergeConfigError(f"models[{i}].parameters.{key}: a number is needed (got {v!r})")
+            if key == "density" and not 0.0 < v <= 1.0:
+                raise MergeConfigError(f"models[{i}].parameters.{key}: must be in (0, 1], the fraction of the task "
+                                       f"vector kept (got {v!r})")
+            out[n] = float(v)
+        return out
+
+    def uniform(key: str, default: Any) -> float:
+        vals = set(per_expert(key, default).values())
+        if len(vals) > 1:
+            raise MergeConfigError(f"{key}: mergeflow's {plan.method} takes one {key} for all models "
+                                   f"(got {sorted(vals)}); use one value")
+        return vals.pop()
+
+    needs_base = method not in ("linear",)
+    if needs_base and base is None:
+        raise MergeConfigError(f"base_model: required by mergekit's {method}")
+    if method == "linear":
+        plan.params = {"weights": per_expert("weight", required=True), "normalize": bool(shared("normalize", True))}
+    elif method == "task_arithmetic":
+        plan.params = {"weights": per_expert("weight", required=True), "scaling": float(shared("lambda", 1.0)),
+                       "normalize": bool(shared("normalize", False))}
+    elif method == "ties":
+        plan.params = {"weights": per_expert("weight", required=True), "densities": per_expert("density", 1.0),
+                       "density": 1.0, "scaling": float(shared("lambda", 1.0)), "scope": "tensor",
+                       "divisor": "weights", "merge_func": "mean" if shared("normalize", True) else "sum",
+                       "rescale": "l1" if shared("rescale", False) else "none"}
+    elif method in ("dare_linear", "dare_ties"):
+        plan.params = {"weights": per_expert("weight", required=True), "drop_rate": 1.0 - uniform("density", 1.0),
+                       "scaling": float(shared("lambda", 1.0)), "rescale": "l1" if shared("rescale", True) else "none"}
+        if method == "dare_ties":
+            plan.params.update(merge_func="mean" if shared("normalize", False) else "sum", divisor="weights")
+        elif shared("normalize", False):
+            raise MergeConfigError("parameters.normalize: true is not supported for dare_linear by mergeflow")
+        plan.notes.append("DARE is random: mergekit and mergeflow draw different masks, so outputs differ")
+    elif method in ("breadcrumbs", "breadcrumbs_ties"):
+        if shared("rescale", False):
+            raise MergeConfigError(f"parameters.rescale: true is not supported for {method} by mergeflow")
+        gamma = uniform("gamma", 0.01)
+        plan.params = {"weights": per_expert("weight", required=True), "densities": per_expert("density", 1.0),
+                       "density": 1.0, "gamma": gamma, "scaling": float(shared("lambda", 1.0)), "scope": "tensor",
+                       "normalize": bool(shared("normalize", False)), "sign_election": method == "breadcrumbs_ties"}
+        plan.method = "breadcrumbs"
+    elif method == "slerp":
+        if len(inputs) != 1:
+            raise MergeConfigError(f"models: slerp takes the base_model and exactly one other model (got {len(inputs)} others)")
+        t = shared("t", None)
+        t = value(0, "t", t, required=True)
+        other = names[0]
+        plan.experts = {"base_model": base, other: inputs[0][1]}
+        plan.params = {"t": float(t), "order": ["base_model", other]}
+    elif method == "model_stock":
+        if len(inputs) < 2:
+            raise MergeConfigError(f"models: model_stock needs at least two models besides the base (got {len(inputs)})")
+        plan.params = {"filter_wise": bool(shared("filter_wise", False))}
+    try:
+        get_method(plan.method).parse_params(plan.params)
+    except ValueError as exc:
+        raise MergeConfigError(str(exc)) from None
+    return plan
+
+
+def _unique_names(refs: list[str]) -> list[str]:
+    base = [Path(r.rstrip("/")).name or f"model{i}" for i, r in enumerate(refs)]
+    return [b if base.count(b) == 1 else f"{b}-{i}" for i, b in enumerate(base)]

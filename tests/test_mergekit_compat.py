@@ -1,0 +1,140 @@
+"""`mergeflow merge` with mergekit configs: the same tensors as real mergekit 0.1.5, and every
+unsupported key, parameter or method refused by name.
+
+The expected outputs in tests/data/mergekit/expected were written by mergekit 0.1.5 itself from
+the stored tiny Llama inputs (tests/data/mergekit/make_golden.py regenerates them).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from operators.merge.engine import merge_checkpoints
+from operators.merge.merge_config import MergeConfigError, load_merge_config, parse_merge_config
+from operators.tensor_io import load_state_dict
+from pipeline.cli import main
+
+DATA = Path(__file__).parent / "data" / "mergekit"
+MODELS = ("base", "e0", "e1", "e2")
+CONFIGS = sorted((DATA / "configs").glob("*.yaml"))
+
+
+def filled(cfg: Path, tmp_path: Path) -> Path:
+    out = tmp_path / cfg.name
+    out.write_text(string.Template(cfg.read_text()).substitute({m: str(DATA / "models" / m) for m in MODELS}))
+    return out
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_same_tensors_as_mergekit(cfg, tmp_path):
+    plan = load_merge_config(filled(cfg, tmp_path))
+    assert plan.source_format == "mergekit"
+    merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, tmp_path / "out", out_dtype=plan.out_dtype)
+    got = load_state_dict(tmp_path / "out")
+    want = load_file(DATA / "expected" / f"{cfg.stem}.safetensors")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+        diff = float((got[k].float() - want[k].float()).abs().max())
+        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), f"{cfg.stem}: {k} differs by {diff}"
+    # and the merge really changed something (not a copy of an input)
+    base = load_state_dict(DATA / "models" / "base")
+    assert any(not torch.equal(got[k], base[k]) for k in base)
+
+
+def test_cli_merge_with_a_mergekit_config_prints_a_json_summary(tmp_path):
+    cfg = filled(DATA / "configs" / "ties.yaml", tmp_path)
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(main, ["merge", str(cfg), str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["method"] == "ties" and summary["config_format"] == "mergekit"
+    assert summary["tensors"] == len(load_state_dict(DATA / "models" / "base"))
+    body = sum(t.numel() * t.element_size() for t in load_state_dict(out).values())
+    assert summary["bytes_read"] == 4 * body  # the base and three experts, each read once
+    assert body < summary["bytes_written"] < body + 4096  # the body plus the safetensors header
+    assert summary["peak_rss_bytes"] > 10 * 2**20 and summary["seconds"] > 0
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == 16
+    provenance = json.loads((out / "mergeflow.json").read_text())
+    assert provenance["method"] == "ties" and provenance["config_format"] == "mergekit"
+
+
+def test_cli_merge_with_a_mergeflow_config(tmp_path, tiny_base, tiny_experts):
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"base: {tiny_base}\nexperts:\n  vowel: {tiny_experts['vowel']}\n  length: {tiny_experts['length']}\n"
+                   "method: consensus\nparams: {k: 1, scaling: 0.5}\n")
+    result = CliRunner().invoke(main, ["merge", str(cfg), str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "merged 2 models with consensus" in result.output
+    assert json.loads((tmp_path / "out" / "mergeflow.json").read_text())["params"]["k"] == 1
+
+
+BASE_CFG = {"merge_method": "ties", "base_model": str(DATA / "models" / "base"),
+            "models": [{"model": str(DATA / "models" / "e0"), "parameters": {"weight": 1.0, "density": 0.5}}]}
+
+
+def edit(**changes):
+    cfg = json.loads(json.dumps(BASE_CFG))
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+REFUSED = [
+    ("unsupported method", edit(merge_method="della"),
+     "merge_method: 'della' is not supported by mergeflow; supported mergekit methods: breadcrumbs, "),
+    ("slices", edit(slices=[]), "slices: mergekit's layer slicing (passthrough/frankenmerges) is not supported"),
+    ("unknown top-level key", edit(foo=1), "foo: not a mergekit config key mergeflow knows"),
+    ("gradient", edit(parameters={"lambda": [0.1, 0.5]}), "parameters.lambda: gradients (a list of values"),
+    ("filtered value", edit(parameters={"lambda": {"filter": "mlp", "value": 0.5}}),
+     "parameters.lambda: filtered (per-tensor) parameter values are not supported"),
+    ("parameter of another method", edit(parameters={"gamma": 0.1}),
+     "parameters.gamma: not a parameter of mergekit's ties (its parameters: density, int8_mask, lambda, normalize, "
+     "rescale, weight)"),
+    ("missing weight", edit(models=[{"model": str(DATA / "models" / "e0")}]),
+     "models[0].parameters.weight: required by mergekit's ties"),
+    ("hub id", edit(models=[{"model": "meta-llama/Llama-3-8B", "parameters": {"weight": 1}}]),
+     "models[0].model: 'meta-llama/Llama-3-8B' is not a local checkpoint directory (a Hugging Face hub id? "),
+    ("lora", edit(models=[{"model": str(DATA / "models" / "e0") + "@adapter"}]), "applies a LoRA (model@lora)"),
+    ("tokenizer union", edit(tokenizer_source="union"), "tokenizer_source: 'union' is not supported"),
+    ("density out of range", edit(models=[{"model": str(DATA / "models" / "e0"),
+                                           "parameters": {"weight": 1.0, "density": 1.5}}]),
+     "models[0].parameters.density: must be in (0, 1], the fraction of the task vector kept (got 1.5)"),
+    ("negative weight", edit(models=[{"model": str(DATA / "models" / "e0"), "parameters": {"weight": -1.0}}]),
+     "params.weights: negative weights are not allowed for 'ties' (got {'e0': -1.0})"),
+    ("bad dtype", edit(dtype="int4"), "dtype: 'int4' is not a supported dtype"),
+    ("no base for ties", edit(base_model=None), "base_model: required by mergekit's ties"),
+    ("slerp with two others", {"merge_method": "slerp", "base_model": str(DATA / "models" / "base"),
+                               "models": [{"model": str(DATA / "models" / m)} for m in ("e0", "e1")],
+                               "parameters": {"t": 0.5}},
+     "models: slerp takes the base_model and exactly one other model (got 2 others)"),
+]
+
+
+@pytest.mark.parametrize("cfg,message", [(c, m) for _, c, m in REFUSED], ids=[r[0] for r in REFUSED])
+def test_unsupported_mergekit_configs_are_refused_by_name(cfg, message):
+    with pytest.raises(MergeConfigError) as info:
+        parse_merge_config(cfg)
+    assert message in str(info.value)
+
+
+def test_cli_exits_2_on_a_bad_config_and_writes_nothing(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("merge_method: della\nmodels: []\n")
+    result = CliRunner().invoke(main, ["merge", str(cfg), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "merge_method: 'della' is not supported by mergeflow" in result.output
+    assert not (tmp_path / "out").exists()
