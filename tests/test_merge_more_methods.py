@@ -247,3 +247,13 @@ def test_lines_refuses_bad_inner_method():
         get_method("lines").parse_params({"method": "linear"})
     with pytest.raises(ValueError, match=r"method_params \(ties\): params.density"):
         get_method("lines").parse_params({"method": "ties", "method_params": {"density": 2.0}})
+
+
+def test_zero_sum_sign_election_rule():
+    # kept values +1 and −1 cancel in entry 0; the tensor's other entries elect − twice, + once
+    z = torch.zeros(4)
+    t1, t2 = torch.tensor([1.0, -2.0, -3.0, 1.0]), torch.tensor([-1.0, -1.0, -1.0, 1.0])
+    # paper (majority of the tensor's elected signs: −,−,+ → −): entry 0 keeps the −1 → −1
+    assert run("ties", [t1, t2], base=z, density=1.0, scope="tensor")[0] == -1.0
+    # mergekit (sum ≥ 0 → +): entry 0 keeps the +1 → +1
+    assert run("ties", [t1, t2], base=z, density=1.0, scope="tensor", zero_sign="positive")[0] == 1.0

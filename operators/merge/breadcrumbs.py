@@ -34,6 +34,7 @@ class BreadcrumbsParams(DensityParams):
     scaling: float = Field(default=0.2, ge=0.0, le=10.0, description="λ")
     scope: Literal["row", "tensor"] = "row"
     sign_election: bool = False
+    zero_sign: Literal["majority", "positive"] = "majority"
     normalize: bool = Field(default=False, description="divide by the (agreeing) weights' sum, as mergekit's normalize")
 
 
@@ -65,7 +66,7 @@ def breadcrumbs(
     if params.sign_election:
         w = weighted(masked, weights)
         how = "mean" if params.normalize else "sum"
-        return base.float() + params.scaling * disjoint_merge(w, elect_sign(w), how, weights)
+        return base.float() + params.scaling * disjoint_merge(w, elect_sign(w, params.zero_sign), how, weights)
     if params.normalize:
         total = sum(weights)
         weights = [w / total for w in weights] if abs(total) >= 1e-8 else weights

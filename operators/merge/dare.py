@@ -43,6 +43,7 @@ class DareTiesParams(DareParams):
     scaling: float = Field(default=1.0, ge=0.0, le=10.0, description="λ")
     merge_func: Literal["mean", "sum"] = "mean"
     divisor: Literal["count", "weights"] = "count"
+    zero_sign: Literal["majority", "positive"] = "majority"
 
 
 def _dropped(base: Tensor, experts: Sequence[Tensor], params: DareParams, ctx: TensorContext | None) -> Tensor:
@@ -92,7 +93,7 @@ def dare_ties(
     assert base is not None
     tv = weighted(_dropped(base, experts, params, ctx), weights)
     divide_by = weights if params.divisor == "weights" else None
-    return base.float() + params.scaling * disjoint_merge(tv, elect_sign(tv), params.merge_func, divide_by)
+    return base.float() + params.scaling * disjoint_merge(tv, elect_sign(tv, params.zero_sign), params.merge_func, divide_by)
 
 
 __all__ = ["dare_linear", "dare_ties"]

@@ -239,12 +239,14 @@ def _from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
         plan.params = {"weights": per_expert("weight", required=True), "densities": per_expert("density", 1.0),
                        "density": 1.0, "scaling": float(shared("lambda", 1.0)), "scope": "tensor",
                        "divisor": "weights", "merge_func": "mean" if shared("normalize", True) else "sum",
+                       "zero_sign": "positive",
                        "rescale": "l1" if shared("rescale", False) else "none"}
     elif method in ("dare_linear", "dare_ties"):
         plan.params = {"weights": per_expert("weight", required=True), "drop_rate": 1.0 - uniform("density", 1.0),
                        "scaling": float(shared("lambda", 1.0)), "rescale": "l1" if shared("rescale", True) else "none"}
         if method == "dare_ties":
-            plan.params.update(merge_func="mean" if shared("normalize", False) else "sum", divisor="weights")
+            plan.params.update(merge_func="mean" if shared("normalize", False) else "sum", divisor="weights",
+                               zero_sign="positive")
         elif shared("normalize", False):
             raise MergeConfigError("parameters.normalize: true is not supported for dare_linear by mergeflow")
         plan.notes.append("DARE is random: mergekit and mergeflow draw different masks, so outputs differ")
@@ -255,6 +257,8 @@ def _from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
         plan.params = {"weights": per_expert("weight", required=True), "densities": per_expert("density", 1.0),
                        "density": 1.0, "gamma": gamma, "scaling": float(shared("lambda", 1.0)), "scope": "tensor",
                        "normalize": bool(shared("normalize", False)), "sign_election": method == "breadcrumbs_ties"}
+        if method == "breadcrumbs_ties":
+            plan.params["zero_sign"] = "positive"
         plan.method = "breadcrumbs"
     elif method == "slerp":
         if len(inputs) != 1:

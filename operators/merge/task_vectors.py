@@ -152,14 +152,16 @@ def tensor_seed(seed: int, key: str, expert: str) -> int:
 
 # --- elect and combine ----------------------------------------------------------------------------
 
-def elect_sign(tv: Tensor) -> Tensor:
+def elect_sign(tv: Tensor, zero: str = "majority") -> Tensor:
     """TIES' sign election: the sign of Σ_t τ_t (the sign with the larger total mass).
 
-    Entries whose sum is exactly zero take the majority sign of the tensor's elected signs (TIES'
-    reference code takes it over the whole flattened model; exact zero sums with non-zero entries
-    are measure-zero events, and an entry whose every value is zero merges to zero either way).
+    Entries whose sum is exactly zero (kept values that cancel exactly) take the majority sign of
+    the tensor's elected signs with ``zero="majority"`` (TIES' reference code, which takes it over
+    the whole flattened model), or + with ``zero="positive"`` (mergekit: ``sum >= 0``).
     """
     sign = torch.sign(tv.sum(dim=0))
+    if zero == "positive":
+        return sign.masked_fill_(sign == 0, 1.0)
     majority = torch.sign(sign.sum())
     if majority == 0:
         majority = torch.ones((), dtype=sign.dtype)

@@ -8,7 +8,8 @@
 Defaults follow the paper: the top-k is taken over the *whole model* per task vector
 (``scope: model``; computed exactly in a streaming pass), and the disjoint merge is a mean over the
 agreeing entries (``merge_func: mean``, ``divisor: count``). mergekit's behaviour is a set of
-explicit options: ``scope: tensor`` trims each tensor separately, ``divisor: weights`` divides by
+explicit options: ``scope: tensor`` trims each tensor separately, ``zero_sign: positive`` elects +
+where kept values cancel exactly, ``divisor: weights`` divides by
 the agreeing entries' summed weights, ``rescale: l1`` restores each trimmed task vector's L1 norm.
 ``merge_func: sum`` is the "dis-sum" variant AdaMerging and FusionBench use (with λ = 0.3).
 """
@@ -43,6 +44,9 @@ class TiesParams(DensityParams):
     )
     scope: Literal["model", "tensor"] = Field(default="model", description="where the top-k is taken")
     rescale: Literal["none", "l1"] = Field(default="none", description="l1: restore each trimmed τ's L1 norm (mergekit)")
+    zero_sign: Literal["majority", "positive"] = Field(
+        default="majority", description="sign elected where the kept values cancel exactly (mergekit: positive)"
+    )
 
 
 def _prepare(stream, params: TiesParams, names: Sequence[str]):
@@ -101,5 +105,5 @@ def ties(
         trimmed = rescale_l1(stack_task_vectors(base, experts), trimmed)
     trimmed = weighted(trimmed, weights)
     divide_by = weights if params.divisor == "weights" else None
-    merged_tv = disjoint_merge(trimmed, elect_sign(trimmed), params.merge_func, divide_by)
+    merged_tv = disjoint_merge(trimmed, elect_sign(trimmed, params.zero_sign), params.merge_func, divide_by)
     return base.float() + params.scaling * merged_tv
