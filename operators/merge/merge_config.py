@@ -70,7 +70,11 @@ class MergePlan:
 
 
 def load_merge_config(path: str | Path) -> MergePlan:
-    """Read a mergeflow or mergekit YAML merge config (relative model paths resolve from its folder)."""
+    """Read a mergeflow or mergekit YAML merge config.
+
+    Relative model paths resolve from the config's folder in a mergeflow config, and from the
+    working directory in a mergekit config (as mergekit resolves them).
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -86,7 +90,7 @@ def load_merge_config(path: str | Path) -> MergePlan:
 def parse_merge_config(raw: Mapping[str, Any], root: Path = Path(".")) -> MergePlan:
     """Translate a config mapping into a :class:`MergePlan` (mergekit's when it has ``merge_method``)."""
     if "merge_method" in raw:
-        return _from_mergekit(raw, root)
+        return _from_mergekit(raw, Path.cwd())
     known = {"base", "experts", "method", "params", "dtype"}
     unknown = sorted(set(raw) - known)
     if unknown:
