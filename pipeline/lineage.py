@@ -245,6 +245,10 @@ class Lineage:
             self.client.set_registered_model_alias(name, alias, mv.version)
         return str(mv.version)
 
+    @_retry
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
     def find_version(self, name: str, model_id: str) -> str | None:
         """The registry version already made for ``model_id`` (so a re-run does not register twice)."""
         from mlflow.exceptions import MlflowException

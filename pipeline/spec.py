@@ -30,7 +30,7 @@ from operators.merge import MERGE_METHODS, validate_merge_params
 
 # The spec accepts every strategy of the design (see Workflow.strategy); only these run today, the
 # others are recognised so that a spec written for them gets a precise "not available yet" error.
-IMPLEMENTED_STRATEGIES = ("oneshot",)
+IMPLEMENTED_STRATEGIES = ("oneshot", "atm", "cold_fusion")
 
 DEFAULT_BASE_MODEL = "packaged:all-minilm-l6-v2"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -233,6 +233,49 @@ class StoreSpec(_Frozen):
     root: str = DEFAULT_STORE
 
 
+class RoundsSpec(_Frozen):
+    """Iterated strategies (ATM, ColD Fusion): how many rounds, how much tuning each, how to merge."""
+
+    count: int = Field(default=3, ge=1, le=1000, description="number of rounds")
+    finetune: dict[str, Any] = Field(
+        default_factory=dict,
+        description="per-round fine-tuning overrides (e.g. {epochs: 0.5} or {max_steps: 20}); default: each "
+                    "task's whole budget split evenly over the rounds, so strategies compare at equal compute",
+    )
+    merge: MergeSpec = Field(
+        default_factory=lambda: MergeSpec(method="linear"),
+        description="how each round's models are combined; default the mean (ATM: task arithmetic with "
+                    "α = 1/T on the round's task vectors; ColD Fusion: the uniform average)",
+    )
+    task_vectors_from: Literal["round_start", "base"] = Field(
+        default="round_start", description="ATM: measure task vectors from the round's start model or the base"
+    )
+    patience: int | None = Field(default=None, ge=1, description="stop after this many rounds without improvement")
+    contributors: float | None = Field(
+        default=None, gt=0, description="ColD Fusion: contributors per round, a count (≥ 1) or a fraction (< 1); "
+                                        "default all tasks",
+    )
+    contributor_seed: int = 0
+    weight_by_size: bool = Field(default=False, description="ColD Fusion: sample contributors in proportion to "
+                                                            "their training-set size")
+
+    @field_validator("finetune")
+    @classmethod
+    def _finetune_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(FinetuneSpec.model_fields))
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r}; "
+                             f"settings: {', '.join(sorted(FinetuneSpec.model_fields))}")
+        return v
+
+    @field_validator("contributors")
+    @classmethod
+    def _contributors(cls, v: float | None) -> float | None:
+        if v is not None and v > 1 and v != int(v):
+            raise ValueError("a count must be a whole number (or give a fraction below 1)")
+        return v
+
+
 class Workflow(_Frozen):
     """A whole workflow. Load with :func:`load_workflow`; never build half-validated ones by hand."""
 
@@ -243,6 +286,7 @@ class Workflow(_Frozen):
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     strategy: Literal["oneshot", "atm", "cold_fusion"] = "oneshot"
+    rounds: RoundsSpec = Field(default_factory=RoundsSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
@@ -294,17 +338,37 @@ class Workflow(_Frozen):
             return self.finetune
         return FinetuneSpec.model_validate({**self.finetune.model_dump(), **task.finetune})
 
+    def round_finetune_for(self, task: TaskSpec, round_index: int) -> FinetuneSpec:
+        """One round's fine-tuning of ``task`` in an iterated strategy.
+
+        ``rounds.finetune`` overrides apply when given; otherwise the task's whole budget is split
+        evenly over ``rounds.count`` rounds (epochs / R, or max_steps / R rounded up), so every
+        strategy spends the same compute. The seed moves with the round so rounds see different
+        batches.
+        """
+        full = self.finetune_for(task)
+        raw = full.model_dump()
+        if self.rounds.finetune:
+            raw.update(self.rounds.finetune)
+        elif full.max_steps is not None:
+            raw["max_steps"] = max(1, -(-full.max_steps // self.rounds.count))
+        else:
+            raw["epochs"] = (full.epochs or 1.0) / self.rounds.count
+        raw["seed"] = full.seed + round_index
+        return FinetuneSpec.model_validate(raw)
+
     @model_validator(mode="after")
     def _merge_weights_name_tasks(self) -> Workflow:
         # every per-expert parameter (weights, densities, ...) is keyed by task name
-        for field in PER_EXPERT_PARAMS:
-            given = self.merge.params.get(field) or {}
-            unknown = sorted(set(given) - {t.name for t in self.tasks}) if isinstance(given, dict) else []
-            if unknown:
-                raise ValueError(
-                    f"merge.params.{field}: names {unknown}, which are not tasks of this workflow; "
-                    f"use task names ({', '.join(t.name for t in self.tasks)})"
-                )
+        for where, merge in (("merge", self.merge), ("rounds.merge", self.rounds.merge)):
+            for field in PER_EXPERT_PARAMS:
+                given = merge.params.get(field) or {}
+                unknown = sorted(set(given) - {t.name for t in self.tasks}) if isinstance(given, dict) else []
+                if unknown:
+                    raise ValueError(
+                        f"{where}.params.{field}: names {unknown}, which are not tasks of this workflow; "
+                        f"use task names ({', '.join(t.name for t in self.tasks)})"
+                    )
         return self
 
     @property
@@ -345,7 +409,7 @@ def _describe(err: dict[str, Any], data: Any) -> str:
     kind = err.get("type", "")
     value = err.get("input")
     # validators that check several fields name the exact sub-field at the start of their message
-    sub = re.match(r"^((?:params|merge|tasks)[\w\[\].]*): (.*)$", msg, re.S)
+    sub = re.match(r"^((?:params|merge|tasks|rounds)[\w\[\].]*): (.*)$", msg, re.S)
     if sub:
         inner, msg = sub.group(1), sub.group(2)
         loc = inner if loc == "(top level)" else f"{loc}.{inner}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from operators.checkpoint import read_provenance, resolve_model_path, write_provenance
 from operators.data import TaskData, load_task_data
 from pipeline.lineage import TAG_STORE_URI, Lineage
-from pipeline.spec import TaskSpec, Workflow
+from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
 from pipeline.store import CheckpointStore, content_key
 
 
@@ -123,21 +123,21 @@ def say(msg: str) -> None:
 
 # --- keys and paths (also used by the driver to find finished work) ------------------------------
 
-def expert_key(start: ModelRef, task: TaskSpec, workflow: Workflow, data_digest: str) -> str:
-    return content_key("expert", start.key, task.model_dump(mode="json"),
-                       workflow.finetune_for(task).model_dump(mode="json"), data_digest)
+def expert_key(start: ModelRef, task: TaskSpec, settings: FinetuneSpec, data_digest: str) -> str:
+    return content_key("expert", start.key, task.model_dump(mode="json"), settings.model_dump(mode="json"), data_digest)
 
 
 def expert_path(store: CheckpointStore, workflow: Workflow, round_index: int, task: str, key: str) -> str:
     return store.path(workflow.name, f"round-{round_index:03d}", "experts", f"{task}-{key}")
 
 
-def merged_key(base: ModelRef, experts: dict[str, ModelRef], workflow: Workflow) -> str:
-    return content_key("merged", base.key, {t: e.key for t, e in sorted(experts.items())}, workflow.merge.model_dump(mode="json"))
+def merged_key(base: ModelRef, experts: dict[str, ModelRef], merge: MergeSpec, heads_from: ModelRef | None = None) -> str:
+    return content_key("merged", base.key, {t: e.key for t, e in sorted(experts.items())}, merge.model_dump(mode="json"),
+                       heads_from.key if heads_from is not None else "")
 
 
-def merged_path(store: CheckpointStore, workflow: Workflow, round_index: int, key: str) -> str:
-    return store.path(workflow.name, f"round-{round_index:03d}", "merged", f"{workflow.merge.method}-{key}")
+def merged_path(store: CheckpointStore, workflow: Workflow, round_index: int, key: str, method: str | None = None) -> str:
+    return store.path(workflow.name, f"round-{round_index:03d}", "merged", f"{method or workflow.merge.method}-{key}")
 
 
 def ref_from_store(store: CheckpointStore, path: str, kind: str, name: str, key: str) -> ModelRef:
@@ -151,13 +151,17 @@ def ref_from_store(store: CheckpointStore, path: str, kind: str, name: str, key:
 
 # --- steps ----------------------------------------------------------------------------------------
 
-def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index: int, run_id: str, key: str) -> ModelRef:
-    """Fine-tune one expert from ``start`` and publish it; logs into ``run_id``."""
+def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index: int, run_id: str, key: str,
+                  settings: FinetuneSpec | None = None) -> ModelRef:
+    """Fine-tune one expert from ``start`` and publish it; logs into ``run_id``.
+
+    ``settings`` default to the task's full budget (one-shot); iterated strategies pass a round's.
+    """
     from operators.evaluate import evaluate
     from operators.finetune import finetune, total_steps
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
-    settings = wf.finetune_for(task)
+    settings = settings or wf.finetune_for(task)
     data = task_data(task)
     path = expert_path(store, wf, round_index, task.name, key)
     lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri,
@@ -209,26 +213,35 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
                     metrics={**metrics, "own_accuracy": own["accuracy"]}, artifact_location=location)
 
 
-def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str, key: str) -> ModelRef:
-    """Merge the experts' bodies (keeping each task's head) and publish the merged checkpoint."""
+def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str, key: str,
+               merge: MergeSpec | None = None, heads_from: ModelRef | None = None) -> ModelRef:
+    """Merge the experts' bodies (keeping each task's head) and publish the merged checkpoint.
+
+    ``merge`` defaults to the workflow's; ``heads_from`` supplies the heads of tasks no expert
+    brings (ColD Fusion's non-contributors keep their latest head).
+    """
     from operators.merge.engine import merge_checkpoints
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
-    path = merged_path(store, wf, round_index, key)
-    lineage.log_params(run_id, {"method": wf.merge.method, "params": wf.merge.params, "round": round_index,
-                                "base": base.uri, "experts": {t: e.uri for t, e in sorted(experts.items())}})
+    merge = merge or wf.merge
+    path = merged_path(store, wf, round_index, key, merge.method)
+    lineage.log_params(run_id, {"method": merge.method, "params": merge.params, "round": round_index,
+                                "base": base.uri, "experts": {t: e.uri for t, e in sorted(experts.items())},
+                                "heads_from": heads_from.uri if heads_from is not None else ""})
     lineage.log_model_inputs(run_id, [e.model_id for e in experts.values() if e.model_id])
     model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags={
-        "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": wf.merge.method,
-        "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: store.uri(path)},
-        params={"method": wf.merge.method, **wf.merge.params})
-    say(f"[merge] round {round_index}: {wf.merge.method} of {', '.join(sorted(experts))}")
+        "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": merge.method,
+        "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: store.uri(path)},
+        params={"method": merge.method, **merge.params})
+    say(f"[merge] round {round_index}: {merge.method} of {', '.join(sorted(experts))}")
     with staged_checkpoint(store, lineage, model_id) as ckpt:
         report = merge_checkpoints(
             local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
-            wf.merge.method, wf.merge.params, ckpt,
+            merge.method, merge.params, ckpt,
+            heads_from=local_dir(ctx, heads_from) if heads_from is not None and heads_from.path else None,
             provenance={
-                "round": round_index, "workflow": wf.name, "spec_hash": wf.spec_hash(), "key": key,
+                "round": round_index, "workflow": wf.name, "strategy": wf.strategy, "spec_hash": wf.spec_hash(),
+                "key": key, "heads_from": heads_from.uri if heads_from is not None else None,
                 "parents": [{"kind": base.kind, "uri": base.uri, "key": base.key, "model_id": base.model_id}]
                 + [{"kind": "expert", "task": t, "uri": e.uri, "key": e.key, "model_id": e.model_id,
                     "run_id": e.run_id} for t, e in sorted(experts.items())],
@@ -246,13 +259,13 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
 
 def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, ModelRef], run_id: str,
                   round_index: int, prefix: str = "eval") -> dict[str, dict[str, float]]:
-    """Score ``model``'s body with each task's head (from ``head_sources``) on every task."""
+    """Score ``model``'s body with each task's head (from ``head_sources``) on those tasks."""
     from operators.evaluate import evaluate
 
     wf, lineage = ctx.workflow, ctx.lineage()
     body = local_dir(ctx, model)
     results: dict[str, dict[str, float]] = {}
-    for task in wf.tasks:
+    for task in (t for t in wf.tasks if t.name in head_sources):
         data = task_data(task)
         head_ref = head_sources[task.name]
         head_dir = local_dir(ctx, head_ref)
@@ -279,7 +292,7 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int) 
         results[task.name] = m
         lineage.log_metrics(run_id, {f"probe/{task.name}/accuracy": m["accuracy"],
                                      f"probe/{task.name}/macro_f1": m["macro_f1"]}, step=round_index)
-    say(f"[baseline] linear probe of the base in {time.perf_counter() - start:.1f}s: "
+    say(f"[probe] linear probe of the {base.kind} model in {time.perf_counter() - start:.1f}s: "
         + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
     return results
 

@@ -169,6 +169,7 @@ def merge_checkpoints(
     progress: Callable[[int, int], None] | None = None,
     out_dtype: torch.dtype | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
+    heads_from: str | Path | None = None,
 ) -> MergeReport:
     """Merge the experts' bodies with ``method``; keep each expert's task head.
 
@@ -183,6 +184,8 @@ def merge_checkpoints(
         progress: Called as ``progress(done, total)`` after each tensor.
         out_dtype: Floating-point dtype of the output (default: each tensor's input dtype).
         chunk_elements: Element-wise methods merge matrices in row blocks of about this many elements.
+        heads_from: A mergeflow checkpoint whose task heads are kept for tasks no expert brings
+            (ColD Fusion's shared model keeps every task's latest head).
 
     Returns:
         A :class:`MergeReport`.
@@ -232,7 +235,12 @@ def merge_checkpoints(
             copy_tokenizer(base, tmp)
             for expert_name, task in heads:
                 copy_head(paths[expert_name], tmp, task)
-            report.heads = sorted(t for _, t in heads)
+            carried = []
+            if heads_from is not None:
+                carried = [t for t in head_names(heads_from) if t not in {task for _, task in heads}]
+                for task in carried:
+                    copy_head(Path(heads_from), tmp, task)
+            report.heads = sorted([t for _, t in heads] + carried)
             report.seconds = time.perf_counter() - start
             write_provenance(tmp, {
                 "kind": "merged",

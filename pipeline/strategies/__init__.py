@@ -3,8 +3,8 @@
 Each module exposes ``run(rounds, base) -> list[RoundResult]``.
 """
 
-from pipeline.strategies import oneshot
+from pipeline.strategies import atm, cold_fusion, oneshot
 
-STRATEGY_RUNNERS = {"oneshot": oneshot.run}
+STRATEGY_RUNNERS = {"oneshot": oneshot.run, "atm": atm.run, "cold_fusion": cold_fusion.run}
 
 __all__ = ["STRATEGY_RUNNERS"]

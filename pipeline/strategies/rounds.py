@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.lineage import TAG_ROUND, TAG_STORE_URI, TAG_TASK, Lineage
 from pipeline.runtime import Resources
-from pipeline.spec import TaskSpec, Workflow
+from pipeline.spec import MergeSpec, TaskSpec, Workflow
 from pipeline.steps import (
     ModelRef,
     StepContext,
@@ -46,16 +46,28 @@ class RoundResult:
     merged_eval: dict[str, dict[str, float]]  # task -> metrics
     baseline: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metrics
     registered_version: str | None = None
+    merged_probe: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> linear probe of the merged body
+    budget: float = 1.0  # cumulative fraction of each task's fine-tuning budget spent by this round's end
+    reference: dict[str, float] = field(default_factory=dict)  # task -> expert accuracy used for normalising
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per task: base (linear probe), expert (own task), merged, normalised (merged / expert)."""
+        """Per task: base (linear probe), expert (own task), merged, normalised (merged / expert).
+
+        The expert column is this round's expert of the task, or ``reference`` for tasks without one
+        (ColD Fusion's non-contributors: their latest expert).
+        """
         rows: dict[str, dict[str, float]] = {}
         for task, merged in self.merged_eval.items():
-            expert_acc = self.expert_evals[task][task]["accuracy"]
+            if task in self.expert_evals:
+                expert_acc = self.expert_evals[task][task]["accuracy"]
+            else:
+                expert_acc = self.reference[task]
             row = {"expert": expert_acc, "merged": merged["accuracy"],
                    "normalized": merged["accuracy"] / expert_acc if expert_acc > 0 else float("nan")}
             if task in self.baseline:
                 row = {"base_probe": self.baseline[task]["accuracy"], **row}
+            if task in self.merged_probe:
+                row["merged_probe"] = self.merged_probe[task]["accuracy"]
             rows[task] = row
         keys = next(iter(rows.values())).keys() if rows else []
         rows["mean"] = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}
@@ -87,13 +99,18 @@ class Rounds:
                                       tags={TAG_ROUND: str(index), **(tags or {})})
 
     # --- fine-tuning ----------------------------------------------------------------------------
-    def finetune(self, start: ModelRef, tasks: list[TaskSpec], index: int, round_run: str) -> dict[str, ModelRef]:
-        """Fine-tune one expert per task from ``start`` in parallel; reuse complete ones."""
+    def finetune(self, start: ModelRef, tasks: list[TaskSpec], index: int, round_run: str,
+                 per_round: bool = False) -> dict[str, ModelRef]:
+        """Fine-tune one expert per task from ``start`` in parallel; reuse complete ones.
+
+        ``per_round``: use one round's budget (``Workflow.round_finetune_for``) instead of the whole one.
+        """
         experts: dict[str, ModelRef] = {}
         futures = []
         run_ids: dict[str, str] = {}
         for task in tasks:
-            key = expert_key(start, task, self.wf, task_data(task).digest)
+            settings = self.wf.round_finetune_for(task, index) if per_round else self.wf.finetune_for(task)
+            key = expert_key(start, task, settings, task_data(task).digest)
             path = expert_path(self.store, self.wf, index, task.name, key)
             if self.store.is_complete(path):
                 experts[task.name] = ref_from_store(self.store, path, "expert", task.name, key)
@@ -102,7 +119,7 @@ class Rounds:
             run_id = self._child(f"expert:{task.name}", "expert", round_run, index,
                                  {TAG_TASK: task.name, TAG_STORE_URI: self.store.uri(path)})
             run_ids[task.name] = run_id
-            futures.append(self.runtime.submit(finetune_step, self.ctx, task, start, index, run_id, key,
+            futures.append(self.runtime.submit(finetune_step, self.ctx, task, start, index, run_id, key, settings,
                                                name=f"finetune-{task.name}-r{index}", resources=self.resources))
         try:
             for _fut, ref in self.runtime.as_completed(futures):
@@ -120,16 +137,22 @@ class Rounds:
         return experts
 
     # --- merging --------------------------------------------------------------------------------
-    def merge(self, base: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str) -> ModelRef:
-        """Merge the experts into one model (skipped when the same merge is already stored)."""
-        key = merged_key(base, experts, self.wf)
-        path = merged_path(self.store, self.wf, index, key)
+    def merge(self, base: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
+              merge: MergeSpec | None = None, heads_from: ModelRef | None = None) -> ModelRef:
+        """Merge the experts into one model (skipped when the same merge is already stored).
+
+        ``merge`` defaults to the workflow's; ``heads_from`` keeps that model's heads for tasks no
+        expert brings.
+        """
+        merge = merge or self.wf.merge
+        key = merged_key(base, experts, merge, heads_from)
+        path = merged_path(self.store, self.wf, index, key, merge.method)
         if self.store.is_complete(path):
             self.report(f"round {index}: merged model already in the store, reused ({self.store.uri(path)})")
             return ref_from_store(self.store, path, "merged", f"{self.wf.name}-merged", key)
-        run_id = self._child(f"merge:{self.wf.merge.method}", "merge", round_run, index,
-                             {TAG_STORE_URI: self.store.uri(path), "mergeflow.method": self.wf.merge.method})
-        fut = self.runtime.submit(merge_step, self.ctx, base, experts, index, run_id, key,
+        run_id = self._child(f"merge:{merge.method}", "merge", round_run, index,
+                             {TAG_STORE_URI: self.store.uri(path), "mergeflow.method": merge.method})
+        fut = self.runtime.submit(merge_step, self.ctx, base, experts, index, run_id, key, merge, heads_from,
                                   name=f"merge-r{index}", resources=Resources(num_cpus=self.resources.num_cpus,
                                                                               max_retries=self.resources.max_retries))
         try:
@@ -137,27 +160,32 @@ class Rounds:
         except BaseException:
             self.lineage.end_run(run_id, "FAILED")
             raise
-        self.report(f"round {index}: merged {len(experts)} experts with {self.wf.merge.method}")
+        self.report(f"round {index}: merged {len(experts)} experts with {merge.method}")
         return ref
 
     # --- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, merged: ModelRef, experts: dict[str, ModelRef], index: int,
-                 round_run: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
-        """Score the merged model and every expert on every task, in parallel.
+    def evaluate(self, merged: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
+                 cross_task: bool = True, merged_tasks: list[str] | None = None,
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+        """Score the merged model and every expert, in parallel.
 
-        Experts are scored on other tasks with those tasks' heads: the cross-task matrix shows how
-        much each expert's body change helps or hurts the others. Metrics go to the run that made
-        the model; a model reused from an earlier run gets a new ``evaluate:<name>`` run.
+        With ``cross_task``, experts are also scored on other tasks with those tasks' heads: the
+        cross-task matrix shows how much each expert's body change helps or hurts the others
+        (iterated strategies skip it: each expert on its own task). ``merged_tasks`` limits the
+        merged model's evaluation to tasks it has heads for. Metrics go to the run that made the
+        model; a model reused from an earlier run gets a new ``evaluate:<name>`` run.
         """
         runs: dict[str, str] = {}
         for name, ref in [("merged", merged), *experts.items()]:
             runs[name] = ref.run_id if (ref.run_id and not ref.reused) else self._child(
                 f"evaluate:{name}", "evaluation", round_run, index)
+        tasks = merged_tasks if merged_tasks is not None else [t.name for t in self.wf.tasks]
         jobs = {"merged": self.runtime.submit(
-            evaluate_step, self.ctx, merged, {t.name: merged for t in self.wf.tasks}, runs["merged"], index,
+            evaluate_step, self.ctx, merged, {t: merged for t in tasks}, runs["merged"], index,
             name=f"evaluate-merged-r{index}", resources=self._eval_resources())}
         for name, expert in experts.items():
-            jobs[name] = self.runtime.submit(evaluate_step, self.ctx, expert, dict(experts), runs[name], index,
+            heads = dict(experts) if cross_task else {name: expert}
+            jobs[name] = self.runtime.submit(evaluate_step, self.ctx, expert, heads, runs[name], index,
                                              name=f"evaluate-{name}-r{index}", resources=self._eval_resources())
         results = {}
         try:
@@ -178,9 +206,9 @@ class Rounds:
         return Resources(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
                          max_retries=self.resources.max_retries)
 
-    def submit_probe(self, base: ModelRef, index: int, round_run: str):
-        """Start the linear-probe baseline of ``base`` (returns a future; collect with ``probe_result``)."""
-        run_id = self._child("baseline:linear-probe", "baseline", round_run, index)
+    def submit_probe(self, base: ModelRef, index: int, round_run: str, name: str = "baseline:linear-probe"):
+        """Start a linear probe of ``base``'s body (returns a future; collect with ``probe_result``)."""
+        run_id = self._child(name, "baseline", round_run, index)
         fut = self.runtime.submit(probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}",
                                   resources=self._eval_resources())
         return run_id, fut
@@ -196,13 +224,18 @@ class Rounds:
         return res
 
     # --- recording ------------------------------------------------------------------------------
-    def record(self, result: RoundResult, strategy: str) -> None:
-        """Log the round's summary with step=round, register the merged model, close the round run."""
+    def record(self, result: RoundResult, strategy: str, move_alias: bool = True) -> None:
+        """Log the round's summary with step=round, register the merged model, close the round run.
+
+        ``move_alias``: point the registry alias at this round's version (strategies pass whether
+        the round is the best so far on the mean held-out accuracy).
+        """
         summary = result.summary()
         metrics: dict[str, float] = {}
         for task, row in summary.items():
             for col, value in row.items():
                 metrics[f"{task}/{col}_accuracy" if col != "normalized" else f"{task}/normalized_accuracy"] = value
+        metrics["budget_epochs_fraction"] = result.budget
         self.lineage.log_metrics(result.run_id, metrics, step=result.index)
         self.lineage.log_metrics(self.ctx.workflow_run_id, metrics, step=result.index)
         if result.merged.run_id and not result.merged.reused:
@@ -211,10 +244,11 @@ class Rounds:
             } | {"eval/mean/accuracy": summary["mean"]["merged"],
                  "eval/mean/normalized_accuracy": summary["mean"]["normalized"]}, step=result.index)
             self.lineage.end_run(result.merged.run_id)
-        result.registered_version = self.register(result, strategy, summary)
+        result.registered_version = self.register(result, strategy, summary, move_alias)
         self.lineage.end_run(result.run_id)
 
-    def register(self, result: RoundResult, strategy: str, summary: dict[str, dict[str, float]]) -> str | None:
+    def register(self, result: RoundResult, strategy: str, summary: dict[str, dict[str, float]],
+                 move_alias: bool = True) -> str | None:
         merged = result.merged
         if not merged.model_id:
             return None
@@ -222,6 +256,8 @@ class Rounds:
         existing = self.lineage.find_version(name, merged.model_id)
         if existing:
             self.report(f"round {result.index}: merged model already registered as {name} v{existing}")
+            if move_alias:
+                self.lineage.set_alias(name, self.wf.tracking.alias, existing)
             return existing
         source = merged.artifact_location
         if source is None and self.wf.tracking.log_model_artifacts:
@@ -229,13 +265,19 @@ class Rounds:
         source = source or merged.uri  # artifacts not uploaded: the version points at the store
         version = self.lineage.register(
             name, model_id=merged.model_id, source=source, run_id=merged.run_id or result.run_id,
-            alias=self.wf.tracking.alias,
+            alias=self.wf.tracking.alias if move_alias else None,
             tags={"mergeflow.round": str(result.index), "mergeflow.strategy": strategy,
-                  "mergeflow.method": self.wf.merge.method, "mergeflow.store_uri": merged.uri,
+                  "mergeflow.method": self.merge_spec(strategy).method, "mergeflow.store_uri": merged.uri,
                   "mergeflow.experts": ",".join(sorted(result.experts)),
                   "mean_accuracy": f"{summary['mean']['merged']:.4f}",
                   "mean_normalized_accuracy": f"{summary['mean']['normalized']:.4f}"},
-            description=f"{strategy} round {result.index}: {self.wf.merge.method} of {', '.join(sorted(result.experts))}",
+            description=f"{strategy} round {result.index}: {self.merge_spec(strategy).method} of "
+                        f"{', '.join(sorted(result.experts))}",
         )
-        self.report(f"round {result.index}: registered {name} v{version} (alias '{self.wf.tracking.alias}')")
+        moved = f" (alias '{self.wf.tracking.alias}')" if move_alias else " (alias stays on a better round)"
+        self.report(f"round {result.index}: registered {name} v{version}{moved}")
         return version
+
+    def merge_spec(self, strategy: str) -> MergeSpec:
+        """The merge a strategy uses: the workflow's for one-shot, ``rounds.merge`` for iterated ones."""
+        return self.wf.merge if strategy == "oneshot" else self.wf.rounds.merge

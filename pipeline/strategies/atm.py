@@ -1,0 +1,48 @@
+"""ATM: alternating tuning and merging (Zhou et al., arXiv 2411.03055).
+
+    θ⁽⁰⁾ = base
+    for k in 1..R:
+        θ_t⁽ᵏ⁾ = finetune(θ⁽ᵏ⁻¹⁾, task t, one round's budget)      every task, in parallel
+        θ⁽ᵏ⁾  = merge(θ_t⁽ᵏ⁾ − θ_start)                         θ_start = θ⁽ᵏ⁻¹⁾ (default) or the base
+        evaluate θ⁽ᵏ⁾ on every task; the registry alias follows the best round so far
+
+The default merge (``rounds.merge``) is the mean of the round's models, i.e. task arithmetic with
+α = 1/T on the round's task vectors, as the authors run it; any library method can replace it.
+Task heads carry over: each round's experts start from the heads in θ⁽ᵏ⁻¹⁾. A round's budget is
+each task's whole budget divided by R unless ``rounds.finetune`` says otherwise, so ATM and
+one-shot merging spend the same compute. ``rounds.patience`` stops early when the mean held-out
+accuracy has not improved for that many rounds.
+"""
+
+from __future__ import annotations
+
+from pipeline.steps import ModelRef
+from pipeline.strategies.rounds import RoundResult, Rounds
+
+
+def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
+    """Run ATM for ``rounds.count`` rounds (or until patience runs out); returns every round."""
+    wf, spec = rounds.wf, rounds.wf.rounds
+    current, results = base, []
+    best, since_best = float("-inf"), 0
+    for k in range(spec.count):
+        round_run = rounds.start_round(k)
+        probe = rounds.submit_probe(base, k, round_run) if k == 0 else None
+        experts = rounds.finetune(current, wf.tasks, k, round_run, per_round=True)
+        merge_base = current if spec.task_vectors_from == "round_start" else base
+        merged = rounds.merge(merge_base, experts, k, round_run, merge=spec.merge, heads_from=current)
+        merged_eval, expert_evals = rounds.evaluate(merged, experts, k, round_run, cross_task=False)
+        result = RoundResult(k, round_run, experts, merged, expert_evals, merged_eval,
+                             baseline=rounds.probe_result(probe) if probe else results[0].baseline,
+                             budget=(k + 1) / spec.count)
+        score = result.summary()["mean"]["merged"]
+        improved = score > best
+        rounds.record(result, strategy="atm", move_alias=improved)
+        results.append(result)
+        best, since_best = (score, 0) if improved else (best, since_best + 1)
+        rounds.report(f"round {k}: mean held-out accuracy {score:.3f} (best {best:.3f})")
+        if spec.patience is not None and since_best >= spec.patience:
+            rounds.report(f"round {k}: no improvement for {since_best} rounds; stopping early (patience)")
+            break
+        current = merged
+    return results

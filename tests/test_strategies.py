@@ -1,0 +1,194 @@
+"""ATM and ColD Fusion: their definitions checked on the pico BERT (in-process runtime, real SQLite
+MLflow), resume at the first incomplete round, and per-round lineage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from operators.checkpoint import HEAD_WEIGHTS, HEADS_DIR, head_names, read_provenance
+from operators.data import load_task_data
+from operators.finetune import finetune
+from operators.merge.engine import merge_checkpoints
+from operators.tensor_io import load_state_dict
+from pipeline.driver import run_workflow
+from pipeline.lineage import TAG_KIND, TAG_PARENT, TAG_ROUND
+from pipeline.spec import parse_workflow
+from pipeline.strategies.cold_fusion import sample_contributors
+from tests.helpers import tiny_workflow_dict
+
+
+def body(ckpt) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_state_dict(ckpt).items() if v.is_floating_point()}
+
+
+def head(ckpt, task) -> dict[str, torch.Tensor]:
+    return load_file(Path(ckpt) / HEADS_DIR / task / HEAD_WEIGHTS)
+
+
+def store_dir(wf, ref) -> Path:
+    return Path(wf.store.root) / ref.path if not Path(ref.path).is_absolute() else Path(ref.path)
+
+
+def run(wf, **kw):
+    return run_workflow(wf, address="in-process", report=kw.pop("report", lambda _m: None), **kw)
+
+
+def test_atm_one_task_one_round_is_finetune_then_merge(tiny_base, tmp_path):
+    spec = tiny_workflow_dict(tmp_path, tiny_base, strategy="atm",
+                              rounds={"count": 1, "merge": {"method": "task_arithmetic", "params": {"scaling": 0.7}}})
+    spec["tasks"] = spec["tasks"][:1]
+    wf = parse_workflow(spec)
+    result = run(wf)
+    task = wf.tasks[0]
+    # by hand: fine-tune once from the base with the whole budget, then merge that one expert
+    expert = tmp_path / "by-hand" / "expert"
+    finetune(tiny_base, load_task_data(task.name, task.dataset, task.label_names), wf.finetune_for(task), expert)
+    merge_checkpoints(tiny_base, {task.name: expert}, "task_arithmetic", {"scaling": 0.7}, tmp_path / "by-hand" / "m")
+    got, want = body(store_dir(wf, result.final.merged)), body(tmp_path / "by-hand" / "m")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+
+
+def test_atm_mean_merge_is_the_average_of_the_rounds_experts(tiny_base, tmp_path):
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, strategy="atm", rounds={"count": 2}))
+    result = run(wf)
+    assert [r.index for r in result.rounds] == [0, 1]
+    r0, r1 = result.rounds
+    merged = body(store_dir(wf, r1.merged))
+    experts = [body(store_dir(wf, e)) for e in r1.experts.values()]
+    for k in merged:
+        assert torch.allclose(merged[k], sum(e[k] for e in experts) / 2, atol=1e-6), k
+    # round 1 fine-tunes from round 0's merged model, heads included, with half the budget each round
+    for task, e in r1.experts.items():
+        prov = read_provenance(store_dir(wf, e))
+        assert prov["parents"][0]["key"] == r0.merged.key
+        assert prov["head_init"] != "random"
+        assert prov["finetune"]["max_steps"] == 3 and prov["finetune"]["seed"] == 1  # 6 steps over 2 rounds
+    assert sorted(head_names(store_dir(wf, r1.merged))) == ["length", "vowel"]
+    assert r1.budget == 1.0 and r0.budget == 0.5
+
+
+def test_contributor_sampling_is_reproducible_by_seed(tiny_base, tmp_path):
+    spec = tiny_workflow_dict(tmp_path, tiny_base)
+    spec["tasks"] = [dict(spec["tasks"][i % 2], name=f"t{i}") for i in range(6)]
+    tasks = parse_workflow(spec).tasks
+    picks = [[t.name for t in sample_contributors(tasks, k, 2, seed=7, weight_by_size=False)] for k in range(8)]
+    again = [[t.name for t in sample_contributors(tasks, k, 2, seed=7, weight_by_size=False)] for k in range(8)]
+    assert picks == again and all(len(p) == 2 for p in picks)
+    assert len({tuple(p) for p in picks}) > 1, "rounds draw different contributors"
+    other = [[t.name for t in sample_contributors(tasks, k, 2, seed=8, weight_by_size=False)] for k in range(8)]
+    assert other != picks
+    assert len(sample_contributors(tasks, 0, 0.5, seed=0, weight_by_size=True)) == 3  # a fraction of the tasks
+    assert sample_contributors(tasks, 0, None, seed=0, weight_by_size=False) == list(tasks)
+
+
+def test_cold_fusion_one_round_with_everyone_is_the_one_shot_linear_merge(tiny_base, tmp_path):
+    cold = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, strategy="cold_fusion", rounds={"count": 1}))
+    shared = run(cold).final.merged
+    oneshot = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, merge={"method": "linear"}))
+    lines: list[str] = []
+    merged = run(oneshot, report=lines.append).final.merged
+    # the same experts (same start, data and budget): one-shot reuses ColD Fusion's from the store
+    assert sum("already in the store, reused" in line for line in lines) == 2
+    a, b = body(store_dir(cold, shared)), body(store_dir(oneshot, merged))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cold_fusion_never_averages_heads(tiny_base, tmp_path):
+    spec = tiny_workflow_dict(tmp_path, tiny_base, strategy="cold_fusion", rounds={"count": 2, "contributors": 1})
+    tasks = parse_workflow(spec).tasks
+    # a seed whose two rounds draw different contributors
+    seed = next(s for s in range(100) if sample_contributors(tasks, 0, 1, s, False) != sample_contributors(tasks, 1, 1, s, False))
+    spec["rounds"]["contributor_seed"] = seed
+    wf = parse_workflow(spec)
+    result = run(wf)
+    r0, r1 = result.rounds
+    assert len(r0.experts) == len(r1.experts) == 1
+    s0, s1 = store_dir(wf, r0.merged), store_dir(wf, r1.merged)
+    for r, shared in ((r0, s0), (r1, s1)):
+        (task, expert), = r.experts.items()
+        for k, v in head(store_dir(wf, expert), task).items():  # the contributor's own head, untouched
+            assert torch.equal(head(shared, task)[k], v)
+    # a task that did not contribute in round 1 keeps its head from round 0's shared model exactly
+    (c0,), (c1,) = r0.experts, r1.experts
+    assert c0 != c1
+    assert sorted(head_names(s1)) == sorted([c0, c1])
+    for k, v in head(s0, c0).items():
+        assert torch.equal(head(s1, c0)[k], v)
+    # the shared body is the contributor's body (the average of one), heads aside
+    (expert,) = r1.experts.values()
+    e, s = body(store_dir(wf, expert)), body(s1)
+    assert all(torch.allclose(s[k], e[k]) for k in s)
+    # evaluation: the shared body as a starting point (linear probe) next to the base's probe
+    summary = r1.summary()
+    assert set(summary["mean"]) >= {"base_probe", "merged", "merged_probe", "normalized"}
+
+
+def test_resume_after_round_two_gives_the_uninterrupted_weights(tiny_base, tmp_path, monkeypatch):
+    import pipeline.strategies.rounds as rounds_mod
+
+    def spec(root):
+        return parse_workflow(tiny_workflow_dict(root, tiny_base, strategy="atm",
+                                                 rounds={"count": 3, "finetune": {"max_steps": 3}}))
+
+    full = run(spec(tmp_path / "uninterrupted")).final.merged
+
+    wf = spec(tmp_path / "resumed")
+    real = rounds_mod.finetune_step
+
+    def stop_in_round_three(ctx, task, start, round_index, *args, **kwargs):
+        if round_index == 2:
+            raise KeyboardInterrupt("stopped after round 2 (simulated)")
+        return real(ctx, task, start, round_index, *args, **kwargs)
+
+    monkeypatch.setattr(rounds_mod, "finetune_step", stop_in_round_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(wf)
+    monkeypatch.setattr(rounds_mod, "finetune_step", real)
+    lines: list[str] = []
+    resumed = run(wf, report=lines.append)
+    # rounds 0 and 1 came from the store: 2 experts and 1 merge each
+    assert sum("round 0:" in line and "reused" in line for line in lines) == 3
+    assert sum("round 1:" in line and "reused" in line for line in lines) == 3
+    assert not any("round 2:" in line and "reused" in line for line in lines)
+    a, b = body(store_dir(wf, resumed.final.merged)), body(tmp_path / "uninterrupted" / "store" / full.path
+                                                           if not Path(full.path).is_absolute() else full.path)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+    versions = client.search_model_versions(f"name = '{wf.registered_model_name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3], "one version per round, none twice"
+    assert sorted(v.tags["mergeflow.round"] for v in versions) == ["0", "1", "2"]
+
+
+def test_lineage_per_round(tiny_base, tmp_path):
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, strategy="atm", rounds={"count": 3}))
+    result = run(wf)
+    client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+    exp = client.get_experiment_by_name(wf.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    rounds = {r.data.tags[TAG_ROUND]: r for r in runs if r.data.tags[TAG_KIND] == "round"}
+    assert sorted(rounds) == ["0", "1", "2"]
+    for idx, r in rounds.items():
+        children = [c for c in runs if c.data.tags.get(TAG_PARENT) == r.info.run_id]
+        kinds = sorted(c.data.tags[TAG_KIND] for c in children)
+        assert kinds.count("expert") == 2 and kinds.count("merge") == 1, (idx, kinds)
+    # accuracy against round: one point per round, at step = round, on the workflow run
+    history = client.get_metric_history(result.run_id, "mean/merged_accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    # every round's merged model is a LoggedModel and a registry version tagged with round and strategy;
+    # the alias points at the best round on the mean held-out accuracy
+    merged = [m for m in client.search_logged_models([exp.experiment_id]) if m.tags.get("mergeflow.kind") == "merged"]
+    assert sorted(m.tags["mergeflow.round"] for m in merged) == ["0", "1", "2"]
+    versions = client.search_model_versions(f"name = '{wf.registered_model_name}'")
+    assert {v.tags["mergeflow.strategy"] for v in versions} == {"atm"}
+    scores = {v.version: float(v.tags["mean_accuracy"]) for v in versions}
+    best = max(scores, key=lambda v: (scores[v], -int(v)))
+    assert client.get_model_version_by_alias(wf.registered_model_name, wf.tracking.alias).version == best
