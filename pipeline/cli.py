@@ -5,6 +5,7 @@
     mergeflow status [RUN_ID]                recent workflow runs, or one run's tree and artifacts
     mergeflow export CKPT TASK OUT           write a stand-alone HF checkpoint for one task
     mergeflow merge CONFIG OUT               merge checkpoints (mergeflow or mergekit YAML config)
+    mergeflow compare SPEC                   strategies × merges at the same budget: table and plot
 
 Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, data, model).
 """
@@ -108,6 +109,59 @@ def run(spec: str, address: str | None, num_cpus: int | None, tracking_uri: str 
     print_summary(console, result)
     if as_json:
         click.echo(result_json(result))
+
+
+@main.command()
+@click.argument("spec", type=click.Path())
+@click.option("--strategies", default="oneshot,atm,cold_fusion", show_default=True)
+@click.option("--merges", default="task_arithmetic,ties", show_default=True,
+              help="Merge methods for one-shot ('mean' is the uniform average).")
+@click.option("--round-merges", default="mean", show_default=True,
+              help="Merge methods for ATM and ColD Fusion ('mean': the authors' default).")
+@click.option("--out", "out_dir", default="compare", show_default=True, type=click.Path(),
+              help="Folder for compare.md, compare.json and compare.png.")
+@click.option("--address", default=None, help="Ray address (as for run).")
+@click.option("--num-cpus", type=int, default=None)
+@click.option("--tracking-uri", default=None)
+@click.option("--store", default=None)
+def compare(spec: str, strategies: str, merges: str, round_merges: str, out_dir: str, address: str | None,
+            num_cpus: int | None, tracking_uri: str | None, store: str | None) -> None:
+    """Run SPEC's tasks under several strategies and merges at the same fine-tuning budget; compare them."""
+    from operators.merge import MERGE_METHODS
+    from pipeline.compare import MEAN, run_comparison, table_markdown
+    from pipeline.driver import PreflightError
+    from pipeline.spec import IMPLEMENTED_STRATEGIES
+
+    wf = _load(spec, tracking_uri, store)
+    strats = [s.strip() for s in strategies.split(",") if s.strip()]
+    bad = [s for s in strats if s not in IMPLEMENTED_STRATEGIES]
+    if bad or not strats:
+        _fail(f"--strategies: {bad or strategies!r} not known; use {', '.join(IMPLEMENTED_STRATEGIES)}", EXIT_BAD_INPUT)
+    ms = [m.strip() for m in merges.split(",") if m.strip()]
+    rms = [m.strip() for m in round_merges.split(",") if m.strip()]
+    for opt, names in (("--merges", ms), ("--round-merges", rms)):
+        unknown = [m for m in names if m != MEAN and m not in MERGE_METHODS]
+        if unknown or not names:
+            _fail(f"{opt}: {unknown or names!r} not known; use mean or one of {', '.join(sorted(MERGE_METHODS))}",
+                  EXIT_BAD_INPUT)
+    console = _console()
+    start = time.perf_counter()
+
+    def report(msg: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {msg}")
+
+    try:
+        result = run_comparison(wf, strats, ms, rms, Path(out_dir), address=address, num_cpus=num_cpus, report=report)
+    except PreflightError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished steps are kept in the store and are reused by the next run", EXIT_FAILED)
+    except Exception as exc:
+        _fail(f"comparison failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    console.print(table_markdown(result.table))
+    for label, points in result.curves.items():
+        console.print(f"{label}: " + ", ".join(f"budget {b:.2f} → {acc:.3f}" for b, acc in points))
+    console.print(f"wrote {', '.join(str(f) for f in result.files)}; MLflow run {result.run_id}")
 
 
 def print_summary(console, result) -> None:

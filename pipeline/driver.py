@@ -72,6 +72,7 @@ def run_workflow(
     num_cpus: int | None = None,
     spec_text: str | None = None,
     report: Callable[[str], None] = print,
+    parent_run_id: str | None = None,
 ) -> WorkflowResult:
     """Run ``wf`` and return its rounds and summary.
 
@@ -81,12 +82,13 @@ def run_workflow(
         num_cpus: CPUs for a local Ray cluster.
         spec_text: The spec file's text, kept as an artifact of the workflow run.
         report: Where progress lines go.
+        parent_run_id: Nest the workflow's run under this one (``mergeflow compare``).
     """
     start = time.perf_counter()
     preflight(wf, report)
     lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location)
     store = CheckpointStore(wf.store.root)
-    run_id = lineage.start_run(wf.name, kind="workflow", tags={TAG_SPEC_HASH: wf.spec_hash(),
+    run_id = lineage.start_run(wf.name, kind="workflow", parent=parent_run_id, tags={TAG_SPEC_HASH: wf.spec_hash(),
                                                               "mergeflow.strategy": wf.strategy,
                                                               "mergeflow.store_root": wf.store.root})
     report(f"workflow {wf.name!r}: MLflow run {run_id} in experiment {wf.experiment_name!r} ({wf.tracking.uri})")

@@ -161,6 +161,10 @@ class Lineage:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     @_retry
+    def log_artifact(self, run_id: str, path: str | Path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    @_retry
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
         self.client.log_dict(run_id, obj, artifact_file)
 

@@ -65,7 +65,7 @@ def test_atm_mean_merge_is_the_average_of_the_rounds_experts(tiny_base, tmp_path
     for k in merged:
         assert torch.allclose(merged[k], sum(e[k] for e in experts) / 2, atol=1e-6), k
     # round 1 fine-tunes from round 0's merged model, heads included, with half the budget each round
-    for task, e in r1.experts.items():
+    for e in r1.experts.values():
         prov = read_provenance(store_dir(wf, e))
         assert prov["parents"][0]["key"] == r0.merged.key
         assert prov["head_init"] != "random"
@@ -192,3 +192,40 @@ def test_lineage_per_round(tiny_base, tmp_path):
     scores = {v.version: float(v.tags["mean_accuracy"]) for v in versions}
     best = max(scores, key=lambda v: (scores[v], -int(v)))
     assert client.get_model_version_by_alias(wf.registered_model_name, wf.tracking.alias).version == best
+
+
+def test_compare_writes_table_plot_and_mlflow_artifacts(tiny_base, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    spec = tmp_path / "wf.yaml"
+    import yaml
+
+    spec.write_text(yaml.safe_dump(tiny_workflow_dict(tmp_path, tiny_base, rounds={"count": 2, "contributors": 1})))
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(main, ["compare", str(spec), "--address", "in-process", "--out", str(out),
+                                       "--merges", "task_arithmetic,ties"])
+    assert result.exit_code == 0, result.output
+    for name in ("compare.md", "compare.json", "compare.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import json
+
+    data = json.loads((out / "compare.json").read_text())
+    labels = [f"{v['strategy']}+{v['merge']}" for v in data["variants"]]
+    assert labels == ["oneshot+task_arithmetic", "oneshot+ties", "atm+mean", "cold_fusion+mean"]
+    assert len(data["curves"]["atm+mean"]) == 2 and data["curves"]["atm+mean"][-1][0] == 1.0
+    assert data["curves"]["cold_fusion+mean"][-1][0] == 0.5  # one contributor of two per round
+    mean = data["table"]["mean"]
+    assert {"base probe", "expert", "atm+mean acc", "atm+mean norm", "oneshot+ties norm"} <= set(mean)
+    assert "| mean |" in result.output
+    # the same table, plot and per-variant workflow runs under one MLflow parent run
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base))
+    client = MlflowClient(tracking_uri=wf.tracking.uri)
+    artifacts = sorted(a.path for a in client.list_artifacts(data["run_id"]))
+    assert artifacts == ["compare.json", "compare.md", "compare.png"]
+    exp = client.get_experiment_by_name(wf.experiment_name)
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get(TAG_PARENT) == data["run_id"]]
+    assert sorted(r.data.tags["mergeflow.strategy"] for r in children) == ["atm", "cold_fusion", "oneshot", "oneshot"]

@@ -23,6 +23,7 @@ from operators.merge.task_vectors import (
     disjoint_merge,
     elect_sign,
     middle_band,
+    normalized,
     stack_task_vectors,
     weighted,
 )
@@ -68,6 +69,5 @@ def breadcrumbs(
         how = "mean" if params.normalize else "sum"
         return base.float() + params.scaling * disjoint_merge(w, elect_sign(w, params.zero_sign), how, weights)
     if params.normalize:
-        total = sum(weights)
-        weights = [w / total for w in weights] if abs(total) >= 1e-8 else weights
+        weights = normalized(weights)
     return add_weighted_sum(base, masked, weights, params.scaling)

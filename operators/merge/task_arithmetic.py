@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
-from operators.merge.task_vectors import add_weighted_sum, stack_task_vectors
+from operators.merge.task_vectors import add_weighted_sum, normalized, stack_task_vectors
 
 
 class TaskArithmeticParams(MergeParams):
@@ -48,6 +48,5 @@ def task_arithmetic(
     """
     assert base is not None  # the engine guarantees it for needs_base methods
     if params.normalize:
-        total = sum(weights)
-        weights = [w / total for w in weights] if abs(total) >= 1e-8 else weights
+        weights = normalized(weights)
     return add_weighted_sum(base, stack_task_vectors(base, experts), weights, params.scaling)

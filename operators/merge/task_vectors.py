@@ -32,6 +32,12 @@ def add_weighted_sum(base: Tensor, tv: Tensor, weights: Sequence[float], scaling
     return base.float() + scaling * torch.tensordot(w, tv, dims=1)
 
 
+def normalized(weights: Sequence[float]) -> list[float]:
+    """Weights divided by their sum (mergekit's ``normalize``); left as they are when the sum is ~0."""
+    total = sum(weights)
+    return [w / total for w in weights] if abs(total) >= 1e-8 else list(weights)
+
+
 # --- sparsify -------------------------------------------------------------------------------------
 
 def trim_by_threshold_(tv: Tensor, thresholds: Sequence[float]) -> Tensor:

@@ -45,13 +45,14 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     wf, spec = rounds.wf, rounds.wf.rounds
     shared, results = base, []
     latest_expert: dict[str, float] = {}  # task -> own-task accuracy of its latest expert
-    best = float("-inf")
+    best, spent = float("-inf"), 0.0
     for k in range(spec.count):
         round_run = rounds.start_round(k)
         base_probe = rounds.submit_probe(base, k, round_run) if k == 0 else None
         contributors = sample_contributors(wf.tasks, k, spec.contributors, spec.contributor_seed, spec.weight_by_size)
         rounds.report(f"round {k}: contributors {', '.join(t.name for t in contributors)}")
         experts = rounds.finetune(shared, contributors, k, round_run, per_round=True)
+        spent += len(contributors) / len(wf.tasks) / spec.count  # mean fraction of a task's budget
         fused = rounds.merge(shared, experts, k, round_run, merge=spec.merge, heads_from=shared)
         probe = rounds.submit_probe(fused, k, round_run, name="evaluate:shared-linear-probe")
         with_heads = sorted(set(latest_expert) | set(experts))
@@ -60,7 +61,7 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         latest_expert.update({t: ev[t]["accuracy"] for t, ev in expert_evals.items()})
         result = RoundResult(k, round_run, experts, fused, expert_evals, merged_eval,
                              baseline=rounds.probe_result(base_probe) if base_probe else results[0].baseline,
-                             merged_probe=rounds.probe_result(probe), budget=(k + 1) / spec.count,
+                             merged_probe=rounds.probe_result(probe), budget=spent,
                              reference=dict(latest_expert))
         score = result.summary()["mean"]["merged"]
         improved = score > best
