@@ -7,7 +7,7 @@ Every problem is reported with the dataset, the column or value, and what would 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -195,3 +195,31 @@ def load_task_data(task_name: str, ds: DatasetLike, label_names: list[str]) -> T
             h.update(t.encode())
             h.update(b"\x1f%d\x1e" % y)
     return TaskData(task_name, list(label_names), train, evals, source, h.hexdigest()[:16])
+
+
+def hold_out(data: TaskData, fraction: float, seed: int = 0) -> tuple[TaskData, TaskData]:
+    """Split a validation slice off the training split (the eval split is untouched).
+
+    Returns ``(fit, validation)``: ``fit`` trains on the rest of the training split,
+    ``validation`` trains on the slice. Seeded, so the same rows are held out every time; each
+    gets its own digest, so checkpoints trained on either are told apart in the store.
+    """
+    n = len(data.train)
+    n_val = max(1, int(round(n * fraction)))
+    if n_val >= n:
+        raise DataError(f"tasks.{data.name}: validation_fraction {fraction} leaves no training rows "
+                        f"({n} in the train split); lower it")
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx, fit_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+
+    def take(idx) -> Split:
+        return Split([data.train.texts[i] for i in idx], [data.train.labels[i] for i in idx])
+
+    tag = f"{fraction}/{seed}"
+    fit = replace(data, train=take(fit_idx), digest=_sub_digest(data.digest, "fit", tag))
+    val = replace(data, train=take(val_idx), digest=_sub_digest(data.digest, "validation", tag))
+    return fit, val
+
+
+def _sub_digest(digest: str, part: str, tag: str) -> str:
+    return hashlib.sha256(f"{digest}/{part}/{tag}".encode()).hexdigest()[:16]

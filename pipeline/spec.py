@@ -255,6 +255,13 @@ class RoundsSpec(_Frozen):
         default=None, gt=0, description="ColD Fusion: contributors per round, a count (≥ 1) or a fraction (< 1); "
                                         "default all tasks",
     )
+    start: Literal["base", "oneshot_merge"] = Field(
+        default="base", description="ATM: start from the base, or from a one-shot merge (ATM on validation data)"
+    )
+    validation_fraction: float | None = Field(
+        default=None, gt=0, lt=1, description="ATM on validation data: the slice of each train split held out "
+                                              "from the one-shot experts and tuned on in the rounds",
+    )
     contributor_seed: int = 0
     weight_by_size: bool = Field(default=False, description="ColD Fusion: sample contributors in proportion to "
                                                             "their training-set size")
@@ -267,6 +274,13 @@ class RoundsSpec(_Frozen):
             raise ValueError(f"unknown setting {unknown[0]!r}; "
                              f"settings: {', '.join(sorted(FinetuneSpec.model_fields))}")
         return v
+
+    @model_validator(mode="after")
+    def _validation_variant(self) -> RoundsSpec:
+        if (self.start == "oneshot_merge") != (self.validation_fraction is not None):
+            raise ValueError("start: oneshot_merge (ATM on validation data) and validation_fraction go together: "
+                             "give both, e.g. {start: oneshot_merge, validation_fraction: 0.1}, or neither")
+        return self
 
     @field_validator("contributors")
     @classmethod

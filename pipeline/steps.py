@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from operators.checkpoint import read_provenance, resolve_model_path, write_provenance
-from operators.data import TaskData, load_task_data
+from operators.data import TaskData, hold_out, load_task_data
 from pipeline.lineage import TAG_STORE_URI, Lineage
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
 from pipeline.store import CheckpointStore, content_key
@@ -72,9 +72,17 @@ def _task_data_cached(task_json: str) -> TaskData:
     return load_task_data(task.name, task.dataset, task.label_names)
 
 
-def task_data(task: TaskSpec) -> TaskData:
-    """Load (and cache per process) one task's data."""
-    return _task_data_cached(task.model_dump_json())
+def task_data(task: TaskSpec, part: str = "all", validation_fraction: float = 0.0, seed: int = 0) -> TaskData:
+    """Load (and cache per process) one task's data.
+
+    ``part``: ``all`` (the train split), or, with a validation slice held out of the train split,
+    ``fit`` (train minus the slice) or ``validation`` (the slice), for ATM on validation data.
+    """
+    data = _task_data_cached(task.model_dump_json())
+    if part == "all":
+        return data
+    fit, val = hold_out(data, validation_fraction, seed)
+    return fit if part == "fit" else val
 
 
 def local_dir(ctx: StepContext, ref: ModelRef) -> Path:
@@ -152,19 +160,20 @@ def ref_from_store(store: CheckpointStore, path: str, kind: str, name: str, key:
 # --- steps ----------------------------------------------------------------------------------------
 
 def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index: int, run_id: str, key: str,
-                  settings: FinetuneSpec | None = None) -> ModelRef:
+                  settings: FinetuneSpec | None = None, part: str = "all") -> ModelRef:
     """Fine-tune one expert from ``start`` and publish it; logs into ``run_id``.
 
     ``settings`` default to the task's full budget (one-shot); iterated strategies pass a round's.
+    ``part`` picks the training rows (see :func:`task_data`).
     """
     from operators.evaluate import evaluate
     from operators.finetune import finetune, total_steps
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     settings = settings or wf.finetune_for(task)
-    data = task_data(task)
+    data = task_data(task, part, wf.rounds.validation_fraction or 0.0, task.dataset.split_seed)
     path = expert_path(store, wf, round_index, task.name, key)
-    lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri,
+    lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri, "data_part": part,
                                 "finetune": settings.model_dump(mode="json"), "labels": task.label_names,
                                 "train_examples": len(data.train), "eval_examples": len(data.eval)})
     lineage.log_dataset(run_id, name=f"{task.name}-train", texts=data.train.texts,
@@ -201,7 +210,8 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             "spec_hash": wf.spec_hash(), "key": key,
             "parents": [{"kind": start.kind, "uri": start.uri, "key": start.key, "model_id": start.model_id}],
             "finetune": settings.model_dump(mode="json"), "head_init": result.head_init,
-            "data": {"source": data.source, "digest": data.digest, "train": len(data.train), "eval": len(data.eval)},
+            "data": {"source": data.source, "digest": data.digest, "part": part, "train": len(data.train),
+                     "eval": len(data.eval)},
             "metrics": {**metrics, f"eval/{task.name}/accuracy": own["accuracy"]},
             "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
         })

@@ -49,6 +49,10 @@ BAD_SPECS = [
      lambda d: d.update(strategy="atm", rounds={"finetune": {"epoch": 1}}),
      "rounds.finetune: unknown setting 'epoch'; settings: batch_size, epochs, freeze_embeddings, head_learning_rate, "
      "learning_rate, log_every, max_grad_norm, max_length, max_steps, mode, seed, warmup_ratio, weight_decay."),
+    ("rounds: ATM on validation data without a validation slice",
+     lambda d: d.update(strategy="atm", rounds={"start": "oneshot_merge"}),
+     "rounds: start: oneshot_merge (ATM on validation data) and validation_fraction go together: give both, "
+     "e.g. {start: oneshot_merge, validation_fraction: 0.1}, or neither."),
     ("rounds: fractional contributor count",
      lambda d: d.update(strategy="cold_fusion", rounds={"contributors": 2.5}),
      "rounds.contributors: a count must be a whole number (or give a fraction below 1) (got 2.5)."),

@@ -229,3 +229,32 @@ def test_compare_writes_table_plot_and_mlflow_artifacts(tiny_base, tmp_path):
     children = [r for r in client.search_runs([exp.experiment_id])
                 if r.data.tags.get(TAG_PARENT) == data["run_id"]]
     assert sorted(r.data.tags["mergeflow.strategy"] for r in children) == ["atm", "cold_fusion", "oneshot", "oneshot"]
+
+
+def test_atm_on_validation_data(tiny_base, tmp_path):
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, strategy="atm", rounds={
+        "count": 2, "start": "oneshot_merge", "validation_fraction": 0.25}))
+    result = run(wf)
+    assert [r.index for r in result.rounds] == [0, 1, 2]
+    r0 = result.rounds[0]
+    sizes = {t.name: len(load_task_data(t.name, t.dataset, t.label_names).train) for t in wf.tasks}
+    held = {t: round(0.25 * n) for t, n in sizes.items()}
+    # round 0: the workflow's one-shot merge of experts trained on the train split minus the held-out slice
+    for task, e in r0.experts.items():
+        prov = read_provenance(store_dir(wf, e))
+        assert prov["data"]["part"] == "fit" and prov["data"]["train"] == sizes[task] - held[task]
+    merge_checkpoints(tiny_base, {t: store_dir(wf, e) for t, e in r0.experts.items()}, "task_arithmetic",
+                      {"scaling": 0.5}, tmp_path / "oneshot")
+    want, got = body(tmp_path / "oneshot"), body(store_dir(wf, r0.merged))
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    # rounds 1..2 tune on the held-out slice from the previous round's merged model, then merge (the mean)
+    for prev, r in zip(result.rounds, result.rounds[1:], strict=False):
+        for task, e in r.experts.items():
+            prov = read_provenance(store_dir(wf, e))
+            assert prov["data"]["part"] == "validation" and prov["data"]["train"] == held[task]
+            assert prov["parents"][0]["key"] == prev.merged.key
+    assert [r.budget for r in result.rounds] == [1.0, 1.125, 1.25]
+    client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+    methods = {v.tags["mergeflow.round"]: v.tags["mergeflow.method"]
+               for v in client.search_model_versions(f"name = '{wf.registered_model_name}'")}
+    assert methods == {"0": "task_arithmetic", "1": "linear", "2": "linear"}

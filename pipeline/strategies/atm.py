@@ -12,6 +12,11 @@ Task heads carry over: each round's experts start from the heads in θ⁽ᵏ⁻�
 each task's whole budget divided by R unless ``rounds.finetune`` says otherwise, so ATM and
 one-shot merging spend the same compute. ``rounds.patience`` stops early when the mean held-out
 accuracy has not improved for that many rounds.
+
+ATM on validation data (``rounds.start: oneshot_merge`` with ``rounds.validation_fraction``):
+round 0 is a one-shot merge (the workflow's ``merge``) of experts trained with the whole budget on
+the train split minus a held-out validation slice; rounds 1..R then alternate tuning on that slice
+and merging, as above. The eval split, on which every round is scored, is never trained on.
 """
 
 from __future__ import annotations
@@ -25,16 +30,30 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     wf, spec = rounds.wf, rounds.wf.rounds
     current, results = base, []
     best, since_best = float("-inf"), 0
-    for k in range(spec.count):
+    first, part = 0, "all"
+    if spec.start == "oneshot_merge":  # ATM on validation data: round 0 is the one-shot merge
+        round_run = rounds.start_round(0)
+        probe = rounds.submit_probe(base, 0, round_run)
+        experts = rounds.finetune(base, wf.tasks, 0, round_run, part="fit")
+        merged = rounds.merge(base, experts, 0, round_run)
+        merged_eval, expert_evals = rounds.evaluate(merged, experts, 0, round_run, cross_task=False)
+        result = RoundResult(0, round_run, experts, merged, expert_evals, merged_eval,
+                             baseline=rounds.probe_result(probe), merge_method=wf.merge.method)
+        best = result.summary()["mean"]["merged"]
+        rounds.record(result, strategy="atm")
+        results.append(result)
+        current, first, part = merged, 1, "validation"
+    for k in range(first, first + spec.count):
         round_run = rounds.start_round(k)
         probe = rounds.submit_probe(base, k, round_run) if k == 0 else None
-        experts = rounds.finetune(current, wf.tasks, k, round_run, per_round=True)
+        experts = rounds.finetune(current, wf.tasks, k, round_run, per_round=True, part=part)
         merge_base = current if spec.task_vectors_from == "round_start" else base
         merged = rounds.merge(merge_base, experts, k, round_run, merge=spec.merge, heads_from=current)
         merged_eval, expert_evals = rounds.evaluate(merged, experts, k, round_run, cross_task=False)
+        done = (k - first + 1) / spec.count
         result = RoundResult(k, round_run, experts, merged, expert_evals, merged_eval,
                              baseline=rounds.probe_result(probe) if probe else results[0].baseline,
-                             budget=(k + 1) / spec.count)
+                             budget=done if first == 0 else 1.0 + done * (spec.validation_fraction or 0.0))
         score = result.summary()["mean"]["merged"]
         improved = score > best
         rounds.record(result, strategy="atm", move_alias=improved)

@@ -49,6 +49,7 @@ class RoundResult:
     merged_probe: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> linear probe of the merged body
     budget: float = 1.0  # cumulative fraction of each task's fine-tuning budget spent by this round's end
     reference: dict[str, float] = field(default_factory=dict)  # task -> expert accuracy used for normalising
+    merge_method: str = ""  # when the round merged with another method than its strategy's usual one
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per task: base (linear probe), expert (own task), merged, normalised (merged / expert).
@@ -100,17 +101,19 @@ class Rounds:
 
     # --- fine-tuning ----------------------------------------------------------------------------
     def finetune(self, start: ModelRef, tasks: list[TaskSpec], index: int, round_run: str,
-                 per_round: bool = False) -> dict[str, ModelRef]:
+                 per_round: bool = False, part: str = "all") -> dict[str, ModelRef]:
         """Fine-tune one expert per task from ``start`` in parallel; reuse complete ones.
 
         ``per_round``: use one round's budget (``Workflow.round_finetune_for``) instead of the whole one.
+        ``part``: which training rows (``all``, or ``fit`` / ``validation`` with a held-out slice).
         """
         experts: dict[str, ModelRef] = {}
         futures = []
         run_ids: dict[str, str] = {}
         for task in tasks:
             settings = self.wf.round_finetune_for(task, index) if per_round else self.wf.finetune_for(task)
-            key = expert_key(start, task, settings, task_data(task).digest)
+            data = task_data(task, part, self.wf.rounds.validation_fraction or 0.0, task.dataset.split_seed)
+            key = expert_key(start, task, settings, data.digest)
             path = expert_path(self.store, self.wf, index, task.name, key)
             if self.store.is_complete(path):
                 experts[task.name] = ref_from_store(self.store, path, "expert", task.name, key)
@@ -119,7 +122,7 @@ class Rounds:
             run_id = self._child(f"expert:{task.name}", "expert", round_run, index,
                                  {TAG_TASK: task.name, TAG_STORE_URI: self.store.uri(path)})
             run_ids[task.name] = run_id
-            futures.append(self.runtime.submit(finetune_step, self.ctx, task, start, index, run_id, key, settings,
+            futures.append(self.runtime.submit(finetune_step, self.ctx, task, start, index, run_id, key, settings, part,
                                                name=f"finetune-{task.name}-r{index}", resources=self.resources))
         try:
             for _fut, ref in self.runtime.as_completed(futures):
@@ -267,11 +270,12 @@ class Rounds:
             name, model_id=merged.model_id, source=source, run_id=merged.run_id or result.run_id,
             alias=self.wf.tracking.alias if move_alias else None,
             tags={"mergeflow.round": str(result.index), "mergeflow.strategy": strategy,
-                  "mergeflow.method": self.merge_spec(strategy).method, "mergeflow.store_uri": merged.uri,
+                  "mergeflow.method": result.merge_method or self.merge_spec(strategy).method,
+                  "mergeflow.store_uri": merged.uri,
                   "mergeflow.experts": ",".join(sorted(result.experts)),
                   "mean_accuracy": f"{summary['mean']['merged']:.4f}",
                   "mean_normalized_accuracy": f"{summary['mean']['normalized']:.4f}"},
-            description=f"{strategy} round {result.index}: {self.merge_spec(strategy).method} of "
+            description=f"{strategy} round {result.index}: {result.merge_method or self.merge_spec(strategy).method} of "
                         f"{', '.join(sorted(result.experts))}",
         )
         moved = f" (alias '{self.wf.tracking.alias}')" if move_alias else " (alias stays on a better round)"
