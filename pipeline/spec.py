@@ -200,7 +200,7 @@ class TrackingSpec(_Frozen):
     uri: str = DEFAULT_TRACKING_URI
     experiment: str | None = Field(default=None, description="Defaults to the workflow name.")
     registered_model: str | None = Field(default=None, description="Defaults to '<name>-merged'.")
-    alias: str = Field(default="current", description="Registry alias moved to each new merged version.")
+    alias: str = Field(default="current", description="Registry alias, moved to the best merged version so far (mean held-out accuracy).")
     log_model_artifacts: bool = Field(
         default=True,
         description="Upload the merged checkpoint as the LoggedModel's artifacts (the registry "
