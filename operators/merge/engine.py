@@ -191,7 +191,9 @@ def merge_checkpoints(
         A :class:`MergeReport`.
 
     Raises:
-        MergeError / CheckpointError: before anything is written, for any input problem.
+        MergeError / CheckpointError / ValueError: for any input problem. Structure, headers and
+            parameters are checked before anything is written; NaN/Inf values are found as each
+            tensor is read, and then the partial output is removed (nothing is left behind).
     """
     start = time.perf_counter()
     spec = get_method(method)
