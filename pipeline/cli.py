@@ -68,8 +68,9 @@ def validate(spec: str, tracking_uri: str | None, store: str | None, no_data: bo
             preflight(wf, report=lambda m: click.echo(f"  {m}"))
         except PreflightError as exc:
             _fail(str(exc), EXIT_BAD_INPUT)
+    merge = wf.merge.method if wf.strategy == "oneshot" else f"{wf.rounds.merge.method} over {wf.rounds.count} rounds"
     click.echo(f"ok: {spec} is a valid {wf.strategy} workflow '{wf.name}' with {len(wf.tasks)} tasks "
-               f"(merge: {wf.merge.method}; spec hash {wf.spec_hash()})")
+               f"(merge: {merge}; spec hash {wf.spec_hash()})")
 
 
 @main.command()
