@@ -137,3 +137,23 @@ def test_ties_whole_model_scope_through_the_engine_equals_in_memory(tiny_base, t
     assert per_tensor.tensors == len(base)
     assert any(not torch.equal(merged[k], load_state_dict(tmp_path / "pt")[k]) for k in keys)
     assert changed > 0
+
+
+def test_kth_largest_is_exact_on_large_tensors():
+    """The sampled bracket is only a shortcut: every k gives torch.kthvalue's answer, even when the
+    sample is unrepresentative (a strided sample of a periodic tensor) or values repeat."""
+    from operators.merge.task_vectors import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "gaussian": torch.randn(1_000_000, generator=g).abs(),
+        "few distinct values": torch.randint(0, 50, (600_000,), generator=g).float(),
+        # non-zero only where the strided sample looks (stride 600000 // 16384 = 36): the sample sees
+        # no zeros, though 35 of 36 values are zero, so its bracket misses most k
+        "sample-blind": torch.arange(600_000 * 1.0) * (torch.arange(600_000) % 36 == 0),
+    }
+    for name, a in cases.items():
+        n = a.numel()
+        for k in (1, 7, n // 5, n // 2, n - 1, n):
+            want = float(torch.kthvalue(a, n - k + 1).values) if k < n else float(a.min())
+            assert kth_largest(a, k) == want, (name, k)
