@@ -60,7 +60,7 @@ def breadcrumbs(
     assert base is not None
     ctx = ctx or TensorContext()
     tv = stack_task_vectors(base, experts)
-    densities = params.density_for(ctx.experts) if ctx.experts else [params.density] * len(experts)
+    densities = params.density_for(ctx.experts, len(experts))
     masked = tv.clone()
     for t, d in enumerate(densities):
         masked[t] = middle_band(tv[t : t + 1], d, params.gamma, params.scope)[0]

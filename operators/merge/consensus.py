@@ -63,8 +63,7 @@ def consensus(
             "would be masked out; use k ≤ the number of experts (the paper uses 2)"
         )
     ctx = ctx or TensorContext()
-    lambdas = resolve_per_expert(params.lambdas, params.lam, ctx.experts, "lambdas") if ctx.experts \
-        else [params.lam] * len(experts)
+    lambdas = resolve_per_expert(params.lambdas, params.lam, ctx.experts, "lambdas", len(experts))
     tv = weighted(stack_task_vectors(base, experts), weights)
     keep = tall_masks(tv, lambdas).sum(dim=0) >= params.k
     return base.float() + params.scaling * (tv.sum(dim=0) * keep)

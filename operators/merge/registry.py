@@ -94,17 +94,23 @@ class DensityParams(MergeParams):
             raise ValueError(f"every density must be in (0, 1]; out of range: {', '.join(sorted(bad))}")
         return v
 
-    def density_for(self, names: Sequence[str]) -> list[float]:
+    def density_for(self, names: Sequence[str], count: int = 0) -> list[float]:
         """One density per expert, in ``names`` order (``densities`` must name experts only)."""
-        return resolve_per_expert(self.densities, self.density, names, "densities")
+        return resolve_per_expert(self.densities, self.density, names, "densities", count)
 
 
-def resolve_per_expert(given: dict[str, float] | None, default: float, names: Sequence[str], field: str) -> list[float]:
+def resolve_per_expert(given: dict[str, float] | None, default: float, names: Sequence[str], field: str,
+                       count: int = 0) -> list[float]:
     """Values per expert in ``names`` order; names not listed get ``default``.
+
+    Without names (a method called on lone tensors, outside the engine), ``count`` experts all get
+    ``default``.
 
     Raises:
         ValueError: when ``given`` names an expert that is not being merged.
     """
+    if not names:
+        return [float(default)] * count
     given = given or {}
     unknown = sorted(set(given) - set(names))
     if unknown:

@@ -97,8 +97,7 @@ def ties(
     elif params.scope == "tensor" and ctx.local is not None:
         thresholds = ctx.local
     else:  # per tensor (also what a lone tensor outside the engine gets)
-        names = ctx.experts or tuple(str(i) for i in range(len(experts)))
-        densities = params.density_for(names) if ctx.experts else [params.density] * len(experts)
+        densities = params.density_for(ctx.experts, len(experts))
         thresholds = [topk_threshold(tv[t], d) for t, d in enumerate(densities)]
     trimmed = trim_by_threshold_(tv, thresholds)  # tv is a fresh stack: trim it in place
     if params.rescale == "l1":
