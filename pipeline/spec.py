@@ -332,18 +332,13 @@ class Workflow(_Frozen):
 
     @model_validator(mode="after")
     def _task_finetune_overrides(self) -> Workflow:
+        # every task's settings, and every task's per-round settings, must be valid before anything runs
         for i, t in enumerate(self.tasks):
-            if not t.finetune:
-                continue
-            try:
-                FinetuneSpec.model_validate({**self.finetune.model_dump(), **t.finetune})
-            except ValidationError as exc:
-                e = exc.errors()[0]
-                where = ".".join(str(x) for x in e["loc"]) or "(settings)"
-                msg = str(e["msg"]).removeprefix("Value error, ")
-                if e["type"] == "extra_forbidden":
-                    msg = f"unknown finetune setting; valid: {', '.join(FinetuneSpec.model_fields)}"
-                raise ValueError(f"tasks[{i}].finetune.{where}: {msg} (got {e.get('input')!r})") from None
+            task_settings = {**self.finetune.model_dump(), **t.finetune}
+            if t.finetune:
+                _check_finetune(task_settings, f"tasks[{i}].finetune")
+            if self.rounds.finetune:
+                _check_finetune({**task_settings, **self.rounds.finetune}, "rounds.finetune")
         return self
 
     def finetune_for(self, task: TaskSpec) -> FinetuneSpec:
@@ -403,6 +398,19 @@ class Workflow(_Frozen):
         """A stable hash of everything that changes the weights (not tracking or store settings)."""
         payload = self.model_dump(mode="json", exclude={"tracking", "store", "description"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_finetune(settings: dict[str, Any], where: str) -> None:
+    """Validate merged fine-tuning settings; raise ``ValueError`` naming ``where``'s field and value."""
+    try:
+        FinetuneSpec.model_validate(settings)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(x) for x in e["loc"]) or "(settings)"
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown finetune setting; valid: {', '.join(FinetuneSpec.model_fields)}"
+        raise ValueError(f"{where}.{loc}: {msg} (got {e.get('input')!r})") from None
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

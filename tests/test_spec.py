@@ -53,6 +53,9 @@ BAD_SPECS = [
      lambda d: d.update(strategy="atm", rounds={"start": "oneshot_merge"}),
      "rounds: start: oneshot_merge (ATM on validation data) and validation_fraction go together: give both, "
      "e.g. {start: oneshot_merge, validation_fraction: 0.1}, or neither."),
+    ("rounds: a per-round budget out of range is caught before anything runs",
+     lambda d: d.update(strategy="atm", rounds={"finetune": {"max_steps": 0}}),
+     "rounds.finetune.max_steps: Input should be greater than 0 (got 0)."),
     ("rounds: fractional contributor count",
      lambda d: d.update(strategy="cold_fusion", rounds={"contributors": 2.5}),
      "rounds.contributors: a count must be a whole number (or give a fraction below 1) (got 2.5)."),
