@@ -113,11 +113,15 @@ def ensure_mergekit(work: Path) -> Path:
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Run ``cmd`` as a child process; its wall time (s) and peak RSS (bytes, from wait4)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    import tempfile
+
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty child cannot block on a full pipe
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        log.seek(0)
+        err = log.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
     return wall, usage.ru_maxrss * 1024
