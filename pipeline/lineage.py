@@ -147,11 +147,24 @@ class Lineage:
             self.client.log_batch(run_id, params=items[i:i + 100])
 
     @_retry
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, model_id: str | None = None) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """Log ``metrics`` at ``step``; optionally for a LoggedModel and on a dataset.
+
+        Args:
+            run_id: The run the metrics belong to.
+            metrics: Metric name to value.
+            step: The step (the round for evaluation metrics).
+            model_id: The LoggedModel the metrics score (its page lists them).
+            dataset: ``(name, digest)`` of the dataset input they were computed on (the model's
+                page lists it under "Datasets used").
+        """
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step, model_id=model_id) for k, v in metrics.items()]
+        name, digest = dataset if dataset else (None, None)
+        items = [Metric(k, float(v), ts, step, model_id=model_id, dataset_name=name, dataset_digest=digest)
+                 for k, v in metrics.items()]
         self.client.log_batch(run_id, metrics=items)
 
     @_retry

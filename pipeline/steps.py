@@ -282,9 +282,13 @@ def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, Mod
         m = evaluate(body, data, head_from=None if head_dir == body else head_dir,
                      max_length=wf.finetune_for(task).max_length, device=ctx.device)
         results[task.name] = m
+        if model.kind != "expert":  # an expert's run already lists its own splits as inputs
+            lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.eval.texts,
+                                labels=[data.label_names[i] for i in data.eval.labels], source=data.source,
+                                digest=data.digest, context="evaluation")
         lineage.log_metrics(run_id, {f"{prefix}/{task.name}/accuracy": m["accuracy"],
                                      f"{prefix}/{task.name}/macro_f1": m["macro_f1"]},
-                            step=round_index, model_id=model.model_id)
+                            step=round_index, model_id=model.model_id, dataset=(f"{task.name}-eval", data.digest))
     say(f"[evaluate {model.kind} {model.name}] " + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
     return results
 
@@ -298,10 +302,15 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int) 
     results = {}
     start = time.perf_counter()
     for task in wf.tasks:
-        m = linear_probe(body, task_data(task), max_length=wf.finetune.max_length, seed=wf.finetune.seed, device=ctx.device)
+        data = task_data(task)
+        m = linear_probe(body, data, max_length=wf.finetune.max_length, seed=wf.finetune.seed, device=ctx.device)
         results[task.name] = m
+        lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.eval.texts,
+                            labels=[data.label_names[i] for i in data.eval.labels], source=data.source,
+                            digest=data.digest, context="evaluation")
         lineage.log_metrics(run_id, {f"probe/{task.name}/accuracy": m["accuracy"],
-                                     f"probe/{task.name}/macro_f1": m["macro_f1"]}, step=round_index)
+                                     f"probe/{task.name}/macro_f1": m["macro_f1"]}, step=round_index,
+                            dataset=(f"{task.name}-eval", data.digest))
     say(f"[probe] linear probe of the {base.kind} model in {time.perf_counter() - start:.1f}s: "
         + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
     return results
