@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +39,14 @@ from operators.checkpoint import (
     head_names,
     write_provenance,
 )
+from operators.merge.lora import (
+    LoraAdapter,
+    LoraDeltaReader,
+    check_same_task_type,
+    is_adapter_dir,
+    read_adapter,
+)
+from operators.merge.lora_adapter import AdapterBuilder, linear_coefficients
 from operators.merge.registry import ModelStream, TensorContext, get_method, resolve_weights
 from operators.tensor_io import ShardedWriter, TensorReader
 
@@ -69,6 +77,12 @@ class MergeReport:
     seconds: float = 0.0
     heads: list[str] = field(default_factory=list)
     output_files: list[str] = field(default_factory=list)
+    # LoRA experts: "exact" (a full checkpoint) or "adapter" (one peft adapter); None without adapters
+    lora_mode: str | None = None
+    adapter_rank: int | None = None  # the written adapter's r
+    adapter_error: float | None = None  # ‖ΔW − BA‖_F / ‖ΔW‖_F over every adapted module
+    adapter_worst_module_error: float | None = None
+    adapter_worst_module: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,13 +119,18 @@ def _arch(config_path: Path) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in _CONFIG_NOISE}
 
 
-def check_compatible(base: Path, experts: Mapping[str, Path], readers: Mapping[str, TensorReader]) -> None:
-    """Raise :class:`MergeError` naming the first difference between the base and an expert."""
+def check_compatible(base: Path, experts: Mapping[str, Path], readers: Mapping[str, TensorReader],
+                     config_dirs: Mapping[str, Path] | None = None) -> None:
+    """Raise :class:`MergeError` naming the first difference between the base and an expert.
+
+    ``config_dirs`` gives, per expert, the directory whose ``config.json`` describes it (a LoRA
+    expert's is its base's; default: the expert's own directory).
+    """
     base_arch = _arch(base / "config.json")
     ref = readers["__base__"]
     ref_keys = set(ref.keys())
     for name, path in experts.items():
-        arch = _arch(path / "config.json")
+        arch = _arch((config_dirs or {}).get(name, path) / "config.json")
         # transformers versions add or drop default keys when saving; compare what both declare
         # (tensor names, shapes and dtypes are compared one by one below)
         diff = sorted(k for k in set(base_arch) & set(arch) if base_arch[k] != arch[k])
@@ -170,8 +189,15 @@ def merge_checkpoints(
     out_dtype: torch.dtype | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
     heads_from: str | Path | None = None,
+    adapter_bases: Mapping[str, str | Path] | None = None,
+    lora_mode: Literal["exact", "adapter"] = "exact",
+    adapter_rank: int | None = None,
+    adapter_factorization: Literal["svd", "concat"] = "svd",
 ) -> MergeReport:
     """Merge the experts' bodies with ``method``; keep each expert's task head.
+
+    An expert may be a peft LoRA adapter directory: it is merged as its full weights, its base's
+    plus ``ΔW = B·A·scaling`` (exactly, row block by row block; see ``operators.merge.lora``).
 
     Args:
         base: The base checkpoint θ_0 (its config and tokenizer are copied to the output).
@@ -186,6 +212,15 @@ def merge_checkpoints(
         chunk_elements: Element-wise methods merge matrices in row blocks of about this many elements.
         heads_from: A mergeflow checkpoint whose task heads are kept for tasks no expert brings
             (ColD Fusion's shared model keeps every task's latest head).
+        adapter_bases: Expert name → the checkpoint its LoRA adapter was trained from (default:
+            ``base``; in ATM with task vectors from the original base, the round's start model).
+        lora_mode: ``exact`` writes a full checkpoint (any method). ``adapter`` (every expert an
+            adapter) writes one peft adapter over ``base`` holding the merged ΔW of each targeted
+            module; tensors no adapter targets must merge to the base.
+        adapter_rank: Adapter mode, svd: the output rank (default: per module the sum of the
+            experts' ranks, capped by the matrix dimensions).
+        adapter_factorization: Adapter mode: ``svd`` (any method; error measured and reported) or
+            ``concat`` (the experts' factors stacked: exact, for linear and task_arithmetic only).
 
     Returns:
         A :class:`MergeReport`.
@@ -204,29 +239,46 @@ def merge_checkpoints(
     weights = resolve_weights(p, names)
     base = Path(base)
     paths = {n: Path(experts[n]) for n in names}
+    adapters = {n: read_adapter(paths[n]) for n in names if is_adapter_dir(paths[n])}
+    lora_bases = _check_lora_args(base, names, adapters, adapter_bases, lora_mode, adapter_rank,
+                                  adapter_factorization, out_dtype)
+    coefficients = None
+    if lora_mode == "adapter" and adapter_factorization == "concat":
+        coefficients = linear_coefficients(spec, p, weights, names)
 
-    readers: dict[str, TensorReader] = {}
+    readers: dict[str, TensorReader | LoraDeltaReader] = {}
     try:
         readers["__base__"] = TensorReader(base)
         for n in names:
-            readers[n] = TensorReader(paths[n])
-        check_compatible(base, paths, readers)
+            readers[n] = LoraDeltaReader(adapters[n], lora_bases[n]) if n in adapters else TensorReader(paths[n])
+        check_compatible(base, paths, readers, config_dirs=lora_bases)
         heads = _plan_heads(paths)
 
-        report = MergeReport(method=method, params=p.model_dump(mode="json"), experts=names, weights=weights)
+        report = MergeReport(method=method, params=p.model_dump(mode="json"), experts=names, weights=weights,
+                             lora_mode=lora_mode if adapters else None)
+        lora_record = _lora_provenance(adapters, lora_bases, lora_mode, adapter_factorization) if adapters else {}
         keys = readers["__base__"].keys()
         stats = None
         if spec.prepare is not None:  # a first streaming pass for whole-model statistics
             float_keys = [k for k in keys if readers["__base__"].dtype(k).is_floating_point]
             stream = ModelStream(float_keys, lambda k: (readers["__base__"].get(k), [readers[n].get(k) for n in names]))
             stats = spec.prepare(stream, p, names)
+        if lora_mode == "adapter":
+            builder = AdapterBuilder(adapters, {n: readers[n].targets for n in names}, adapter_factorization,
+                                     adapter_rank, coefficients, method)
+            return _merge_to_adapter(base, keys, readers, names, spec, p, weights, stats, chunk_elements, out_dir,
+                                     builder, adapters, paths, heads, heads_from, report, progress, provenance,
+                                     lora_record, start)
         with atomic_output_dir(out_dir) as tmp:
             ref = readers["__base__"]
             plan = [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
                     for k in keys]
             writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes, metadata={"merge_method": method})
             with _BackgroundWriter(writer) as out:
-                for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, out, out_dtype, chunk_elements):
+                def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
+                    out.write(b.key, merged.to(out_dtype or ref.dtype(b.key)) if merged.is_floating_point() else merged)
+
+                for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements):
                     report.bytes_read += ref.nbytes(key) * (1 + sum(key in readers[n] for n in names))
                     report.tensors += 1
                     if progress is not None:
@@ -251,12 +303,105 @@ def merge_checkpoints(
                 "weights": dict(zip(names, weights, strict=True)),
                 "base": str(base),
                 "experts": {n: str(paths[n]) for n in names},
+                **lora_record,
                 **(provenance or {}),
             })
         return report
     finally:
         for r in readers.values():
             r.close()
+
+
+def _check_lora_args(base: Path, names: list[str], adapters: Mapping[str, LoraAdapter],
+                     adapter_bases: Mapping[str, str | Path] | None, lora_mode: str, adapter_rank: int | None,
+                     factorization: str, out_dtype: torch.dtype | None) -> dict[str, Path]:
+    """Validate the LoRA arguments; return each adapter expert's base checkpoint."""
+    if lora_mode not in ("exact", "adapter"):
+        raise MergeError(f"lora_mode: {lora_mode!r} is not a LoRA merge mode; use 'exact' (a full checkpoint) or "
+                         "'adapter' (one peft adapter)")
+    if factorization not in ("svd", "concat"):
+        raise MergeError(f"adapter_factorization: {factorization!r} is not known; use 'svd' or 'concat'")
+    if adapter_rank is not None and (isinstance(adapter_rank, bool) or not isinstance(adapter_rank, int)
+                                     or adapter_rank < 1):
+        raise MergeError(f"adapter_rank: {adapter_rank!r} must be a positive integer (or left out: the sum of the "
+                         "experts' ranks)")
+    unknown = sorted(set(adapter_bases or {}) - set(adapters))
+    if unknown:
+        what = "is not an expert" if unknown[0] not in names else "is not a LoRA adapter directory"
+        raise MergeError(f"adapter_bases: {unknown[0]!r} {what}; give bases for LoRA experts only "
+                         f"(adapters: {', '.join(sorted(adapters)) or 'none'})")
+    if lora_mode == "adapter":
+        full = [n for n in names if n not in adapters]
+        if full:
+            raise MergeError(f"lora_mode 'adapter': expert {full[0]!r} is a full checkpoint, not a LoRA adapter; "
+                             "adapter mode needs every expert to be an adapter (use lora_mode: exact)")
+        if out_dtype is not None:
+            raise MergeError(f"out_dtype {out_dtype}: applies to full checkpoints; an adapter-mode output keeps the "
+                             "adapters' dtype (leave dtype out, or use lora_mode: exact)")
+    if adapters:
+        check_same_task_type(dict(adapters))
+    return {n: Path((adapter_bases or {}).get(n, base)) for n in adapters}
+
+
+def _lora_provenance(adapters: Mapping[str, LoraAdapter], bases: Mapping[str, Path], lora_mode: str,
+                     factorization: str) -> dict[str, Any]:
+    return {"lora": {
+        "mode": lora_mode,
+        **({"factorization": factorization} if lora_mode == "adapter" else {}),
+        "adapters": {n: {"base": str(bases[n]), "task_type": a.task_type,
+                         "ranks": sorted(set(a.ranks.values())), "modules": len(a.modules),
+                         "use_rslora": bool(a.config.get("use_rslora"))} for n, a in sorted(adapters.items())},
+    }}
+
+
+def _merge_to_adapter(base, keys, readers, names, spec, p, weights, stats, chunk_elements, out_dir,
+                      builder: AdapterBuilder, adapters, paths, heads, heads_from, report: MergeReport, progress,
+                      provenance, lora_record, start) -> MergeReport:
+    """Adapter mode: merge exactly, in float32, and hand each block to ``builder`` instead of a writer."""
+    with atomic_output_dir(out_dir) as tmp:
+        def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
+            builder.add(b.key, base_t, merged, b.last)
+
+        ref = readers["__base__"]
+        for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements):
+            report.bytes_read += ref.nbytes(key) * (1 + sum(key in readers[n] for n in names))
+            report.tensors += 1
+            if progress is not None:
+                progress(report.tensors, len(keys))
+        res = builder.write(tmp, adapters[names[0]].config, base)
+        report.output_files = sorted(f.name for f in tmp.iterdir())
+        report.bytes_written = sum(f.stat().st_size for f in tmp.iterdir())
+        report.adapter_rank = res.rank
+        report.adapter_error = res.error
+        report.adapter_worst_module = res.worst_module
+        report.adapter_worst_module_error = res.worst_module_error
+        copy_tokenizer(base, tmp)
+        for expert_name, task in heads:
+            copy_head(paths[expert_name], tmp, task)
+        carried = []
+        if heads_from is not None:
+            carried = [t for t in head_names(heads_from) if t not in {task for _, task in heads}]
+            for task in carried:
+                copy_head(Path(heads_from), tmp, task)
+        report.heads = sorted([t for _, t in heads] + carried)
+        report.seconds = time.perf_counter() - start
+        lora_record["lora"].update(
+            rank=res.rank, modules=res.modules, error=res.error, worst_module=res.worst_module,
+            worst_module_error=res.worst_module_error, module_errors=res.module_errors,
+            error_definition="relative Frobenius norm ||dW - B A||_F / ||dW||_F of the merged update dW "
+                             "(merged - base), measured on the written factors; 'error' over all modules together")
+        write_provenance(tmp, {
+            "kind": "merged",
+            "format": "peft_adapter",
+            "method": report.method,
+            "params": report.params,
+            "weights": dict(zip(names, weights, strict=True)),
+            "base": str(base),
+            "experts": {n: str(paths[n]) for n in names},
+            **lora_record,
+            **(provenance or {}),
+        })
+    return report
 
 
 @dataclass(frozen=True)
@@ -296,10 +441,10 @@ def _read_block(readers, names, b: _Block) -> tuple[torch.Tensor, list[torch.Ten
     return base_t, experts
 
 
-def _merge_blocks(keys, readers, names, spec, p, weights, stats, out, out_dtype, chunk_elements) -> Iterator[str]:
-    """Merge every tensor, block by block.
+def _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements) -> Iterator[str]:
+    """Merge every tensor, block by block; ``emit(block, base_block, merged_block)`` takes each result.
 
-    Yields each tensor's name once all of it has been handed to the writer.
+    Yields each tensor's name once all of it has been handed on.
     """
     ref = readers["__base__"]
     blocks = _plan_blocks(keys, ref, spec, p, chunk_elements)
@@ -314,7 +459,7 @@ def _merge_blocks(keys, readers, names, spec, p, weights, stats, out, out_dtype,
             for n, t in zip(names, expert_ts, strict=True):
                 if t is not None and not torch.equal(t, base_t):
                     raise MergeError(f"expert {n!r}: integer tensor {b.key!r} differs from the base's")
-            out.write(b.key, base_t)
+            emit(b, base_t, base_t)
             yield b.key
             continue
         if b.first:  # per-tensor statistics are needed only when the tensor comes in pieces
@@ -323,7 +468,7 @@ def _merge_blocks(keys, readers, names, spec, p, weights, stats, out, out_dtype,
             if who not in checked:
                 _check_finite(t, who, b.key)
         merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p, ctx)
-        out.write(b.key, merged.to(out_dtype or dtype))
+        emit(b, base_t, merged)
         del base_t, expert_ts, merged
         if b.last:
             yield b.key
