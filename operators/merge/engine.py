@@ -325,6 +325,9 @@ def _check_lora_args(base: Path, names: list[str], adapters: Mapping[str, LoraAd
                                      or adapter_rank < 1):
         raise MergeError(f"adapter_rank: {adapter_rank!r} must be a positive integer (or left out: the sum of the "
                          "experts' ranks)")
+    if adapter_rank is not None and (lora_mode != "adapter" or factorization != "svd"):
+        raise MergeError(f"adapter_rank: {adapter_rank} applies to lora_mode 'adapter' with svd only (concat's rank is "
+                         "the sum of the experts' ranks; exact mode writes full weights); leave it out")
     unknown = sorted(set(adapter_bases or {}) - set(adapters))
     if unknown:
         what = "is not an expert" if unknown[0] not in names else "is not a LoRA adapter directory"

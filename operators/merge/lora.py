@@ -209,8 +209,15 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
             tensors[key] = f.get_tensor(key)
     pairs: dict[str, dict[str, Tensor]] = {}
-    for key, t in tensors.items():
-        if "modules_to_save" in key:
+    extra_modules = config.get("modules_to_save") or []
+    # the tensors that name a variant (embedding LoRA, DoRA) first: their error says more than the extra
+    # tensors they bring (peft saves an embedding LoRA's base layer beside it)
+    for key in sorted(tensors, key=lambda k: ("lora_embedding_" not in k and "lora_magnitude_vector" not in k, k)):
+        t = tensors[key]
+        is_lora = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key) is not None
+        # peft saves a modules_to_save copy under the module's own name (older versions: ...modules_to_save...)
+        if "modules_to_save" in key or (extra_modules and not is_lora and any(
+                re.search(rf"(^|\.){re.escape(str(mod))}\.", key) for mod in extra_modules)):
             raise CheckpointError(
                 f"{weights}: tensor {key!r} is a modules_to_save copy (a fully trained module, not a LoRA update); "
                 "mergeflow keeps task heads under heads/<task>/. Train without modules_to_save, or merge the "
