@@ -304,7 +304,9 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
     try:
         report = merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, out,
                                    max_shard_bytes=shard_bytes, progress=progress, out_dtype=plan.out_dtype,
-                                   provenance={"config": str(Path(config).resolve()), "config_format": plan.source_format})
+                                   provenance={"config": str(Path(config).resolve()), "config_format": plan.source_format},
+                                   adapter_bases=plan.adapter_bases or None, lora_mode=plan.lora_mode,
+                                   adapter_rank=plan.adapter_rank, adapter_factorization=plan.adapter_factorization)
     except (MergeError, CheckpointError, ValueError) as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     finally:
@@ -322,6 +324,10 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
         "bytes_written": report.bytes_written,
         "output_files": report.output_files,
         "notes": plan.notes,
+        **({"lora_mode": report.lora_mode} if report.lora_mode else {}),
+        **({"adapter_rank": report.adapter_rank, "adapter_error": report.adapter_error,
+            "adapter_worst_module": report.adapter_worst_module,
+            "adapter_worst_module_error": report.adapter_worst_module_error} if report.lora_mode == "adapter" else {}),
     }
     if as_json:
         click.echo(json.dumps(summary))
@@ -329,6 +335,9 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
         click.echo(f"merged {len(report.experts)} models with {plan.method} into {out}: {report.tensors} tensors, "
                    f"{report.bytes_written / 1e6:.0f} MB written in {summary['seconds']:.1f} s, "
                    f"peak RSS {summary['peak_rss_bytes'] / 1e6:.0f} MB")
+        if report.lora_mode == "adapter":
+            click.echo(f"adapter rank {report.adapter_rank}: relative error {report.adapter_error:.3g} "
+                       f"(worst {report.adapter_worst_module}: {report.adapter_worst_module_error:.3g})")
         for note in plan.notes:
             click.echo(f"note: {note}")
 

@@ -460,3 +460,38 @@ def test_mixed_full_and_lora_experts_merge_exactly(root, llama_base, llama_adapt
     merge_checkpoints(llama_base, llama_full_experts, "ties", {"density": 0.3}, out_full)
     got, want = load_state_dict(out_mixed), load_state_dict(out_full)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---------------------------------------------------------------- mergeflow merge CONFIG
+
+
+def test_merge_command_with_a_lora_block(root, llama_base, llama_adapters):
+    import yaml
+    from click.testing import CliRunner
+
+    from operators.merge.merge_config import MergeConfigError, parse_merge_config
+    from pipeline.cli import main
+
+    cfg = {"base": str(llama_base), "experts": {n: str(p) for n, p in llama_adapters.items()},
+           "method": "task_arithmetic", "params": {"scaling": 0.7},
+           "lora": {"mode": "adapter", "factorization": "svd", "rank": 3}}
+    path = root / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = root / "cli-adapter"
+    res = CliRunner().invoke(main, ["merge", str(path), str(out), "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["lora_mode"] == "adapter" and summary["adapter_rank"] == 3
+    assert 0 < summary["adapter_error"] < 1 and summary["adapter_worst_module"].startswith("model.layers.")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+
+    for bad, message in [
+        ({"lora": {"mode": "merged"}}, "lora.mode: 'merged' is not one of exact, adapter"),
+        ({"lora": {"mode": "adapter", "rank": 0}}, "lora.rank: 0 must be a positive integer"),
+        ({"lora": {"rank": 4}}, "lora: rank and factorization apply to mode: adapter"),
+        ({"lora": {"mode": "adapter"}, "experts": {"qv": str(llama_adapters["qv"]), "b": str(llama_base)}},
+         "lora.mode: adapter needs every expert to be a peft adapter directory; experts.b"),
+        ({"adapter_bases": {"nope": str(llama_base)}}, "adapter_bases.nope: not an expert of this config"),
+    ]:
+        with pytest.raises(MergeConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            parse_merge_config({**cfg, **bad})

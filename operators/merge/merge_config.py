@@ -8,6 +8,12 @@ mergeflow's format names the base, the experts and one registered method::
     params: {density: 0.2, scaling: 1.0}
     dtype: float32            # optional: output dtype (default: the base's)
 
+An expert may be a peft LoRA adapter directory (merged exactly as base + B·A·scaling); an optional
+``lora`` block picks the output::
+
+    lora: {mode: adapter, rank: 16, factorization: svd}   # mode: exact (default) | adapter
+    adapter_bases: {sentiment: ./round-1/start}           # optional: an adapter's own base (default: base)
+
 A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, ``parameters``,
 ``dtype``, ``out_dtype``, ``tokenizer_source: base``) is a drop-in: it is translated to the registered
 method with mergekit 0.1.5's semantics (its defaults, per-tensor sparsification, its ``normalize``
@@ -67,6 +73,10 @@ class MergePlan:
     out_dtype: torch.dtype | None = None
     source_format: str = "mergeflow"
     notes: list[str] = field(default_factory=list)
+    lora_mode: str = "exact"
+    adapter_rank: int | None = None
+    adapter_factorization: str = "svd"
+    adapter_bases: dict[str, Path] = field(default_factory=dict)
 
 
 def load_merge_config(path: str | Path) -> MergePlan:
@@ -91,7 +101,7 @@ def parse_merge_config(raw: Mapping[str, Any], root: Path = Path(".")) -> MergeP
     """Translate a config mapping into a :class:`MergePlan` (mergekit's when it has ``merge_method``)."""
     if "merge_method" in raw:
         return _from_mergekit(raw, Path.cwd())
-    known = {"base", "experts", "method", "params", "dtype"}
+    known = {"base", "experts", "method", "params", "dtype", "lora", "adapter_bases"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise MergeConfigError(f"{unknown[0]}: unknown key; a mergeflow merge config has {', '.join(sorted(known))} "
@@ -108,19 +118,67 @@ def parse_merge_config(raw: Mapping[str, Any], root: Path = Path(".")) -> MergeP
         get_method(method).parse_params(params)
     except ValueError as exc:
         raise MergeConfigError(f"method: {exc}" if "unknown merge method" in str(exc) else str(exc)) from None
-    return MergePlan(
+    plan = MergePlan(
         base=_local(raw["base"], root, "base"),
         experts={str(n): _local(p, root, f"experts.{n}") for n, p in experts.items()},
         method=method,
         params=params,
         out_dtype=_dtype(raw.get("dtype"), "dtype"),
     )
+    _lora_settings(raw, root, plan)
+    return plan
+
+
+LORA_KEYS = {"mode": ("exact", "adapter"), "rank": None, "factorization": ("svd", "concat")}
+
+
+def _lora_settings(raw: Mapping[str, Any], root: Path, plan: MergePlan) -> None:
+    """Read the optional ``lora`` block and ``adapter_bases`` into ``plan``."""
+    from operators.merge.lora import is_adapter_dir
+
+    lora = raw.get("lora") or {}
+    if not isinstance(lora, dict):
+        raise MergeConfigError(f"lora: a mapping such as {{mode: adapter, rank: 16}} (got {lora!r})")
+    for key, value in lora.items():
+        if key not in LORA_KEYS:
+            raise MergeConfigError(f"lora.{key}: unknown key; lora takes {', '.join(LORA_KEYS)}")
+        choices = LORA_KEYS[key]
+        if choices is not None and value not in choices:
+            raise MergeConfigError(f"lora.{key}: {value!r} is not one of {', '.join(choices)}")
+    rank = lora.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise MergeConfigError(f"lora.rank: {rank!r} must be a positive integer (or left out: the sum of the "
+                               "experts' ranks)")
+    plan.lora_mode = lora.get("mode", "exact")
+    plan.adapter_rank = rank
+    plan.adapter_factorization = lora.get("factorization", "svd")
+    if plan.lora_mode == "exact" and ("rank" in lora or "factorization" in lora):
+        raise MergeConfigError("lora: rank and factorization apply to mode: adapter (exact writes full weights); "
+                               "set mode: adapter or remove them")
+    bases = raw.get("adapter_bases") or {}
+    if not isinstance(bases, dict):
+        raise MergeConfigError(f"adapter_bases: a mapping of expert name → base checkpoint path (got {bases!r})")
+    for name, ref in bases.items():
+        if str(name) not in plan.experts:
+            raise MergeConfigError(f"adapter_bases.{name}: not an expert of this config "
+                                   f"(experts: {', '.join(plan.experts)})")
+        plan.adapter_bases[str(name)] = _local(ref, root, f"adapter_bases.{name}")
+    adapters = [n for n, p in plan.experts.items() if is_adapter_dir(p)]
+    if plan.lora_mode == "adapter" and len(adapters) != len(plan.experts):
+        full = next(n for n in plan.experts if n not in adapters)
+        raise MergeConfigError(f"lora.mode: adapter needs every expert to be a peft adapter directory; experts.{full} "
+                               f"({plan.experts[full]}) is a full checkpoint. Use mode: exact")
+    if adapters:
+        plan.notes.append(f"LoRA experts {', '.join(adapters)} merged as base + B·A·scaling (exact); "
+                          f"output: {'one peft adapter' if plan.lora_mode == 'adapter' else 'a full checkpoint'}")
 
 
 def _local(ref: Any, root: Path, where: str) -> Path:
     ref = str(ref)
     if "@" in ref:
-        raise MergeConfigError(f"{where}: {ref!r} applies a LoRA (model@lora); merge the adapter into its model first")
+        raise MergeConfigError(f"{where}: {ref!r} applies a LoRA (model@lora), mergekit's syntax, which mergeflow "
+                               "refuses; give the adapter directory itself as an expert of a mergeflow merge config "
+                               "(experts: {name: ADAPTER_DIR}; its base is `base`)")
     p = Path(ref).expanduser()
     p = p if p.is_absolute() else root / p
     if not p.exists():
