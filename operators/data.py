@@ -29,6 +29,9 @@ class DataError(ValueError):
 
 class DatasetLike(Protocol):
     source: str | None
+    prompt_column: str | None
+    answer_column: str | None
+    template: object | None
     train: str | None
     eval: str | None
     format: str | None
@@ -42,13 +45,26 @@ class DatasetLike(Protocol):
 
 @dataclass(frozen=True)
 class Split:
-    """One split of one task: texts and integer label ids."""
+    """One split of one task.
+
+    Classification: ``texts`` and integer label ids ``labels``. Causal LM: ``texts`` are the texts
+    to model (the responses when ``prompts`` are given; the loss covers only them), ``labels`` is
+    empty, and ``answers`` (optional) are the references for exact-match evaluation.
+    """
 
     texts: list[str]
     labels: list[int]
+    prompts: list[str] | None = None
+    answers: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
+
+    def take(self, idx) -> Split:
+        """The rows at ``idx``, in that order."""
+        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+        return Split([self.texts[i] for i in idx], [self.labels[i] for i in idx] if self.labels else [],
+                     pick(self.prompts), pick(self.answers))
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,23 @@ class TaskData:
     eval: Split
     source: str
     digest: str
+    task_type: str = "classification"
+
+    @property
+    def is_lm(self) -> bool:
+        return self.task_type == "causal_lm"
+
+    def targets(self, split: Split) -> list[str]:
+        """What a model is asked to produce for each row: label names, or the response texts."""
+        if self.is_lm:
+            return list(split.answers if split.answers is not None else split.texts)
+        return [self.label_names[i] for i in split.labels]
+
+    def inputs(self, split: Split) -> list[str]:
+        """What a model is given for each row: the texts (classification), or the prompts (causal LM)."""
+        if self.is_lm and split.prompts is not None:
+            return list(split.prompts)
+        return list(split.texts)
 
 
 def infer_format(path: str, explicit: str | None) -> str:
@@ -145,21 +178,48 @@ def _to_split(table: pa.Table, ds: DatasetLike, label_names: list[str], where: s
     return Split([str(t) for t in texts], _to_ids(labels, label_names, where, ds.label_column))
 
 
+def _to_lm_split(table: pa.Table, ds: DatasetLike, where: str) -> Split:
+    """A causal-LM split: texts (responses), optional prompts and answers, from columns or a template."""
+    def strings(name: str, what: str) -> list[str]:
+        values = _column(table, name, what, where)
+        for row, v in enumerate(values):
+            if v is None:
+                raise DataError(f"{where}: row {row} has no {what} (null in column {name!r}); drop or fill it")
+        return [str(v) for v in values]
+
+    template = getattr(ds, "template", None)
+    if template is not None:
+        missing = [c for c in template.columns() if c not in table.column_names]
+        if missing:
+            raise DataError(f"{where}: dataset.template uses column {missing[0]!r}, which the table lacks; the "
+                            f"columns are {table.column_names}")
+        rows = table.select(template.columns()).to_pylist()
+        prompts = [template.prompt.format(**r) for r in rows]
+        texts = [template.response.format(**r) for r in rows]
+    else:
+        texts = strings(ds.text_column, "text")
+        prompts = strings(ds.prompt_column, "prompt") if ds.prompt_column else None
+    answers = strings(ds.answer_column, "answer") if ds.answer_column else None
+    return Split(texts, [], prompts, answers)
+
+
 def _cap(split: Split, limit: int | None, seed: int) -> Split:
     if limit is None or len(split) <= limit:
         return split
     idx = np.random.default_rng(seed).permutation(len(split))[:limit]
     idx.sort()
-    return Split([split.texts[i] for i in idx], [split.labels[i] for i in idx])
+    return split.take(idx)
 
 
-def load_task_data(task_name: str, ds: DatasetLike, label_names: list[str]) -> TaskData:
+def load_task_data(task_name: str, ds: DatasetLike, label_names: list[str],
+                   task_type: str = "classification") -> TaskData:
     """Read, check and split one task's data.
 
     Args:
         task_name: The task's name (for messages).
         ds: The task's dataset settings (``DatasetSpec``).
-        label_names: The declared labels; ids are positions in this list.
+        label_names: The declared labels; ids are positions in this list (empty for causal LM).
+        task_type: ``classification`` or ``causal_lm``.
 
     Returns:
         The task's train and eval splits.
@@ -167,21 +227,25 @@ def load_task_data(task_name: str, ds: DatasetLike, label_names: list[str]) -> T
     Raises:
         DataError: missing file or column, empty split, or a label outside ``label_names``.
     """
+    def to_split(table: pa.Table, where: str) -> Split:
+        if task_type == "causal_lm":
+            return _to_lm_split(table, ds, where)
+        return _to_split(table, ds, label_names, where)
+
     if ds.source:
         where = f"tasks.{task_name}.dataset ({ds.source})"
-        full = _to_split(read_table(ds.source, ds.format), ds, label_names, where)
+        full = to_split(read_table(ds.source, ds.format), where)
         if len(full) < 2:
             raise DataError(f"{where}: has {len(full)} rows; need at least 2 to make a train and an eval split")
         perm = np.random.default_rng(ds.split_seed).permutation(len(full))
         n_eval = max(1, int(round(len(full) * ds.eval_fraction)))
         eval_idx, train_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
-        train = Split([full.texts[i] for i in train_idx], [full.labels[i] for i in train_idx])
-        evals = Split([full.texts[i] for i in eval_idx], [full.labels[i] for i in eval_idx])
+        train, evals = full.take(train_idx), full.take(eval_idx)
         source = ds.source
     else:
         assert ds.train and ds.eval  # the spec guarantees it
-        train = _to_split(read_table(ds.train, ds.format), ds, label_names, f"tasks.{task_name}.dataset.train ({ds.train})")
-        evals = _to_split(read_table(ds.eval, ds.format), ds, label_names, f"tasks.{task_name}.dataset.eval ({ds.eval})")
+        train = to_split(read_table(ds.train, ds.format), f"tasks.{task_name}.dataset.train ({ds.train})")
+        evals = to_split(read_table(ds.eval, ds.format), f"tasks.{task_name}.dataset.eval ({ds.eval})")
         source = f"{ds.train} | {ds.eval}"
         where = f"tasks.{task_name}.dataset"
     train = _cap(train, ds.max_train_examples, ds.split_seed)
@@ -191,10 +255,16 @@ def load_task_data(task_name: str, ds: DatasetLike, label_names: list[str]) -> T
             raise DataError(f"{where}: the {split_name} split is empty; add rows or lower dataset.eval_fraction")
     h = hashlib.sha256()
     for split in (train, evals):
+        if task_type == "causal_lm":  # (classification digests keep their old form: stored keys stay valid)
+            for i, t in enumerate(split.texts):
+                prompt = split.prompts[i] if split.prompts is not None else ""
+                answer = split.answers[i] if split.answers is not None else ""
+                h.update(b"\x1f".join(x.encode() for x in (prompt, t, answer)) + b"\x1e")
+            continue
         for t, y in zip(split.texts, split.labels, strict=True):
             h.update(t.encode())
             h.update(b"\x1f%d\x1e" % y)
-    return TaskData(task_name, list(label_names), train, evals, source, h.hexdigest()[:16])
+    return TaskData(task_name, list(label_names), train, evals, source, h.hexdigest()[:16], task_type)
 
 
 def hold_out(data: TaskData, fraction: float, seed: int = 0) -> tuple[TaskData, TaskData]:
@@ -213,7 +283,7 @@ def hold_out(data: TaskData, fraction: float, seed: int = 0) -> tuple[TaskData, 
     val_idx, fit_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
 
     def take(idx) -> Split:
-        return Split([data.train.texts[i] for i in idx], [data.train.labels[i] for i in idx])
+        return data.train.take(idx)
 
     tag = f"{fraction}/{seed}"
     fit = replace(data, train=take(fit_idx), digest=_sub_digest(data.digest, "fit", tag))

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from operators.checkpoint import load_task_model, quiet_transformers
+from operators.checkpoint import load_model, load_task_model, quiet_transformers
 from operators.data import Split, TaskData
+from operators.finetune import IGNORE_INDEX, collate_lm, encode_lm, lm_tokenizer
 
 
 def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> dict[str, float]:
@@ -46,27 +47,106 @@ def evaluate(
     data: TaskData,
     *,
     head_from: str | Path | None = None,
+    adapter_base: str | Path | None = None,
+    headline: str | None = None,
     batch_size: int = 128,
     max_length: int = 64,
     device: str = "cpu",
 ) -> dict[str, float]:
-    """Score ``ckpt``'s body with ``data.name``'s head on the eval split.
+    """Score ``ckpt`` on ``data``'s eval split: body + ``data.name``'s head, or a causal LM.
 
     Args:
-        ckpt: The checkpoint whose body is scored.
+        ckpt: The checkpoint scored: a full checkpoint, or a LoRA adapter (with ``adapter_base``).
         data: The task; its eval split is used.
         head_from: Take the head from this checkpoint instead (e.g. an expert's head on another body).
+        adapter_base: The full checkpoint a LoRA adapter ``ckpt`` was trained from.
+        headline: Which metric ``accuracy`` reports (the task's headline metric); default: the type's.
 
     Returns:
-        ``{"accuracy", "macro_f1", "n"}``.
+        Classification: ``{"accuracy", "macro_f1", "n"}``. Causal LM: ``{"loss", "perplexity",
+        "token_accuracy", "exact_match" (with answers), "accuracy" (= the headline metric), "n"}``.
     """
+    quiet_transformers()
+    model = load_model(ckpt, data.name, causal_lm=data.is_lm, head_from=head_from, adapter_base=adapter_base)
+    tok_dir = adapter_base if adapter_base is not None and not (Path(ckpt) / "tokenizer_config.json").is_file() else ckpt
+    if data.is_lm:
+        return lm_metrics(model, lm_tokenizer(tok_dir), data.eval, headline=headline, batch_size=batch_size,
+                          max_length=max_length, device=device)
     from transformers import AutoTokenizer
 
-    quiet_transformers()
-    model = load_task_model(ckpt, data.name, head_from=head_from)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     pred = predict(model, tokenizer, data.eval, batch_size=batch_size, max_length=max_length, device=device)
-    return classification_metrics(pred, np.array(data.eval.labels), len(data.label_names))
+    metrics = classification_metrics(pred, np.array(data.eval.labels), len(data.label_names))
+    if headline == "macro_f1":
+        metrics = {**metrics, "accuracy_plain": metrics["accuracy"], "accuracy": metrics["macro_f1"]}
+    return metrics
+
+
+@torch.no_grad()
+def lm_metrics(model, tokenizer, split: Split, *, headline: str | None = None, batch_size: int = 64,
+               max_length: int = 64, device: str = "cpu", max_new_tokens: int | None = None) -> dict[str, float]:
+    """Held-out loss, perplexity and next-token accuracy on the response tokens; exact match of greedy answers.
+
+    The loss is the token-weighted mean negative log-likelihood of the tokens the training loss
+    covers (response + EOS; every token without prompts), so ``perplexity = exp(loss)``.
+    ``exact_match`` (when the split has answers): the fraction of prompts whose greedy continuation,
+    cut at EOS or a newline and stripped, equals the answer stripped.
+    """
+    model.eval().to(device)
+    rows = encode_lm(tokenizer, split, max_length)
+    nll, correct, count = 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate_lm(rows[i:i + batch_size], tokenizer.pad_token_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        keep = target != IGNORE_INDEX
+        nll += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+        correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
+        count += int(keep.sum())
+    loss = nll / max(1, count)
+    out = {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "token_accuracy": correct / max(1, count),
+           "n": float(len(split))}
+    if split.answers is not None and split.prompts is not None:
+        out["exact_match"] = exact_match(model, tokenizer, split.prompts, split.answers, batch_size=batch_size,
+                                         max_length=max_length, device=device, max_new_tokens=max_new_tokens)
+    key = headline or ("exact_match" if "exact_match" in out else "token_accuracy")
+    out["accuracy"] = out[key]
+    return out
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 64, max_length: int = 64,
+                   device: str = "cpu", max_new_tokens: int = 16) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), cut at EOS or a newline."""
+    model.eval().to(device)
+    encoded = [ids[-max_length:] for ids in tokenizer(prompts)["input_ids"]]
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out: list[str] = []
+    for i in range(0, len(encoded), batch_size):
+        chunk = encoded[i:i + batch_size]
+        width = max(len(x) for x in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, x in enumerate(chunk):
+            ids[j, width - len(x):] = torch.tensor(x)
+            mask[j, width - len(x):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+        for row in gen[:, width:].tolist():
+            if eos in row:
+                row = row[:row.index(eos)]
+            out.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+    return out
+
+
+def exact_match(model, tokenizer, prompts: list[str], answers: list[str], *, batch_size: int = 64,
+                max_length: int = 64, device: str = "cpu", max_new_tokens: int | None = None) -> float:
+    """The fraction of prompts whose greedy answer equals the reference (both stripped)."""
+    if max_new_tokens is None:  # room for the longest reference answer, and its EOS
+        max_new_tokens = max(len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]) + 2
+    got = greedy_answers(model, tokenizer, prompts, batch_size=batch_size, max_length=max_length, device=device,
+                         max_new_tokens=max_new_tokens)
+    return sum(g == a.strip() for g, a in zip(got, answers, strict=True)) / max(1, len(answers))
 
 
 @torch.no_grad()

@@ -1,28 +1,61 @@
-"""Fine-tune one expert: a shared body plus its task's classification head, from a start checkpoint.
+"""Fine-tune one expert from a start checkpoint: full fine-tune or LoRA, classification or causal LM.
 
-Reads top to bottom: set up (seed, model, data, optimiser) → train → save. Deterministic for a
-given seed, start checkpoint, data and thread count. Knows nothing of Ray or MLflow: progress goes
-to an optional ``log`` callback, which the pipeline points at MLflow.
+Reads top to bottom: set up (seed, model, LoRA, data, optimiser) → train → save. One loop for every
+kind of expert; what differs is how a batch is built and what is saved:
+
+- classification: body + the task's head (a fresh seeded head, or the start model's head for this
+  task); the loss is the mean cross-entropy over the batch.
+- causal LM: the whole language model; the loss is the mean next-token cross-entropy over the
+  response tokens (every token when the task gives no prompt), padding and prompt masked out.
+- full: every weight trains; the expert is a full checkpoint.
+- LoRA (peft): only the adapters (and a classification head) train; the expert is a peft adapter
+  directory (a few MB, not a copy of the base), loadable with ``PeftModel.from_pretrained``.
+
+Deterministic for a given seed, start checkpoint, data and thread count. Knows nothing of Ray or
+MLflow: progress goes to an optional ``log`` callback, which the pipeline points at MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from operators.checkpoint import HEAD_WEIGHTS, HEADS_DIR, load_task_model, quiet_transformers, save_task_model
+from operators.checkpoint import (
+    HEAD_WEIGHTS,
+    HEADS_DIR,
+    copy_tokenizer,
+    default_lora_targets,
+    load_task_model,
+    quiet_transformers,
+    save_head,
+    save_task_model,
+)
 from operators.data import Split, TaskData
 
 LogFn = Callable[[int, dict[str, float]], None]
+IGNORE_INDEX = -100  # label value the loss skips (prompt and padding positions)
+
+
+class LoraSettings(Protocol):
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: list[str] | None
+    use_rslora: bool
 
 
 class FinetuneSettings(Protocol):
+    mode: str
+    lora: LoraSettings
+    precision: str
+    gradient_checkpointing: bool
     epochs: float | None
     max_steps: int | None
     learning_rate: float
@@ -48,6 +81,14 @@ class FinetuneResult:
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)
     head_init: str = "fresh"
+    tokens_seen: int = 0  # tokens the model was fed (padding excluded)
+    trainable_parameters: int = 0
+    precision: str = "fp32"
+    peak_gpu_bytes: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_seen / self.seconds if self.seconds > 0 else float("nan")
 
 
 def total_steps(n_examples: int, settings: FinetuneSettings) -> int:
@@ -69,6 +110,95 @@ def _batches(split: Split, batch_size: int, steps: int, generator: torch.Generat
         yield batch
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` → ``bf16`` on a CUDA device that supports it, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(precision: str, device: str):
+    """bf16 autocast (weights and optimiser state stay fp32), or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --- causal LM batches -------------------------------------------------------------------------------
+
+def lm_tokenizer(path: str | Path):
+    """The tokenizer of a causal LM, with a pad token (its EOS when it has none) for batching."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode_lm(tokenizer, split: Split, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Token ids and loss labels of every row: prompt tokens masked, response tokens + EOS learned.
+
+    Without prompts, every token is learned. Rows longer than ``max_length`` are cut from the right.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows = []
+    prompts = tokenizer(split.prompts)["input_ids"] if split.prompts is not None else None
+    texts = tokenizer(split.texts, add_special_tokens=prompts is None)["input_ids"]
+    for i, text_ids in enumerate(texts):
+        prompt_ids = prompts[i] if prompts is not None else []
+        ids = (prompt_ids + text_ids + eos)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + text_ids + eos)[:max_length]
+        rows.append((ids, labels))
+    return rows
+
+
+def collate_lm(rows: list[tuple[list[int], list[int]]], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input ids, attention mask, labels (padding is ``IGNORE_INDEX``)."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)] = torch.tensor(x)
+        labels[i, :len(y)] = torch.tensor(y)
+        mask[i, :len(x)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+# --- LoRA -------------------------------------------------------------------------------------------------
+
+def add_lora(model, settings: LoraSettings, causal_lm: bool):
+    """Wrap ``model`` with peft LoRA adapters; only they (and a classification head) stay trainable.
+
+    Classification adapters are made without a peft task type, so the head is not copied into the
+    adapter (``modules_to_save``): mergeflow keeps heads apart (``heads/<task>/``) and trains it here.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = settings.target_modules or default_lora_targets(model.config.model_type)
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
+        use_rslora=settings.use_rslora, bias="none", task_type=TaskType.CAUSAL_LM if causal_lm else None,
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores weights as (in, out)
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise ValueError(f"finetune.lora.target_modules {targets} do not fit this {model.config.model_type} model "
+                         f"({exc}); name its linear layers") from None
+    if not causal_lm:
+        prefix = model.base_model_prefix + "."
+        for name, p in model.named_parameters():
+            if not name.startswith(prefix):  # the task head trains in full
+                p.requires_grad_(True)
+    return peft_model
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
 def finetune(
     init_ckpt: str | Path,
     data: TaskData,
@@ -79,48 +209,64 @@ def finetune(
     device: str = "cpu",
     torch_threads: int | None = None,
 ) -> FinetuneResult:
-    """Fine-tune body and head of ``data.name``'s task starting from ``init_ckpt``; save to ``out_dir``.
+    """Fine-tune an expert for ``data.name`` starting from ``init_ckpt``; save it to ``out_dir``.
 
     Args:
-        init_ckpt: The start checkpoint (the base, or a merged model in later rounds). If it carries
-            a head for this task, training continues from that head; otherwise a fresh head is made
-            (seeded, so the same seed gives the same head).
-        data: The task's data (train split used here).
-        settings: Learning rate, budget, batch size, ... (``FinetuneSpec``).
-        out_dir: Where to write the expert checkpoint (body + ``heads/<task>``).
+        init_ckpt: The start checkpoint (the base, or a merged model in later rounds): always a full
+            checkpoint. For classification, if it carries a head for this task, training continues
+            from that head; otherwise a fresh head is made (seeded, so the same seed gives the same head).
+        data: The task's data (train split used here); ``data.task_type`` picks classification or causal LM.
+        settings: Mode (full/LoRA), learning rate, budget, batch size, precision, ... (``FinetuneSpec``).
+        out_dir: Where to write the expert: a full checkpoint, or a peft adapter directory (mode ``lora``),
+            with ``heads/<task>`` for classification and the tokenizer.
         log: Called as ``log(step, {"train_loss": ..., "lr": ...})`` every ``log_every`` steps.
         device: ``"cpu"`` or ``"cuda"``.
         torch_threads: torch intra-op threads (None leaves torch's default).
 
     Returns:
-        Steps, losses and time taken.
+        Steps, losses, tokens, time taken and peak GPU memory.
     """
     # --- setup --------------------------------------------------------------------------------
     quiet_transformers()
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    torch.manual_seed(settings.seed)  # fixes the fresh head's initialisation and dropout masks
-    from transformers import AutoTokenizer
+    torch.manual_seed(settings.seed)  # fixes the fresh head's initialisation, LoRA's A and dropout masks
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     init_ckpt = Path(init_ckpt)
-    has_head = (init_ckpt / HEADS_DIR / data.name / HEAD_WEIGHTS).is_file()
-    model = load_task_model(init_ckpt, data.name, label_names=data.label_names).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(init_ckpt))
-
-    if settings.freeze_embeddings:
+    lm, lora = data.is_lm, settings.mode == "lora"
+    precision = resolve_precision(settings.precision, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if lm:
+        has_head = False
+        model = AutoModelForCausalLM.from_pretrained(str(init_ckpt))
+        tokenizer = lm_tokenizer(init_ckpt)
+        encoded = encode_lm(tokenizer, data.train, settings.max_length)
+    else:
+        has_head = (init_ckpt / HEADS_DIR / data.name / HEAD_WEIGHTS).is_file()
+        model = load_task_model(init_ckpt, data.name, label_names=data.label_names)
+        tokenizer = AutoTokenizer.from_pretrained(str(init_ckpt))
+    task_model = model  # the transformers model (LoRA wraps it; heads and bodies are read from it)
+    if settings.freeze_embeddings and not lora:
         # the word-embedding table is most of a small model's parameters and of each step's cost
         model.get_input_embeddings().weight.requires_grad_(False)
-    body_prefix = model.base_model_prefix + "."
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    body_params = [p for n, p in trainable if n.startswith(body_prefix)]
-    head_params = [p for n, p in trainable if not n.startswith(body_prefix)]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": body_params, "lr": settings.learning_rate},
-            {"params": head_params, "lr": settings.head_learning_rate or settings.learning_rate},
-        ],
-        weight_decay=settings.weight_decay,
-    )
+    if lora:
+        model = add_lora(model, settings.lora, causal_lm=lm)
+    if settings.gradient_checkpointing:
+        task_model.config.use_cache = False
+        task_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+
+    body_prefix = task_model.base_model_prefix + "."
+    trainable = [(n, p) for n, p in task_model.named_parameters() if p.requires_grad]
+    head_params = [] if lm else [p for n, p in trainable if not n.startswith(body_prefix) and "lora_" not in n]
+    head_ids = {id(p) for p in head_params}
+    body_params = [p for _, p in trainable if id(p) not in head_ids]
+    groups = [{"params": body_params, "lr": settings.learning_rate}]
+    if head_params:
+        groups.append({"params": head_params, "lr": settings.head_learning_rate or settings.learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     steps = total_steps(len(data.train), settings)
     warmup = int(steps * settings.warmup_ratio)
 
@@ -132,23 +278,29 @@ def finetune(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
     generator = torch.Generator().manual_seed(settings.seed)
 
+    def batch_inputs(idx: list[int]) -> dict[str, Any]:
+        if lm:
+            return collate_lm([encoded[i] for i in idx], tokenizer.pad_token_id, device)
+        enc = tokenizer([data.train.texts[i] for i in idx], padding=True, truncation=True,
+                        max_length=settings.max_length, return_tensors="pt").to(device)
+        return {**enc, "labels": torch.tensor([data.train.labels[i] for i in idx], device=device)}
+
     # --- train --------------------------------------------------------------------------------
     model.train()
     start = time.perf_counter()
     losses: list[tuple[int, float]] = []
     window: list[float] = []
-    total_loss, seen = 0.0, 0
+    total_loss, seen, tokens = 0.0, 0, 0
+    all_params = [p for p in model.parameters() if p.requires_grad]
     for step, idx in enumerate(_batches(data.train, settings.batch_size, steps, generator), start=1):
-        enc = tokenizer(
-            [data.train.texts[i] for i in idx], padding=True, truncation=True,
-            max_length=settings.max_length, return_tensors="pt",
-        ).to(device)
-        labels = torch.tensor([data.train.labels[i] for i in idx], device=device)
-        # mean cross-entropy over the batch (HF's loss for single-label classification)
-        loss = model(**enc, labels=labels).loss
+        batch = batch_inputs(idx)
+        with autocast(precision, device):
+            # classification: mean cross-entropy over the batch; causal LM: mean over the response
+            # tokens of the batch (transformers' losses, shifted for next-token prediction)
+            loss = model(**batch).loss
         loss.backward()
         if settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients now; no need for this memory
@@ -157,6 +309,7 @@ def finetune(
         window.append(value)
         total_loss += value
         seen += len(idx)
+        tokens += int(batch["attention_mask"].sum())
         if step % settings.log_every == 0 or step == steps:
             avg = sum(window) / len(window)
             losses.append((step, avg))
@@ -164,10 +317,26 @@ def finetune(
                 log(step, {"train_loss": avg, "lr": scheduler.get_last_lr()[0]})
             window = []
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
 
     # --- save ---------------------------------------------------------------------------------
     model.eval()
-    save_task_model(model.to("cpu"), init_ckpt, out_dir, data.name)
+    model.to("cpu")
+    if settings.gradient_checkpointing:
+        task_model.gradient_checkpointing_disable()
+        task_model.config.use_cache = True
+    out_dir = Path(out_dir)
+    if lora:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir), safe_serialization=True)  # the adapter only, not the base
+        if not lm:
+            save_head(task_model, out_dir, data.name)
+        copy_tokenizer(init_ckpt, out_dir)
+    elif lm:
+        task_model.save_pretrained(str(out_dir))
+        copy_tokenizer(init_ckpt, out_dir)
+    else:
+        save_task_model(task_model, init_ckpt, out_dir, data.name)
     return FinetuneResult(
         steps=steps,
         examples_seen=seen,
@@ -175,5 +344,9 @@ def finetune(
         mean_loss=total_loss / max(1, steps),
         seconds=seconds,
         losses=losses,
-        head_init="carried over" if has_head else "fresh",
+        head_init="none" if lm else ("carried over" if has_head else "fresh"),
+        tokens_seen=tokens,
+        trainable_parameters=sum(p.numel() for p in all_params),
+        precision=precision,
+        peak_gpu_bytes=peak,
     )

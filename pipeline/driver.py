@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from operators.checkpoint import resolve_model_path, validate_base_checkpoint
+from operators.checkpoint import is_causal_lm_checkpoint, resolve_model_path, validate_base_checkpoint
 from operators.data import DataError
 from operators.tensor_io import CheckpointError
 from pipeline.lineage import TAG_SPEC_HASH, Lineage
@@ -51,14 +51,21 @@ def preflight(wf: Workflow, report: Callable[[str], None] = lambda _m: None) -> 
     """Check the base model and every task's data; raise :class:`PreflightError` listing all problems."""
     problems: list[str] = []
     try:
-        validate_base_checkpoint(resolve_model_path(wf.base_model))
+        base_dir = resolve_model_path(wf.base_model)
+        validate_base_checkpoint(base_dir)
+        if wf.tasks[0].type == "causal_lm" and not is_causal_lm_checkpoint(base_dir):
+            problems.append(f"base_model: {wf.base_model} is not a causal LM (its config.json names no *ForCausalLM "
+                            "architecture); causal_lm tasks need one, e.g. packaged:word-llama")
     except CheckpointError as exc:
         problems.append(f"base_model: {exc}")
     for task in wf.tasks:
         try:
             data = task_data(task)
+            what = (f"{len(data.label_names)} labels" if not data.is_lm else
+                    "causal LM, " + ("prompt/response" if data.train.prompts is not None else "plain text")
+                    + (", with answers" if data.train.answers is not None else ""))
             report(f"data {task.name}: {len(data.train)} train / {len(data.eval)} eval examples, "
-                   f"{len(data.label_names)} labels ({data.source})")
+                   f"{what} ({data.source})")
         except DataError as exc:
             problems.append(str(exc))
     if problems:

@@ -33,6 +33,8 @@ from operators.merge import MERGE_METHODS, validate_merge_params
 IMPLEMENTED_STRATEGIES = ("oneshot", "atm", "cold_fusion")
 
 DEFAULT_BASE_MODEL = "packaged:all-minilm-l6-v2"
+PACKAGED_ENCODERS = (DEFAULT_BASE_MODEL,)
+PACKAGED_CAUSAL_LM = "word-llama"  # a small Llama that mergeflow pre-trains itself on packaged text
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORE = "mergeflow-store"
 
@@ -65,6 +67,32 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+class PromptTemplate(_Frozen):
+    """Causal LM: prompt and response built from a row's columns, e.g. ``{prompt: "{text} is", response: " {label}"}``."""
+
+    prompt: str = Field(description="Format string over the row's columns, e.g. '{text} sentiment:'.")
+    response: str = Field(description="Format string over the row's columns, e.g. ' {label}'.")
+
+    @model_validator(mode="after")
+    def _fields(self) -> PromptTemplate:
+        import string
+
+        for which, fmt in (("prompt", self.prompt), ("response", self.response)):
+            try:
+                names = [f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None]
+            except ValueError as exc:
+                raise ValueError(f"template.{which}: not a valid format string ({exc}): {fmt!r}") from None
+            if any(not n.isidentifier() for n in names):
+                raise ValueError(f"template.{which}: fields must be column names like '{{text}}' (got {fmt!r})")
+        return self
+
+    def columns(self) -> list[str]:
+        import string
+
+        return sorted({f for fmt in (self.prompt, self.response)
+                       for _, f, _, _ in string.Formatter().parse(fmt) if f})
+
+
 class DatasetSpec(_Frozen):
     """Where a task's examples come from and how they are split into train and eval."""
 
@@ -78,8 +106,20 @@ class DatasetSpec(_Frozen):
     format: Literal["parquet", "jsonl", "csv"] | None = Field(
         default=None, description="File format; inferred from the extension when omitted."
     )
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = Field(
+        default="text",
+        description="Classification: the input text. Causal LM: the text to model (the response when a prompt is given).",
+    )
+    label_column: str = Field(default="label", description="Classification: the label column.")
+    prompt_column: str | None = Field(
+        default=None, description="Causal LM: a prompt column; the loss then covers only the response tokens."
+    )
+    answer_column: str | None = Field(
+        default=None, description="Causal LM: reference answers; evaluation adds exact match of greedy generation.",
+    )
+    template: PromptTemplate | None = Field(
+        default=None, description="Causal LM: build prompt and response from each row's columns with format strings.",
+    )
     eval_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     split_seed: int = 0
     max_train_examples: int | None = Field(default=None, gt=0)
@@ -100,16 +140,29 @@ class DatasetSpec(_Frozen):
         return self
 
 
+TASK_TYPES = ("classification", "causal_lm")
+
+
 class TaskSpec(_Frozen):
-    """One classification task: one expert is fine-tuned for it and it keeps its own head."""
+    """One task: one expert is fine-tuned for it.
+
+    A classification task keeps its own head on the shared body; a causal-LM task has no head (the
+    whole language model, LM head included, is what is fine-tuned and merged).
+    """
 
     name: str
+    type: Literal["classification", "causal_lm"] = Field(
+        default="classification", description="classification (a head per task) or causal_lm (language modelling)"
+    )
     dataset: DatasetSpec
     labels: list[str] | None = Field(
         default=None, description="Label names; label values in the data must be among them."
     )
     num_labels: int | None = Field(default=None, ge=2, description="Alternative to labels: ids 0..n-1.")
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    metric: Literal["accuracy", "macro_f1", "exact_match", "token_accuracy"] | None = Field(
+        default=None, description="The task's headline score. Classification: accuracy (default) or macro_f1; "
+        "causal LM: exact_match (default with an answer column) or token_accuracy (default otherwise).",
+    )
     finetune: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the workflow's finetune settings for this task only."
     )
@@ -121,6 +174,24 @@ class TaskSpec(_Frozen):
 
     @model_validator(mode="after")
     def _labels(self) -> TaskSpec:
+        ds = self.dataset
+        if self.type == "causal_lm":
+            if self.labels is not None or self.num_labels is not None:
+                raise ValueError("a causal_lm task has no labels; drop 'labels'/'num_labels' (use dataset.answer_column "
+                                 "for exact-match evaluation)")
+            if self.metric in ("accuracy", "macro_f1"):
+                raise ValueError(f"metric {self.metric!r} is for classification; a causal_lm task scores "
+                                 "exact_match (needs dataset.answer_column) or token_accuracy")
+            if self.metric == "exact_match" and ds.answer_column is None:
+                raise ValueError("metric exact_match needs dataset.answer_column (the reference answers)")
+            if ds.template is not None and ds.prompt_column is not None:
+                raise ValueError("give dataset.template or dataset.prompt_column, not both")
+            return self
+        for field_name in ("prompt_column", "answer_column", "template"):
+            if getattr(ds, field_name) is not None:
+                raise ValueError(f"dataset.{field_name} is for causal_lm tasks; set type: causal_lm or remove it")
+        if self.metric in ("exact_match", "token_accuracy"):
+            raise ValueError(f"metric {self.metric!r} is for causal_lm tasks; classification scores accuracy or macro_f1")
         if self.labels is None and self.num_labels is None:
             raise ValueError("give 'labels' (a list of label names) or 'num_labels' (an integer >= 2)")
         if self.labels is not None:
@@ -136,14 +207,49 @@ class TaskSpec(_Frozen):
         return self
 
     @property
+    def headline_metric(self) -> str:
+        """The score that "accuracy" stands for in tables: the task's metric, or its type's default."""
+        if self.metric:
+            return self.metric
+        if self.type == "causal_lm":
+            return "exact_match" if self.dataset.answer_column else "token_accuracy"
+        return "accuracy"
+
+    @property
     def label_names(self) -> list[str]:
         return list(self.labels) if self.labels is not None else [str(i) for i in range(self.num_labels or 0)]
 
 
-class FinetuneSpec(_Frozen):
-    """How each expert is fine-tuned from the base (full fine-tune of body and task head)."""
+class LoraSpec(_Frozen):
+    """LoRA settings (peft): W' = W + (alpha / r) · B·A on each target module (alpha / sqrt(r) with rsLoRA)."""
 
-    mode: Literal["full"] = Field(default="full", description="'full' today; LoRA comes with peft support.")
+    r: int = Field(default=8, ge=1, le=4096, description="rank")
+    alpha: float = Field(default=16.0, gt=0, description="lora_alpha; the update is scaled by alpha / r")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | None = Field(
+        default=None, description="module names to adapt; default per architecture (attention and MLP projections)"
+    )
+    use_rslora: bool = Field(default=False, description="rank-stabilised scaling alpha / sqrt(r)")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not isinstance(m, str) or not m for m in v)):
+            raise ValueError(f"target_modules must be a non-empty list of module names (got {v!r})")
+        return v
+
+
+class FinetuneSpec(_Frozen):
+    """How each expert is fine-tuned from its start model: full fine-tune, or LoRA adapters (peft)."""
+
+    mode: Literal["full", "lora"] = Field(
+        default="full", description="full: every weight (and the head); lora: peft adapters (and the head)"
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (mode: lora)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast on a CUDA device that supports it, else fp32"
+    )
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward (less memory)")
     freeze_embeddings: bool = Field(
         default=False, description="Keep the input word embeddings fixed (faster; they stay equal to the base's)."
     )
@@ -166,11 +272,34 @@ class FinetuneSpec(_Frozen):
         return self
 
 
+class LoraMergeSpec(_Frozen):
+    """How LoRA experts are merged.
+
+    ``exact``: each adapter's ΔW = B·A·scaling is added to its base weights and the merge method acts on
+    those full task vectors; the output is a full checkpoint. ``adapter``: the output is one peft
+    adapter: the merged ΔW factorised by SVD to ``rank`` (any method; the error is measured and
+    recorded), or the experts' adapters concatenated (``concat``: exact, linear methods only).
+    """
+
+    mode: Literal["exact", "adapter"] = "exact"
+    rank: int | None = Field(default=None, ge=1, description="adapter mode: output rank (default: sum of the experts' ranks)")
+    factorization: Literal["svd", "concat"] = Field(default="svd", description="adapter mode: svd or concat")
+
+    @model_validator(mode="after")
+    def _adapter_only(self) -> LoraMergeSpec:
+        if self.mode == "exact" and (self.rank is not None or self.factorization != "svd"):
+            raise ValueError("lora.rank and lora.factorization apply to mode: adapter; set mode: adapter or drop them")
+        if self.factorization == "concat" and self.rank is not None:
+            raise ValueError("factorization: concat has the summed rank of the experts; drop lora.rank or use svd")
+        return self
+
+
 class MergeSpec(_Frozen):
     """Which merge method combines the experts' bodies, and its parameters."""
 
     method: str = "task_arithmetic"
     params: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraMergeSpec = Field(default_factory=LoraMergeSpec, description="how LoRA experts are merged")
 
     @model_validator(mode="after")
     def _method_and_params(self) -> MergeSpec:
@@ -180,6 +309,9 @@ class MergeSpec(_Frozen):
             )
         # Raises ValueError naming the parameter, the value and the valid range.
         validate_merge_params(self.method, self.params)
+        if self.lora.factorization == "concat" and self.method not in ("linear", "task_arithmetic"):
+            raise ValueError(f"lora: factorization concat is exact only for linear and task_arithmetic (got method "
+                             f"{self.method!r}); use factorization: svd")
         return self
 
 
@@ -341,6 +473,29 @@ class Workflow(_Frozen):
                 _check_finetune({**task_settings, **self.rounds.finetune}, "rounds.finetune")
         return self
 
+    @model_validator(mode="after")
+    def _task_types_and_lora(self) -> Workflow:
+        types = sorted({t.type for t in self.tasks})
+        if len(types) > 1:
+            first = {ty: next(t.name for t in self.tasks if t.type == ty) for ty in types}
+            raise ValueError(f"tasks: mixes task types ({', '.join(f'{n!r} is {ty}' for ty, n in first.items())}); "
+                             "one workflow merges one kind of model: split it into two workflows")
+        if types == ["causal_lm"] and self.base_model in PACKAGED_ENCODERS:
+            raise ValueError(f"base_model: {self.base_model!r} is an encoder without a language-model head; causal_lm "
+                             f"tasks need a causal LM (packaged:{PACKAGED_CAUSAL_LM} or a local checkpoint directory)")
+        modes = {self.finetune_for(t).mode for t in self.tasks}
+        for where, merge in (("merge", self.merge), ("rounds.merge", self.rounds.merge)):
+            if merge.lora.mode != "adapter":
+                continue
+            if modes != {"lora"}:
+                raise ValueError(f"{where}.lora.mode: adapter needs LoRA experts, but some tasks fine-tune with mode "
+                                 "full; set finetune.mode: lora or use lora.mode: exact")
+            if where == "rounds.merge" or self.strategy != "oneshot" or self.rounds.start == "oneshot_merge":
+                raise ValueError(f"{where}.lora.mode: adapter writes an adapter, but {self.strategy} rounds start "
+                                 "from the merged weights (every round's merge is folded into the model); use "
+                                 "lora.mode: exact for iterated strategies")
+        return self
+
     def finetune_for(self, task: TaskSpec) -> FinetuneSpec:
         """The fine-tuning settings of one task: the workflow's, with the task's overrides."""
         if not task.finetune:
@@ -431,7 +586,7 @@ def _describe(err: dict[str, Any], data: Any) -> str:
     kind = err.get("type", "")
     value = err.get("input")
     # validators that check several fields name the exact sub-field at the start of their message
-    sub = re.match(r"^((?:params|merge|tasks|rounds)[\w\[\].]*): (.*)$", msg, re.S)
+    sub = re.match(r"^((?:params|merge|tasks|rounds|base_model|finetune)[\w\[\].]*): (.*)$", msg, re.S)
     if sub:
         inner, msg = sub.group(1), sub.group(2)
         loc = inner if loc == "(top level)" else f"{loc}.{inner}"

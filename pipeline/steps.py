@@ -64,12 +64,18 @@ class ModelRef:
     reused: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
     artifact_location: str | None = None
+    adapter_base: ModelRef | None = None  # a LoRA adapter's full start checkpoint (None: a full checkpoint)
+
+    def record(self) -> dict[str, str | None]:
+        """How provenance names this checkpoint (enough to find it again in the store)."""
+        return {"kind": self.kind, "name": self.name, "path": self.path, "uri": self.uri, "key": self.key,
+                "model_id": self.model_id, "run_id": self.run_id}
 
 
 @functools.lru_cache(maxsize=32)
 def _task_data_cached(task_json: str) -> TaskData:
     task = TaskSpec.model_validate_json(task_json)
-    return load_task_data(task.name, task.dataset, task.label_names)
+    return load_task_data(task.name, task.dataset, task.label_names, task.type)
 
 
 def task_data(task: TaskSpec, part: str = "all", validation_fraction: float = 0.0, seed: int = 0) -> TaskData:
@@ -90,6 +96,11 @@ def local_dir(ctx: StepContext, ref: ModelRef) -> Path:
     if ref.kind == "base":
         return resolve_model_path(ref.uri) if not ref.path else ctx.store().materialize(ref.path)
     return ctx.store().materialize(ref.path)
+
+
+def adapter_base_dir(ctx: StepContext, ref: ModelRef) -> Path | None:
+    """The local full checkpoint a LoRA adapter was trained from (None for a full checkpoint)."""
+    return local_dir(ctx, ref.adapter_base) if ref.adapter_base is not None else None
 
 
 @contextlib.contextmanager
@@ -154,7 +165,15 @@ def ref_from_store(store: CheckpointStore, path: str, kind: str, name: str, key:
     mlflow_ids = prov.get("mlflow", {})
     return ModelRef(kind=kind, name=name, path=path, uri=store.uri(path), key=key,
                     run_id=mlflow_ids.get("run_id"), model_id=mlflow_ids.get("model_id"), reused=True,
-                    metrics=prov.get("metrics", {}), artifact_location=mlflow_ids.get("artifact_location"))
+                    metrics=prov.get("metrics", {}), artifact_location=mlflow_ids.get("artifact_location"),
+                    adapter_base=_ref_from_record(prov.get("adapter_base")))
+
+
+def _ref_from_record(rec: dict | None) -> ModelRef | None:
+    if not rec:
+        return None
+    return ModelRef(kind=rec["kind"], name=rec.get("name") or rec["kind"], path=rec.get("path") or "", uri=rec["uri"],
+                    key=rec["key"], run_id=rec.get("run_id"), model_id=rec.get("model_id"), reused=True)
 
 
 # --- steps ----------------------------------------------------------------------------------------
@@ -176,11 +195,11 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri, "data_part": part,
                                 "finetune": settings.model_dump(mode="json"), "labels": task.label_names,
                                 "train_examples": len(data.train), "eval_examples": len(data.eval)})
-    lineage.log_dataset(run_id, name=f"{task.name}-train", texts=data.train.texts,
-                        labels=[data.label_names[i] for i in data.train.labels], source=data.source,
+    lineage.log_dataset(run_id, name=f"{task.name}-train", texts=data.inputs(data.train),
+                        labels=data.targets(data.train), source=data.source,
                         digest=data.digest, context="training")
-    lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.eval.texts,
-                        labels=[data.label_names[i] for i in data.eval.labels], source=data.source,
+    lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
+                        labels=data.targets(data.eval), source=data.source,
                         digest=data.digest, context="evaluation")
     steps = total_steps(len(data.train), settings)
     say(f"[expert {task.name}] round {round_index}: fine-tuning {steps} steps on {len(data.train)} examples")
@@ -195,21 +214,31 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             pending.clear()
             say(f"[expert {task.name}] step {step}/{steps} loss {metrics['train_loss']:.4f}")
 
+    lora = settings.mode == "lora"
     model_id = lineage.create_model(run_id, f"expert-{task.name}", tags={
         "mergeflow.kind": "expert", "mergeflow.task": task.name, "mergeflow.round": str(round_index),
-        TAG_STORE_URI: store.uri(path)})
+        "mergeflow.format": "peft-lora-adapter" if lora else "full", TAG_STORE_URI: store.uri(path)})
     with staged_checkpoint(store, lineage, model_id) as ckpt:
         start_dir = local_dir(ctx, start)
         result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads)
-        own = evaluate(ckpt, data, max_length=settings.max_length, device=ctx.device)
+        own = evaluate(ckpt, data, adapter_base=start_dir if lora else None, headline=task.headline_metric,
+                       max_length=settings.max_length, device=ctx.device)
         metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
-                   "train_seconds": result.seconds, "train_steps": float(result.steps)}
+                   "train_seconds": result.seconds, "train_steps": float(result.steps),
+                   "train_tokens": float(result.tokens_seen), "train_tokens_per_second": result.tokens_per_second,
+                   "train_examples_per_second": result.examples_seen / max(result.seconds, 1e-9),
+                   "trainable_parameters": float(result.trainable_parameters)}
+        if result.peak_gpu_bytes:
+            metrics["train_peak_gpu_bytes"] = float(result.peak_gpu_bytes)
         lineage.log_metrics(run_id, metrics, step=round_index)
+        lineage.set_tags(run_id, {"mergeflow.precision": result.precision, "mergeflow.finetune_mode": settings.mode})
         write_provenance(ckpt, {
             "kind": "expert", "task": task.name, "round": round_index, "workflow": wf.name,
             "spec_hash": wf.spec_hash(), "key": key,
             "parents": [{"kind": start.kind, "uri": start.uri, "key": start.key, "model_id": start.model_id}],
-            "finetune": settings.model_dump(mode="json"), "head_init": result.head_init,
+            "format": "peft-lora-adapter" if lora else "full", "task_type": task.type,
+            "adapter_base": start.record() if lora else None,
+            "finetune": settings.model_dump(mode="json"), "head_init": result.head_init, "precision": result.precision,
             "data": {"source": data.source, "digest": data.digest, "part": part, "train": len(data.train),
                      "eval": len(data.eval)},
             "metrics": {**metrics, f"eval/{task.name}/accuracy": own["accuracy"]},
@@ -217,10 +246,11 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         })
         location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
                                       step=round_index, upload=wf.tracking.log_expert_artifacts)
-    say(f"[expert {task.name}] done in {result.seconds:.1f}s: loss {result.final_loss:.4f}, "
-        f"eval accuracy {own['accuracy']:.3f}")
+    say(f"[expert {task.name}] done in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s, "
+        f"{result.precision}): loss {result.final_loss:.4f}, eval {task.headline_metric} {own['accuracy']:.3f}")
     return ModelRef("expert", task.name, path, store.uri(path), key, run_id, model_id,
-                    metrics={**metrics, "own_accuracy": own["accuracy"]}, artifact_location=location)
+                    metrics={**metrics, "own_accuracy": own["accuracy"]}, artifact_location=location,
+                    adapter_base=start if lora else None)
 
 
 def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str, key: str,
@@ -235,13 +265,17 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     merge = merge or wf.merge
     path = merged_path(store, wf, round_index, key, merge.method)
+    adapter_bases = {t: adapter_base_dir(ctx, e) for t, e in experts.items() if e.adapter_base is not None}
+    adapter_out = merge.lora.mode == "adapter"
     lineage.log_params(run_id, {"method": merge.method, "params": merge.params, "round": round_index,
+                                "lora": merge.lora.model_dump(mode="json") if adapter_bases else "no LoRA experts",
                                 "base": base.uri, "experts": {t: e.uri for t, e in sorted(experts.items())},
                                 "heads_from": heads_from.uri if heads_from is not None else ""})
     lineage.log_model_inputs(run_id, [e.model_id for e in experts.values() if e.model_id])
     model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags={
         "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": merge.method,
-        "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: store.uri(path)},
+        "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: store.uri(path),
+        "mergeflow.format": "peft-lora-adapter" if adapter_out else "full"},
         params={"method": merge.method, **merge.params})
     say(f"[merge] round {round_index}: {merge.method} of {', '.join(sorted(experts))}")
     with staged_checkpoint(store, lineage, model_id) as ckpt:
@@ -249,22 +283,33 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
             local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
             merge.method, merge.params, ckpt,
             heads_from=local_dir(ctx, heads_from) if heads_from is not None and heads_from.path else None,
+            adapter_bases=adapter_bases or None, lora_mode=merge.lora.mode, adapter_rank=merge.lora.rank,
+            adapter_factorization=merge.lora.factorization,
             provenance={
                 "round": round_index, "workflow": wf.name, "strategy": wf.strategy, "spec_hash": wf.spec_hash(),
                 "key": key, "heads_from": heads_from.uri if heads_from is not None else None,
                 "parents": [{"kind": base.kind, "uri": base.uri, "key": base.key, "model_id": base.model_id}]
                 + [{"kind": "expert", "task": t, "uri": e.uri, "key": e.key, "model_id": e.model_id,
-                    "run_id": e.run_id} for t, e in sorted(experts.items())],
+                    "run_id": e.run_id, "format": "peft-lora-adapter" if e.adapter_base else "full",
+                    "adapter_base": e.adapter_base.record() if e.adapter_base else None}
+                   for t, e in sorted(experts.items())],
+                "adapter_base": base.record() if adapter_out else None,
                 "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
             },
         )
-        lineage.log_metrics(run_id, {"merge_seconds": report.seconds, "merge_tensors": report.tensors,
-                                     "merge_bytes_written": report.bytes_written}, step=round_index)
+        merge_metrics = {"merge_seconds": report.seconds, "merge_tensors": report.tensors,
+                         "merge_bytes_written": report.bytes_written}
+        if adapter_out:  # what the adapter-mode factorisation gives up, in relative Frobenius norm
+            merge_metrics |= {"adapter_rank": float(report.adapter_rank or 0),
+                              "adapter_relative_error": float(report.adapter_error or 0.0),
+                              "adapter_worst_module_error": float(report.adapter_worst_module_error or 0.0)}
+        lineage.log_metrics(run_id, merge_metrics, step=round_index)
         location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
                                       step=round_index, upload=wf.tracking.log_model_artifacts)
     say(f"[merge] done in {report.seconds:.1f}s: {report.tensors} tensors")
     return ModelRef("merged", f"{wf.name}-merged", path, store.uri(path), key, run_id, model_id,
-                    artifact_location=location if wf.tracking.log_model_artifacts else None)
+                    artifact_location=location if wf.tracking.log_model_artifacts else None,
+                    adapter_base=base if adapter_out else None)
 
 
 def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, ModelRef], run_id: str,
@@ -274,28 +319,32 @@ def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, Mod
 
     wf, lineage = ctx.workflow, ctx.lineage()
     body = local_dir(ctx, model)
+    adapter_base = adapter_base_dir(ctx, model)
     results: dict[str, dict[str, float]] = {}
     for task in (t for t in wf.tasks if t.name in head_sources):
         data = task_data(task)
-        head_ref = head_sources[task.name]
-        head_dir = local_dir(ctx, head_ref)
-        m = evaluate(body, data, head_from=None if head_dir == body else head_dir,
-                     max_length=wf.finetune_for(task).max_length, device=ctx.device)
+        head_dir = None
+        if task.type == "classification":  # causal LMs have no heads: the whole model is scored
+            head_dir = local_dir(ctx, head_sources[task.name])
+        m = evaluate(body, data, head_from=None if head_dir == body else head_dir, adapter_base=adapter_base,
+                     headline=task.headline_metric, max_length=wf.finetune_for(task).max_length, device=ctx.device)
         results[task.name] = m
         if model.kind != "expert":  # an expert's run already lists its own splits as inputs
-            lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.eval.texts,
-                                labels=[data.label_names[i] for i in data.eval.labels], source=data.source,
+            lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
+                                labels=data.targets(data.eval), source=data.source,
                                 digest=data.digest, context="evaluation")
-        lineage.log_metrics(run_id, {f"{prefix}/{task.name}/accuracy": m["accuracy"],
-                                     f"{prefix}/{task.name}/macro_f1": m["macro_f1"]},
+        lineage.log_metrics(run_id, {f"{prefix}/{task.name}/{k}": v for k, v in m.items() if k != "n"},
                             step=round_index, model_id=model.model_id, dataset=(f"{task.name}-eval", data.digest))
     say(f"[evaluate {model.kind} {model.name}] " + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
     return results
 
 
 def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int) -> dict[str, dict[str, float]]:
-    """The baseline: a linear probe (head only, body frozen) of the base model on every task."""
-    from operators.evaluate import linear_probe
+    """The baseline of every task: a linear probe (head only, body frozen) of the base model.
+
+    Causal-LM tasks have no head to probe: their baseline is the base model itself, as it is.
+    """
+    from operators.evaluate import evaluate, linear_probe
 
     wf, lineage = ctx.workflow, ctx.lineage()
     body = local_dir(ctx, base)
@@ -303,13 +352,16 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int) 
     start = time.perf_counter()
     for task in wf.tasks:
         data = task_data(task)
-        m = linear_probe(body, data, max_length=wf.finetune.max_length, seed=wf.finetune.seed, device=ctx.device)
+        if task.type == "causal_lm":
+            m = evaluate(body, data, headline=task.headline_metric, max_length=wf.finetune_for(task).max_length,
+                         device=ctx.device)
+        else:
+            m = linear_probe(body, data, max_length=wf.finetune.max_length, seed=wf.finetune.seed, device=ctx.device)
         results[task.name] = m
-        lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.eval.texts,
-                            labels=[data.label_names[i] for i in data.eval.labels], source=data.source,
+        lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
+                            labels=data.targets(data.eval), source=data.source,
                             digest=data.digest, context="evaluation")
-        lineage.log_metrics(run_id, {f"probe/{task.name}/accuracy": m["accuracy"],
-                                     f"probe/{task.name}/macro_f1": m["macro_f1"]}, step=round_index,
+        lineage.log_metrics(run_id, {f"probe/{task.name}/{k}": v for k, v in m.items() if k != "n"}, step=round_index,
                             dataset=(f"{task.name}-eval", data.digest))
     say(f"[probe] linear probe of the {base.kind} model in {time.perf_counter() - start:.1f}s: "
         + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))

@@ -6,6 +6,7 @@ The pico BERT (hidden 32, 2 layers, a character-level vocabulary) follows mergek
 from __future__ import annotations
 
 import json
+import random
 import string
 from pathlib import Path
 
@@ -109,3 +110,37 @@ def tiny_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
     }
     spec.update(overrides)
     return spec
+
+
+def make_tiny_causal_lm(directory: Path, arch: str = "llama", seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a random-initialised pico causal LM (``llama`` or ``gpt2``) with a character tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from operators.pretrain import char_tokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = char_tokenizer()
+    tokenizer.save_pretrained(str(directory))
+    torch.manual_seed(seed)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=2, intermediate_size=48,
+                             max_position_embeddings=128, **ids)
+        LlamaForCausalLM(config).save_pretrained(str(directory))
+    elif arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=2, n_positions=128,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+        GPT2LMHeadModel(config).save_pretrained(str(directory))
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    return directory
+
+
+def lm_rows(n: int = 96, seed: int = 0) -> dict[str, list[str]]:
+    """A tiny prompt/answer task a pico LM learns in a few dozen steps: is the word's first letter a vowel?"""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6))) for _ in range(n)]
+    answers = ["yes" if w[0] in "aeiou" else "no" for w in words]
+    return {"text": words, "answer": answers}

@@ -47,8 +47,9 @@ BAD_SPECS = [
      "finetune.learning_rate: Input should be greater than 0 (got 0)."),
     ("rounds: unknown per-round setting",
      lambda d: d.update(strategy="atm", rounds={"finetune": {"epoch": 1}}),
-     "rounds.finetune: unknown setting 'epoch'; settings: batch_size, epochs, freeze_embeddings, head_learning_rate, "
-     "learning_rate, log_every, max_grad_norm, max_length, max_steps, mode, seed, warmup_ratio, weight_decay."),
+     "rounds.finetune: unknown setting 'epoch'; settings: batch_size, epochs, freeze_embeddings, "
+     "gradient_checkpointing, head_learning_rate, learning_rate, log_every, lora, max_grad_norm, max_length, "
+     "max_steps, mode, precision, seed, warmup_ratio, weight_decay."),
     ("rounds: ATM on validation data without a validation slice",
      lambda d: d.update(strategy="atm", rounds={"start": "oneshot_merge"}),
      "rounds: start: oneshot_merge (ATM on validation data) and validation_fraction go together: give both, "
@@ -94,7 +95,7 @@ BAD_SPECS = [
      "merge.params.weights: names ['zzz'], which are not tasks of this workflow; use task names (a, b)."),
     ("misspelt per-task finetune setting",
      lambda d: d["tasks"][1].update(finetune={"epochz": 3}),
-     "tasks[1].finetune.epochz: unknown finetune setting; valid: mode, freeze_embeddings, epochs, max_steps, "
+     "tasks[1].finetune.epochz: unknown finetune setting; valid: mode, lora, precision, gradient_checkpointing, freeze_embeddings, epochs, max_steps, "
      "learning_rate, head_learning_rate, weight_decay, warmup_ratio, batch_size, max_length, seed, "
      "max_grad_norm, log_every (got 3)."),
     ("eval fraction out of range",
