@@ -36,6 +36,13 @@ TAG_STORE_URI = "mergeflow.store_uri"
 TAG_SPEC_HASH = "mergeflow.spec_hash"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_MODEL_ID = "mergeflow.model_id"
+# The MLflow 3 UI's experiment kind: "custom_model_development" is what its own kind selector
+# writes for "Machine learning" (training runs first, not the GenAI traces overview).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# The LoggedModel tag the UI reads to show "Registered" and the model's versions (a JSON list of
+# {name, version}); mlflow.register_model() writes it the same way.
+TAG_MODEL_VERSIONS = "mlflow.modelVersions"
 
 log = logging.getLogger("mergeflow.lineage")
 
@@ -113,9 +120,12 @@ class Lineage:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             location = artifact_location or default_artifact_location(tracking_uri, experiment)
-            exp_id = client.create_experiment(experiment, artifact_location=location)
+            exp_id = client.create_experiment(experiment, artifact_location=location,
+                                              tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
         else:
             exp_id = exp.experiment_id
+            if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older mergeflow; a kind someone chose stays
+                client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return cls(tracking_uri, exp_id)
 
     @_retry
@@ -245,19 +255,42 @@ class Lineage:
 
     # --- registry (driver side) ---------------------------------------------------------------
     @_retry
-    def register(self, name: str, *, model_id: str, source: str, run_id: str, alias: str | None,
+    def register(self, name: str, *, model_id: str, run_id: str, alias: str | None, source: str | None = None,
                  tags: dict[str, str] | None = None, description: str = "") -> str:
-        """Register ``model_id`` as a new version of ``name``; move ``alias`` to it. Returns the version."""
+        """Register the LoggedModel ``model_id`` as a new version of ``name``; move ``alias`` to it.
+
+        As ``mlflow.register_model("models:/<model_id>", name)`` does, the version's source is the
+        LoggedModel and the LoggedModel's ``mlflow.modelVersions`` tag lists the version, so the UI
+        links them both ways (the model page shows "Registered" and its versions).
+
+        Args:
+            name: The registered model.
+            model_id: The LoggedModel to register.
+            run_id: The run that made it.
+            alias: Alias to point at the new version (``None``: leave the aliases alone).
+            source: Where the version's files are when they were not uploaded to the LoggedModel
+                (a store URI); default ``models:/<model_id>``.
+            tags: Version tags.
+            description: Version description.
+
+        Returns:
+            The new version number.
+        """
         from mlflow.exceptions import MlflowException
 
         try:
             self.client.get_registered_model(name)
         except MlflowException:
             self.client.create_registered_model(name, description="Merged models made by mergeflow.")
-        mv = self.client.create_model_version(
-            name, source=source, run_id=run_id, tags={**(tags or {}), TAG_MODEL_ID: model_id},
-            description=description, model_id=model_id,
-        )
+        # MLflow's SQL registry resolves a models:/<id> source through the *global* tracking URI
+        with _use_tracking_uri(self.tracking_uri):
+            mv = self.client.create_model_version(
+                name, source=source or f"models:/{model_id}", run_id=run_id,
+                tags={**(tags or {}), TAG_MODEL_ID: model_id}, description=description, model_id=model_id,
+            )
+        listed = self.client.get_logged_model(model_id).tags.get(TAG_MODEL_VERSIONS)
+        versions = [*(json.loads(listed) if listed else []), {"name": name, "version": str(mv.version)}]
+        self.client.set_logged_model_tags(model_id, {TAG_MODEL_VERSIONS: json.dumps(versions)})
         if alias:
             self.client.set_registered_model_alias(name, alias, mv.version)
         return str(mv.version)
@@ -282,6 +315,13 @@ class Lineage:
     @_retry
     def model_artifact_location(self, model_id: str) -> str:
         return self.client.get_logged_model(model_id).artifact_location
+
+
+def _use_tracking_uri(uri: str):
+    """Temporarily make ``uri`` MLflow's global tracking URI (restored afterwards)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri as use
+
+    return use(uri)
 
 
 def _dataset_source(source: str):

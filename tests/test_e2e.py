@@ -88,7 +88,9 @@ def test_merge_run_names_its_experts_and_registry_points_at_the_merged_model(ray
     assert merged_model.source_run_id == final.merged.run_id
     assert merged_model.status == LoggedModelStatus.READY
     version = client.get_model_version(wf.registered_model_name, final.registered_version)
-    assert version.source == merged_model.artifact_location, "the registry version is the merged model"
+    assert version.source == f"models:/{final.merged.model_id}", "the registry version is the merged model"
+    assert json.loads(merged_model.tags["mlflow.modelVersions"]) == [
+        {"name": wf.registered_model_name, "version": final.registered_version}], "the model page lists its version"
     assert version.tags["mergeflow.model_id"] == final.merged.model_id
     assert version.tags["mergeflow.strategy"] == "oneshot"
     alias = client.get_model_version_by_alias(wf.registered_model_name, wf.tracking.alias)

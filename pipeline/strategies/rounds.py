@@ -262,10 +262,8 @@ class Rounds:
             if move_alias:
                 self.lineage.set_alias(name, self.wf.tracking.alias, existing)
             return existing
-        source = merged.artifact_location
-        if source is None and self.wf.tracking.log_model_artifacts:
-            source = self.lineage.model_artifact_location(merged.model_id)
-        source = source or merged.uri  # artifacts not uploaded: the version points at the store
+        # registered from the LoggedModel (models:/<model_id>); without uploaded artifacts, from the store
+        source = None if self.wf.tracking.log_model_artifacts else merged.uri
         version = self.lineage.register(
             name, model_id=merged.model_id, source=source, run_id=merged.run_id or result.run_id,
             alias=self.wf.tracking.alias if move_alias else None,
