@@ -144,3 +144,40 @@ def lm_rows(n: int = 96, seed: int = 0) -> dict[str, list[str]]:
     words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6))) for _ in range(n)]
     answers = ["yes" if w[0] in "aeiou" else "no" for w in words]
     return {"text": words, "answer": answers}
+
+
+def write_lm_task(path: Path, rule: str, n: int = 96, seed: int = 0) -> Path:
+    """A prompt/answer task table (columns ``text``, ``answer``) for a pico LM: vowel-first or long word."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7))) for _ in range(n)]
+    if rule == "vowel":
+        answers = ["yes" if w[0] in "aeiou" else "no" for w in words]
+    elif rule == "length":
+        answers = ["long" if len(w) >= 5 else "short" for w in words]
+    else:
+        raise ValueError(rule)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": words, "answer": answers}), path)
+    return path
+
+
+def tiny_lm_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
+    """A 2-task LoRA causal-LM workflow over a pico LM, everything (store, MLflow) inside ``tmp``."""
+    tasks = []
+    for rule, question in (("vowel", "{text} vowel?"), ("length", "{text} long?")):
+        src = write_lm_task(tmp / "data" / f"{rule}.parquet", rule, seed=len(rule))
+        tasks.append({"name": rule, "type": "causal_lm", "dataset": {
+            "source": str(src), "template": {"prompt": question, "response": " {answer}"}, "answer_column": "answer"}})
+    spec = {
+        "name": "tinylm",
+        "base_model": str(base),
+        "tasks": tasks,
+        "finetune": {"mode": "lora", "lora": {"r": 4, "alpha": 8}, "max_steps": 6, "batch_size": 16,
+                     "learning_rate": 5e-3, "max_length": 24, "log_every": 2},
+        "merge": {"method": "task_arithmetic", "params": {"scaling": 0.5}},
+        "resources": {"num_cpus": 1},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        "store": {"root": str(tmp / "store")},
+    }
+    spec.update(overrides)
+    return spec
