@@ -345,6 +345,10 @@ class TrackingSpec(_Frozen):
         default=None, description="Artifact root of a new experiment; for SQLite, defaults next to the database."
     )
 
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_tracking_uri(v)
 
     @field_validator("alias")
     @classmethod
@@ -363,6 +367,53 @@ class StoreSpec(_Frozen):
     """The checkpoint store: a local folder or any pyarrow.fs URI."""
 
     root: str = DEFAULT_STORE
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        return check_store_root(v)
+
+
+# pyarrow.fs.FileSystem.from_uri opens these (mock:// and hf:// too, but one loses data and the
+# other is a model hub, so neither is a checkpoint store); anything else fails only at run time.
+STORE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+# MLflow's tracking-store registry: databases (with an optional +driver), servers, file stores.
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file", "databricks", "databricks-uc")
+
+
+def check_store_root(v: str) -> str:
+    """``store.root``: a local folder, or a URI whose scheme pyarrow.fs opens (checked without I/O)."""
+    if not v.strip():
+        raise ValueError("store.root is empty; give a folder (e.g. mergeflow-store) or a URI such as s3://bucket/prefix")
+    if "://" not in v:
+        return v
+    scheme, rest = v.split("://", 1)
+    if scheme.lower() not in STORE_SCHEMES:
+        raise ValueError(f"scheme {scheme + '://'!r} is not a filesystem pyarrow.fs opens (got {v!r}); use a local "
+                         f"folder or one of {', '.join(s + '://' for s in STORE_SCHEMES)}")
+    if scheme.lower() == "file" and not rest.startswith("/"):
+        raise ValueError(f"a file:// URI needs an absolute path, file:///abs/path (got {v!r})")
+    if scheme.lower() != "file" and not rest.split("/", 1)[0]:
+        raise ValueError(f"{scheme}:// needs a bucket or host after it, e.g. {scheme}://bucket/prefix (got {v!r})")
+    return v
+
+
+def check_tracking_uri(v: str) -> str:
+    """``tracking.uri``: a URI MLflow has a tracking store for, or a local folder (checked without I/O)."""
+    if not v.strip():
+        raise ValueError("tracking.uri is empty; use sqlite:///mlflow.db or http://host:5000")
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", v)
+    if m is None or len(m.group(1)) == 1:  # no scheme (a single letter is a Windows drive): a local folder
+        return v
+    scheme = m.group(1).lower()
+    if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+        raise ValueError(f"scheme {scheme + ':'!r} is not one MLflow tracks to (got {v!r}); use sqlite:///path.db, "
+                         "http(s)://host:port, postgresql://, mysql://, mssql:// or a local folder")
+    if scheme == "sqlite" and (not v.startswith("sqlite:///") or len(v) == len("sqlite:///")):
+        raise ValueError(f"a SQLite URI is sqlite:/// followed by the file's path, e.g. sqlite:///mlflow.db (got {v!r})")
+    if scheme in ("http", "https") and not re.match(r"^https?://[^/:]+", v, re.I):
+        raise ValueError(f"an MLflow server URI needs a host, e.g. http://127.0.0.1:5000 (got {v!r})")
+    return v
 
 
 class RoundsSpec(_Frozen):
