@@ -6,6 +6,7 @@
     mergeflow export CKPT TASK OUT           write a stand-alone HF checkpoint for one task
     mergeflow merge CONFIG OUT               merge checkpoints (mergeflow or mergekit YAML config)
     mergeflow compare SPEC                   strategies × merges at the same budget: table and plot
+    mergeflow ui SPEC [--port 5000]          the MLflow UI on SPEC's tracking store, with links to the last run
 
 Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, data, model).
 """
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import click
+
+from pipeline.lineage import DEFAULT_UI_URL, ui_links  # stdlib only at import time: MLflow loads lazily
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -41,7 +44,8 @@ def _load(spec: str, tracking_uri: str | None, store: str | None):
     try:
         return load_workflow(spec, {"tracking.uri": tracking_uri, "store.root": store})
     except SpecError as exc:
-        _fail(str(exc), EXIT_BAD_INPUT)
+        # one problem, one line; several: a header and one line each
+        _fail(f"{exc.source}: {exc.problems[0]}" if len(exc.problems) == 1 else str(exc), EXIT_BAD_INPUT)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,8 +86,10 @@ def validate(spec: str, tracking_uri: str | None, store: str | None, no_data: bo
 @click.option("--tracking-uri", default=None, help="Override tracking.uri.")
 @click.option("--store", default=None, help="Override store.root.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON at the end.")
+@click.option("--ui-url", default=DEFAULT_UI_URL, show_default=True,
+              help="Where the MLflow UI is served (mergeflow ui SPEC); the links printed at the end point there.")
 def run(spec: str, address: str | None, num_cpus: int | None, tracking_uri: str | None, store: str | None,
-        as_json: bool) -> None:
+        as_json: bool, ui_url: str) -> None:
     """Run the workflow in SPEC and print per-task accuracy of base, experts and merged model."""
     from operators.data import DataError
     from operators.merge.engine import MergeError
@@ -107,7 +113,7 @@ def run(spec: str, address: str | None, num_cpus: int | None, tracking_uri: str 
         _fail("interrupted; finished steps are kept in the store and are reused by the next run", EXIT_FAILED)
     except Exception as exc:  # a step failed on the cluster
         _fail(f"workflow failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
-    print_summary(console, result)
+    print_summary(console, result, ui_url)
     if as_json:
         click.echo(result_json(result))
 
@@ -165,7 +171,7 @@ def compare(spec: str, strategies: str, merges: str, round_merges: str, out_dir:
     console.print(f"wrote {', '.join(str(f) for f in result.files)}; MLflow run {result.run_id}")
 
 
-def print_summary(console, result) -> None:
+def print_summary(console, result, ui_url: str = DEFAULT_UI_URL) -> None:
     from rich.table import Table
 
     from pipeline.driver import COLUMNS
@@ -184,8 +190,18 @@ def print_summary(console, result) -> None:
     console.print(f"merged model: {final.merged.uri}")
     if final.registered_version:
         console.print(f"registered:   models:/{result.registered_model}/{final.registered_version}")
-    console.print(f"MLflow run:   {result.run_id}   (mlflow ui --backend-store-uri {result.tracking_uri})")
+    console.print(f"MLflow run:   {result.run_id}")
     console.print(f"wall time:    {result.seconds:.1f}s")
+    links = ui_links(ui_url, result.experiment_id, run_id=result.run_id, model_id=final.merged.model_id,
+                     registered_model=result.registered_model, version=result.alias_version or final.registered_version)
+    _print_links(links, f"MLflow UI links (serve them with: mergeflow ui SPEC, or "
+                        f"mlflow ui --backend-store-uri {result.tracking_uri}):")
+
+
+def _print_links(links: dict[str, str], header: str) -> None:
+    click.echo(header)
+    for label, url in links.items():
+        click.echo(f"  {label + ':':<20}{url}")
 
 
 @main.command()
@@ -240,6 +256,71 @@ def status(run_id: str | None, tracking_uri: str, experiment: str | None, limit:
         table.add_row(tags.get(TAG_KIND, "?"), r.info.run_name, tags.get("mergeflow.round", ""), r.info.status,
                       shown, tags.get("mergeflow.store_uri", ""))
     console.print(table)
+
+
+@main.command()
+@click.argument("spec", type=click.Path())
+@click.option("--port", type=int, default=5000, show_default=True, help="Port of the UI.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on: loopback by default (this machine only); 0.0.0.0 exposes it.")
+@click.option("--tracking-uri", default=None, help="Override tracking.uri.")
+def ui(spec: str, port: int, host: str, tracking_uri: str | None) -> None:
+    """Start the MLflow UI on SPEC's tracking store; print links to its latest run, model and version."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    from pipeline.lineage import latest_workflow
+
+    wf = _load(spec, tracking_uri, None)
+    uri = wf.tracking.uri
+    if uri.lower().startswith(("http://", "https://")):
+        _fail(f"tracking.uri {uri} is an MLflow server already; open it in a browser (mergeflow ui serves a local "
+              "store such as sqlite:///mlflow.db)", EXIT_BAD_INPUT)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        _fail(f"no tracking database at {uri[len('sqlite:///'):]} (tracking.uri {uri}); run the workflow first: "
+              f"mergeflow run {spec}", EXIT_BAD_INPUT)
+    if not 0 < port < 65536:
+        _fail(f"--port {port} is not a TCP port; use 1-65535, e.g. 5000", EXIT_BAD_INPUT)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port} ({exc.strerror}); pick another with --port or --host", EXIT_BAD_INPUT)
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else (f"[{host}]" if ":" in host else host)
+    ui_url = f"http://{shown_host}:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]
+    click.echo(f"starting the MLflow UI on {ui_url} for {uri} (Ctrl-C stops it)")
+    proc = subprocess.Popen(cmd)
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{ui_url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        if proc.poll() is not None:
+            _fail(f"the MLflow UI exited with code {proc.returncode} before serving (its output is above)", EXIT_FAILED)
+        latest = latest_workflow(uri, wf.experiment_name, wf.name, wf.registered_model_name, wf.tracking.alias)
+        if latest is None:
+            click.echo(f"no finished run of workflow {wf.name!r} in experiment {wf.experiment_name!r} yet")
+        else:
+            _print_links(ui_links(ui_url, latest["experiment_id"], run_id=latest["run_id"], model_id=latest["model_id"],
+                                  registered_model=wf.registered_model_name, version=latest["version"]),
+                         f"MLflow UI ready at {ui_url}:")
+        sys.stdout.flush()
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @main.command()

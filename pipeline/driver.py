@@ -8,15 +8,18 @@ created here, in the driver, before any worker logs.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from operators.checkpoint import is_causal_lm_checkpoint, resolve_model_path, validate_base_checkpoint
 from operators.data import DataError
 from operators.tensor_io import CheckpointError
 from pipeline.lineage import TAG_SPEC_HASH, Lineage
+from pipeline.lineage_graph import GraphData, GraphRound, draw_lineage
 from pipeline.runtime import make_runtime
 from pipeline.spec import Workflow
 from pipeline.steps import StepContext, base_ref, task_data
@@ -26,7 +29,14 @@ from pipeline.strategies.rounds import RoundResult, Rounds
 
 
 class PreflightError(ValueError):
-    """Input that would fail on the cluster, caught before it starts."""
+    """Input that would fail on the cluster, caught before it starts (one line per problem)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"{problems[0]} (preflight: nothing was run)")
+        else:
+            super().__init__("preflight found problems (nothing was run):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass
@@ -38,6 +48,7 @@ class WorkflowResult:
     rounds: list[RoundResult]
     seconds: float
     registered_model: str = ""
+    alias_version: str | None = None  # the registry version the alias points at when the run ended
 
     @property
     def final(self) -> RoundResult:
@@ -69,7 +80,7 @@ def preflight(wf: Workflow, report: Callable[[str], None] = lambda _m: None) -> 
         except DataError as exc:
             problems.append(str(exc))
     if problems:
-        raise PreflightError("preflight found problems (nothing was run):\n" + "\n".join(f"  - {p}" for p in problems))
+        raise PreflightError(problems)
 
 
 def run_workflow(
@@ -119,8 +130,34 @@ def run_workflow(
     lineage.log_dict(run_id, {"summary": summary, "rounds": [_round_record(r) for r in results]}, "results.json")
     lineage.log_text(run_id, summary_markdown(summary), "results.md")
     lineage.log_metrics(run_id, {"wall_seconds": result.seconds})
+    result.alias_version = lineage.alias_version(wf.registered_model_name, wf.tracking.alias)
+    _log_lineage_graph(lineage, run_id, wf, results, report)
     lineage.end_run(run_id)
     return result
+
+
+def graph_data(wf: Workflow, results: list[RoundResult]) -> GraphData:
+    """What the lineage graph shows of a finished workflow (see :mod:`pipeline.lineage_graph`)."""
+    rounds = []
+    for r in results:
+        summary = r.summary()
+        experts = {t: ev[t]["accuracy"] for t, ev in r.expert_evals.items() if t in ev}
+        method = r.merge_method or (wf.merge.method if wf.strategy == "oneshot" else wf.rounds.merge.method)
+        rounds.append(GraphRound(r.index, experts, method, summary["mean"]["merged"], r.registered_version))
+    base_mean = next((r.summary()["mean"].get("base_probe") for r in results if r.baseline), None)
+    return GraphData(wf.name, wf.strategy, wf.base_model, rounds, base_mean)
+
+
+def _log_lineage_graph(lineage: Lineage, run_id: str, wf: Workflow, results: list[RoundResult],
+                       report: Callable[[str], None]) -> None:
+    """Draw the lineage graph and log it as ``lineage.png`` (a failed drawing never fails the run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            png = draw_lineage(graph_data(wf, results), Path(tmp) / "lineage.png")
+        except Exception as exc:  # a picture is not worth a failed workflow
+            report(f"lineage graph not drawn: {type(exc).__name__}: {exc}")
+            return
+        lineage.log_artifact(run_id, png)
 
 
 def _round_record(r: RoundResult) -> dict[str, Any]:

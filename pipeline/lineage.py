@@ -295,6 +295,15 @@ class Lineage:
             self.client.set_registered_model_alias(name, alias, mv.version)
         return str(mv.version)
 
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version ``alias`` points at in ``name`` (``None`` when there is none)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
     @_retry
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
@@ -315,6 +324,76 @@ class Lineage:
     @_retry
     def model_artifact_location(self, model_id: str) -> str:
         return self.client.get_logged_model(model_id).artifact_location
+
+
+# The MLflow 3 UI opens in its GenAI view unless told otherwise (a browser's own choice is kept in
+# its local storage); links carry the "Model training" view so they open on runs and models.
+UI_VIEW = "workflowType=machine_learning"
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+
+
+def ui_links(ui_url: str, experiment_id: str, *, run_id: str | None = None, model_id: str | None = None,
+             registered_model: str | None = None, version: str | None = None) -> dict[str, str]:
+    """Direct links into the MLflow UI served at ``ui_url``.
+
+    Args:
+        ui_url: Where the UI is served, e.g. ``http://127.0.0.1:5000``.
+        experiment_id: The workflow's experiment.
+        run_id: The workflow run.
+        model_id: The merged LoggedModel.
+        registered_model: The registered model's name (with ``version``).
+        version: The registry version.
+
+    Returns:
+        Label (``experiment``, ``workflow run``, ``merged model``, ``registered version``) to URL,
+        for the parts given.
+    """
+    from urllib.parse import quote
+
+    root = ui_url.rstrip("/") + "/#"
+    links = {"experiment": f"{root}/experiments/{experiment_id}/runs?{UI_VIEW}"}
+    if run_id:
+        links["workflow run"] = f"{root}/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}"
+    if model_id:
+        links["merged model"] = f"{root}/experiments/{experiment_id}/models/{model_id}?{UI_VIEW}"
+    if registered_model and version:
+        links["registered version"] = f"{root}/models/{quote(registered_model, safe='')}/versions/{version}?{UI_VIEW}"
+    return links
+
+
+def latest_workflow(tracking_uri: str, experiment: str, workflow: str, registered_model: str,
+                    alias: str) -> dict[str, str | None] | None:
+    """The newest finished run of ``workflow`` in ``experiment`` and its merged model, for links.
+
+    Reads only: nothing is created. Returns ``None`` when the experiment or a finished run is
+    missing; otherwise ``experiment_id``, ``run_id``, ``model_id`` and ``version`` (the version
+    ``alias`` points at, else the newest one the run registered).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = 'workflow' and attributes.status = 'FINISHED'"
+                              f" and attributes.run_name = '{workflow}'", order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    version = model_id = None
+    try:
+        mv = client.get_model_version_by_alias(registered_model, alias)
+        version, model_id = str(mv.version), (mv.tags or {}).get(TAG_MODEL_ID)
+    except MlflowException:
+        pass
+    if model_id is None:  # no alias: the run's own newest merged model
+        merges = client.search_runs([exp.experiment_id], f"tags.`{TAG_WORKFLOW_RUN}` = '{run_id}' and "
+                                    f"tags.`{TAG_KIND}` = 'merge'", order_by=["attributes.start_time DESC"])
+        outputs = [o.model_id for r in merges for o in (r.outputs.model_outputs if r.outputs else [])]
+        model_id = outputs[0] if outputs else None
+    return {"experiment_id": exp.experiment_id, "run_id": run_id, "model_id": model_id, "version": version}
 
 
 def _use_tracking_uri(uri: str):
