@@ -14,6 +14,7 @@ Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, d
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,8 +35,16 @@ def _console():
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {_one_line(message)}", err=True)
     sys.exit(code)
+
+
+def _one_line(message: str) -> str:
+    """Fold a YAML parser's multi-line report (context, snippet, caret) into one line; a list of
+    problems (lines starting with '  - ') keeps its lines."""
+    message = re.sub(r'\n\s+in "[^"]*", line (\d+), column (\d+):(?:\n(?!\s*\^)[^\n]*)?\n\s*\^',
+                     r" at line \1, column \2", message.rstrip())
+    return re.sub(r"\n(?!  - )\s*", "; ", message)
 
 
 def _load(spec: str, tracking_uri: str | None, store: str | None):
@@ -215,11 +224,23 @@ def status(run_id: str | None, tracking_uri: str, experiment: str | None, limit:
     from rich.table import Table
 
     from pipeline.lineage import TAG_KIND, TAG_WORKFLOW_RUN
+    from pipeline.spec import check_tracking_uri
 
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+    try:
+        check_tracking_uri(tracking_uri)
+    except ValueError as exc:
+        _fail(f"--tracking-uri: {exc}", EXIT_BAD_INPUT)
+    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    if db is not None and not db.is_file():
         _fail(f"no tracking database at {tracking_uri}; run a workflow first or pass --tracking-uri", EXIT_BAD_INPUT)
+    if db is not None and db.read_bytes()[:16] != b"SQLite format 3\x00":
+        _fail(f"{db} is not a SQLite database (--tracking-uri {tracking_uri}); pass the file mergeflow run wrote",
+              EXIT_BAD_INPUT)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    exps = client.search_experiments()
+    try:
+        exps = client.search_experiments()
+    except Exception as exc:  # a server that does not answer, a database of another program, ...
+        _fail(f"cannot read the tracking store {tracking_uri}: {type(exc).__name__}: {exc}", EXIT_BAD_INPUT)
     if experiment:
         exps = [e for e in exps if e.name == experiment]
     exp_ids = [e.experiment_id for e in exps]
@@ -241,7 +262,8 @@ def status(run_id: str | None, tracking_uri: str, experiment: str | None, limit:
     try:
         parent = client.get_run(run_id)
     except Exception:
-        _fail(f"no run {run_id!r} in {tracking_uri}", EXIT_BAD_INPUT)
+        _fail(f"no run {run_id!r} in {tracking_uri}; list the workflow runs with: mergeflow status --tracking-uri "
+              f"{tracking_uri}", EXIT_BAD_INPUT)
     root = parent.data.tags.get(TAG_WORKFLOW_RUN, run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.`{TAG_WORKFLOW_RUN}` = '{root}'",
                               order_by=["attributes.start_time ASC"], max_results=1000)
@@ -266,6 +288,7 @@ def status(run_id: str | None, tracking_uri: str, experiment: str | None, limit:
 @click.option("--tracking-uri", default=None, help="Override tracking.uri.")
 def ui(spec: str, port: int, host: str, tracking_uri: str | None) -> None:
     """Start the MLflow UI on SPEC's tracking store; print links to its latest run, model and version."""
+    import signal
     import socket
     import subprocess
     import urllib.request
@@ -292,7 +315,9 @@ def ui(spec: str, port: int, host: str, tracking_uri: str | None) -> None:
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--workers", "1"]
     click.echo(f"starting the MLflow UI on {ui_url} for {uri} (Ctrl-C stops it)")
-    proc = subprocess.Popen(cmd)
+    # its own process group: stopping mergeflow ui stops the server and its uvicorn workers with it
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM also goes through the finally below
     try:
         deadline = time.monotonic() + 180
         while proc.poll() is None and time.monotonic() < deadline:
@@ -316,32 +341,48 @@ def ui(spec: str, port: int, host: str, tracking_uri: str | None) -> None:
         pass
     finally:
         if proc.poll() is None:
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @click.argument("task")
 @click.argument("out", type=click.Path())
 def export(checkpoint: str, task: str, out: str) -> None:
     """Write CHECKPOINT's body with TASK's head as a plain Hugging Face checkpoint in OUT."""
-    from operators.checkpoint import export_task_model, head_names
-    from operators.tensor_io import CheckpointError
+    import shutil
 
+    from operators.checkpoint import export_task_model, head_names, validate_base_checkpoint
+    from operators.tensor_io import CheckpointError, TensorReader
+
+    src, dst = Path(checkpoint), Path(out)
+    if not src.is_dir():
+        _fail(f"CHECKPOINT {checkpoint}: {'is a file' if src.exists() else 'no such directory'}; give a merged or "
+              "expert checkpoint directory (mergeflow status RUN_ID lists them)", EXIT_BAD_INPUT)
     if task not in head_names(checkpoint):
         _fail(f"{checkpoint} has no head for task {task!r}; heads: {', '.join(head_names(checkpoint)) or 'none'}",
               EXIT_BAD_INPUT)
-    if Path(out).exists() and any(Path(out).iterdir()):
-        _fail(f"{out} exists and is not empty; choose a new directory", EXIT_BAD_INPUT)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        _fail(f"{out} exists and is not an empty folder; choose a new directory", EXIT_BAD_INPUT)
+    # written next to OUT and renamed into place: a failure leaves no half-written OUT
+    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
-        path = export_task_model(checkpoint, task, out)
-    except CheckpointError as exc:
-        _fail(str(exc), EXIT_BAD_INPUT)
-    click.echo(f"wrote {path}: load with AutoModelForSequenceClassification.from_pretrained({str(path)!r})")
+        validate_base_checkpoint(src)
+        with TensorReader(src):  # every shard's header against its size
+            pass
+        export_task_model(checkpoint, task, staging)
+        if dst.exists():
+            dst.rmdir()
+        staging.rename(dst)
+    except (CheckpointError, OSError, ValueError) as exc:
+        _fail(f"{checkpoint}: {exc}" if checkpoint not in str(exc) else str(exc), EXIT_BAD_INPUT)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    click.echo(f"wrote {dst}: load with AutoModelForSequenceClassification.from_pretrained({str(dst)!r})")
 
 
 @main.command()

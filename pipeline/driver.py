@@ -17,7 +17,7 @@ from typing import Any
 
 from operators.checkpoint import is_causal_lm_checkpoint, resolve_model_path, validate_base_checkpoint
 from operators.data import DataError
-from operators.tensor_io import CheckpointError
+from operators.tensor_io import CheckpointError, TensorReader
 from pipeline.lineage import TAG_SPEC_HASH, Lineage
 from pipeline.lineage_graph import GraphData, GraphRound, draw_lineage
 from pipeline.runtime import make_runtime
@@ -64,6 +64,8 @@ def preflight(wf: Workflow, report: Callable[[str], None] = lambda _m: None) -> 
     try:
         base_dir = resolve_model_path(wf.base_model)
         validate_base_checkpoint(base_dir)
+        with TensorReader(base_dir):  # every shard's header against its size: a truncated file stops here
+            pass
         if wf.tasks[0].type == "causal_lm" and not is_causal_lm_checkpoint(base_dir):
             problems.append(f"base_model: {wf.base_model} is not a causal LM (its config.json names no *ForCausalLM "
                             "architecture); causal_lm tasks need one, e.g. packaged:word-llama")
@@ -79,8 +81,42 @@ def preflight(wf: Workflow, report: Callable[[str], None] = lambda _m: None) -> 
                    f"{what} ({data.source})")
         except DataError as exc:
             problems.append(str(exc))
+    problems += local_target_problems(wf)
     if problems:
         raise PreflightError(problems)
+
+
+def local_target_problems(wf: Workflow) -> list[str]:
+    """Where the run would write, checked before anything is created: a SQLite tracking file and a
+    local store root must be (or become) a file and a folder, under a folder."""
+    problems = []
+    uri = wf.tracking.uri
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).expanduser()
+        if db.is_dir():
+            problems.append(f"tracking.uri: {db} is a folder, not a database file (got {uri!r}); "
+                            f"name a file, e.g. sqlite:///{db / 'mlflow.db'}")
+        elif db.is_file() and db.stat().st_size and db.read_bytes()[:16] != b"SQLite format 3\x00":
+            problems.append(f"tracking.uri: {db} exists and is not a SQLite database (got {uri!r}); "
+                            "point at another file or move it away")
+        elif _file_in_path(db.parent):
+            problems.append(f"tracking.uri: {_file_in_path(db.parent)} is a file, so {db} cannot be created "
+                            f"(got {uri!r}); choose another folder")
+    root = wf.store.root
+    if "://" not in root or root.startswith("file://"):
+        folder = Path(root.removeprefix("file://")).expanduser()
+        blocker = _file_in_path(folder)
+        if blocker:
+            problems.append(f"store.root: {blocker} is a file, not a folder (got {root!r}); choose a folder")
+    return problems
+
+
+def _file_in_path(folder: Path) -> Path | None:
+    """The first existing non-folder on the way to ``folder`` (``None`` when it can be a folder)."""
+    for p in [*reversed(folder.absolute().parents), folder.absolute()]:
+        if p.exists() and not p.is_dir():
+            return p
+    return None
 
 
 def run_workflow(
