@@ -2,7 +2,7 @@
 
 No pretrained causal LM ships inside a package, and nothing may be downloaded at run time, so the
 LoRA causal-LM workflow starts from a model built here, honestly: a Llama architecture (hidden 128,
-4 layers, 4 heads; ~0.8M parameters) with a character-level tokenizer, pre-trained for a few hundred
+4 layers, 4 heads; 0.82M parameters) with a character-level tokenizer, pre-trained for 400
 steps of next-token prediction on the words of the packaged lexicons (every word of the four
 packaged tables, without their labels), packed into lines of space-separated words. It learns to
 spell words of four languages; it knows nothing of the tasks until the experts are fine-tuned.
@@ -29,8 +29,8 @@ import torch
 RECIPE = {
     "architecture": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
                      "intermediate_size": 352, "max_position_embeddings": 128, "rope_theta": 10000.0},
-    "pretrain": {"steps": 600, "batch_size": 32, "seq_chars": 96, "learning_rate": 3e-3, "warmup": 30,
-                 "seed": 0, "threads": 2},
+    "pretrain": {"steps": 400, "batch_size": 16, "seq_chars": 64, "learning_rate": 3e-3, "warmup": 30,
+                 "seed": 0, "threads": 1},
     "corpus": ["vader_sentiment", "nrc_emotion", "brill_pos", "word_language"],
     "version": 1,
 }
@@ -74,6 +74,9 @@ def pretrain_word_llama(out_dir: str | Path, *, steps: int | None = None, log=pr
     """Build and pre-train the word-llama into ``out_dir`` (see the module docstring)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from operators.checkpoint import quiet_transformers
+
+    quiet_transformers()
     cfg = RECIPE["pretrain"]
     steps = steps or cfg["steps"]
     torch.manual_seed(cfg["seed"])
@@ -107,7 +110,7 @@ def pretrain_word_llama(out_dir: str | Path, *, steps: int | None = None, log=pr
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if step % 100 == 0 or step == steps:
-                log(f"[word-llama] pre-training step {step}/{steps}: loss {float(loss):.3f} "
+                log(f"[word-llama] pre-training step {step}/{steps}: loss {loss.item():.3f} "
                     f"({time.perf_counter() - start:.0f}s)")
         model.eval()
         out_dir = Path(out_dir)
@@ -116,7 +119,7 @@ def pretrain_word_llama(out_dir: str | Path, *, steps: int | None = None, log=pr
         tokenizer.save_pretrained(str(out_dir))
         (out_dir / "mergeflow.json").write_text(json.dumps({
             "kind": "base", "name": "word-llama", "recipe": RECIPE, "recipe_hash": recipe_hash(),
-            "final_loss": float(loss), "words": len(words), "seconds": time.perf_counter() - start,
+            "final_loss": loss.item(), "words": len(words), "seconds": time.perf_counter() - start,
         }, indent=2, sort_keys=True))
         return out_dir
     finally:
