@@ -4,7 +4,8 @@ The merge itself is the exact one (every registered method, over ``W + ΔW_t``);
 the merged update ``ΔW = merged − base`` is then written as ``B @ A`` (scaling 1):
 
 - ``svd``: the best rank-k approximation of ΔW (Eckart–Young: truncated SVD, ``B = U_k √S_k``,
-  ``A = √S_k V_kᵀ``). The default k is the sum of the ranks of the experts that target the module,
+  ``A = √S_k V_kᵀ``; a seeded randomized SVD where k is small enough for it to be as accurate,
+  see :func:`svd_algorithm`). The default k is the sum of the ranks of the experts that target the module,
   capped by the matrix's dimensions: exact (up to float rounding) for linear and task arithmetic,
   whose ΔW = Σ c_t B_t A_t has at most that rank; an approximation for TIES, DARE, ...
 - ``concat``: the experts' factors stacked, ``B = [c_1 s_1 B_1 … c_T s_T B_T]``, ``A = [A_1; …; A_T]``:
@@ -46,17 +47,39 @@ def _merge_error(msg: str) -> Exception:
     return MergeError(msg)
 
 
-def factorize_svd(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """The best rank-``rank`` factorisation ``ΔW ≈ B @ A`` (truncated SVD, singular values split evenly).
+def svd_algorithm(shape: Sequence[int], rank: int) -> str:
+    """``randomized`` where it is as accurate as the full SVD and cheaper, else ``full``.
+
+    Randomized SVD (Halko et al. 2011) with 2k samples and 8 power iterations, where 2k is at most a
+    third of the smaller dimension: measured on a TIES-merged ΔW of four rank-16 adapters (768 × 768,
+    a flat spectrum, the hard case) within 4e-5 (k = 16) and 5e-12 (k = 64) of the optimal relative
+    error, 4× faster than the full SVD (``benchmarks/lora_merge_cost.py`` prints both).
+    """
+    return "randomized" if 2 * rank * 3 <= min(shape) else "full"
+
+
+def factorize_svd(delta: Tensor, rank: int, algorithm: str = "auto") -> tuple[Tensor, Tensor]:
+    """A best rank-``rank`` factorisation ``ΔW ≈ B @ A`` (truncated SVD, singular values split evenly).
 
     Args:
         delta: ``(out, in)`` float32.
         rank: At most ``min(out, in)``.
+        algorithm: ``full`` (LAPACK, exact Eckart–Young), ``randomized`` (seeded, deterministic)
+            or ``auto`` (:func:`svd_algorithm`).
 
     Returns:
         ``(B, A)``: ``(out, rank)`` and ``(rank, in)``, float32.
     """
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    d = delta.double()
+    if algorithm == "auto":
+        algorithm = svd_algorithm(d.shape, rank)
+    if algorithm == "randomized":
+        with torch.random.fork_rng(devices=[]):  # the same factors on every run, the caller's RNG untouched
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(d, q=2 * rank, niter=8)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
 
@@ -111,6 +134,7 @@ class AdapterResult:
     module_errors: dict[str, float] = field(default_factory=dict)
     modules: int = 0
     factorization: str = "svd"
+    svd_algorithms: dict[str, int] = field(default_factory=dict)  # algorithm → modules factorised with it
 
 
 class AdapterBuilder:
@@ -156,6 +180,7 @@ class AdapterBuilder:
         self._pending: dict[str, list[Tensor]] = {}
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}  # module name → (B, A) as written
         self._err2: dict[str, tuple[float, float]] = {}  # module name → (‖ΔW − BA‖², ‖ΔW‖²)
+        self._algorithms: dict[str, int] = {}
 
     def add(self, key: str, base_block: Tensor, merged_block: Tensor, last: bool) -> None:
         """Take one merged block of tensor ``key`` (float32) and the base block it came from."""
@@ -186,7 +211,9 @@ class AdapterBuilder:
             b, a = factorize_concat([(m, self._coef[n]) for n, m in parts])
         else:
             k = min(self._rank or sum(m.rank for _, m in parts), *delta.shape)
-            b, a = factorize_svd(delta, k)
+            algorithm = svd_algorithm(delta.shape, k)
+            self._algorithms[algorithm] = self._algorithms.get(algorithm, 0) + 1
+            b, a = factorize_svd(delta, k, algorithm)
         b, a = b.to(self.dtype).contiguous(), a.to(self.dtype).contiguous()
         err = float(torch.linalg.matrix_norm(delta - b.float() @ a.float())) ** 2
         self._err2[name] = (err, float(torch.linalg.matrix_norm(delta)) ** 2)
@@ -205,7 +232,7 @@ class AdapterBuilder:
             rank=max((b.shape[1] for b, _ in self.factors.values()), default=0),
             error=math.sqrt(total_e / total_t) if total_t > 0 else 0.0,
             worst_module=worst, worst_module_error=rel[worst] if worst else 0.0, module_errors=rel,
-            modules=len(self.factors), factorization=self.factorization)
+            modules=len(self.factors), factorization=self.factorization, svd_algorithms=dict(self._algorithms))
 
     def write(self, out_dir: Path, template: dict[str, Any], base: str | Path) -> AdapterResult:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir``.
@@ -238,4 +265,4 @@ class AdapterBuilder:
 
 
 __all__ = ["CONCAT_METHODS", "AdapterBuilder", "AdapterResult", "factorize_concat", "factorize_svd",
-           "linear_coefficients"]
+           "linear_coefficients", "svd_algorithm"]
