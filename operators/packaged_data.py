@@ -14,6 +14,9 @@ brill_pos          textblob: en/en-lexicon.txt (Brill tagger lexicon, Brown +   
                    Penn Treebank; most frequent tag of lowercase words)          adverb
 word_language      pyspellchecker: resources/{en,es,fr,de}.json.gz (word         en, es, fr, de
                    frequency lists); frequent words found in one language only
+brill_number       textblob: en/en-lexicon.txt; nouns tagged only NN or NNS     singular, plural
+brill_verb_form    textblob: en/en-lexicon.txt; verbs with one tag of VBD, VBG, past, gerund,
+                   VBZ                                                           third_person
 =================  ==========================================================  =====================
 """
 
@@ -104,6 +107,33 @@ def brill_pos(per_class: int = 600) -> pa.Table:
     return _balanced(rows, per_class)
 
 
+def _brill_tags() -> list[tuple[str, list[str]]]:
+    text = resources.files("textblob").joinpath("en/en-lexicon.txt").read_text(encoding="utf-8")
+    rows = []
+    for line in text.splitlines():
+        if line.startswith(";") or not line.strip():
+            continue
+        word, *tags = line.split()
+        if word.isalpha() and word.islower() and 3 <= len(word) <= 14:
+            rows.append((word, tags))
+    return rows
+
+
+def brill_number(per_class: int = 1000) -> pa.Table:
+    """Nouns of Brill's lexicon tagged only singular (NN) or only plural (NNS): grammatical number."""
+    rows = [(w, "singular" if tags == ["NN"] else "plural") for w, tags in _brill_tags() if tags in (["NN"], ["NNS"])]
+    return _balanced(rows, per_class)
+
+
+_VERB_FORMS = {"VBD": "past", "VBG": "gerund", "VBZ": "third_person"}
+
+
+def brill_verb_form(per_class: int = 700) -> pa.Table:
+    """Verbs of Brill's lexicon with exactly one tag among past (VBD), gerund (VBG), 3rd person (VBZ)."""
+    rows = [(w, _VERB_FORMS[tags[0]]) for w, tags in _brill_tags() if len(tags) == 1 and tags[0] in _VERB_FORMS]
+    return _balanced(rows, per_class)
+
+
 WORD_LANGUAGES = ("en", "es", "fr", "de")
 
 
@@ -131,6 +161,8 @@ PACKAGED_DATASETS: dict[str, tuple[Callable[[], pa.Table], tuple[str, ...], str]
     "nrc_emotion": (nrc_emotion, NRC_EMOTIONS, "nrclex: data/nrc_en.json"),
     "brill_pos": (brill_pos, ("adjective", "adverb", "noun", "verb"), "textblob: en/en-lexicon.txt"),
     "word_language": (word_language, WORD_LANGUAGES, "pyspellchecker: resources/{en,es,fr,de}.json.gz"),
+    "brill_number": (brill_number, ("plural", "singular"), "textblob: en/en-lexicon.txt"),
+    "brill_verb_form": (brill_verb_form, ("gerund", "past", "third_person"), "textblob: en/en-lexicon.txt"),
 }
 
 
