@@ -356,6 +356,8 @@ def export(checkpoint: str, task: str, out: str) -> None:
     """Write CHECKPOINT's body with TASK's head as a plain Hugging Face checkpoint in OUT."""
     import shutil
 
+    from safetensors import SafetensorError
+
     from operators.checkpoint import export_task_model, head_names, validate_base_checkpoint
     from operators.tensor_io import CheckpointError, TensorReader
 
@@ -378,8 +380,9 @@ def export(checkpoint: str, task: str, out: str) -> None:
         if dst.exists():
             dst.rmdir()
         staging.rename(dst)
-    except (CheckpointError, OSError, ValueError) as exc:
-        _fail(f"{checkpoint}: {exc}" if checkpoint not in str(exc) else str(exc), EXIT_BAD_INPUT)
+    except (CheckpointError, OSError, ValueError, SafetensorError) as exc:
+        why = f"{exc} (heads/{task}/ or the body is corrupt or truncated)" if isinstance(exc, SafetensorError) else exc
+        _fail(f"{checkpoint}: {why}" if checkpoint not in str(exc) else str(exc), EXIT_BAD_INPUT)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     click.echo(f"wrote {dst}: load with AutoModelForSequenceClassification.from_pretrained({str(dst)!r})")
