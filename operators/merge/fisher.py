@@ -67,7 +67,18 @@ def fisher(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: FisherParams,
     ctx: TensorContext | None = None,
 ) -> Tensor:
-    """Fisher-merge one tensor; ``ctx.stats`` maps each expert name to its Fisher statistics."""
+    """Fisher-merge one tensor.
+
+    Args:
+        base: Unused.
+        experts: One tensor per expert.
+        weights: One weight per expert.
+        params: ``normalize`` and ``floor``.
+        ctx: ``ctx.stats`` maps each expert name to its Fisher statistics (``get(key)``, ``l2_norm``).
+
+    Returns:
+        The merged tensor (float32).
+    """
     if ctx is None or not ctx.stats:
         raise ValueError("params.statistics: fisher needs each expert's Fisher statistics")
     fishers = []

@@ -84,7 +84,7 @@ def _open_all(given: dict[str, str] | None, names: Sequence[str], kind: str, met
     params=RegMeanParams,
     needs_base=False,
     paper="https://arxiv.org/abs/2212.09849",
-    formula="W* = (Σ w_i G̃_i)⁻¹ Σ w_i G̃_i W_i (linear layers); mean elsewhere",
+    formula="θ* = (Σ w_i G̃_i)⁻¹ Σ w_i G̃_i θ_i per linear layer (G̃: shrunk input Grams); weighted mean elsewhere",
     prepare=_prepare,
 )
 def regmean(
@@ -93,7 +93,15 @@ def regmean(
 ) -> Tensor:
     """RegMean-merge one tensor: closed form for linear weights with Grams, weighted mean otherwise.
 
-    ``ctx.stats`` maps each expert name to its statistics (anything with ``get(key)``).
+    Args:
+        base: Unused.
+        experts: One tensor per expert.
+        weights: One weight per expert.
+        params: ``alpha``, the off-diagonal shrinkage.
+        ctx: ``ctx.stats`` maps each expert name to its statistics (anything with ``get(key)``).
+
+    Returns:
+        The merged tensor (float32).
     """
     stats = ctx.stats if ctx is not None else None
     if stats and experts[0].dim() == 2:
