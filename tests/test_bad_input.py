@@ -350,6 +350,11 @@ def _tree(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else -1) for p in root.rglob("*")}
 
 
+@pytest.fixture(scope="module")
+def cases(world) -> dict[str, tuple[list[str], Pattern]]:
+    return {case_id: (argv, pattern) for case_id, argv, pattern in _cases(world)}
+
+
 def test_the_table_covers_every_case(world):
     ids = [c[0] for c in _cases(world)]
     assert ids == CASE_IDS, "CASE_IDS lists the table's cases in order"
@@ -357,8 +362,8 @@ def test_the_table_covers_every_case(world):
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
-def test_bad_input_is_refused_in_one_line_and_leaves_nothing(world, case_id, tmp_path, monkeypatch):
-    _, argv, pattern = next(c for c in _cases(world) if c[0] == case_id)
+def test_bad_input_is_refused_in_one_line_and_leaves_nothing(world, cases, case_id, tmp_path, monkeypatch):
+    argv, pattern = cases[case_id]
     monkeypatch.chdir(tmp_path)  # relative defaults (mlflow.db, mergeflow-store) would land here
     before, cwd_before = _tree(world.root), _tree(tmp_path)
 
