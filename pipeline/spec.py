@@ -27,6 +27,8 @@ from pydantic import (
 )
 
 from operators.merge import MERGE_METHODS, validate_merge_params
+from operators.search import SearchSpace, split_search
+from operators.statistics import METHOD_STATISTICS
 
 # The spec accepts every strategy of the design (see Workflow.strategy); only these run today, the
 # others are recognised so that a spec written for them gets a precise "not available yet" error.
@@ -300,6 +302,11 @@ class MergeSpec(_Frozen):
     method: str = "task_arithmetic"
     params: dict[str, Any] = Field(default_factory=dict)
     lora: LoraMergeSpec = Field(default_factory=LoraMergeSpec, description="how LoRA experts are merged")
+    validation_fraction: float | None = Field(
+        default=None, gt=0.0, lt=1.0,
+        description="fraction of each task's train split held out (experts train on the rest) to score a "
+                    "searched parameter on; never the eval split",
+    )
 
     @model_validator(mode="after")
     def _method_and_params(self) -> MergeSpec:
@@ -307,12 +314,20 @@ class MergeSpec(_Frozen):
             raise ValueError(
                 f"unknown merge method {self.method!r}. Known: {', '.join(sorted(MERGE_METHODS))}"
             )
+        # a parameter given as {search: ...} is validated with each value it may take
+        fixed, space = split_search(self.params)
         # Raises ValueError naming the parameter, the value and the valid range.
-        validate_merge_params(self.method, self.params)
+        for value in (space.probe_values() if space else [None]):
+            validate_merge_params(self.method, fixed if space is None else {**fixed, space.param: value})
         if self.lora.factorization == "concat" and self.method not in ("linear", "task_arithmetic"):
             raise ValueError(f"lora: factorization concat is exact only for linear and task_arithmetic (got method "
                              f"{self.method!r}); use factorization: svd")
         return self
+
+    @property
+    def search(self) -> SearchSpace | None:
+        """The parameter searched on validation data, if any."""
+        return split_search(self.params)[1]
 
 
 class ResourcesSpec(_Frozen):
@@ -585,6 +600,51 @@ class Workflow(_Frozen):
                         f"use task names ({', '.join(t.name for t in self.tasks)})"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _learned_merges(self) -> Workflow:
+        # searches need held-out validation data; data-driven methods need full classification experts
+        search = self.merge.search
+        atm_valid = self.strategy == "atm" and self.rounds.start == "oneshot_merge"
+        if search is not None and self.merge.validation_fraction is None and not atm_valid:
+            raise ValueError(f"merge.params.{search.param}.search: a search needs validation data, and there is "
+                             "none; set merge.validation_fraction (e.g. 0.1: that share of each train split is "
+                             "held out from the experts and scores the candidates)")
+        if self.merge.validation_fraction is not None and search is None:
+            raise ValueError(f"merge.validation_fraction: {self.merge.validation_fraction} holds data out for a "
+                             "search, but no merge parameter is searched; give one as {search: [...]} or remove it")
+        if (atm_valid and self.merge.validation_fraction is not None
+                and self.merge.validation_fraction != self.rounds.validation_fraction):
+            raise ValueError(f"merge.validation_fraction: {self.merge.validation_fraction} differs from "
+                             f"rounds.validation_fraction {self.rounds.validation_fraction}; ATM on validation data "
+                             "holds out one slice: leave merge.validation_fraction out")
+        if search is not None:
+            lm = [t.name for t in self.tasks if t.type != "classification" or self.finetune_for(t).mode != "full"]
+            if lm:
+                raise ValueError(f"merge.params.{search.param}.search: scores full classification experts with their "
+                                 f"heads (task {lm[0]!r} is a causal LM or LoRA expert); give a value instead")
+        if self.rounds.merge.search is not None:
+            raise ValueError(f"rounds.merge.params.{self.rounds.merge.search.param}.search: searches choose the "
+                             "one-shot merge's parameter (merge.params); give rounds.merge a value")
+        for where, merge in (("merge", self.merge), ("rounds.merge", self.rounds.merge)):
+            kind = METHOD_STATISTICS.get(merge.method)
+            if kind is None:
+                continue
+            if "statistics" in merge.params:
+                raise ValueError(f"{where}.params.statistics: the workflow computes the {kind} statistics beside "
+                                 "each expert and fills this in; remove it")
+            lm = [t.name for t in self.tasks if t.type != "classification"]
+            lora = [t.name for t in self.tasks if self.finetune_for(t).mode != "full"]
+            if lm or lora:
+                raise ValueError(f"{where}.method: {merge.method} needs full classification experts (task "
+                                 f"{(lm or lora)[0]!r} is {'causal_lm' if lm else 'LoRA'}); use task_arithmetic, "
+                                 "ties, ... or finetune.mode: full")
+        return self
+
+    @property
+    def held_out_fraction(self) -> float:
+        """Share of each train split held out as validation data (ATM on validation data, or a search); 0 if none."""
+        return self.rounds.validation_fraction or self.merge.validation_fraction or 0.0
 
     @property
     def experiment_name(self) -> str:

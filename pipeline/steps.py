@@ -190,7 +190,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     settings = settings or wf.finetune_for(task)
-    data = task_data(task, part, wf.rounds.validation_fraction or 0.0, task.dataset.split_seed)
+    data = task_data(task, part, wf.held_out_fraction, task.dataset.split_seed)
     path = expert_path(store, wf, round_index, task.name, key)
     lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri, "data_part": part,
                                 "finetune": settings.model_dump(mode="json"), "labels": task.label_names,
@@ -254,13 +254,17 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
 
 
 def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str, key: str,
-               merge: MergeSpec | None = None, heads_from: ModelRef | None = None) -> ModelRef:
+               merge: MergeSpec | None = None, heads_from: ModelRef | None = None,
+               statistics: dict[str, str] | None = None) -> ModelRef:
     """Merge the experts' bodies (keeping each task's head) and publish the merged checkpoint.
 
     ``merge`` defaults to the workflow's; ``heads_from`` supplies the heads of tasks no expert
-    brings (ColD Fusion's non-contributors keep their latest head).
+    brings (ColD Fusion's non-contributors keep their latest head). ``statistics``: task → store
+    path of its expert's statistics (data-driven methods); a searched parameter is chosen on the
+    validation slices first (``pipeline.learned``).
     """
     from operators.merge.engine import merge_checkpoints
+    from pipeline.learned import prepare_merge
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     merge = merge or wf.merge
@@ -279,9 +283,10 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         params={"method": merge.method, **merge.params})
     say(f"[merge] round {round_index}: {merge.method} of {', '.join(sorted(experts))}")
     with staged_checkpoint(store, lineage, model_id) as ckpt:
+        params, learned, learned_metrics = prepare_merge(ctx, merge, base, experts, statistics, run_id, round_index)
         report = merge_checkpoints(
             local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
-            merge.method, merge.params, ckpt,
+            merge.method, params, ckpt,
             heads_from=local_dir(ctx, heads_from) if heads_from is not None and heads_from.path else None,
             adapter_bases=adapter_bases or None, lora_mode=merge.lora.mode, adapter_rank=merge.lora.rank,
             adapter_factorization=merge.lora.factorization,
@@ -295,10 +300,11 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
                    for t, e in sorted(experts.items())],
                 "adapter_base": base.record() if adapter_out else None,
                 "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
+                **({"learned": learned} if learned else {}),
             },
         )
         merge_metrics = {"merge_seconds": report.seconds, "merge_tensors": report.tensors,
-                         "merge_bytes_written": report.bytes_written}
+                         "merge_bytes_written": report.bytes_written, **learned_metrics}
         if adapter_out:  # what the adapter-mode factorisation gives up, in relative Frobenius norm
             merge_metrics |= {"adapter_rank": float(report.adapter_rank or 0),
                               "adapter_relative_error": float(report.adapter_error or 0.0),

@@ -112,7 +112,7 @@ class Rounds:
         run_ids: dict[str, str] = {}
         for task in tasks:
             settings = self.wf.round_finetune_for(task, index) if per_round else self.wf.finetune_for(task)
-            data = task_data(task, part, self.wf.rounds.validation_fraction or 0.0, task.dataset.split_seed)
+            data = task_data(task, part, self.wf.held_out_fraction, task.dataset.split_seed)
             key = expert_key(start, task, settings, data.digest)
             path = expert_path(self.store, self.wf, index, task.name, key)
             if self.store.is_complete(path):
@@ -153,10 +153,11 @@ class Rounds:
         if self.store.is_complete(path):
             self.report(f"round {index}: merged model already in the store, reused ({self.store.uri(path)})")
             return ref_from_store(self.store, path, "merged", f"{self.wf.name}-merged", key)
+        statistics = self.statistics(experts, merge, index)
         run_id = self._child(f"merge:{merge.method}", "merge", round_run, index,
                              {TAG_STORE_URI: self.store.uri(path), "mergeflow.method": merge.method})
         fut = self.runtime.submit(merge_step, self.ctx, base, experts, index, run_id, key, merge, heads_from,
-                                  name=f"merge-r{index}", resources=Resources(num_cpus=self.resources.num_cpus,
+                                  statistics, name=f"merge-r{index}", resources=Resources(num_cpus=self.resources.num_cpus,
                                                                               max_retries=self.resources.max_retries))
         try:
             ref = self.runtime.result(fut)
@@ -165,6 +166,35 @@ class Rounds:
             raise
         self.report(f"round {index}: merged {len(experts)} experts with {merge.method}")
         return ref
+
+    def statistics(self, experts: dict[str, ModelRef], merge: MergeSpec, index: int) -> dict[str, str] | None:
+        """The statistics a data-driven method needs, one Ray task per expert (reused when stored).
+
+        Returns task → store path, or None for methods that need none.
+        """
+        from operators.statistics import DEFAULT_EXAMPLES, METHOD_STATISTICS
+        from pipeline.learned import statistics_key, statistics_path, statistics_step
+
+        kind = METHOD_STATISTICS.get(merge.method)
+        if kind is None:
+            return None
+        examples = int(merge.params.get("examples", DEFAULT_EXAMPLES))
+        paths, futures = {}, []
+        for task, expert in sorted(experts.items()):
+            seed = self.wf.finetune_for(self.wf.task(task)).seed
+            path = statistics_path(self.store, self.wf.name, index, task, kind,
+                                   statistics_key(expert, kind, examples, seed))
+            paths[task] = path
+            if self.store.is_complete(path):
+                self.report(f"round {index}: {kind} statistics of {task!r} already in the store, reused")
+                continue
+            futures.append(self.runtime.submit(statistics_step, self.ctx, self.wf.task(task), expert, kind, examples,
+                                               seed, index, path, name=f"statistics-{task}-r{index}",
+                                               resources=self.resources))
+        for _fut, res in self.runtime.as_completed(futures):
+            self.report(f"round {index}: {kind} statistics of {res['task']!r} in {res['seconds']:.1f}s "
+                        f"({res['fraction_of_finetune']:.0%} of its fine-tune)")
+        return paths
 
     # --- evaluation -----------------------------------------------------------------------------
     def evaluate(self, merged: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,

@@ -1,0 +1,130 @@
+"""Merges that learn from data, at the pipeline's edges.
+
+- :func:`statistics_step` (a Ray task beside each expert): the Gram matrices (RegMean) or diagonal
+  Fisher (Fisher merging) of one expert, on its own training rows, published to the store at
+  ``<workflow>/round-NNN/statistics/<task>-<kind>-<key>`` (the key hashes the expert's key, the
+  kind, N and the seed, so an unchanged expert's statistics are reused across rounds and re-runs),
+  with checksums, and logged as artifacts of the expert's run.
+- :func:`prepare_merge` (inside the merge step): verifies those statistics against the experts
+  (checksum, weights hash) and hands them to the method; runs a coefficient search on the held-out
+  validation slices, one nested MLflow run per candidate, and merges with the chosen value, which
+  is recorded on the merge run and in the merged checkpoint's provenance.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from pipeline.lineage import TAG_ROUND
+from pipeline.spec import MergeSpec, TaskSpec
+from pipeline.steps import ModelRef, StepContext, local_dir, say, task_data
+from pipeline.store import CheckpointStore, content_key
+
+
+def statistics_key(expert: ModelRef, kind: str, examples: int, seed: int) -> str:
+    return content_key("statistics", expert.key, kind, examples, seed)
+
+
+def statistics_path(store: CheckpointStore, workflow_name: str, round_index: int, task: str, kind: str, key: str) -> str:
+    return store.path(workflow_name, f"round-{round_index:03d}", "statistics", f"{task}-{kind}-{key}")
+
+
+def statistics_step(ctx: StepContext, task: TaskSpec, expert: ModelRef, kind: str, examples: int, seed: int,
+                    round_index: int, path: str) -> dict[str, Any]:
+    """Compute one expert's statistics on the rows it was trained on, publish them, log them to its run.
+
+    Returns:
+        ``{"task", "path", "seconds", "finetune_seconds", "fraction_of_finetune"}``.
+    """
+    from operators.checkpoint import read_provenance
+    from operators.statistics import compute_statistics
+
+    wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
+    expert_dir = local_dir(ctx, expert)
+    prov = read_provenance(expert_dir)
+    part = (prov.get("data") or {}).get("part", "all")
+    data = task_data(task, part, wf.held_out_fraction, task.dataset.split_seed)
+    staging = store.staging_dir()
+    try:
+        out = staging / "statistics"
+        rec = compute_statistics(expert_dir, data, kind, out, examples=examples, seed=seed,
+                                 max_length=wf.finetune_for(task).max_length, device=ctx.device)
+        train_seconds = float((prov.get("metrics") or {}).get("train_seconds") or 0.0)
+        fraction = rec.seconds / train_seconds if train_seconds > 0 else float("nan")
+        if expert.run_id:
+            for f in (f"{kind}.json", f"{kind}.safetensors"):
+                lineage.log_artifact(expert.run_id, out / f)
+            lineage.log_metrics(expert.run_id, {f"statistics/{kind}_seconds": rec.seconds,
+                                                f"statistics/{kind}_fraction_of_finetune": fraction}, step=round_index)
+        store.publish(out, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"[statistics {task.name}] {kind} from {rec.examples} examples in {rec.seconds:.1f}s "
+        f"({fraction:.0%} of the fine-tune's {train_seconds:.1f}s)")
+    return {"task": task.name, "path": path, "seconds": rec.seconds, "finetune_seconds": train_seconds,
+            "fraction_of_finetune": fraction}
+
+
+def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: dict[str, ModelRef],
+                  statistics: dict[str, str] | None, run_id: str, round_index: int,
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    """The parameters to merge with: statistics filled in and verified, a searched parameter chosen.
+
+    Returns:
+        ``(params, provenance record, metrics for the merge run)``.
+    """
+    from operators.search import search_coefficient
+    from operators.statistics import METHOD_STATISTICS, open_statistics
+
+    wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
+    params: dict[str, Any] = dict(merge.params)
+    record: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    kind = METHOD_STATISTICS.get(merge.method)
+    if kind is not None:
+        local, rows = {}, {}
+        for task, path in sorted((statistics or {}).items()):
+            d = store.materialize(path)
+            st = open_statistics(d, kind, expert=local_dir(ctx, experts[task]), who=task)  # checksum, weights hash
+            local[task] = str(d)
+            rows[task] = {"uri": store.uri(path), "examples": st.record["examples"], "seconds": st.record["seconds"],
+                          "file_sha256": st.record["file_sha256"], "expert_sha256": st.record["expert_sha256"]}
+        params["statistics"] = local  # the method reads them; provenance records the store URIs instead
+        record["statistics"] = {"kind": kind, "experts": rows}
+        metrics["statistics_seconds_max"] = max((r["seconds"] for r in rows.values()), default=0.0)
+    space = merge.search
+    if space is not None:
+        val = {t.name: task_data(t, "validation", wf.held_out_fraction, t.dataset.split_seed).train
+               for t in wf.tasks if t.name in experts}
+
+        def on_candidate(c) -> None:
+            cid = lineage.start_run(f"candidate:{space.param}={c.value:g}", kind="search_candidate", parent=run_id,
+                                    workflow_run=ctx.workflow_run_id, tags={TAG_ROUND: str(round_index)})
+            lineage.log_params(cid, {"method": merge.method, space.param: c.value})
+            lineage.log_metrics(cid, {"validation/mean/normalized_accuracy": c.score,
+                                      **{f"validation/{t}/accuracy": a for t, a in c.accuracy.items()},
+                                      **{f"validation/{t}/normalized_accuracy": a for t, a in c.normalized.items()},
+                                      "merge_seconds": c.merge_seconds, "eval_seconds": c.eval_seconds},
+                                step=round_index)
+            lineage.end_run(cid)
+            say(f"[search] {merge.method} {space.param}={c.value:g}: mean normalized validation accuracy {c.score:.4f}")
+
+        say(f"[search] {merge.method}.{space.param}: {space.describe()} on validation slices of "
+            f"{', '.join(f'{t} ({len(s)})' for t, s in val.items())}")
+        res = search_coefficient(local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
+                                 merge.method, params, val, max_length=max(wf.finetune_for(t).max_length
+                                                                           for t in wf.tasks),
+                                 device=ctx.device, on_candidate=on_candidate)
+        params[res.param] = res.chosen
+        record["search"] = {k: v for k, v in res.as_dict().items() if k != "extra"}
+        lineage.log_params(run_id, {f"search.chosen.{res.param}": res.chosen, "search.space": res.space,
+                                    "search.selection": "mean normalized validation accuracy"})
+        lineage.log_dict(run_id, record["search"], "search.json")
+        metrics |= {"search_seconds": res.seconds, "search_candidates": float(len(res.candidates)),
+                    "search_eval_pass_seconds": res.eval_pass_seconds, "search_cost_ratio": res.cost_ratio,
+                    "search_best_validation_normalized_accuracy": res.best_score,
+                    f"search_chosen_{res.param}": res.chosen}
+        say(f"[search] chose {res.param}={res.chosen:g} (validation {res.best_score:.4f}) in {res.seconds:.1f}s: "
+            f"{res.cost_ratio:.2f}x one evaluation pass per candidate")
+    return params, record, metrics

@@ -1,0 +1,94 @@
+"""Merges that learn from data through a real local Ray cluster and a real SQLite MLflow store:
+RegMean with its Gram matrices computed beside each expert and its α searched on validation data
+(one nested MLflow run per candidate); statistics reused when the experts are unchanged; the spec
+refusing searches and data-driven methods it cannot run, before any training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from operators.checkpoint import read_provenance
+from operators.data import hold_out
+from pipeline.lineage import TAG_KIND, TAG_WORKFLOW_RUN
+from pipeline.spec import SpecError, parse_workflow
+from tests.helpers import tiny_workflow_dict
+
+SEARCH = {"method": "regmean", "params": {"alpha": {"search": [0.5, 1.0]}, "examples": 16},
+          "validation_fraction": 0.25}
+
+
+@pytest.mark.e2e
+def test_regmean_with_searched_alpha_through_ray_and_mlflow(tiny_base, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.driver import run_workflow
+    from pipeline.steps import task_data
+
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, merge=SEARCH))
+    lines: list[str] = []
+    result = run_workflow(wf, address="local", num_cpus=2, report=lines.append)
+    client = MlflowClient(tracking_uri=wf.tracking.uri)
+    final = result.final
+    # the experts trained on the train split minus the validation slice; the eval split is untouched
+    for task, ref in final.experts.items():
+        params = client.get_run(ref.run_id).data.params
+        full = task_data(wf.task(task))
+        fit, _ = hold_out(full, 0.25, wf.task(task).dataset.split_seed)
+        assert params["data_part"] == "fit" and int(params["train_examples"]) == len(fit.train) < len(full.train)
+        # the Gram matrices are artifacts of the expert's run, with their checksum record
+        names = {a.path for a in client.list_artifacts(ref.run_id)}
+        assert {"gram.json", "gram.safetensors"} <= names
+        assert client.get_run(ref.run_id).data.metrics["statistics/gram_seconds"] > 0
+    merge_run = client.get_run(final.merged.run_id)
+    chosen = float(merge_run.data.params["search.chosen.alpha"])
+    assert chosen in (0.5, 1.0) and merge_run.data.metrics["search_candidates"] == 2
+    assert merge_run.data.metrics["search_cost_ratio"] > 0
+    # one nested run per candidate under the merge run, each with its validation score
+    runs = client.search_runs([result.experiment_id], f"tags.`{TAG_WORKFLOW_RUN}` = '{result.run_id}'")
+    cands = [r for r in runs if r.data.tags[TAG_KIND] == "search_candidate"]
+    assert sorted(float(r.data.params["alpha"]) for r in cands) == [0.5, 1.0]
+    assert all(r.data.tags["mlflow.parentRunId"] == final.merged.run_id for r in cands)
+    scores = {float(r.data.params["alpha"]): r.data.metrics["validation/mean/normalized_accuracy"] for r in cands}
+    assert scores[chosen] == max(scores.values())
+    assert merge_run.data.metrics["search_best_validation_normalized_accuracy"] == pytest.approx(scores[chosen])
+    # provenance: the chosen value, the search, and the statistics' store URIs and checksums
+    from pipeline.store import CheckpointStore
+
+    prov = read_provenance(CheckpointStore(wf.store.root).materialize(final.merged.path))
+    assert prov["params"]["alpha"] == chosen
+    assert prov["learned"]["search"]["chosen"] == chosen and len(prov["learned"]["search"]["candidates"]) == 2
+    stats = prov["learned"]["statistics"]
+    assert stats["kind"] == "gram" and set(stats["experts"]) == {"vowel", "length"}
+    assert all(len(s["file_sha256"]) == 64 for s in stats["experts"].values())
+    # another grid over the same experts: experts and their statistics are reused, only the merge is new
+    wf2 = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, merge={**SEARCH, "params": {
+        "alpha": {"search": [0.9]}, "examples": 16}}))
+    lines2: list[str] = []
+    run_workflow(wf2, address="in-process", report=lines2.append)  # reuse is the store's, not Ray's
+    assert sum("gram statistics of" in ln and "reused" in ln for ln in lines2) == 2, lines2
+    assert json.dumps(lines2).count("already in the store, reused") >= 4
+
+
+@pytest.mark.parametrize("merge, extra, message", [
+    ({"method": "ties", "params": {"scaling": {"search": [0.5, 1.0]}}}, {},
+     "merge.params.scaling.search: a search needs validation data, and there is none; set merge.validation_fraction"),
+    ({"method": "ties", "params": {"scaling": {"search": []}}, "validation_fraction": 0.1}, {},
+     "merge.params.scaling.search: the grid is empty (got [])"),
+    ({"method": "ties", "params": {"scaling": {"search": [0.5, "big"]}}, "validation_fraction": 0.1}, {},
+     "merge.params.scaling.search: 'big' is not a number"),
+    ({"method": "task_arithmetic", "params": {"scaling": {"search": [0.5, 11]}}, "validation_fraction": 0.1}, {},
+     "merge.params.scaling: Input should be less than or equal to 10 (got 11.0)"),
+    ({"method": "regmean", "params": {"statistics": {"vowel": "/tmp/x"}}}, {},
+     "merge.params.statistics: the workflow computes the gram statistics beside each expert"),
+    ({"method": "fisher"}, {"finetune": {"mode": "lora", "max_steps": 2}},
+     "merge.method: fisher needs full classification experts (task 'vowel' is LoRA)"),
+    ({"method": "task_arithmetic", "params": {"scaling": 0.3}, "validation_fraction": 0.1}, {},
+     "merge.validation_fraction: 0.1 holds data out for a search, but no merge parameter is searched"),
+])
+def test_bad_learned_merges_are_refused_by_validate(tiny_base, tmp_path, merge, extra, message):
+    spec = tiny_workflow_dict(tmp_path, tiny_base, merge=merge, **extra)
+    with pytest.raises(SpecError) as info:
+        parse_workflow(spec, "wf.yaml")
+    assert any(p.startswith(message) for p in info.value.problems), info.value.problems
