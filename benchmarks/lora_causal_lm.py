@@ -7,7 +7,8 @@ seeds), through the same operators, sequentially in this process and without Ray
 it also runs where those are not installed (a bare GPU machine). It prints, per expert: training
 tokens/s and examples/s, peak GPU memory, trainable parameters, adapter size; per merge mode (exact
 TIES, adapter SVD at the sum of ranks and at rank 8, adapter concat for task arithmetic): seconds,
-peak RSS, output size, the adapter error; and the exact-match table (base, expert, merged).
+output size, the adapter error; and the exact-match table (base, expert, merged). Merge memory on
+a large model is measured by ``benchmarks/lora_merge_cost.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -28,10 +28,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -88,13 +84,11 @@ def main() -> None:
     ]
     for label, method, params, opts in variants:
         out = work / "merged" / label.replace(" ", "-").replace("(", "").replace(")", "")
-        rss0 = peak_rss_mib()
         start = time.perf_counter()
         rep = merge_checkpoints(base, experts, method, params, out, **opts)
         seconds = time.perf_counter() - start
         adapter = opts["lora_mode"] == "adapter"
         report["merges"][label] = {"seconds": round(seconds, 3), "output_kib": round(dir_bytes(out) / 1024, 1),
-                                   "peak_rss_growth_mib": round(peak_rss_mib() - rss0, 1),
                                    "adapter_rank": rep.adapter_rank if adapter else None,
                                    "relative_error": rep.adapter_error if adapter else 0.0}
         report["scores"][label] = score(out, base if adapter else None)
@@ -107,9 +101,9 @@ def main() -> None:
     for n, e in report["experts"].items():
         print(f"  {n:<20} {e['steps']:>7} {e['seconds']:>8} {e['tokens_per_s']:>9} {e['examples_per_s']:>11} "
               f"{e['precision']:>10} {e['peak_gpu_mib']:>13} {e['trainable_params']:>10} {e['adapter_kib']:>12}")
-    print("\nmerge                               seconds  output KiB  peak RSS +MiB  rank  rel. error")
+    print("\nmerge (memory: see benchmarks/lora_merge_cost.py)  seconds  output KiB  rank  rel. error")
     for label, m in report["merges"].items():
-        print(f"  {label:<33} {m['seconds']:>8} {m['output_kib']:>11} {m['peak_rss_growth_mib']:>14} "
+        print(f"  {label:<48} {m['seconds']:>8} {m['output_kib']:>11} "
               f"{str(m['adapter_rank'] or '-'):>5} {m['relative_error']:>11.2e}")
     tasks = list(data)
     print("\nscore (" + ", ".join(f"{t}: {headline[t]}" for t in tasks) + ")")

@@ -62,7 +62,9 @@ class Split:
 
     def take(self, idx) -> Split:
         """The rows at ``idx``, in that order."""
-        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+        def pick(xs: list[str] | None) -> list[str] | None:
+            return None if xs is None else [xs[i] for i in idx]
+
         return Split([self.texts[i] for i in idx], [self.labels[i] for i in idx] if self.labels else [],
                      pick(self.prompts), pick(self.answers))
 

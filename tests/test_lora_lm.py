@@ -91,9 +91,10 @@ def test_causal_lm_loss_covers_the_response_and_eos_only(tiny_llama):
 
 
 def test_lm_metrics_match_a_hand_computation(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
     from operators.evaluate import greedy_answers, lm_metrics
     from operators.finetune import IGNORE_INDEX, encode_lm, lm_tokenizer
-    from transformers import AutoModelForCausalLM
 
     data = _lm_data(tmp_path, n=20)
     model, tok = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval(), lm_tokenizer(tiny_llama)
