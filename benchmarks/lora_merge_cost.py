@@ -7,12 +7,16 @@ Workload: a random-config Llama of ~110M parameters in float32 (hidden 768, inte
 Each row is one fresh ``python -m pipeline.cli merge CONFIG OUT --json`` process; its wall time and
 peak RSS (wait4's ru_maxrss) are measured from outside. Rows:
 
-- ``full experts``: the four experts materialised as full checkpoints (W + ΔW, written by an exact
-  merge of each adapter alone), merged with task arithmetic: the reference cost;
-- ``exact``: the same merge read straight from the adapters (ΔW computed row block by row block);
-- ``adapter``: one peft adapter out (concat, SVD at the default rank 4 × 16 = 64, SVD at rank 16).
+- ``exact``: task arithmetic read straight from the adapters (ΔW computed row block by row block),
+  a full checkpoint out;
+- ``adapter``: one peft adapter out (concat; SVD at rank 16, a real truncation of the rank-64 ΔW).
 
-    python benchmarks/lora_merge_cost.py [--workdir /tmp/lora-bench] [--keep]
+With ``--all`` (about 8 minutes on 2 busy cores) also: SVD at the default rank 4 × 16 = 64 (exact
+for task arithmetic), the four experts materialised as full checkpoints (W + ΔW, written by an exact merge of each adapter alone) merged with task arithmetic
+(the reference cost of not using adapters), and TIES (density 0.2) in exact mode and in adapter mode
+at rank 16.
+
+    python benchmarks/lora_merge_cost.py [--all] [--workdir /tmp/lora-bench] [--keep]
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ RANK = 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def build(work: Path) -> tuple[Path, dict[str, Path], dict[str, Path]]:
-    """The base, four adapters and their full-weight equivalents (built once)."""
+def build(work: Path, with_full: bool) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    """The base, four adapters and (``with_full``) their full-weight equivalents (built once)."""
     import torch
     from peft import LoraConfig
     from safetensors.torch import save_file
@@ -45,7 +49,13 @@ def build(work: Path) -> tuple[Path, dict[str, Path], dict[str, Path]]:
     base = work / "base"
     adapters = {f"t{i}": work / f"adapter{i}" for i in range(EXPERTS)}
     full = {n: work / f"full-{n}" for n in adapters}
-    if all((p / "mergeflow.json").exists() for p in full.values()):
+    if all((p / "adapter_model.safetensors").exists() for p in adapters.values()):
+        if with_full:
+            for name, path in full.items():
+                if not (path / "mergeflow.json").exists():
+                    shutil.rmtree(path, ignore_errors=True)
+                    merge_checkpoints(base, {name: adapters[name]}, "task_arithmetic", {"scaling": 1.0}, path,
+                                      max_shard_bytes=200 * 10**6)
         return base, adapters, full
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -69,14 +79,14 @@ def build(work: Path) -> tuple[Path, dict[str, Path], dict[str, Path]]:
                 tensors[f"{key}.lora_A.weight"] = torch.randn(RANK, 768, generator=g) * 0.02
                 tensors[f"{key}.lora_B.weight"] = torch.randn(768, RANK, generator=g) * 0.01
         save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-        # the expert as a full checkpoint: the exact merge of the adapter alone at λ = 1 is W + ΔW
-        merge_checkpoints(base, {name: path}, "task_arithmetic", {"scaling": 1.0}, full[name],
-                          max_shard_bytes=200 * 10**6)
+        if with_full:  # the expert as a full checkpoint: the exact merge of the adapter alone at λ = 1 is W + ΔW
+            merge_checkpoints(base, {name: path}, "task_arithmetic", {"scaling": 1.0}, full[name],
+                              max_shard_bytes=200 * 10**6)
     return base, adapters, full
 
 
-def timed(cmd: list[str]) -> tuple[float, int, dict]:
-    """Run ``cmd``; wall time (s), peak RSS (bytes, wait4) and its JSON summary (last stdout line)."""
+def timed(cmd: list[str]) -> tuple[float, float, int, dict]:
+    """Run ``cmd``; wall and CPU time (s), peak RSS (bytes; both from wait4) and its JSON summary (last line)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
@@ -87,31 +97,35 @@ def timed(cmd: list[str]) -> tuple[float, int, dict]:
         text, errors = out.read().decode(), err.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{errors[-3000:]}")
-    return wall, usage.ru_maxrss * 1024, json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, cpu, usage.ru_maxrss * 1024, json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mergeflow-lora-bench")
     ap.add_argument("--keep", action="store_true", help="keep the built models for a later run")
+    ap.add_argument("--all", action="store_true", help="also full-checkpoint experts and TIES (slow)")
     args = ap.parse_args()
     import yaml
 
-    base, adapters, full = build(args.workdir)
-    ties = {"density": 0.2, "scaling": 1.0}
+    base, adapters, full = build(args.workdir, args.all)
+    ta, ties = {"scaling": 0.3}, {"density": 0.2, "scaling": 1.0}
     rows = [
-        ("full experts", "task_arithmetic", {"scaling": 0.3}, full, None),
-        ("exact", "task_arithmetic", {"scaling": 0.3}, adapters, None),
-        ("exact", "ties", ties, adapters, None),
-        ("adapter concat", "task_arithmetic", {"scaling": 0.3}, adapters, {"mode": "adapter", "factorization": "concat"}),
-        ("adapter svd (r 64)", "task_arithmetic", {"scaling": 0.3}, adapters, {"mode": "adapter"}),
-        ("adapter svd (r 16)", "ties", ties, adapters, {"mode": "adapter", "rank": 16}),
+        *([("full experts", "task_arithmetic", ta, full, None)] if args.all else []),
+        ("exact", "task_arithmetic", ta, adapters, None),
+        ("adapter concat", "task_arithmetic", ta, adapters, {"mode": "adapter", "factorization": "concat"}),
+        ("adapter svd (r 16)", "task_arithmetic", ta, adapters, {"mode": "adapter", "rank": 16}),
+        *([("adapter svd (r 64)", "task_arithmetic", ta, adapters, {"mode": "adapter"}),
+           ("exact", "ties", ties, adapters, None),
+           ("adapter svd (r 16)", "ties", ties, adapters, {"mode": "adapter", "rank": 16})] if args.all else []),
     ]
-    idle = timed([sys.executable, "-c", "import torch, transformers, operators.merge.engine, pipeline.cli"])[1]
+    _, idle_cpu, idle, _ = timed([sys.executable, "-c", "import torch, transformers, operators.merge.engine, pipeline.cli"])
     print(f"\n{EXPERTS} experts, rank-{RANK} LoRA on {', '.join(TARGETS)}; one fresh process per row; "
-          f"a process that only imports torch, transformers and mergeflow peaks at {idle / 1e6:.0f} MB RSS\n")
-    print(f"{'inputs / mode':<20} {'method':<16} {'seconds':>8} {'peak RSS MB':>12} {'output MB':>10} "
-          f"{'rel. error':>11}  worst module")
+          f"a process that only imports torch, transformers and mergeflow peaks at {idle / 1e6:.0f} MB RSS "
+          f"and uses {idle_cpu:.1f} CPU s; load average before: {os.getloadavg()[0]:.1f}\n")
+    print(f"{'inputs / mode':<20} {'method':<16} {'wall s':>7} {'CPU s':>6} {'factorising s':>14} {'peak RSS MB':>12} "
+          f"{'output MB':>10} {'rel. error':>11}  worst module")
     for i, (label, method, params, experts, lora) in enumerate(rows):
         cfg = {"base": str(base), "experts": {n: str(p) for n, p in experts.items()}, "method": method,
                "params": params, **({"lora": lora} if lora else {})}
@@ -119,13 +133,17 @@ def main() -> None:
         cfg_path.write_text(yaml.safe_dump(cfg))
         out = args.workdir / f"out-{i}"
         shutil.rmtree(out, ignore_errors=True)
-        wall, rss, summary = timed([sys.executable, "-m", "pipeline.cli", "merge", str(cfg_path), str(out), "--json",
+        wall, cpu, rss, summary = timed([sys.executable, "-m", "pipeline.cli", "merge", str(cfg_path), str(out), "--json",
                                     "--quiet"])
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        lora_prov = json.loads((out / "mergeflow.json").read_text()).get("lora", {})
+        fact = lora_prov.get("factorization_seconds")
         err = summary.get("adapter_error")
         worst = (f"{summary['adapter_worst_module']} ({summary['adapter_worst_module_error']:.3g})"
                  if err is not None else "")
-        print(f"{label:<20} {method:<16} {wall:>8.1f} {rss / 1e6:>12.0f} {size / 1e6:>10.1f} "
+        print(f"{label:<20} {method:<16} {wall:>7.1f} {cpu:>6.1f} {'-' if fact is None else f'{fact:.1f}':>14} "
+              f"{rss / 1e6:>12.0f} "
+              f"{size / 1e6:>10.1f} "
               f"{'-' if err is None else f'{err:.3g}':>11}  {worst}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
     if not args.keep:

@@ -288,7 +288,7 @@ def test_adapter_svd_default_rank_is_exact_for_task_arithmetic(root, llama_base,
 
 def test_adapter_svd_low_rank_ties_reports_its_true_error(root, llama_base, llama_adapters):
     exact, out = root / "ties-exact", root / "ties-svd2"
-    params = {"density": 0.5, "scaling": 1.0}
+    params = {"density": 0.5, "scaling": 1.0, "scope": "tensor"}
     merge_checkpoints(llama_base, llama_adapters, "ties", params, exact)
     report = merge_checkpoints(llama_base, llama_adapters, "ties", params, out, lora_mode="adapter", adapter_rank=2)
     assert report.adapter_rank == 2 and json.loads((out / "adapter_config.json").read_text())["r"] == 2

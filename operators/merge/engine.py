@@ -392,6 +392,7 @@ def _merge_to_adapter(base, keys, readers, names, spec, p, weights, stats, chunk
             rank=res.rank, modules=res.modules, error=res.error, worst_module=res.worst_module,
             worst_module_error=res.worst_module_error, module_errors=res.module_errors,
             **({"svd_algorithms": res.svd_algorithms} if res.svd_algorithms else {}),
+            factorization_seconds=round(res.seconds, 3),
             error_definition="relative Frobenius norm ||dW - B A||_F / ||dW||_F of the merged update dW "
                              "(merged - base), measured on the written factors; 'error' over all modules together")
         write_provenance(tmp, {

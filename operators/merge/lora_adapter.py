@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,16 +71,15 @@ def factorize_svd(delta: Tensor, rank: int, algorithm: str = "auto") -> tuple[Te
     Returns:
         ``(B, A)``: ``(out, rank)`` and ``(rank, in)``, float32.
     """
-    d = delta.double()
     if algorithm == "auto":
-        algorithm = svd_algorithm(d.shape, rank)
+        algorithm = svd_algorithm(delta.shape, rank)
     if algorithm == "randomized":
         with torch.random.fork_rng(devices=[]):  # the same factors on every run, the caller's RNG untouched
             torch.manual_seed(0)
-            u, s, v = torch.svd_lowrank(d, q=2 * rank, niter=8)
+            u, s, v = torch.svd_lowrank(delta.float(), q=2 * rank, niter=8)
         vh = v.T
     else:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     root = s[:rank].sqrt()
     return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
 
@@ -135,6 +135,7 @@ class AdapterResult:
     modules: int = 0
     factorization: str = "svd"
     svd_algorithms: dict[str, int] = field(default_factory=dict)  # algorithm → modules factorised with it
+    seconds: float = 0.0  # spent factorising and measuring the error (the rest is the exact merge)
 
 
 class AdapterBuilder:
@@ -181,6 +182,7 @@ class AdapterBuilder:
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}  # module name → (B, A) as written
         self._err2: dict[str, tuple[float, float]] = {}  # module name → (‖ΔW − BA‖², ‖ΔW‖²)
         self._algorithms: dict[str, int] = {}
+        self._seconds = 0.0
 
     def add(self, key: str, base_block: Tensor, merged_block: Tensor, last: bool) -> None:
         """Take one merged block of tensor ``key`` (float32) and the base block it came from."""
@@ -203,6 +205,7 @@ class AdapterBuilder:
             self._factorize(key, delta)
 
     def _factorize(self, key: str, delta: Tensor) -> None:
+        start = time.perf_counter()
         name, parts = self.modules[key]
         delta = delta.reshape(delta.shape[0], -1)
         if self.fan_in_fan_out:  # stored (in, out); peft's factors are in the (out, in) layout
@@ -218,6 +221,7 @@ class AdapterBuilder:
         err = float(torch.linalg.matrix_norm(delta - b.float() @ a.float())) ** 2
         self._err2[name] = (err, float(torch.linalg.matrix_norm(delta)) ** 2)
         self.factors[name] = (b, a)
+        self._seconds += time.perf_counter() - start
 
     def result(self) -> AdapterResult:
         """Errors of the factors (call once every tensor has been added)."""
@@ -232,7 +236,8 @@ class AdapterBuilder:
             rank=max((b.shape[1] for b, _ in self.factors.values()), default=0),
             error=math.sqrt(total_e / total_t) if total_t > 0 else 0.0,
             worst_module=worst, worst_module_error=rel[worst] if worst else 0.0, module_errors=rel,
-            modules=len(self.factors), factorization=self.factorization, svd_algorithms=dict(self._algorithms))
+            modules=len(self.factors), factorization=self.factorization, svd_algorithms=dict(self._algorithms),
+            seconds=self._seconds)
 
     def write(self, out_dir: Path, template: dict[str, Any], base: str | Path) -> AdapterResult:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir``.
