@@ -13,7 +13,7 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.mergeflow-installed
 
-.PHONY: setup quickstart test test-fast lint bench-merge clean
+.PHONY: setup quickstart test test-fast lint bench-merge clean browser
 
 setup: $(STAMP)
 
@@ -32,6 +32,19 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not e2e and not slow"
+
+# Headless Chromium for tests/test_ui_browser.py (the MLflow UI as a user sees it). Installed with
+# apt-get where that works (Debian/Ubuntu as root: CI); anywhere else the test is skipped with the
+# reason, and nothing fails. Debian's package, not a pip/npm browser download: no hub at run time.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		echo "browser: chromium present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+			&& echo "browser: installed $$(chromium --version)" || echo "browser: apt-get could not install chromium; the browser test will be skipped"; \
+	else \
+		echo "browser: no chromium and no root apt-get; tests/test_ui_browser.py will be skipped"; \
+	fi
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline operators tests benchmarks
