@@ -515,3 +515,27 @@ def test_svd_factorisation_is_optimal_and_deterministic():
         assert err == pytest.approx(best, rel=1e-4), algorithm
     again = factorize_svd(delta, 4, "randomized")
     assert torch.equal(again[0], factorize_svd(delta, 4, "randomized")[0]), "seeded: the same factors every run"
+
+
+def test_bfloat16_base_task_vectors_are_not_rounded_to_bfloat16(root, llama_base, llama_adapters):
+    """W + ΔW is handed to the merge in float32: ΔW survives intact although W is stored in bfloat16."""
+    from transformers import LlamaForCausalLM
+
+    bf16 = _save_model(LlamaForCausalLM.from_pretrained(str(llama_base)).to(torch.bfloat16), root / "llama-bf16")
+    base = load_state_dict(bf16)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert base[key].dtype == torch.bfloat16
+    out = root / "bf16-exact"
+    merge_checkpoints(bf16, llama_adapters, "task_arithmetic", {"scaling": 0.7}, out)
+    got = load_state_dict(out)
+    ab_qv, ab_qko = (load_file(str(llama_adapters[n] / "adapter_model.safetensors")) for n in ("qv", "qko"))
+    mod = PREFIX + key.removesuffix(".weight")
+    delta = (ab_qv[f"{mod}.lora_B.weight"] @ ab_qv[f"{mod}.lora_A.weight"]) * 2.0 + \
+        (ab_qko[f"{mod}.lora_B.weight"] @ ab_qko[f"{mod}.lora_A.weight"]) * (16 / math.sqrt(8))
+    expect = (base[key].float() + 0.7 * delta).to(torch.bfloat16)  # one rounding, at the end
+    assert got[key].dtype == torch.bfloat16
+    assert torch.equal(got[key], expect)
+    # adapter mode: the merged ΔW is the experts' exactly, not ΔW plus bfloat16 rounding noise of W
+    report = merge_checkpoints(bf16, llama_adapters, "task_arithmetic", {"scaling": 0.7}, root / "bf16-concat",
+                               lora_mode="adapter", adapter_factorization="concat")
+    assert report.adapter_error < 1e-6

@@ -310,8 +310,12 @@ class LoraDeltaReader:
 
     Tensors the adapter does not target are the base's, read from disk. A targeted tensor's rows
     are computed on demand: ``get_flat`` over a row block reads that block of the base and adds
-    the same rows of ``B @ A · scaling`` (float32 arithmetic, then the base's dtype, as a merged
-    fine-tuned checkpoint would store it). Only the adapter's A and B stay in memory.
+    the same rows of ``B @ A · scaling``, in float32 (float64 for a float64 base). They are
+    returned in that precision, not rounded to a bfloat16/float16 base's dtype: the merge engine
+    computes in float32 anyway, and a task vector ``(W + ΔW) − W`` then is ΔW to float32 rounding,
+    not to the resolution of bfloat16 weights (``dtype()`` still reports the base's dtype, which
+    the merged output is written in). For a float32 base this is exactly the fine-tuned weights a
+    float32 ``merge_and_unload`` gives. Only the adapter's A and B stay in memory.
 
     Args:
         adapter: The adapter directory (or an already-read :class:`LoraAdapter`).
@@ -389,7 +393,7 @@ class LoraDeltaReader:
         return self._base.nbytes(key)
 
     def get(self, key: str) -> Tensor:
-        """The whole tensor, base + ΔW (a fresh, writable buffer)."""
+        """The whole tensor, base + ΔW (a fresh, writable buffer; at least float32 where targeted)."""
         return self.get_flat(key, 0, self.numel(key)).reshape(self.shape(key))
 
     def get_flat(self, key: str, start: int, stop: int) -> Tensor:
@@ -400,8 +404,7 @@ class LoraDeltaReader:
         cols = self.shape(key)[1]
         r0, r1 = start // cols, -(-stop // cols)
         w = self._base.get_flat(key, r0 * cols, r1 * cols).reshape(r1 - r0, cols)
-        full = w.float() + self._delta_rows(key, mod, r0, r1)
-        out = full.to(w.dtype).reshape(-1)
+        out = (w.to(torch.promote_types(w.dtype, torch.float32)) + self._delta_rows(key, mod, r0, r1)).reshape(-1)
         lo = start - r0 * cols
         if lo == 0 and out.numel() == stop - start:
             return out
