@@ -539,3 +539,18 @@ def test_bfloat16_base_task_vectors_are_not_rounded_to_bfloat16(root, llama_base
     report = merge_checkpoints(bf16, llama_adapters, "task_arithmetic", {"scaling": 0.7}, root / "bf16-concat",
                                lora_mode="adapter", adapter_factorization="concat")
     assert report.adapter_error < 1e-6
+
+
+def test_module_names_map_to_exactly_one_base_tensor():
+    from operators.merge.lora import LoraAdapter, LoraModule, map_modules
+
+    mod = LoraModule("model.blocks.0.x", torch.zeros(1, 2), torch.zeros(2, 1), 1.0, False)
+    adapter = LoraAdapter(Path("ad"), {}, {mod.name: mod}, torch.float32)
+    # exact name first; else the shortest suffix that exactly one base tensor ends with
+    assert map_modules(adapter, ["model.blocks.0.x.weight", "blocks.0.x.weight"]) == {"model.blocks.0.x.weight": mod.name}
+    assert map_modules(adapter, ["blocks.0.x.weight", "blocks.1.x.weight"]) == {"blocks.0.x.weight": mod.name}
+    with pytest.raises(MergeError, match=r"module 'model\.blocks\.0\.x' fits 2 tensors of the base "
+                                         r"\('a\.blocks\.0\.x\.weight', 'b\.blocks\.0\.x\.weight'"):
+        map_modules(adapter, ["a.blocks.0.x.weight", "b.blocks.0.x.weight"])
+    with pytest.raises(MergeError, match=r"module 'model\.blocks\.0\.x' has no weight in the base"):
+        map_modules(adapter, ["blocks.0.y.weight"])
