@@ -115,7 +115,8 @@ def draw_lineage(data: GraphData, path: str | Path, dpi: int = 110) -> Path:
         ax.annotate("", xy=(0.0, 0.5), xycoords=dst, xytext=(1.0, 0.5), textcoords=src, zorder=1,
                     arrowprops={"arrowstyle": "-|>", "color": "#777777", "lw": 0.9, "shrinkA": 4, "shrinkB": 4})
 
-    base_text = "base\n" + _short(data.base)
+    base_text = "base\n" + _short(data.base if "://" in data.base or data.base.startswith("packaged:")
+                                 else Path(data.base).name)  # a local folder: its name, not the whole path
     if data.base_mean is not None:
         base_text += f"\nprobe mean {data.base_mean:.3f}"
     start = node(0.0, 0.0, base_text, "base")
