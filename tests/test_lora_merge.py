@@ -412,6 +412,11 @@ def test_refusals_of_the_adapter_files(root, llama_base, llama_adapters):
     (ad / "adapter_model.safetensors").rename(ad / "adapter_model.bin")
     _refused(CheckpointError, r"only adapter_model\.bin \(pickle.*safe_serialization=True", llama_base, {"a": ad},
              root / "o2")
+    ad = _copy(qv, root / "truncated")
+    raw = (ad / "adapter_model.safetensors").read_bytes()
+    (ad / "adapter_model.safetensors").write_bytes(raw[: len(raw) // 2])
+    _refused(CheckpointError, r"truncated/adapter_model\.safetensors: cannot read safetensors file .*corrupt or truncated",
+             llama_base, {"a": ad}, root / "o2b")
     _refused(CheckpointError, r"use_dora=True: DoRA", llama_base, {"a": _edit_config(_copy(qv, root / "dora"), use_dora=True)},
              root / "o3")
     _refused(CheckpointError, r"bias='lora_only'.*bias='none'", llama_base,

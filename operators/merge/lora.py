@@ -205,18 +205,21 @@ def read_adapter(path: str | Path) -> LoraAdapter:
                               "part of B·A; train with bias='none' or merge the adapter into its base first")
 
     tensors: dict[str, Tensor] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            tensors[key] = f.get_tensor(key)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensors[key] = f.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error types for a corrupt file
+        raise CheckpointError(f"{weights}: cannot read safetensors file ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                              "the file is corrupt or truncated. Save the adapter again with peft") from None
     pairs: dict[str, dict[str, Tensor]] = {}
     extra_modules = config.get("modules_to_save") or []
     # the tensors that name a variant (embedding LoRA, DoRA) first: their error says more than the extra
     # tensors they bring (peft saves an embedding LoRA's base layer beside it)
     for key in sorted(tensors, key=lambda k: ("lora_embedding_" not in k and "lora_magnitude_vector" not in k, k)):
-        t = tensors[key]
-        is_lora = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key) is not None
+        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
         # peft saves a modules_to_save copy under the module's own name (older versions: ...modules_to_save...)
-        if "modules_to_save" in key or (extra_modules and not is_lora and any(
+        if "modules_to_save" in key or (extra_modules and m is None and any(
                 re.search(rf"(^|\.){re.escape(str(mod))}\.", key) for mod in extra_modules)):
             raise CheckpointError(
                 f"{weights}: tensor {key!r} is a modules_to_save copy (a fully trained module, not a LoRA update); "
@@ -227,12 +230,11 @@ def read_adapter(path: str | Path) -> LoraAdapter:
                                   "target linear modules only, or merge the adapter into its base first")
         if "lora_magnitude_vector" in key:
             raise CheckpointError(f"{weights}: tensor {key!r} is DoRA's magnitude: {_UNSUPPORTED_SETTINGS['use_dora']}")
-        m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
         if m is None:
             raise CheckpointError(f"{weights}: tensor {key!r} is not a LoRA lora_A/lora_B weight; only plain LoRA on "
                                   "linear modules is merged (no biases, no extra modules)")
         name = m.group(1).removeprefix(PEFT_PREFIX)
-        pairs.setdefault(name, {})[m.group(2)] = t
+        pairs.setdefault(name, {})[m.group(2)] = tensors[key]
     if not pairs:
         raise CheckpointError(f"{weights}: no lora_A/lora_B tensors; the adapter is empty")
 
