@@ -64,7 +64,8 @@ def evaluate(
 
     Returns:
         Classification: ``{"accuracy", "macro_f1", "n"}``. Causal LM: ``{"loss", "perplexity",
-        "token_accuracy", "exact_match" (with answers), "accuracy" (= the headline metric), "n"}``.
+        "token_accuracy", "exact_match" and "choice_accuracy" (with answers), "accuracy" (= the headline
+        metric), "n"}``.
     """
     quiet_transformers()
     model = load_model(ckpt, data.name, causal_lm=data.is_lm, head_from=head_from, adapter_base=adapter_base)
@@ -90,7 +91,8 @@ def lm_metrics(model, tokenizer, split: Split, *, headline: str | None = None, b
     The loss is the token-weighted mean negative log-likelihood of the tokens the training loss
     covers (response + EOS; every token without prompts), so ``perplexity = exp(loss)``.
     ``exact_match`` (when the split has answers): the fraction of prompts whose greedy continuation,
-    cut at EOS or a newline and stripped, equals the answer stripped.
+    cut at EOS or a newline and stripped, equals the answer stripped; ``choice_accuracy`` (with at
+    most ``MAX_CHOICES`` distinct answers): see :func:`choice_accuracy`.
     """
     model.eval().to(device)
     rows = encode_lm(tokenizer, split, max_length)
@@ -109,9 +111,55 @@ def lm_metrics(model, tokenizer, split: Split, *, headline: str | None = None, b
     if split.answers is not None and split.prompts is not None:
         out["exact_match"] = exact_match(model, tokenizer, split.prompts, split.answers, batch_size=batch_size,
                                          max_length=max_length, device=device, max_new_tokens=max_new_tokens)
+        if len(set(split.answers)) <= MAX_CHOICES:
+            out["choice_accuracy"] = choice_accuracy(model, tokenizer, split, batch_size=batch_size,
+                                                     max_length=max_length, device=device)
     key = headline or ("exact_match" if "exact_match" in out else "token_accuracy")
+    if key not in out:
+        raise ValueError(f"metric {key} cannot be computed on this split: exact_match and choice_accuracy need "
+                         f"prompts and answers, choice_accuracy at most {MAX_CHOICES} distinct answers")
     out["accuracy"] = out[key]
     return out
+
+
+MAX_CHOICES = 32  # answer sets up to this size are also scored as a choice among the known answers
+
+
+@torch.no_grad()
+def sequence_logprobs(model, rows: list[tuple[list[int], list[int]]], pad_id: int, *, batch_size: int = 64,
+                      device: str = "cpu") -> list[float]:
+    """The log-likelihood of each row's learned tokens (labels not ``IGNORE_INDEX``), summed per row."""
+    sums: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        batch = collate_lm(rows[i:i + batch_size], pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        keep = target != IGNORE_INDEX
+        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        sums.extend((logp * keep).sum(-1).tolist())
+    return sums
+
+
+def choice_accuracy(model, tokenizer, split: Split, *, batch_size: int = 64, max_length: int = 64,
+                    device: str = "cpu") -> float:
+    """Accuracy of choosing the gold answer among the split's distinct answers by likelihood.
+
+    Multiple-choice scoring as lm-evaluation-harness' ``acc``: for every prompt, each distinct answer's
+    response text (+ EOS) is scored by its summed log-likelihood given the prompt, and the most
+    likely answer is the prediction. It credits a model that ranks the right answer first even when
+    its free-running greedy text is not exactly the answer.
+    """
+    response_of: dict[str, str] = {}
+    for answer, text in zip(split.answers, split.texts, strict=True):
+        response_of.setdefault(answer, text)
+    options = sorted(response_of)
+    prompts = [p for p in split.prompts for _ in options]
+    texts = [response_of[o] for _ in split.prompts for o in options]
+    rows = encode_lm(tokenizer, Split(texts=texts, labels=[], prompts=prompts), max_length)
+    scores = torch.tensor(sequence_logprobs(model, rows, tokenizer.pad_token_id, batch_size=batch_size,
+                                            device=device)).view(len(split.prompts), len(options))
+    chosen = [options[j] for j in scores.argmax(-1).tolist()]
+    return sum(c == a for c, a in zip(chosen, split.answers, strict=True)) / max(1, len(split.answers))
 
 
 @torch.no_grad()

@@ -161,9 +161,10 @@ class TaskSpec(_Frozen):
         default=None, description="Label names; label values in the data must be among them."
     )
     num_labels: int | None = Field(default=None, ge=2, description="Alternative to labels: ids 0..n-1.")
-    metric: Literal["accuracy", "macro_f1", "exact_match", "token_accuracy"] | None = Field(
+    metric: Literal["accuracy", "macro_f1", "exact_match", "choice_accuracy", "token_accuracy"] | None = Field(
         default=None, description="The task's headline score. Classification: accuracy (default) or macro_f1; "
-        "causal LM: exact_match (default with an answer column) or token_accuracy (default otherwise).",
+        "causal LM: exact_match (default with an answer column), choice_accuracy (the most likely of the known "
+        "answers, up to 32) or token_accuracy (default otherwise).",
     )
     finetune: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the workflow's finetune settings for this task only."
@@ -184,15 +185,18 @@ class TaskSpec(_Frozen):
             if self.metric in ("accuracy", "macro_f1"):
                 raise ValueError(f"metric {self.metric!r} is for classification; a causal_lm task scores "
                                  "exact_match (needs dataset.answer_column) or token_accuracy")
-            if self.metric == "exact_match" and ds.answer_column is None:
-                raise ValueError("metric exact_match needs dataset.answer_column (the reference answers)")
+            if self.metric in ("exact_match", "choice_accuracy") and ds.answer_column is None:
+                raise ValueError(f"metric {self.metric} needs dataset.answer_column (the reference answers)")
+            if ds.answer_column is not None and ds.prompt_column is None and ds.template is None:
+                raise ValueError("dataset.answer_column needs a prompt to answer: set dataset.prompt_column or "
+                                 "dataset.template")
             if ds.template is not None and ds.prompt_column is not None:
                 raise ValueError("give dataset.template or dataset.prompt_column, not both")
             return self
         for field_name in ("prompt_column", "answer_column", "template"):
             if getattr(ds, field_name) is not None:
                 raise ValueError(f"dataset.{field_name} is for causal_lm tasks; set type: causal_lm or remove it")
-        if self.metric in ("exact_match", "token_accuracy"):
+        if self.metric in ("exact_match", "choice_accuracy", "token_accuracy"):
             raise ValueError(f"metric {self.metric!r} is for causal_lm tasks; classification scores accuracy or macro_f1")
         if self.labels is None and self.num_labels is None:
             raise ValueError("give 'labels' (a list of label names) or 'num_labels' (an integer >= 2)")

@@ -126,6 +126,20 @@ def test_lm_metrics_match_a_hand_computation(tiny_llama, tmp_path):
     expected_em = sum(a == b for a, b in zip(greedy_answers(model, tok, data.eval.prompts, max_new_tokens=5),
                                              data.eval.answers, strict=True)) / len(data.eval)
     assert got["exact_match"] == pytest.approx(expected_em) and got["accuracy"] == got["exact_match"]
+    # choice accuracy: the more likely of " yes"+EOS / " no"+EOS after the prompt, one sequence at a time
+    hits = 0
+    with torch.no_grad():
+        for prompt, answer in zip(data.eval.prompts, data.eval.answers, strict=True):
+            best, best_lp = None, -math.inf
+            for option in ("no", "yes"):
+                p_ids = tok(prompt)["input_ids"]
+                r_ids = tok(" " + option, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p_ids + r_ids])).logits[0], -1)
+                lp = sum(float(logp[len(p_ids) + j - 1, t]) for j, t in enumerate(r_ids))
+                if lp > best_lp:
+                    best, best_lp = option, lp
+            hits += best == answer
+    assert got["choice_accuracy"] == pytest.approx(hits / len(data.eval))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
