@@ -242,7 +242,9 @@ class ValidationScorer:
         for task, model in self.models.items():
             if body_state is not None:
                 body = model.base_model
-                missing, unexpected = body.load_state_dict(dict(body_state), strict=False)
+                # integer buffers (position ids) are not merged, and some models do not keep them as state
+                floating = {k: v for k, v in body_state.items() if v.is_floating_point()}
+                missing, unexpected = body.load_state_dict(floating, strict=False)
                 floats = {k for k, v in body.state_dict().items() if v.is_floating_point()}
                 if unexpected or set(missing) & floats:
                     raise ValueError(f"the merged body does not fit task {task!r}'s model (missing "
