@@ -1,0 +1,239 @@
+"""Merge quality on the quickstart tasks: fixed coefficients against merges that learn from data
+(a benchmark, not a test).
+
+For every task of the spec (default ``workflows/quickstart.yaml``) a validation slice is held out of
+the train split (``--validation-fraction``, default 0.1, ATM-on-validation's default); one expert
+per task is fine-tuned on the rest with the spec's settings. Then, on the same experts:
+
+- base (linear probe): a fresh head on the frozen base body, trained on the same rows as the experts;
+- task arithmetic, λ = 0.5 (the quickstart's fixed value);
+- task arithmetic, λ searched on {0.1, …, 1.0} (TALL-masks / TSV grid, ALGORITHMS.md §3);
+- TIES (density 0.2, dis-mean), λ searched on {0.1, …, 2.5} (LiNeS' {0.1..1.5} ∪ the official 0.8–2.5);
+- RegMean, α = 0.95, N = 256 (FusionBench defaults), and α searched on {0.7, 0.8, 0.9, 1.0} (MergeLM);
+- Fisher merging, N = 256, L2-normalised, floor 1e-6 (FusionBench defaults).
+
+Searches pick by mean normalised accuracy on the validation slices; every score in the table is on
+the eval split, never seen by training or selection. normalized = merged / expert, per task; the
+mean accuracy has a 95% bootstrap interval (eval examples resampled within each task, 1000 draws,
+seed 0).
+Costs: each expert's fine-tune time, its statistics' time as a share of it, and each search's time
+against one evaluation pass per candidate.
+
+    python benchmarks/merge_quality.py                         # the full quickstart (minutes)
+    python benchmarks/merge_quality.py --max-train-examples 400 --epochs-scale 0.5   # a quick look
+
+Work (experts, statistics) is cached under --workdir and reused on a second run with the same flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
+TIES_GRID = [round(0.1 * i, 1) for i in range(1, 26)]
+REGMEAN_ALPHA_GRID = [0.7, 0.8, 0.9, 1.0]
+BOOTSTRAP = 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", default=str(ROOT / "workflows" / "quickstart.yaml"))
+    ap.add_argument("--workdir", default=str(ROOT / ".mergeflow" / "bench-merge-quality"))
+    ap.add_argument("--validation-fraction", type=float, default=0.1)
+    ap.add_argument("--examples", type=int, default=256, help="N inputs per task for Gram / Fisher statistics")
+    ap.add_argument("--max-train-examples", type=int, default=None, help="cap each task's train split (seeded)")
+    ap.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every task's epochs")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true", help="remove the workdir first")
+    args = ap.parse_args()
+
+    import torch
+
+    from operators.checkpoint import quiet_transformers, resolve_model_path
+    from operators.data import hold_out, load_task_data
+    from operators.evaluate import evaluate, linear_probe
+    from operators.finetune import finetune
+    from operators.merge.engine import merge_checkpoints
+    from operators.search import search_coefficient
+    from operators.statistics import compute_statistics
+    from pipeline.spec import FinetuneSpec, load_workflow
+
+    torch.set_num_threads(args.threads)
+    quiet_transformers()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    wf = load_workflow(args.spec)
+    work = Path(args.workdir)
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = resolve_model_path(wf.base_model)
+    cache_file = work / "cache.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    key = json.dumps([args.spec, args.validation_fraction, args.max_train_examples, args.epochs_scale, args.examples])
+    if cache.get("key") != key:
+        cache = {"key": key}
+        for d in ("experts", "stats"):
+            shutil.rmtree(work / d, ignore_errors=True)
+
+    def save() -> None:
+        cache_file.write_text(json.dumps(cache, indent=2))
+
+    fit, val, full = {}, {}, {}
+    for t in wf.tasks:
+        ds = t.dataset
+        if args.max_train_examples:
+            ds = ds.model_copy(update={"max_train_examples": args.max_train_examples})
+        data = load_task_data(t.name, ds, t.label_names, t.type)
+        full[t.name] = data
+        fit[t.name], val[t.name] = hold_out(data, args.validation_fraction, t.dataset.split_seed)
+    print(f"tasks: {', '.join(f'{n} (fit {len(fit[n].train)}, validation {len(val[n].train)}, eval {len(full[n].eval)})' for n in fit)}",
+          flush=True)
+
+    experts, ft_seconds, expert_acc = {}, cache.setdefault("finetune_seconds", {}), cache.setdefault("expert_acc", {})
+    for t in wf.tasks:
+        out = work / "experts" / t.name
+        settings = wf.finetune_for(t)
+        if settings.max_steps is None:
+            settings = FinetuneSpec.model_validate({**settings.model_dump(), "epochs": settings.epochs * args.epochs_scale})
+        if t.name not in ft_seconds or not out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+            r = finetune(base, fit[t.name], settings, out, torch_threads=args.threads)
+            ft_seconds[t.name] = r.seconds
+            expert_acc[t.name] = evaluate(out, fit[t.name], max_length=settings.max_length)["accuracy"]
+            save()
+        experts[t.name] = out
+        print(f"expert {t.name}: {ft_seconds[t.name]:.1f}s fine-tune, eval accuracy {expert_acc[t.name]:.3f}", flush=True)
+    max_length = max(wf.finetune_for(t).max_length for t in wf.tasks)
+
+    probe = cache.get("probe")
+    if probe is None:
+        probe = {n: linear_probe(base, fit[n], max_length=max_length, seed=wf.finetune.seed)["accuracy"] for n in fit}
+        cache["probe"] = probe
+        save()
+
+    print(f"base linear probe: {probe}", flush=True)
+    stats, stat_seconds = {}, cache.setdefault("stat_seconds", {})
+    for kind in ("gram", "fisher"):
+        for n in fit:
+            d = work / "stats" / f"{n}-{kind}"
+            if f"{n}-{kind}" not in stat_seconds or not d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+                stat_seconds[f"{n}-{kind}"] = compute_statistics(experts[n], fit[n], kind, d, examples=args.examples,
+                                                                 max_length=max_length).seconds
+                save()
+                print(f"{kind} statistics of {n}: {stat_seconds[f'{n}-{kind}']:.1f}s", flush=True)
+            stats.setdefault(kind, {})[n] = str(d)
+
+    validation = {n: v.train for n, v in val.items()}
+    rows: dict[str, dict[str, float]] = {}
+    correct: dict[str, dict[str, np.ndarray]] = {}
+
+    def correctness(ckpt: Path, task: str) -> np.ndarray:
+        """Per eval example: 1 if the body of ``ckpt`` with ``task``'s head predicts its label."""
+        from transformers import AutoTokenizer
+
+        from operators.checkpoint import load_task_model
+        from operators.evaluate import predict
+
+        model = load_task_model(ckpt, task)
+        pred = predict(model, AutoTokenizer.from_pretrained(str(ckpt)), full[task].eval, max_length=max_length)
+        return (pred == np.asarray(full[task].eval.labels)).astype(np.float64)
+
+    def interval(label: str) -> tuple[float, float]:
+        """95% bootstrap interval of the mean accuracy over tasks (eval examples resampled per task, seeded)."""
+        rng = np.random.default_rng(0)
+        means = np.zeros(BOOTSTRAP)
+        for n in fit:
+            c = correct[label][n]
+            means += c[rng.integers(0, len(c), size=(BOOTSTRAP, len(c)))].mean(1)
+        means /= len(fit)
+        return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    costs: dict[str, dict] = {}
+
+    def score(label: str, method: str, params: dict) -> None:
+        out = work / "merged" / label.replace(" ", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        merge_checkpoints(base, experts, method, params, out)
+        merge_s = time.perf_counter() - t0
+        correct[label] = {n: correctness(out, n) for n in fit}
+        rows[label] = {n: float(correct[label][n].mean()) for n in fit}
+        costs.setdefault(label, {})["merge_seconds"] = merge_s
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"{label}: " + ", ".join(f"{n}={a:.3f}" for n, a in rows[label].items())
+              + f" ({time.perf_counter() - t0:.0f}s with evaluation)", flush=True)
+
+    def searched(label: str, method: str, params: dict) -> None:
+        res = search_coefficient(base, experts, method, params, validation, max_length=max_length)
+        print(f"{label}: chose {res.param}={res.chosen:g} in {res.seconds:.0f}s", flush=True)
+        chosen = {**{k: v for k, v in params.items() if not (isinstance(v, dict) and "search" in v)},
+                  res.param: res.chosen}
+        costs[label] = {"chosen": res.chosen, "candidates": len(res.candidates), "search_seconds": res.seconds,
+                        "eval_pass_seconds": res.eval_pass_seconds, "cost_ratio": res.cost_ratio,
+                        "validation_score": res.best_score, "fast_path": res.fast_path,
+                        "curve": {c.value: round(c.score, 4) for c in res.candidates}}
+        score(label, method, chosen)
+
+    score("task arithmetic λ=0.5", "task_arithmetic", {"scaling": 0.5})
+    searched("task arithmetic, λ searched", "task_arithmetic", {"scaling": {"search": TA_GRID}})
+    searched("TIES, λ searched", "ties", {"density": 0.2, "scaling": {"search": TIES_GRID}})
+    score("RegMean α=0.95", "regmean", {"alpha": 0.95, "statistics": stats["gram"]})
+    searched("RegMean, α searched", "regmean", {"alpha": {"search": REGMEAN_ALPHA_GRID}, "statistics": stats["gram"]})
+    score("Fisher merging", "fisher", {"statistics": stats["fisher"]})
+
+    tasks = list(fit)
+    mean = lambda d: sum(d[n] for n in tasks) / len(tasks)  # noqa: E731
+    print()
+    print(f"validation_fraction {args.validation_fraction}, N = {args.examples}, max_train_examples "
+          f"{args.max_train_examples}, epochs x{args.epochs_scale}, {args.threads} threads")
+    head = "| model | " + " | ".join(tasks) + " | mean acc [95% CI] | mean normalized |"
+    print(head)
+    print("|" + "---|" * (len(tasks) + 3))
+    print("| base (linear probe) | " + " | ".join(f"{probe[n]:.3f}" for n in tasks) + f" | {mean(probe):.3f} | "
+          f"{sum(probe[n] / expert_acc[n] for n in tasks) / len(tasks):.3f} |")
+    correct["experts"] = {n: correctness(experts[n], n) for n in tasks}
+    lo, hi = interval("experts")
+    print("| experts | " + " | ".join(f"{expert_acc[n]:.3f}" for n in tasks)
+          + f" | {mean(expert_acc):.3f} [{lo:.3f}, {hi:.3f}] | 1.000 |")
+    results = {}
+    for label, accs in rows.items():
+        norm = sum(accs[n] / expert_acc[n] for n in tasks) / len(tasks)
+        results[label] = {"accuracy": accs, "mean": mean(accs), "normalized": norm, **costs.get(label, {})}
+        chosen = f" ({costs[label]['chosen']:g})" if "chosen" in costs.get(label, {}) else ""
+        lo, hi = interval(label)
+        results[label]["ci95"] = [lo, hi]
+        print(f"| {label}{chosen} | " + " | ".join(f"{accs[n]:.3f}" for n in tasks)
+              + f" | {mean(accs):.3f} [{lo:.3f}, {hi:.3f}] | {norm:.3f} |")
+    print()
+    print("cost of statistics (share of the expert's fine-tune time):")
+    for n in tasks:
+        g, f = stat_seconds[f"{n}-gram"], stat_seconds[f"{n}-fisher"]
+        print(f"  {n}: fine-tune {ft_seconds[n]:.1f}s; Gram {g:.1f}s ({g / ft_seconds[n]:.0%}); "
+              f"Fisher {f:.1f}s ({f / ft_seconds[n]:.0%})")
+    print("cost of the searches:")
+    for label, c in costs.items():
+        if "chosen" in c:
+            print(f"  {label}: {c['candidates']} candidates in {c['search_seconds']:.1f}s, one evaluation pass "
+                  f"{c['eval_pass_seconds']:.2f}s, {c['cost_ratio']:.2f}x the evaluation passes alone"
+                  f"{' (affine fast path)' if c['fast_path'] else ''}; validation curve {c['curve']}")
+    best = max(results, key=lambda k: results[k]["normalized"])
+    print(f"best: {best}: normalized {results[best]['normalized']:.3f} (target >= 0.85), mean accuracy "
+          f"{results[best]['mean']:.3f} vs base probe {mean(probe):.3f}")
+    (work / "results.json").write_text(json.dumps({"probe": probe, "experts": expert_acc, "merges": results,
+                                                   "finetune_seconds": ft_seconds, "stat_seconds": stat_seconds},
+                                                  indent=2))
+
+
+if __name__ == "__main__":
+    main()
