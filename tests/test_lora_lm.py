@@ -285,3 +285,34 @@ def test_atm_lora_causal_lm_rounds_through_ray_and_mlflow(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(result.final.merged.uri)
+
+
+def test_oneshot_lora_classification_in_process(tiny_base, tmp_path):
+    """LoRA classification experts through the pipeline: adapters + heads, cross-task scores, exact merge."""
+    from operators.checkpoint import is_adapter_checkpoint, read_provenance
+    from pipeline.driver import run_workflow
+    from tests.helpers import tiny_workflow_dict
+
+    spec = tiny_workflow_dict(tmp_path, tiny_base)
+    spec["finetune"] |= {"mode": "lora", "lora": {"r": 4, "alpha": 8}, "learning_rate": 1e-2}
+    result = run_workflow(parse_workflow(spec), address="in-process", report=lambda _m: None)
+    final = result.final
+    for task, expert in final.experts.items():
+        assert is_adapter_checkpoint(expert.uri) and (Path(expert.uri) / "heads" / task / "head.safetensors").is_file()
+        assert set(final.expert_evals[task]) == {"vowel", "length"}, "each expert's body scored with every head"
+    merged = Path(final.merged.uri)
+    assert not is_adapter_checkpoint(merged) and {p.name for p in (merged / "heads").iterdir()} == {"vowel", "length"}
+    assert read_provenance(merged)["parents"][1]["format"] == "peft-lora-adapter"
+    assert set(final.merged_eval) == {"vowel", "length"}
+    # the merged body is task arithmetic (λ = 0.5) of the experts as peft folds them
+    from operators.checkpoint import load_model, load_task_model
+    from operators.tensor_io import load_state_dict
+
+    base = load_task_model(tiny_base, "vowel", head_from=final.experts["vowel"].uri).base_model.state_dict()
+    folded = {t: load_model(e.uri, t, causal_lm=False, adapter_base=tiny_base).base_model.state_dict()
+              for t, e in final.experts.items()}
+    body = load_state_dict(merged)
+    for key in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.weight"):
+        expected = base[key] + 0.5 * sum(f[key] - base[key] for f in folded.values())
+        assert not torch.equal(expected, base[key])
+        torch.testing.assert_close(body[key], expected, rtol=1e-5, atol=1e-6)
