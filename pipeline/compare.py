@@ -9,7 +9,10 @@ Written to the output folder and logged as artifacts of a parent MLflow run (eac
 workflow run is its child):
   compare.md / compare.json  per task and mean: accuracy and normalized accuracy of the base
                              (linear probe), the one-shot experts and every variant
-  compare.png                mean accuracy against cumulative fine-tuning budget, per variant
+  compare.png                mean accuracy against cumulative fine-tuning budget, per variant,
+                             with the final round's 95% interval
+Each mean accuracy gets a 95% bootstrap interval over the eval examples (seeded); a variant whose
+difference from the best variant has a 95% interval that includes 0 is marked "within noise".
 """
 
 from __future__ import annotations
@@ -45,6 +48,51 @@ class Comparison:
     table: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> column -> value
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # label -> (budget, mean acc)
     files: list[Path] = field(default_factory=list)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # label -> 95% interval of the mean
+    within_noise: dict[str, bool] = field(default_factory=dict)  # label -> not distinguishable from the best
+
+
+BOOTSTRAP_DRAWS = 2000
+
+
+def bootstrap_means(evals: dict[str, dict[str, float]], draws: int = BOOTSTRAP_DRAWS, seed: int = 0):
+    """Bootstrap draws of the mean accuracy over tasks, resampling each task's eval examples.
+
+    Resampling n examples of which a fraction p are right gives Binomial(n, p) right answers, so the
+    bootstrap of a 0/1 score (accuracy, exact match) is drawn exactly from each task's accuracy and
+    count ``n``; for other headline metrics it is the binomial approximation.
+
+    Returns:
+        A numpy array of ``draws`` means (seeded: the same inputs give the same draws).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    total = np.zeros(draws)
+    for task in sorted(evals):
+        n = int(evals[task].get("n") or 0)
+        p = min(1.0, max(0.0, float(evals[task]["accuracy"])))
+        total += rng.binomial(n, p, size=draws) / n if n > 0 else p
+    return total / max(1, len(evals))
+
+
+def interval(draws) -> tuple[float, float]:
+    """The central 95% of bootstrap draws."""
+    import numpy as np
+
+    return float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def noise_marks(evals: dict[str, dict[str, dict[str, float]]], seed: int = 0) -> dict[str, bool]:
+    """Per label: True when its mean accuracy is within noise of the best label's (the 95% bootstrap
+    interval of the difference includes 0; the best itself is True)."""
+    draws = {label: bootstrap_means(e, seed=seed + i) for i, (label, e) in enumerate(sorted(evals.items()))}
+    best = max(draws, key=lambda k: float(draws[k].mean()))
+    marks = {}
+    for label, d in draws.items():
+        lo, hi = interval(draws[best] - d)
+        marks[label] = label == best or lo <= 0.0 <= hi
+    return marks
 
 
 def variant_workflow(wf: Workflow, strategy: str, merge: str) -> Workflow:
@@ -84,6 +132,9 @@ def run_comparison(wf: Workflow, strategies: list[str], merges: list[str], round
         comparison.table = comparison_table(variants)
         comparison.curves = {v.label: [(r.budget, r.summary()["mean"]["merged"]) for r in v.result.rounds]
                              for v in variants}
+        finals = {v.label: v.result.final.merged_eval for v in variants}
+        comparison.intervals = {label: interval(bootstrap_means(e)) for label, e in finals.items()}
+        comparison.within_noise = noise_marks(finals)
         comparison.files = write_outputs(comparison, out_dir)
         for f in comparison.files:
             lineage.log_artifact(parent, f)
@@ -134,14 +185,26 @@ def write_outputs(c: Comparison, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     md, js, png = out_dir / "compare.md", out_dir / "compare.json", out_dir / "compare.png"
-    md.write_text(table_markdown(c.table))
+    text = table_markdown(c.table)
+    if c.intervals:
+        text += ("\nMean accuracy with a 95% bootstrap interval over the eval examples (seeded); *within noise*: "
+                 "the difference from the best variant is not distinguishable from 0 at 95%.\n\n"
+                 "| variant | mean accuracy | 95% interval | |\n|---|---|---|---|\n")
+        text += "".join(f"| {label} | {c.table['mean'][f'{label} acc']:.3f} | [{lo:.3f}, {hi:.3f}] | "
+                        f"{'within noise of the best' if c.within_noise.get(label) else ''} |\n"
+                        for label, (lo, hi) in c.intervals.items())
+    md.write_text(text)
     js.write_text(json.dumps({"table": c.table, "curves": c.curves, "run_id": c.run_id,
+                              "intervals95": c.intervals, "within_noise": c.within_noise,
                               "variants": [{"strategy": v.strategy, "merge": v.merge, "run_id": v.result.run_id}
                                            for v in c.variants]}, indent=2))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in c.curves.items():
         xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, marker="o", label=label)
+        line = ax.plot(xs, ys, marker="o", label=label)[0]
+        if label in c.intervals:  # the final merge's 95% interval
+            lo, hi = c.intervals[label]
+            ax.errorbar([xs[-1]], [ys[-1]], yerr=[[ys[-1] - lo], [hi - ys[-1]]], color=line.get_color(), capsize=4)
     ax.axhline(c.table["mean"]["expert"], color="grey", linestyle="--", label="individual experts")
     ax.axhline(c.table["mean"]["base probe"], color="grey", linestyle=":", label="base (linear probe)")
     ax.set_xlabel("cumulative fine-tuning budget (fraction of each task's budget)")

@@ -300,3 +300,22 @@ def test_search_scores_each_candidate_as_the_written_merge_evaluates(tiny_base, 
     dens = search_coefficient(tiny_base, tiny_experts, "ties", {"scaling": 0.5, "density": {"search": [0.3, 1.0]}},
                               {t: d.eval for t, d in val.items()}, max_length=12)
     assert not dens.fast_path and [c.value for c in dens.candidates] == [0.3, 1.0]
+
+
+# --- comparisons users can trust --------------------------------------------------------------------
+
+def test_bootstrap_interval_of_the_mean_accuracy():
+    from pipeline.compare import bootstrap_means, interval, noise_marks
+
+    # one task, 400 examples, half right: the bootstrap interval is p ± 1.96·sqrt(p(1 − p)/n) = 0.5 ± 0.049
+    lo, hi = interval(bootstrap_means({"a": {"accuracy": 0.5, "n": 400}}))
+    assert lo == pytest.approx(0.451, abs=0.01) and hi == pytest.approx(0.549, abs=0.01)
+    # the mean of two tasks: its variance is the average of theirs over 2 → half-width 0.049 / sqrt(2)
+    lo2, hi2 = interval(bootstrap_means({"a": {"accuracy": 0.5, "n": 400}, "b": {"accuracy": 0.5, "n": 400}}))
+    assert (hi2 - lo2) == pytest.approx((hi - lo) / 2 ** 0.5, rel=0.1)
+    assert interval(bootstrap_means({"a": {"accuracy": 1.0, "n": 50}})) == (1.0, 1.0)
+    same = {"a": {"accuracy": 0.7, "n": 100}}
+    assert (bootstrap_means(same) == bootstrap_means(same)).all()  # seeded
+    marks = noise_marks({"best": {"a": {"accuracy": 0.90, "n": 1000}}, "close": {"a": {"accuracy": 0.89, "n": 1000}},
+                         "far": {"a": {"accuracy": 0.50, "n": 1000}}})
+    assert marks == {"best": True, "close": True, "far": False}

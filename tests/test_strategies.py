@@ -220,6 +220,10 @@ def test_compare_writes_table_plot_and_mlflow_artifacts(tiny_base, tmp_path):
     mean = data["table"]["mean"]
     assert {"base probe", "expert", "atm+mean acc", "atm+mean norm", "oneshot+ties norm"} <= set(mean)
     assert "| mean |" in result.output
+    # each variant's mean accuracy has a seeded 95% bootstrap interval, and a within-noise mark
+    assert set(data["intervals95"]) == set(labels) and set(data["within_noise"]) == set(labels)
+    assert all(lo <= mean[f"{k} acc"] <= hi for k, (lo, hi) in data["intervals95"].items())
+    assert "95% interval" in (out / "compare.md").read_text()
     # the same table, plot and per-variant workflow runs under one MLflow parent run
     wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base))
     client = MlflowClient(tracking_uri=wf.tracking.uri)
