@@ -95,7 +95,7 @@ def test_workflow_on_existing_cluster_with_tracking_server(tiny_base, tmp_path, 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     version = client.get_model_version_by_alias(wf.registered_model_name, "current")
     model = client.get_logged_model(final["merged_model_id"])
-    assert version.source == model.artifact_location
+    assert version.source == f"models:/{model.model_id}", "registered from the LoggedModel"
     # the merged checkpoint went through the server into its artifact store, and comes back out
     got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl"),
                                                    tracking_uri=mlflow_server))
