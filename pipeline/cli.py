@@ -187,7 +187,9 @@ def print_summary(console, result, ui_url: str = DEFAULT_UI_URL) -> None:
 
     summary = result.summary()
     cols = [c for c in COLUMNS if c in summary["mean"]]
-    table = Table(title=f"{result.workflow}: accuracy on held-out data")
+    table = Table(title=f"{result.workflow}: accuracy on held-out data",
+                  caption="base: linear probe of the base (classification) or the base as is (causal LM); "
+                          "accuracy: each task's headline metric")
     table.add_column("task")
     for c in cols:
         table.add_column(COLUMNS[c], justify="right")
