@@ -222,10 +222,19 @@ def test_oneshot_lora_adapter_merge_in_process(tiny_llama, tmp_path):
     from operators.checkpoint import is_adapter_checkpoint, read_provenance
     from pipeline.driver import run_workflow
 
-    wf = parse_workflow(tiny_lm_workflow_dict(tmp_path, tiny_llama, merge={
-        "method": "task_arithmetic", "params": {"scaling": 0.5}, "lora": {"mode": "adapter", "rank": 2}}))
+    spec = tiny_lm_workflow_dict(tmp_path, tiny_llama, merge={
+        "method": "task_arithmetic", "params": {"scaling": 0.5}, "lora": {"mode": "adapter", "rank": 2}})
+    spec["tracking"]["log_expert_artifacts"] = True
+    wf = parse_workflow(spec)
     result = run_workflow(wf, address="in-process", report=lambda _m: None)
     final = result.final
+    # MLflow holds the adapters, not copies of the base
+    base_bytes = (tiny_llama / "model.safetensors").stat().st_size
+    for expert in final.experts.values():
+        art = _client(wf).get_logged_model(expert.model_id).artifact_location
+        files = {p.name: p.stat().st_size for p in Path(art.removeprefix("file://")).rglob("*") if p.is_file()}
+        assert "adapter_model.safetensors" in files and "model.safetensors" not in files, files
+        assert files["adapter_model.safetensors"] < base_bytes / 2
     merged_dir = Path(final.merged.uri)
     assert is_adapter_checkpoint(merged_dir) and not (merged_dir / "model.safetensors").exists()
     prov = read_provenance(merged_dir)
