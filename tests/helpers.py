@@ -113,7 +113,7 @@ def tiny_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
 
 
 def make_tiny_causal_lm(directory: Path, arch: str = "llama", seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """Save a random-initialised pico causal LM (``llama`` or ``gpt2``) with a character tokenizer."""
+    """Save a random-initialised pico causal LM (``llama``, ``qwen2`` or ``gpt2``) with a character tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from operators.pretrain import char_tokenizer
@@ -129,6 +129,13 @@ def make_tiny_causal_lm(directory: Path, arch: str = "llama", seed: int = 0, hid
                              num_attention_heads=2, num_key_value_heads=2, intermediate_size=48,
                              max_position_embeddings=128, **ids)
         LlamaForCausalLM(config).save_pretrained(str(directory))
+    elif arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=2, num_key_value_heads=1, intermediate_size=48,
+                             max_position_embeddings=128, **ids)
+        Qwen2ForCausalLM(config).save_pretrained(str(directory))
     elif arch == "gpt2":
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=2, n_positions=128,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)

@@ -142,9 +142,10 @@ def test_lm_metrics_match_a_hand_computation(tiny_llama, tmp_path):
     assert got["choice_accuracy"] == pytest.approx(hits / len(data.eval))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_lora_causal_lm_expert_learns_and_saves_small(arch, tmp_path):
-    """Llama and GPT-2 (Conv1D, fan_in_fan_out) LoRA experts train, shrink the loss, and save an adapter."""
+    """Llama, Qwen2 (grouped KV heads) and GPT-2 (Conv1D, fan_in_fan_out) LoRA experts train, shrink the
+    loss, and save an adapter."""
     from operators.evaluate import evaluate
     from operators.finetune import finetune
 
@@ -162,7 +163,8 @@ def test_lora_causal_lm_expert_learns_and_saves_small(arch, tmp_path):
     base_bytes = (base / "model.safetensors").stat().st_size
     assert adapter_bytes < base_bytes / 2
     after = evaluate(tmp_path / "e", data, adapter_base=base)
-    assert after["loss"] < before["loss"] - 0.5, (before, after)
+    assert after["loss"] < before["loss"] - 0.2 and after["token_accuracy"] > before["token_accuracy"] + 0.2, \
+        (before, after)
     assert res.tokens_seen > 0 and res.precision == "fp32"
 
 
