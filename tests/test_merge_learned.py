@@ -250,6 +250,21 @@ def test_search_grammar_and_refusals():
         split_search({"scaling": {"search": [1]}, "density": {"search": [0.2]}})
 
 
+def test_golden_section_search_finds_the_peak_of_a_unimodal_score():
+    from operators.search import _golden_points
+
+    seen = []
+
+    def score(v):
+        seen.append(v)
+        return -(v - 0.7) ** 2
+
+    _golden_points(0.0, 2.0, 12, score)
+    assert len(seen) == 12  # exactly the evaluations asked for
+    # after 12 evaluations the bracket is 2·0.618^10 ≈ 0.016 wide around the peak
+    assert abs(max(seen, key=lambda v: -(v - 0.7) ** 2) - 0.7) < 0.02
+
+
 @pytest.mark.parametrize("method", sorted(AFFINE_IN_SCALING))
 def test_methods_on_the_fast_path_are_affine_in_scaling(method):
     """The search merges once at λ = 1 for these methods: θ(λ) must equal θ_0 + λ (θ(1) − θ_0)."""
