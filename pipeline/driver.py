@@ -18,6 +18,7 @@ from typing import Any
 from operators.checkpoint import is_causal_lm_checkpoint, resolve_model_path, validate_base_checkpoint
 from operators.data import DataError
 from operators.tensor_io import CheckpointError, TensorReader
+from pipeline.attempts import close_dead_attempts, driver_tags
 from pipeline.lineage import TAG_SPEC_HASH, Lineage
 from pipeline.lineage_graph import GraphData, GraphRound, draw_lineage
 from pipeline.runtime import make_runtime
@@ -144,8 +145,10 @@ def run_workflow(
     store = CheckpointStore(wf.store.root)
     run_id = lineage.start_run(wf.name, kind="workflow", parent=parent_run_id, tags={TAG_SPEC_HASH: wf.spec_hash(),
                                                               "mergeflow.strategy": wf.strategy,
-                                                              "mergeflow.store_root": wf.store.root})
+                                                              "mergeflow.store_root": wf.store.root,
+                                                              **driver_tags()})
     report(f"workflow {wf.name!r}: MLflow run {run_id} in experiment {wf.experiment_name!r} ({wf.tracking.uri})")
+    close_dead_attempts(lineage, wf.name, run_id, report)  # a killed driver's runs must not stay RUNNING
     lineage.log_params(run_id, wf.model_dump(mode="json", exclude={"tasks"}) | {
         "tasks": ",".join(t.name for t in wf.tasks), "spec_hash": wf.spec_hash()})
     lineage.log_dict(run_id, wf.model_dump(mode="json"), "workflow.json")
@@ -158,7 +161,12 @@ def run_workflow(
             results = STRATEGY_RUNNERS[wf.strategy](rounds, base_ref(wf))
     except BaseException as exc:
         lineage.set_tags(run_id, {"mergeflow.error": f"{type(exc).__name__}: {exc}"[:4000]})
-        lineage.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        try:  # every run of this attempt still open ends with it: a stopped job leaves none RUNNING
+            lineage.end_attempt(run_id, status, {"mergeflow.ended_because": f"the workflow ended {status}: "
+                                                 f"{type(exc).__name__}"})
+        except Exception:  # the tracking server is gone too: at least try the workflow run
+            lineage.end_run(run_id, status)
         raise
     result = WorkflowResult(wf.name, run_id, lineage.experiment_id, wf.tracking.uri, results, time.perf_counter() - start,
                             wf.registered_model_name)

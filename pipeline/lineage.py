@@ -321,6 +321,48 @@ class Lineage:
                 return str(v.version)
         return None
 
+    # --- attempts whose driver died (see pipeline.attempts) -------------------------------------
+    @_retry
+    def running_workflow_runs(self, workflow: str) -> list[tuple[str, dict[str, str]]]:
+        """``(run_id, tags)`` of this experiment's workflow runs named ``workflow`` still RUNNING."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_KIND}` = 'workflow' and "
+                                       f"attributes.status = 'RUNNING' and attributes.run_name = '{workflow}'")
+        return [(r.info.run_id, dict(r.data.tags)) for r in runs]
+
+    @_retry
+    def end_attempt(self, workflow_run_id: str, status: str, tags: dict[str, str]) -> tuple[int, int]:
+        """End every RUNNING run of one attempt (the workflow run and its descendants) with ``status``
+        and ``tags``; mark the LoggedModels they left PENDING as FAILED.
+
+        Returns:
+            ``(runs ended, models failed)``.
+        """
+        from mlflow.entities import LoggedModelStatus
+
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_WORKFLOW_RUN}` = '{workflow_run_id}' and "
+                                       "attributes.status = 'RUNNING'")
+        ids = {r.info.run_id for r in runs}
+        for run_id in sorted(ids - {workflow_run_id}) + [workflow_run_id] * (workflow_run_id in ids):
+            self.set_tags(run_id, tags)
+            self.client.set_terminated(run_id, status=status)
+        models = 0
+        for m in self.client.search_logged_models([self.experiment_id]):
+            if m.source_run_id in ids and m.status == LoggedModelStatus.PENDING:
+                self.fail_model(m.model_id)
+                models += 1
+        return len(ids), models
+
+    def find_version_by_tag(self, name: str, tag: str, value: str) -> str | None:
+        """The newest registry version of ``name`` whose tag ``tag`` is ``value`` (``None``: none)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            return None
+        found = [int(v.version) for v in versions if (v.tags or {}).get(tag) == value]
+        return str(max(found)) if found else None
+
     @_retry
     def model_artifact_location(self, model_id: str) -> str:
         return self.client.get_logged_model(model_id).artifact_location

@@ -6,6 +6,12 @@
   directory and renamed into place (atomic). On object stores, where a directory rename is not
   atomic, a ``_COMPLETE`` marker is written last. Readers trust a checkpoint only if its marker is
   there, on every filesystem.
+- The marker holds a manifest: each file's size and sha256, taken (streamed) from the staged copy
+  before it became visible. Reusing or reading a checkpoint checks its files against it, so bytes
+  flipped or cut off on disk are caught before the checkpoint is merged (:class:`CorruptCheckpoint`).
+  A checkpoint is hashed once per process (about a second per GB on one core) and again only if a
+  file's size or modification time changes; an empty marker (written before manifests existed)
+  cannot be checked and is trusted as before.
 - Keys are content addresses: an expert's key hashes what determines its weights (start model,
   task, data and fine-tuning settings), so re-running a workflow, or trying another merge method on
   the same experts, reuses them instead of training again.
@@ -25,10 +31,46 @@ from typing import Any
 import pyarrow.fs as pafs
 
 COMPLETE_MARKER = "_COMPLETE"
+_CHUNK = 1 << 20
+# Checkpoints this process has hashed (or written) and found whole, with their files' sizes and
+# modification times then: each is hashed once per process unless a file is rewritten meanwhile.
+_VERIFIED: dict[str, tuple] = {}
 
 
 class StoreError(RuntimeError):
     """A store operation that failed, with the URI and what to do."""
+
+
+class CorruptCheckpoint(StoreError):
+    """A published checkpoint whose files no longer match the checksums taken when it was published."""
+
+    def __init__(self, uri: str, problems: list[str]):
+        self.uri = uri
+        self.problems = problems
+        self.reason = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        super().__init__(f"{uri}: checkpoint is corrupt ({self.reason}); it was changed after it was published. "
+                         "Delete it (or re-run the workflow, which rebuilds it) instead of using it.")
+
+
+def _sha256(stream) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_manifest(local_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Relative path → ``{"size", "sha256"}`` of every file under ``local_dir`` (streamed, not loaded)."""
+    out = {}
+    for p in sorted(Path(local_dir).rglob("*")):
+        if p.is_file() and p.name != COMPLETE_MARKER:
+            with p.open("rb") as f:
+                out[p.relative_to(local_dir).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(f)}
+    return out
+
+
+def _marker_text(manifest: dict[str, dict[str, Any]]) -> str:
+    return json.dumps({"manifest_version": 1, "files": manifest}, indent=1, sort_keys=True)
 
 
 def content_key(*parts: Any) -> str:
@@ -95,24 +137,84 @@ class CheckpointStore:
                     shutil.move(str(local_dir), partial)
                 else:
                     shutil.copytree(local_dir, partial)
-                (partial / COMPLETE_MARKER).write_text("")
+                (partial / COMPLETE_MARKER).write_text(_marker_text(file_manifest(partial)))
                 if target.exists():  # an incomplete leftover from a crashed run: replace it
                     shutil.rmtree(target)
                 os.rename(partial, target)
             except BaseException:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
+            self._remember(path)  # hashed just now, from the bytes that were renamed into place
             return path
-        # object stores: copy every file, then the marker last
+        # object stores: copy every file, then the marker (with the manifest) last
+        manifest = file_manifest(local_dir)
         if self.exists(path):
             self.fs.delete_dir(path)
         self.fs.create_dir(path, recursive=True)
         pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
         with self.fs.open_output_stream(f"{path}/{COMPLETE_MARKER}") as f:
-            f.write(b"")
+            f.write(_marker_text(manifest).encode())
         if move:
             shutil.rmtree(local_dir, ignore_errors=True)
+        self._remember(path)
         return path
+
+    def discard(self, path: str) -> None:
+        """Remove the checkpoint at ``path`` (a corrupt one): the marker goes first, so no reader
+        trusts what is left if the removal is interrupted."""
+        _VERIFIED.pop(self.uri(path), None)
+        if self.is_complete(path):
+            self.fs.delete_file(f"{path}/{COMPLETE_MARKER}")
+        if self.is_local:
+            target = Path(path)
+            if target.exists():
+                doomed = target.parent / f".{target.name}.discarded-{uuid.uuid4().hex[:8]}"
+                os.rename(target, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        elif self.exists(path):
+            self.fs.delete_dir(path)
+
+    # --- integrity ----------------------------------------------------------------------------
+    def verify(self, path: str) -> bool:
+        """Check the complete checkpoint at ``path`` against its manifest (once per process).
+
+        Returns:
+            True when checked (now or earlier in this process), False for a checkpoint published
+            without a manifest (nothing to check against).
+
+        Raises:
+            CorruptCheckpoint: a file is missing, has another size, or other bytes.
+        """
+        uri = self.uri(path)
+        with self.fs.open_input_stream(f"{path}/{COMPLETE_MARKER}") as f:
+            files = _read_manifest(f.read(), uri)
+        if files is None:
+            return False
+        infos = self.fs.get_file_info([f"{path}/{rel}" for rel in sorted(files)])
+        fingerprint = tuple((i.path, i.size, i.mtime_ns) for i in infos)
+        if _VERIFIED.get(uri) == fingerprint:
+            return True
+        problems = []
+        for (rel, want), info in zip(sorted(files.items()), infos, strict=True):
+            if info.type != pafs.FileType.File:
+                problems.append(f"{rel} is missing")
+            elif info.size != want["size"]:
+                problems.append(f"{rel} has {info.size} bytes, {want['size']} were published")
+            else:
+                with self.fs.open_input_stream(f"{path}/{rel}") as f:
+                    if _sha256(f) != want["sha256"]:
+                        problems.append(f"{rel} has other bytes than were published (sha256 differs)")
+        if problems:
+            raise CorruptCheckpoint(uri, problems)
+        _VERIFIED[uri] = fingerprint
+        return True
+
+    def _remember(self, path: str) -> None:
+        """Record a checkpoint this process has just hashed and published as whole."""
+        with self.fs.open_input_stream(f"{path}/{COMPLETE_MARKER}") as f:
+            files = _read_manifest(f.read(), self.uri(path)) or {}
+        infos = self.fs.get_file_info([f"{path}/{rel}" for rel in sorted(files)])
+        _VERIFIED[self.uri(path)] = tuple((i.path, i.size, i.mtime_ns) for i in infos)
 
     def staging_dir(self) -> Path:
         """A fresh local directory to write a checkpoint into before publishing it.
@@ -135,14 +237,23 @@ class CheckpointStore:
                 "written or its writer crashed; re-run the workflow to re-create it."
             )
         if self.is_local:
+            self.verify(path)
             return Path(path)
         dest = self.cache_dir / "checkpoints" / hashlib.sha256(self.uri(path).encode()).hexdigest()[:16]
         if (dest / COMPLETE_MARKER).is_file():
-            return dest
+            try:
+                CheckpointStore(str(dest)).verify(str(dest))
+                return dest
+            except CorruptCheckpoint:  # the cached copy was damaged: download it again
+                shutil.rmtree(dest, ignore_errors=True)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix="download-"))
         try:
             pafs.copy_files(path, str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+            try:  # hash the downloaded copy: one read of the bytes, and what the caller will use
+                CheckpointStore(str(tmp)).verify(str(tmp))
+            except CorruptCheckpoint as exc:
+                raise CorruptCheckpoint(self.uri(path), exc.problems) from None
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
                 shutil.rmtree(dest)
@@ -151,3 +262,14 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return dest
+
+
+def _read_manifest(marker: bytes, uri: str) -> dict[str, dict[str, Any]] | None:
+    """The files a marker lists (None for an empty marker, from before manifests)."""
+    if not marker.strip():
+        return None
+    try:
+        files = json.loads(marker)["files"]
+        return {str(k): {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CorruptCheckpoint(uri, [f"its {COMPLETE_MARKER} marker is not a readable manifest"]) from None

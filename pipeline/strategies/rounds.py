@@ -29,7 +29,7 @@ from pipeline.steps import (
     ref_from_store,
     task_data,
 )
-from pipeline.store import CheckpointStore
+from pipeline.store import CheckpointStore, CorruptCheckpoint
 
 Reporter = Callable[[str], None]
 
@@ -99,6 +99,22 @@ class Rounds:
         return self.lineage.start_run(name, kind=kind, parent=round_run, workflow_run=self.ctx.workflow_run_id,
                                       tags={TAG_ROUND: str(index), **(tags or {})})
 
+    def intact(self, path: str, what: str, index: int) -> bool:
+        """Whether a complete checkpoint is at ``path`` whose files match the checksums taken when it
+        was published. A corrupt one is reported, removed, and counts as absent: it is made again,
+        never reused or merged.
+        """
+        if not self.store.is_complete(path):
+            return False
+        try:
+            self.store.verify(path)
+        except CorruptCheckpoint as exc:
+            self.report(f"round {index}: {what} in the store is CORRUPT ({exc.reason}): {exc.uri} was changed after "
+                        "it was published; discarded, making it again")
+            self.store.discard(path)
+            return False
+        return True
+
     # --- fine-tuning ----------------------------------------------------------------------------
     def finetune(self, start: ModelRef, tasks: list[TaskSpec], index: int, round_run: str,
                  per_round: bool = False, part: str = "all") -> dict[str, ModelRef]:
@@ -115,7 +131,7 @@ class Rounds:
             data = task_data(task, part, self.wf.held_out_fraction, task.dataset.split_seed)
             key = expert_key(start, task, settings, data.digest)
             path = expert_path(self.store, self.wf, index, task.name, key)
-            if self.store.is_complete(path):
+            if self.intact(path, f"expert {task.name!r}", index):
                 experts[task.name] = ref_from_store(self.store, path, "expert", task.name, key)
                 self.report(f"round {index}: expert {task.name!r} already in the store, reused ({self.store.uri(path)})")
                 continue
@@ -150,7 +166,7 @@ class Rounds:
         merge = merge or self.wf.merge
         key = merged_key(base, experts, merge, heads_from)
         path = merged_path(self.store, self.wf, index, key, merge.method)
-        if self.store.is_complete(path):
+        if self.intact(path, "merged model", index):
             self.report(f"round {index}: merged model already in the store, reused ({self.store.uri(path)})")
             return ref_from_store(self.store, path, "merged", f"{self.wf.name}-merged", key)
         statistics = self.statistics(experts, merge, index)
@@ -185,7 +201,7 @@ class Rounds:
             path = statistics_path(self.store, self.wf.name, index, task, kind,
                                    statistics_key(expert, kind, examples, seed))
             paths[task] = path
-            if self.store.is_complete(path):
+            if self.intact(path, f"{kind} statistics of {task!r}", index):
                 self.report(f"round {index}: {kind} statistics of {task!r} already in the store, reused")
                 continue
             futures.append(self.runtime.submit(statistics_step, self.ctx, self.wf.task(task), expert, kind, examples,
@@ -286,7 +302,9 @@ class Rounds:
         if not merged.model_id:
             return None
         name = self.wf.registered_model_name
-        existing = self.lineage.find_version(name, merged.model_id)
+        # the same merge (same content key, so same store URI) rebuilt after corruption keeps its version
+        existing = self.lineage.find_version(name, merged.model_id) or self.lineage.find_version_by_tag(
+            name, TAG_STORE_URI, merged.uri)
         if existing:
             self.report(f"round {result.index}: merged model already registered as {name} v{existing}")
             if move_alias:

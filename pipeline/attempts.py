@@ -1,0 +1,100 @@
+"""Attempts of a workflow whose driver died: found and closed, so nothing stays RUNNING forever.
+
+A driver records where it runs on its workflow run (host name, process id, the process's start
+time). When a workflow starts, earlier runs of the same workflow (same experiment, same name) that
+are still RUNNING are looked at:
+
+- same host, and no process with that id and start time exists (or it is a zombie): the driver
+  died (SIGKILL, OOM killer, a lost node that came back). Every run of that attempt that is still
+  RUNNING (workflow, round, expert, baseline, merge, evaluation) is ended KILLED with the tag
+  ``mergeflow.killed_reason`` saying why, and its LoggedModels still PENDING are marked FAILED.
+  The start time tells a reused process id from the original driver.
+- same host and the process is alive: a concurrent run of the same spec; left alone.
+- another host, or a run without a driver record: liveness cannot be checked from here (a process
+  id means nothing across hosts), so it is left alone and reported; end it by hand in the MLflow
+  UI or with ``mlflow runs`` if you know its driver is gone.
+
+Work is never lost either way: the store holds every complete step, and the new attempt resumes
+from it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from pipeline.lineage import Lineage
+
+TAG_DRIVER_HOST = "mergeflow.driver.host"
+TAG_DRIVER_PID = "mergeflow.driver.pid"
+TAG_DRIVER_STARTED = "mergeflow.driver.started"
+TAG_KILLED_REASON = "mergeflow.killed_reason"
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), ``None`` if there is none (or a zombie)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def driver_tags() -> dict[str, str]:
+    """The tags that identify this driver process (recorded on its workflow run)."""
+    pid = os.getpid()
+    return {TAG_DRIVER_HOST: socket.gethostname(), TAG_DRIVER_PID: str(pid),
+            TAG_DRIVER_STARTED: f"{_process_start_time(pid) or time.time():.3f}"}
+
+
+def dead_because(tags: dict[str, str]) -> str | None:
+    """Why the driver named in ``tags`` is known to be gone; ``None`` when it is alive or unknowable."""
+    host, pid, started = tags.get(TAG_DRIVER_HOST), tags.get(TAG_DRIVER_PID), tags.get(TAG_DRIVER_STARTED)
+    if not (host and pid and started) or host != socket.gethostname():
+        return None
+    now_started = _process_start_time(int(pid))
+    if now_started is None:
+        return f"its driver (pid {pid} on {host}) is gone"
+    if abs(now_started - float(started)) > 1.0:
+        return f"its driver (pid {pid} on {host}) is gone; that pid now belongs to another process"
+    return None
+
+
+def close_dead_attempts(lineage: Lineage, workflow: str, new_run_id: str | None = None,
+                        report: Callable[[str], None] = print) -> list[str]:
+    """End the RUNNING runs of earlier attempts of ``workflow`` whose driver is gone.
+
+    Args:
+        lineage: The workflow's experiment.
+        workflow: The workflow's name.
+        new_run_id: The attempt doing this (named in the tag; ``None`` before it exists).
+        report: Where progress lines go.
+
+    Returns:
+        The workflow run ids of the attempts closed.
+    """
+    closed = []
+    for run_id, tags in lineage.running_workflow_runs(workflow):
+        if run_id == new_run_id:
+            continue
+        reason = dead_because(tags)
+        where = f"pid {tags.get(TAG_DRIVER_PID, '?')} on {tags.get(TAG_DRIVER_HOST, 'an unknown host')}"
+        if reason is None:
+            if tags.get(TAG_DRIVER_HOST) == socket.gethostname():
+                report(f"workflow {workflow!r}: attempt {run_id} is still running ({where}); left alone")
+            else:
+                report(f"workflow {workflow!r}: attempt {run_id} is RUNNING ({where}); its driver cannot be checked "
+                       "from this host, left as is (end it in the MLflow UI if it is gone)")
+            continue
+        why = f"{reason}; closed by the next attempt" + (f" ({new_run_id})" if new_run_id else "")
+        ended, models = lineage.end_attempt(run_id, "KILLED", {TAG_KILLED_REASON: why})
+        report(f"workflow {workflow!r}: earlier attempt {run_id} died ({reason}): {ended} runs still RUNNING marked "
+               f"KILLED, {models} unfinished models FAILED; resuming from the store")
+        closed.append(run_id)
+    return closed

@@ -1,0 +1,170 @@
+"""Faults between and during runs, on real MLflow (SQLite) and real processes: a stored checkpoint
+corrupted on disk is caught by its publish-time checksums and rebuilt, never merged; a driver
+killed with SIGKILL mid-round leaves no run RUNNING once the next run starts, and that run
+finishes with the same weights and no duplicate registry version."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from pipeline.spec import parse_workflow
+from tests.helpers import tiny_workflow_dict
+
+pytestmark = pytest.mark.e2e
+
+
+def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, keyed by file and name."""
+    out = {}
+    for f in sorted(checkpoint.rglob("*.safetensors")):
+        for name, t in load_file(f).items():
+            out[f"{f.relative_to(checkpoint)}:{name}"] = t.clone()  # not a view of a file that changes later
+    return out
+
+
+def assert_bitwise_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), f"{k} differs"
+
+
+def flip_bytes(safetensors_file: Path) -> None:
+    """Change the lowest mantissa byte of a few float32 values: the tensors stay finite."""
+    raw = bytearray(safetensors_file.read_bytes())
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    start = 8 + header_len
+    for i in range(4):
+        raw[start + 64 + 4 * i] ^= 0x01  # float32 little-endian: byte 0 is the lowest mantissa byte
+    safetensors_file.write_bytes(bytes(raw))
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tiny_base, tmp_path_factory):
+    """One undisturbed run of the tiny 2-task workflow: its spec, result and merged tensors."""
+    from pipeline.driver import run_workflow
+
+    tmp = tmp_path_factory.mktemp("undisturbed")
+    wf = parse_workflow(tiny_workflow_dict(tmp, tiny_base))
+    result = run_workflow(wf, address="in-process", report=lambda _m: None)
+    return wf, result, tensors(Path(result.final.merged.path))
+
+
+def test_corrupt_checkpoints_are_detected_and_rebuilt_never_merged(undisturbed):
+    from pipeline.driver import run_workflow
+
+    wf, first, merged_before = undisturbed
+    vowel = Path(first.final.experts["vowel"].path)
+    expert_file = vowel / "model.safetensors"
+    expert_before = tensors(vowel)
+    flip_bytes(expert_file)
+    flipped = load_file(expert_file)
+    assert all(torch.isfinite(t).all() for t in flipped.values()), "the corruption keeps values finite"
+    assert any(not torch.equal(flipped[k], expert_before[f"model.safetensors:{k}"]) for k in flipped)
+    merged_file = next(Path(first.final.merged.path).glob("*.safetensors"))
+    with merged_file.open("r+b") as f:  # and the merged model's weights cut short
+        f.truncate(merged_file.stat().st_size - 100)
+
+    lines: list[str] = []
+    second = run_workflow(wf, address="in-process", report=lines.append)
+
+    corrupt = [line for line in lines if "CORRUPT" in line]
+    assert len(corrupt) == 2, lines
+    assert "expert 'vowel'" in corrupt[0] and "model.safetensors has other bytes" in corrupt[0]
+    assert "merged model" in corrupt[1] and "bytes, " in corrupt[1] and "were published" in corrupt[1]
+    experts = second.final.experts
+    assert not experts["vowel"].reused, "the corrupt expert is trained again"
+    assert experts["length"].reused, "the intact one is reused"
+    assert not second.final.merged.reused, "the corrupt merged model is made again"
+    assert_bitwise_equal(tensors(Path(experts["vowel"].path)), expert_before)
+    assert_bitwise_equal(tensors(Path(second.final.merged.path)), merged_before)
+
+    client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+    versions = client.search_model_versions(f"name = '{wf.registered_model_name}'")
+    assert [str(v.version) for v in versions] == ["1"], "the same merge, rebuilt, keeps its one version"
+    assert second.final.registered_version == "1"
+    exp = client.get_experiment_by_name(wf.experiment_name)
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    # the rebuilt checkpoints carry checksums of their own, which hold
+    import pipeline.store as store_module
+
+    store_module._VERIFIED.clear()
+    store = store_module.CheckpointStore(wf.store.root)
+    assert store.verify(experts["vowel"].path) and store.verify(second.final.merged.path)
+
+
+def test_driver_killed_mid_round_then_next_run_closes_its_runs_and_resumes(undisturbed, tiny_base, tmp_path):
+    """The driver is a real ``mergeflow run`` process, in-process mode (no Ray): the fault under test
+    is the driver's death and MLflow's record of it; Ray's own start-up would double the test's time
+    (worker deaths under Ray are covered by the cluster tests)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from pipeline.attempts import TAG_DRIVER_HOST, TAG_DRIVER_PID, TAG_KILLED_REASON, driver_tags
+    from pipeline.driver import run_workflow
+    from pipeline.lineage import TAG_KIND, Lineage
+
+    _, _, merged_want = undisturbed
+    spec = tiny_workflow_dict(tmp_path, tiny_base)
+    wf = parse_workflow(spec)
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
+    experts_dir = tmp_path / "store" / "tiny" / "round-000" / "experts"
+    log = (tmp_path / "driver.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mergeflow"), "run", str(tmp_path / "wf.yaml"),
+                             "--address", "in-process"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.time() + 300
+        while not list(experts_dir.glob("*/_COMPLETE")):  # the first expert is published
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.time() < deadline, "no expert published within 300 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+    exp = client.get_experiment_by_name(wf.experiment_name)
+    left_running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    kinds = sorted(r.data.tags[TAG_KIND] for r in left_running)
+    assert {"workflow", "round", "expert"} <= set(kinds), kinds
+    dead_id = next(r.info.run_id for r in left_running if r.data.tags[TAG_KIND] == "workflow")
+    # a live concurrent attempt of the same workflow (this test process) and one on another host
+    lineage = Lineage(wf.tracking.uri, exp.experiment_id)
+    live = lineage.start_run("tiny", kind="workflow", tags=driver_tags())
+    elsewhere = lineage.start_run("tiny", kind="workflow", tags={**driver_tags(), TAG_DRIVER_HOST: "other-host"})
+
+    lines: list[str] = []
+    result = run_workflow(wf, address="in-process", report=lines.append)
+
+    assert any(f"earlier attempt {dead_id} died" in line and "KILLED" in line for line in lines), lines
+    assert any(f"attempt {live} is still running" in line for line in lines)
+    assert any(f"attempt {elsewhere} is RUNNING" in line and "cannot be checked" in line for line in lines)
+    for r in left_running:
+        after = client.get_run(r.info.run_id)
+        assert after.info.status == "KILLED", (r.data.tags[TAG_KIND], after.info.status)
+        reason = after.data.tags[TAG_KILLED_REASON]
+        assert f"pid {r.data.tags.get(TAG_DRIVER_PID, proc.pid)}" in reason and "is gone" in reason
+        assert result.run_id in reason
+    lineage.end_run(live)
+    lineage.end_run(elsewhere)
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    assert sum("already in the store, reused" in line for line in lines) == 1, "the published expert is reused"
+    assert_bitwise_equal(tensors(Path(result.final.merged.path)), merged_want)
+    versions = client.search_model_versions(f"name = '{wf.registered_model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    # nothing half-written is visible: every checkpoint directory in the store is complete
+    for d in (tmp_path / "store" / "tiny").glob("round-*/*/*"):
+        assert d.name.startswith(".") or (d / "_COMPLETE").is_file(), d
