@@ -97,7 +97,10 @@ def test_workflow_on_existing_cluster_with_tracking_server(tiny_base, tmp_path, 
     model = client.get_logged_model(final["merged_model_id"])
     assert version.source == f"models:/{model.model_id}", "registered from the LoggedModel"
     # the merged checkpoint went through the server into its artifact store, and comes back out
-    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp_path / "dl"),
+    # (through the registry's download URI: MLflow resolves a models:/ URI with its global tracking URI)
+    download_uri = client.get_model_version_download_uri(wf.registered_model_name, version.version)
+    assert download_uri == model.artifact_location
+    got = Path(mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(tmp_path / "dl"),
                                                    tracking_uri=mlflow_server))
     assert (got / "config.json").is_file() and (got / "heads" / "length" / "head.safetensors").is_file()
     assert (tmp_path / "server-artifacts").is_dir()
