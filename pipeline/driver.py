@@ -214,7 +214,8 @@ def _round_record(r: RoundResult) -> dict[str, Any]:
     }
 
 
-COLUMNS = {"base_probe": "base (linear probe)", "expert": "expert", "merged": "merged", "normalized": "normalized"}
+# "base": a linear probe of the base for classification tasks, the base as it is for causal-LM tasks
+COLUMNS = {"base_probe": "base", "expert": "expert", "merged": "merged", "normalized": "normalized"}
 
 
 def summary_markdown(summary: dict[str, dict[str, float]]) -> str:
