@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from operators.packaged_data import PACKAGED_PREFIX  # noqa: E402
-from operators.tensor_io import INDEX_FILE, SINGLE_FILE, CheckpointError  # noqa: E402
+from operators.tensor_io import CheckpointError  # noqa: E402
 
 PROVENANCE_FILE = "mergeflow.json"
 HEADS_DIR = "heads"
@@ -98,6 +98,9 @@ def resolve_model_path(ref: str) -> Path:
                 "run `make setup` (or pip install it)"
             ) from None
     path = Path(ref)
+    if path.is_file():
+        raise CheckpointError(f"{ref}: is a file, not a model directory. Give the Hugging Face checkpoint directory "
+                              "that holds config.json and the safetensors weights.")
     if not path.is_dir():
         raise CheckpointError(f"{ref}: no such model directory. Give a local Hugging Face checkpoint directory or packaged:NAME.")
     return path
@@ -122,10 +125,12 @@ def validate_base_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
     if "model_type" not in config:
         raise CheckpointError(f"{cfg_path}: has no 'model_type'; transformers cannot tell the architecture")
-    if not ((path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()):
-        from operators.tensor_io import TensorReader
+    from operators.tensor_io import TensorReader
 
-        TensorReader(path)  # raises the precise error (pickle-only weights, nothing at all, ...)
+    # opening the reader checks every shard's header against its size (pickle-only weights, nothing at
+    # all, a truncated or half-written file): each raises the precise error
+    with TensorReader(path):
+        pass
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise CheckpointError(
             f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); save the tokenizer "

@@ -116,6 +116,8 @@ def _arch(config_path: Path) -> dict[str, Any]:
         cfg = json.loads(config_path.read_text())
     except FileNotFoundError:
         raise MergeError(f"{config_path.parent}: no config.json; is this a Hugging Face checkpoint?") from None
+    except json.JSONDecodeError as exc:
+        raise MergeError(f"{config_path}: not valid JSON ({exc}); re-save the checkpoint's config") from None
     return {k: v for k, v in cfg.items() if k not in _CONFIG_NOISE}
 
 
