@@ -7,6 +7,10 @@
     mergeflow merge CONFIG OUT               merge checkpoints (mergeflow or mergekit YAML config)
     mergeflow compare SPEC                   strategies × merges at the same budget: table and plot
     mergeflow ui SPEC [--port 5000]          the MLflow UI on SPEC's tracking store, with links to the last run
+    mergeflow submit SPEC --address URL      run SPEC as a Ray job on a cluster; prints the job id
+    mergeflow jobs --address URL             the cluster's mergeflow jobs: status, workflow
+    mergeflow logs JOB [--follow]            a job's driver output (as it comes, with --follow)
+    mergeflow stop JOB                       stop a job; its runs end KILLED
 
 Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, data, model).
 """
@@ -467,6 +471,92 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
                        f"(worst {report.adapter_worst_module}: {report.adapter_worst_module_error:.3g})")
         for note in plan.notes:
             click.echo(f"note: {note}")
+
+
+# --- cluster jobs (pipeline.jobs does the work) ----------------------------------------------------
+_ADDRESS = click.option("--address", envvar="RAY_API_SERVER_ADDRESS", default="http://127.0.0.1:8265", show_default=True,
+                        help="The cluster's job server (Ray dashboard), http://HEAD:8265; or $RAY_API_SERVER_ADDRESS.")
+
+
+def _jobs_call(fn, *args, **kwargs):
+    from pipeline.jobs import JobError
+
+    try:
+        return fn(*args, **kwargs)
+    except JobError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+
+
+@main.command()
+@click.argument("spec", type=click.Path())
+@_ADDRESS
+@click.option("--exclude", "excludes", multiple=True, help="Another pattern to leave out of the upload (repeatable).")
+@click.option("--entrypoint-num-cpus", type=float, default=0.0, show_default=True,
+              help="CPUs reserved for the job's driver (it only schedules steps).")
+def submit(spec: str, address: str, excludes: tuple[str, ...], entrypoint_num_cpus: float) -> None:
+    """Run SPEC as a Ray job on a cluster; prints the job id and returns.
+
+    The project and the spec are uploaded (without stores, environments, .git, MLflow files and
+    data); MLFLOW_TRACKING_URI and MLflow/AWS credentials set here are passed as job environment
+    variables, never recorded.
+    """
+    from pipeline import jobs
+
+    wf = _load(spec, None, None)
+    job_id = _jobs_call(jobs.submit, wf, Path(spec).read_text(), address, excludes=list(excludes),
+                        entrypoint_num_cpus=entrypoint_num_cpus)
+    click.echo(f"submitted {wf.name!r} as job {job_id} to {address}")
+    click.echo(f"follow: mergeflow logs {job_id} --follow --address {address}")
+    click.echo(f"stop:   mergeflow stop {job_id} --address {address}")
+
+
+@main.command("jobs")
+@_ADDRESS
+def jobs_(address: str) -> None:
+    """The cluster's mergeflow jobs, newest first: id, status, workflow, start time, Ray's message."""
+    from pipeline import jobs
+
+    records = _jobs_call(jobs.list_jobs, address)
+    if not records:
+        click.echo(f"no mergeflow jobs on {address}")
+    for r in records:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.start_time)) if r.start_time else "-"
+        click.echo(f"{r.job_id}  {r.status:<9}  {r.workflow}  started {started}  {_one_line(r.message)}")
+
+
+@main.command()
+@click.argument("job")
+@_ADDRESS
+@click.option("--follow", "-f", is_flag=True, help="Keep printing as the job writes, until it ends.")
+def logs(job: str, address: str, follow: bool) -> None:
+    """Print JOB's driver output (its progress lines)."""
+    from pipeline import jobs
+
+    for chunk in _log_chunks(jobs, address, job, follow):
+        click.echo(chunk, nl=False)
+    if follow:
+        click.echo(f"job {job} ended: {_jobs_call(jobs.status, address, job)}")
+
+
+def _log_chunks(jobs, address: str, job: str, follow: bool):
+    from pipeline.jobs import JobError
+
+    try:
+        yield from jobs.logs(address, job, follow=follow)
+    except JobError as exc:
+        _fail(str(exc), EXIT_BAD_INPUT)
+
+
+@main.command()
+@click.argument("job")
+@_ADDRESS
+@click.option("--wait", "wait_s", type=float, default=60.0, show_default=True, help="Seconds to wait for it to end.")
+def stop(job: str, address: str, wait_s: float) -> None:
+    """Stop JOB (its MLflow runs end KILLED; finished steps stay in the store for the next run)."""
+    from pipeline import jobs
+
+    state = _jobs_call(jobs.stop, address, job, wait_s)
+    click.echo(f"job {job}: {state}")
 
 
 def _parse_size(text: str) -> int:

@@ -26,7 +26,7 @@ from pipeline.spec import Workflow
 from pipeline.steps import StepContext, base_ref, task_data
 from pipeline.store import CheckpointStore
 from pipeline.strategies import STRATEGY_RUNNERS
-from pipeline.strategies.rounds import RoundResult, Rounds
+from pipeline.strategies.rounds import RoundResult, Rounds, ended_status
 
 
 class PreflightError(ValueError):
@@ -161,7 +161,7 @@ def run_workflow(
             results = STRATEGY_RUNNERS[wf.strategy](rounds, base_ref(wf))
     except BaseException as exc:
         lineage.set_tags(run_id, {"mergeflow.error": f"{type(exc).__name__}: {exc}"[:4000]})
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        status = ended_status(exc)
         try:  # every run of this attempt still open ends with it: a stopped job leaves none RUNNING
             lineage.end_attempt(run_id, status, {"mergeflow.ended_because": f"the workflow ended {status}: "
                                                  f"{type(exc).__name__}"})

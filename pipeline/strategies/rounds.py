@@ -34,6 +34,12 @@ from pipeline.store import CheckpointStore, CorruptCheckpoint
 Reporter = Callable[[str], None]
 
 
+def ended_status(exc: BaseException) -> str:
+    """How a run ends on ``exc``: KILLED when the process was told to stop (Ctrl-C, SIGTERM from
+    ``mergeflow stop``, which Ray's driver turns into SystemExit), FAILED otherwise."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
 @dataclass
 class RoundResult:
     """What one round produced and how it scored."""
@@ -146,10 +152,10 @@ class Rounds:
                 self.lineage.end_run(ref.run_id)
                 self.report(f"round {index}: expert {ref.name!r} finished "
                             f"(loss {ref.metrics['train_final_loss']:.4f}, {ref.metrics['train_seconds']:.1f}s)")
-        except BaseException:
+        except BaseException as exc:
             for task, run_id in run_ids.items():
                 if task not in experts:
-                    self.lineage.end_run(run_id, "FAILED")
+                    self.lineage.end_run(run_id, ended_status(exc))
             raise
         if any(e.reused for e in experts.values()):
             self.lineage.set_tags(round_run, {"mergeflow.reused_experts": ",".join(sorted(t for t, e in experts.items() if e.reused))})
@@ -177,8 +183,8 @@ class Rounds:
                                                                               max_retries=self.resources.max_retries))
         try:
             ref = self.runtime.result(fut)
-        except BaseException:
-            self.lineage.end_run(run_id, "FAILED")
+        except BaseException as exc:
+            self.lineage.end_run(run_id, ended_status(exc))
             raise
         self.report(f"round {index}: merged {len(experts)} experts with {merge.method}")
         return ref
@@ -240,9 +246,9 @@ class Rounds:
         try:
             for name, fut in jobs.items():
                 results[name] = self.runtime.result(fut)
-        except BaseException:
+        except BaseException as exc:
             for run in runs.values():
-                self.lineage.end_run(run, "FAILED")
+                self.lineage.end_run(run, ended_status(exc))
             raise
         # the merge run stays open: record() adds the normalised scores, then closes it
         for name, run in runs.items():
@@ -266,8 +272,8 @@ class Rounds:
         run_id, fut = handle
         try:
             res = self.runtime.result(fut)
-        except BaseException:
-            self.lineage.end_run(run_id, "FAILED")
+        except BaseException as exc:
+            self.lineage.end_run(run_id, ended_status(exc))
             raise
         self.lineage.end_run(run_id)
         return res

@@ -1,0 +1,139 @@
+"""Cluster jobs for real: a head started with ``ray start --head`` (token auth, job server on a free
+loopback port), ``mergeflow submit / jobs / logs --follow / stop`` as subprocesses, MLflow on SQLite."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from pipeline.jobs import EXCLUDES, JobError, package_project, submission_id
+from pipeline.lineage import TAG_KIND
+from pipeline.spec import parse_workflow
+from tests.helpers import tiny_workflow_dict
+
+BIN = Path(sys.executable).parent
+SECRET = "sekrit-" + secrets.token_hex(8)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_upload_leaves_out_stores_and_refuses_above_the_limit(tmp_path):
+    project = tmp_path / "project"
+    for rel in ["pipeline/a.py", ".venv/lib/x.py", ".git/HEAD", "mergeflow-store/e/model.safetensors", "mlflow.db",
+                "data/big.parquet", "pipeline/__pycache__/a.pyc"]:
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text("x" * 100)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    size = package_project(dest, "name: w\n", project=project)
+    shipped = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert shipped == ["_mergeflow_job/workflow.yaml", "pipeline/a.py"] and size == 108
+    assert ".git" in EXCLUDES and ".venv" in EXCLUDES
+    with pytest.raises(JobError, match=r"working_dir: .* above Ray's upload limit .*largest: pipeline/a.py"):
+        package_project(tmp_path / "dest2", "name: w\n", project=project, limit=50)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A head of its own (``ray start --head --block`` in a new session), stopped by signalling that
+    session only: ``ray stop`` would stop every Ray on the machine."""
+    import signal
+
+    port, dashboard = _free_port(), _free_port()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
+    # the cluster's `python` is the one with Ray and mergeflow's dependencies, as on a cluster image
+    env = {**os.environ, **auth, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             # its agents on free ports too: the defaults (52365, …) clash with other local heads
+                             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                             "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 180
+        while _mergeflow(env, "jobs", "--address", address, timeout=120).returncode != 0:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the head's job server did not answer within 180 s"
+            time.sleep(1)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: ray start stops its own processes
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
+def _mergeflow(env, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mergeflow"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.e2e
+def test_submit_follow_and_stop_jobs_on_a_real_head(ray_head, tiny_base, tmp_path):
+    address, env = ray_head
+    env = {**env, "MLFLOW_TRACKING_PASSWORD": SECRET, "AWS_SECRET_ACCESS_KEY": SECRET}
+    spec = tiny_workflow_dict(tmp_path, tiny_base)
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
+    wf = parse_workflow(spec)
+    job_id = submission_id(wf)
+
+    out = _mergeflow(env, "submit", str(tmp_path / "wf.yaml"), "--address", address)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"as job {job_id}" in out.stdout
+    again = _mergeflow(env, "submit", str(tmp_path / "wf.yaml"), "--address", address)
+    assert again.returncode == 2 and job_id in again.stderr and "already" in again.stderr, again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+    follow = _mergeflow(env, "logs", job_id, "--follow", "--address", address)
+    assert follow.returncode == 0, follow.stderr
+    assert "workflow 'tiny': MLflow run" in follow.stdout and "registered tiny-merged v1" in follow.stdout, follow.stdout
+    assert follow.stdout.rstrip().endswith(f"job {job_id} ended: SUCCEEDED")
+    listed = _mergeflow(env, "jobs", "--address", address)
+    assert any(line.startswith(job_id) and "SUCCEEDED" in line and "tiny" in line for line in listed.stdout.splitlines())
+
+    client = MlflowClient(tracking_uri=wf.tracking.uri)
+    exp = client.get_experiment_by_name(wf.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    workflow_runs = [r for r in runs if r.data.tags[TAG_KIND] == "workflow"]
+    assert [r.info.status for r in workflow_runs] == ["FINISHED"]
+    for r in runs:  # credentials passed to the job are never recorded
+        assert SECRET not in str(r.data.params) and SECRET not in str(r.data.tags)
+    assert SECRET not in follow.stdout + listed.stdout
+
+    # a long job, stopped while it trains: STOPPED, and its runs end KILLED, none left RUNNING
+    long_spec = tiny_workflow_dict(tmp_path / "long", tiny_base, name="long")
+    long_spec["finetune"] = {**long_spec["finetune"], "max_steps": 100000}
+    (tmp_path / "long.yaml").write_text(yaml.safe_dump(long_spec))
+    out = _mergeflow(env, "submit", str(tmp_path / "long.yaml"), "--address", address)
+    assert out.returncode == 0, out.stderr
+    long_id = submission_id(parse_workflow(long_spec))
+    deadline = time.time() + 300
+    while "fine-tuning" not in _mergeflow(env, "logs", long_id, "--address", address).stdout:
+        assert time.time() < deadline, "the long job never started fine-tuning"
+        time.sleep(1)
+    stopped = _mergeflow(env, "stop", long_id, "--address", address)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == f"job {long_id}: STOPPED", stopped.stdout
+    long_wf = parse_workflow(long_spec)
+    client = MlflowClient(tracking_uri=long_wf.tracking.uri)
+    exp = client.get_experiment_by_name(long_wf.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    statuses = {(r.data.tags[TAG_KIND], r.info.status) for r in runs}
+    assert {"workflow", "round", "expert"} <= {kind for kind, _ in statuses}
+    assert {status for _, status in statuses} == {"KILLED"}, statuses
