@@ -173,16 +173,40 @@ def _fisher(model, body, tokenizer, texts, max_length, seed, device) -> dict[str
     for _, p in params:
         p.requires_grad_(True)
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params}
+    # the word embeddings' gradient is dense (vocabulary × hidden) but non-zero only in the rows of
+    # the example's tokens: take it from the gradient of the embedding output, row by token
+    word = _word_embeddings(body)
+    word_key = next((n for n, p in params if word is not None and p is word.weight), None)
+    dense = [(n, p) for n, p in params if n != word_key]
+    captured: list[torch.Tensor] = []
+    hook = word.register_forward_hook(lambda _m, _i, out: captured.append(out)) if word_key else None
     g = torch.Generator().manual_seed(seed)
-    for text in texts:  # one backward per example: the Fisher needs per-example squared gradients
-        enc = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt").to(device)
-        logp = torch.log_softmax(model(**enc).logits[0].float(), dim=-1)
-        y = int(torch.multinomial(logp.detach().exp().cpu(), 1, generator=g))
-        grads = torch.autograd.grad(logp[y], [p for _, p in params], allow_unused=True)
-        for (n, _), gr in zip(params, grads, strict=True):
-            if gr is not None:
-                fisher[n].add_(gr.detach().float() ** 2)
+    try:
+        for text in texts:  # one backward per example: the Fisher needs per-example squared gradients
+            captured.clear()
+            enc = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt").to(device)
+            logp = torch.log_softmax(model(**enc).logits[0].float(), dim=-1)
+            y = int(torch.multinomial(logp.detach().exp().cpu(), 1, generator=g))
+            inputs = [p for _, p in dense] + captured[:1]
+            grads = torch.autograd.grad(logp[y], inputs, allow_unused=True)
+            for (n, _), gr in zip(dense, grads[:len(dense)], strict=True):
+                if gr is not None:
+                    fisher[n].addcmul_(gr, gr)
+            if word_key and captured and grads[-1] is not None:
+                ids = enc["input_ids"][0]
+                uniq, inverse = torch.unique(ids, return_inverse=True)
+                rows = torch.zeros(len(uniq), grads[-1].shape[-1], dtype=torch.float32, device=ids.device)
+                rows.index_add_(0, inverse, grads[-1][0].float())  # a token seen twice: its gradients add
+                fisher[word_key].index_add_(0, uniq, rows * rows)
+    finally:
+        if hook is not None:
+            hook.remove()
     return {n: f / len(texts) for n, f in fisher.items()}
+
+
+def _word_embeddings(body) -> torch.nn.Embedding | None:
+    emb = body.get_input_embeddings() if hasattr(body, "get_input_embeddings") else None
+    return emb if isinstance(emb, torch.nn.Embedding) and not emb.sparse else None
 
 
 class Statistics:

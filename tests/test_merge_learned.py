@@ -179,15 +179,18 @@ def test_fisher_diagonal_is_the_mean_squared_gradient_of_the_sampled_log_likelih
     model = load_task_model(tiny_experts["vowel"], "vowel")
     tok = AutoTokenizer.from_pretrained(str(tiny_experts["vowel"]))
     g = torch.Generator().manual_seed(3)
-    key = "encoder.layer.1.output.dense.weight"
-    param = dict(model.base_model.named_parameters())[key]
-    want = torch.zeros_like(param)
+    key, word = "encoder.layer.1.output.dense.weight", "embeddings.word_embeddings.weight"
+    named = dict(model.base_model.named_parameters())
+    want = {k: torch.zeros_like(named[k]) for k in (key, word)}
     for i in sample_rows(len(vowel_data.train), 3, 3):
         logp = torch.log_softmax(model(**tok([vowel_data.train.texts[i]], return_tensors="pt")).logits[0], -1)
         y = int(torch.multinomial(logp.detach().exp(), 1, generator=g))
-        (grad,) = torch.autograd.grad(logp[y], [param])
-        want += grad ** 2
-    assert torch.allclose(st.get(key), want / 3, rtol=1e-4, atol=1e-10)
+        grads = torch.autograd.grad(logp[y], [named[key], named[word]])
+        for k, grad in zip((key, word), grads, strict=True):
+            want[k] += grad ** 2
+    for k in (key, word):  # the word embeddings' rows come from the embedding output's gradient: same values
+        assert torch.allclose(st.get(k), want[k] / 3, rtol=1e-4, atol=1e-10), k
+    assert (st.get(word) > 0).any()
     assert rec.l2_norm > 0 and all((st.get(k) >= 0).all() for k in list(st.record["shapes"])[:5])
 
 
