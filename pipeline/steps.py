@@ -151,7 +151,9 @@ def expert_path(store: CheckpointStore, workflow: Workflow, round_index: int, ta
 
 
 def merged_key(base: ModelRef, experts: dict[str, ModelRef], merge: MergeSpec, heads_from: ModelRef | None = None) -> str:
-    return content_key("merged", base.key, {t: e.key for t, e in sorted(experts.items())}, merge.model_dump(mode="json"),
+    # fields added later are left out at their default, so merges already in a store keep their keys
+    spec = merge.model_dump(mode="json", exclude={"validation_fraction"} if merge.validation_fraction is None else None)
+    return content_key("merged", base.key, {t: e.key for t, e in sorted(experts.items())}, spec,
                        heads_from.key if heads_from is not None else "")
 
 
