@@ -311,6 +311,11 @@ class MergeSpec(_Frozen):
         description="fraction of each task's train split held out (experts train on the rest) to score a "
                     "searched parameter on; never the eval split",
     )
+    refit_heads: bool = Field(
+        default=False,
+        description="one-shot: also score the merged body with every head refit on it (a seeded linear probe on "
+                    "the task's train split), as its own column; the merged model keeps the experts' heads",
+    )
 
     @model_validator(mode="after")
     def _method_and_params(self) -> MergeSpec:
@@ -627,6 +632,9 @@ class Workflow(_Frozen):
             if lm:
                 raise ValueError(f"merge.params.{search.param}.search: scores full classification experts with their "
                                  f"heads (task {lm[0]!r} is a causal LM or LoRA expert); give a value instead")
+        if self.rounds.merge.refit_heads:
+            raise ValueError("rounds.merge.refit_heads: refits heads after the one-shot merge only (merge.refit_heads); "
+                             "remove it")
         if self.rounds.merge.search is not None:
             raise ValueError(f"rounds.merge.params.{self.rounds.merge.search.param}.search: searches choose the "
                              "one-shot merge's parameter (merge.params); give rounds.merge a value")

@@ -152,7 +152,9 @@ def expert_path(store: CheckpointStore, workflow: Workflow, round_index: int, ta
 
 def merged_key(base: ModelRef, experts: dict[str, ModelRef], merge: MergeSpec, heads_from: ModelRef | None = None) -> str:
     # fields added later are left out at their default, so merges already in a store keep their keys
-    spec = merge.model_dump(mode="json", exclude={"validation_fraction"} if merge.validation_fraction is None else None)
+    # (refit_heads only scores the merge: it never changes the merged checkpoint)
+    spec = merge.model_dump(mode="json", exclude={"refit_heads"} | (
+        {"validation_fraction"} if merge.validation_fraction is None else set()))
     return content_key("merged", base.key, {t: e.key for t, e in sorted(experts.items())}, spec,
                        heads_from.key if heads_from is not None else "")
 
@@ -371,6 +373,7 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int) 
                             digest=data.digest, context="evaluation")
         lineage.log_metrics(run_id, {f"probe/{task.name}/{k}": v for k, v in m.items() if k != "n"}, step=round_index,
                             dataset=(f"{task.name}-eval", data.digest))
+    lineage.log_metrics(run_id, {"probe_seconds": time.perf_counter() - start}, step=round_index)
     say(f"[probe] linear probe of the {base.kind} model in {time.perf_counter() - start:.1f}s: "
         + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
     return results

@@ -16,7 +16,7 @@ from pipeline.spec import SpecError, parse_workflow
 from tests.helpers import tiny_workflow_dict
 
 SEARCH = {"method": "regmean", "params": {"alpha": {"search": [0.5, 1.0]}, "examples": 16},
-          "validation_fraction": 0.25}
+          "validation_fraction": 0.25, "refit_heads": True}
 
 
 @pytest.mark.e2e
@@ -62,6 +62,13 @@ def test_regmean_with_searched_alpha_through_ray_and_mlflow(tiny_base, tmp_path)
     stats = prov["learned"]["statistics"]
     assert stats["kind"] == "gram" and set(stats["experts"]) == {"vowel", "length"}
     assert all(len(s["file_sha256"]) == 64 for s in stats["experts"].values())
+    # the heads refit on the merged body: their own column and round metrics, with their cost
+    rows = final.summary()
+    assert all(0.0 <= rows[t]["merged_probe"] <= 1.0 for t in ("vowel", "length"))
+    round_metrics = client.get_run(final.run_id).data.metrics
+    assert {"vowel/merged_probe_accuracy", "length/merged_probe_accuracy"} <= set(round_metrics)
+    refit_runs = [r for r in runs if r.info.run_name == "refit-heads:linear-probe"]
+    assert len(refit_runs) == 1 and refit_runs[0].data.metrics["probe_seconds"] > 0
     # another grid over the same experts: experts and their statistics are reused, only the merge is new
     wf2 = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, merge={**SEARCH, "params": {
         "alpha": {"search": [0.9]}, "examples": 16}}))

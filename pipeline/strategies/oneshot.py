@@ -18,6 +18,10 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     experts = rounds.finetune(base, wf.tasks, 0, round_run, part="fit" if wf.merge.search else "all")
     merged = rounds.merge(base, experts, 0, round_run)
     merged_eval, expert_evals = rounds.evaluate(merged, experts, 0, round_run)
-    result = RoundResult(0, round_run, experts, merged, expert_evals, merged_eval, rounds.probe_result(probe))
+    refit = {}
+    if wf.merge.refit_heads:  # every head refit on the merged body: its own column (merged_probe), with its cost
+        refit = rounds.probe_result(rounds.submit_probe(merged, 0, round_run, name="refit-heads:linear-probe"))
+    result = RoundResult(0, round_run, experts, merged, expert_evals, merged_eval, rounds.probe_result(probe),
+                         merged_probe=refit)
     rounds.record(result, strategy="oneshot")
     return [result]
