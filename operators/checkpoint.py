@@ -313,12 +313,43 @@ def load_model(ckpt: str | Path, task: str | None, *, causal_lm: bool, label_nam
     return _apply_adapter(model, ckpt).eval()
 
 
-def export_task_model(ckpt: str | Path, task: str, out_dir: str | Path) -> Path:
-    """Write a stand-alone Hugging Face checkpoint (body + this task's head + tokenizer)."""
-    model = load_task_model(ckpt, task)
+def is_causal_lm_adapter(ckpt: str | Path) -> bool:
+    """True for a peft adapter of a causal LM (``task_type: CAUSAL_LM``)."""
+    try:
+        return json.loads((Path(ckpt) / ADAPTER_CONFIG).read_text()).get("task_type") == "CAUSAL_LM"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def adapter_base_of(ckpt: str | Path) -> Path:
+    """The local full checkpoint a LoRA adapter was trained from, as its provenance names it."""
+    prov = read_provenance(ckpt)
+    base = (prov.get("adapter_base") or {}).get("uri")
+    if not base:
+        raise CheckpointError(f"{ckpt}: a LoRA adapter whose mergeflow.json names no adapter_base; load it with "
+                              "PeftModel.from_pretrained(<its base model>, dir)")
+    base = base.removeprefix("file://")
+    path = resolve_model_path(base) if base.startswith(PACKAGED_PREFIX) or "://" not in base else None
+    if path is None:
+        raise CheckpointError(f"{ckpt}: its base {base} is not a local directory; materialise it first")
+    return path
+
+
+def export_task_model(ckpt: str | Path, task: str, out_dir: str | Path, adapter_base: str | Path | None = None) -> Path:
+    """Write a stand-alone Hugging Face checkpoint: body + this task's head, or the causal LM.
+
+    A LoRA adapter is folded into the checkpoint it was trained from (``adapter_base``, by default
+    the one its provenance names), so the output loads with ``from_pretrained`` alone.
+    """
+    ckpt = Path(ckpt)
+    adapter = is_adapter_checkpoint(ckpt)
+    if adapter and adapter_base is None:
+        adapter_base = adapter_base_of(ckpt)
+    causal = is_causal_lm_adapter(ckpt) if adapter else is_causal_lm_checkpoint(ckpt)
+    model = load_model(ckpt, task, causal_lm=causal, adapter_base=adapter_base)
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
-    copy_tokenizer(ckpt, out_dir)
+    copy_tokenizer(ckpt if any((ckpt / f).is_file() for f in TOKENIZER_FILES) else adapter_base, out_dir)
     return out_dir
 
 

@@ -359,19 +359,30 @@ def ui(spec: str, port: int, host: str, tracking_uri: str | None) -> None:
 @click.argument("task")
 @click.argument("out", type=click.Path())
 def export(checkpoint: str, task: str, out: str) -> None:
-    """Write CHECKPOINT's body with TASK's head as a plain Hugging Face checkpoint in OUT."""
+    """Write CHECKPOINT's body with TASK's head (a causal LM: the model; TASK is then not used) as a plain
+    Hugging Face checkpoint in OUT; a LoRA adapter is folded into the base its provenance names."""
     import shutil
 
     from safetensors import SafetensorError
 
-    from operators.checkpoint import export_task_model, head_names, validate_base_checkpoint
+    from operators.checkpoint import (
+        adapter_base_of,
+        export_task_model,
+        head_names,
+        is_adapter_checkpoint,
+        is_causal_lm_adapter,
+        is_causal_lm_checkpoint,
+        validate_base_checkpoint,
+    )
     from operators.tensor_io import CheckpointError, TensorReader
 
     src, dst = Path(checkpoint), Path(out)
     if not src.is_dir():
         _fail(f"CHECKPOINT {checkpoint}: {'is a file' if src.exists() else 'no such directory'}; give a merged or "
               "expert checkpoint directory (mergeflow status RUN_ID lists them)", EXIT_BAD_INPUT)
-    if task not in head_names(checkpoint):
+    adapter = is_adapter_checkpoint(src)
+    causal = is_causal_lm_adapter(src) if adapter else is_causal_lm_checkpoint(src)
+    if not causal and task not in head_names(checkpoint):
         _fail(f"{checkpoint} has no head for task {task!r}; heads: {', '.join(head_names(checkpoint)) or 'none'}",
               EXIT_BAD_INPUT)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -379,10 +390,11 @@ def export(checkpoint: str, task: str, out: str) -> None:
     # written next to OUT and renamed into place: a failure leaves no half-written OUT
     staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
-        validate_base_checkpoint(src)
-        with TensorReader(src):  # every shard's header against its size
+        base = adapter_base_of(src) if adapter else None  # a LoRA adapter is folded into its base
+        validate_base_checkpoint(base or src)
+        with TensorReader(base or src):  # every shard's header against its size
             pass
-        export_task_model(checkpoint, task, staging)
+        export_task_model(checkpoint, task, staging, adapter_base=base)
         if dst.exists():
             dst.rmdir()
         staging.rename(dst)

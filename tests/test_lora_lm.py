@@ -248,6 +248,20 @@ def test_oneshot_lora_adapter_merge_in_process(tiny_llama, tmp_path):
     error = merge_run.data.metrics["adapter_relative_error"]
     assert 0 < error < 1 and merge_run.data.metrics["adapter_rank"] == 2
     assert merge_run.data.params["lora.mode"] == "adapter"
+    # `mergeflow export` folds the merged adapter into its base: a plain transformers causal LM
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from operators.checkpoint import load_model
+    from pipeline.cli import main
+
+    out = CliRunner().invoke(main, ["export", str(merged_dir), "vowel", str(tmp_path / "exported")])
+    assert out.exit_code == 0, out.output
+    x = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()(input_ids=x).logits
+        folded = load_model(merged_dir, None, causal_lm=True, adapter_base=tiny_llama)(input_ids=x).logits
+    torch.testing.assert_close(plain, folded)
     for task in ("vowel", "length"):  # scored as base + merged adapter, every LM metric logged
         assert {f"eval/{task}/{k}" for k in ("loss", "perplexity", "token_accuracy", "exact_match", "accuracy")} \
             <= set(merge_run.data.metrics)
