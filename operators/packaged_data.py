@@ -92,14 +92,8 @@ _POS = {
 
 def brill_pos(per_class: int = 600) -> pa.Table:
     """Lowercase words of Brill's lexicon whose only tag is a noun, verb, adjective or adverb tag."""
-    text = resources.files("textblob").joinpath("en/en-lexicon.txt").read_text(encoding="utf-8")
     rows = []
-    for line in text.splitlines():
-        if line.startswith(";") or not line.strip():
-            continue
-        word, *tags = line.split()
-        if not (word.isalpha() and word.islower() and 3 <= len(word) <= 14):
-            continue
+    for word, tags in _brill_tags():
         coarse = {_POS.get(t) for t in tags}
         # unambiguous words only: every tag the lexicon lists maps to the same coarse class
         if len(coarse) == 1 and None not in coarse:
@@ -108,6 +102,7 @@ def brill_pos(per_class: int = 600) -> pa.Table:
 
 
 def _brill_tags() -> list[tuple[str, list[str]]]:
+    """(word, tags) of the Brill lexicon's lowercase alphabetic words of 3-14 letters."""
     text = resources.files("textblob").joinpath("en/en-lexicon.txt").read_text(encoding="utf-8")
     rows = []
     for line in text.splitlines():

@@ -289,14 +289,7 @@ def merge_checkpoints(
             report.bytes_written = writer.bytes_written
             _write_config(base / "config.json", tmp / "config.json", out_dtype)
             copy_tokenizer(base, tmp)
-            for expert_name, task in heads:
-                copy_head(paths[expert_name], tmp, task)
-            carried = []
-            if heads_from is not None:
-                carried = [t for t in head_names(heads_from) if t not in {task for _, task in heads}]
-                for task in carried:
-                    copy_head(Path(heads_from), tmp, task)
-            report.heads = sorted([t for _, t in heads] + carried)
+            report.heads = _copy_heads(heads, paths, heads_from, tmp)
             report.seconds = time.perf_counter() - start
             write_provenance(tmp, {
                 "kind": "merged",
@@ -381,14 +374,7 @@ def _merge_to_adapter(base, keys, readers, names, spec, p, weights, stats, chunk
         report.adapter_worst_module = res.worst_module
         report.adapter_worst_module_error = res.worst_module_error
         copy_tokenizer(base, tmp)
-        for expert_name, task in heads:
-            copy_head(paths[expert_name], tmp, task)
-        carried = []
-        if heads_from is not None:
-            carried = [t for t in head_names(heads_from) if t not in {task for _, task in heads}]
-            for task in carried:
-                copy_head(Path(heads_from), tmp, task)
-        report.heads = sorted([t for _, t in heads] + carried)
+        report.heads = _copy_heads(heads, paths, heads_from, tmp)
         report.seconds = time.perf_counter() - start
         lora_record["lora"].update(
             rank=res.rank, modules=res.modules, error=res.error, worst_module=res.worst_module,
@@ -549,6 +535,23 @@ def _write_config(src: Path, dst: Path, out_dtype: torch.dtype | None) -> None:
         if key in cfg or key == "dtype":
             cfg[key] = name
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_heads(heads: list[tuple[str, str]], paths: Mapping[str, Path], heads_from: str | Path | None,
+                out: Path) -> list[str]:
+    """Copy each planned expert head into ``out``, then ``heads_from``'s heads of the other tasks.
+
+    Returns:
+        The tasks whose heads the output carries, sorted.
+    """
+    for expert_name, task in heads:
+        copy_head(paths[expert_name], out, task)
+    carried = []
+    if heads_from is not None:
+        carried = [t for t in head_names(heads_from) if t not in {task for _, task in heads}]
+        for task in carried:
+            copy_head(Path(heads_from), out, task)
+    return sorted([t for _, t in heads] + carried)
 
 
 def _plan_heads(paths: Mapping[str, Path]) -> list[tuple[str, str]]:
