@@ -180,6 +180,11 @@ def _to_split(table: pa.Table, ds: DatasetLike, label_names: list[str], where: s
     return Split([str(t) for t in texts], _to_ids(labels, label_names, where, ds.label_column))
 
 
+def table_split(table: pa.Table, ds: DatasetLike, label_names: list[str], where: str) -> Split:
+    """Every row of a classification table as one split (columns from ``ds``; labels checked)."""
+    return _to_split(table, ds, label_names, where)
+
+
 def _to_lm_split(table: pa.Table, ds: DatasetLike, where: str) -> Split:
     """A causal-LM split: texts (responses), optional prompts and answers, from columns or a template."""
     def strings(name: str, what: str) -> list[str]:

@@ -11,6 +11,10 @@
     mergeflow jobs --address URL             the cluster's mergeflow jobs: status, workflow
     mergeflow logs JOB [--follow]            a job's driver output (as it comes, with --follow)
     mergeflow stop JOB                       stop a job; its runs end KILLED
+    mergeflow contribute SPEC SOURCE --task T  add a contribution for the next recurring round
+    mergeflow round SPEC                     run the next recurring round now (idempotent)
+    mergeflow schedule SPEC [--emit kubernetes]  rounds on the spec's schedule, or cluster manifests
+    mergeflow history SPEC                   every recurring round: contributions, gate verdict, champion
 
 Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, data, model).
 """
@@ -110,6 +114,9 @@ def run(spec: str, address: str | None, num_cpus: int | None, tracking_uri: str 
     from pipeline.driver import PreflightError, result_json, run_workflow
 
     wf = _load(spec, tracking_uri, store)
+    if wf.recurring is not None:
+        _fail(f"{spec}: is a recurring workflow (it has a recurring: section); run its next round with "
+              f"`mergeflow round {spec}` or its schedule with `mergeflow schedule {spec}`", EXIT_BAD_INPUT)
     console = _console()
     start = time.perf_counter()
 
@@ -505,8 +512,13 @@ def _jobs_call(fn, *args, **kwargs):
 @click.option("--exclude", "excludes", multiple=True, help="Another pattern to leave out of the upload (repeatable).")
 @click.option("--entrypoint-num-cpus", type=float, default=0.0, show_default=True,
               help="CPUs reserved for the job's driver (it only schedules steps).")
-def submit(spec: str, address: str, excludes: tuple[str, ...], entrypoint_num_cpus: float) -> None:
-    """Run SPEC as a Ray job on a cluster; prints the job id and returns.
+@click.option("--verb", type=click.Choice(["run", "round"]), default="run", show_default=True,
+              help="What the job runs: the workflow, or its next recurring round (mergeflow round).")
+@click.option("--wait", is_flag=True, help="Follow the job's output until it ends; exit 1 unless it SUCCEEDED "
+                                           "(what a Kubernetes CronJob needs for concurrencyPolicy: Forbid).")
+def submit(spec: str, address: str, excludes: tuple[str, ...], entrypoint_num_cpus: float, verb: str,
+           wait: bool) -> None:
+    """Run SPEC as a Ray job on a cluster; prints the job id and returns (or, with --wait, follows it).
 
     The project and the spec are uploaded (without stores, environments, .git, MLflow files and
     data); MLFLOW_TRACKING_URI and MLflow/AWS credentials set here are passed as job environment
@@ -516,8 +528,16 @@ def submit(spec: str, address: str, excludes: tuple[str, ...], entrypoint_num_cp
 
     wf = _load(spec, None, None)
     job_id = _jobs_call(jobs.submit, wf, Path(spec).read_text(), address, excludes=list(excludes),
-                        entrypoint_num_cpus=entrypoint_num_cpus)
-    click.echo(f"submitted {wf.name!r} as job {job_id} to {address}")
+                        entrypoint_num_cpus=entrypoint_num_cpus, verb=verb)
+    click.echo(f"submitted {wf.name!r} ({verb}) as job {job_id} to {address}")
+    if wait:
+        for chunk in _log_chunks(jobs, address, job_id, True):
+            click.echo(chunk, nl=False)
+        state = _jobs_call(jobs.status, address, job_id)
+        click.echo(f"job {job_id} ended: {state}")
+        if state != "SUCCEEDED":
+            sys.exit(EXIT_FAILED)
+        return
     click.echo(f"follow: mergeflow logs {job_id} --follow --address {address}")
     click.echo(f"stop:   mergeflow stop {job_id} --address {address}")
 
@@ -584,6 +604,10 @@ def _parse_size(text: str) -> int:
         raise ValueError(f"--shard-size: {text!r} must be positive")
     return int(value)
 
+
+from pipeline.recurring.cli import register as _register_recurring  # noqa: E402  (verbs in their own module)
+
+_register_recurring(main, _load, _fail, _console)
 
 if __name__ == "__main__":
     main()

@@ -74,10 +74,11 @@ def upload_limit() -> int:
         return 512 * 1024 * 1024
 
 
-def submission_id(wf: Workflow) -> str:
-    """The job id of a workflow spec: its name and spec hash (letters, digits, ``-`` and ``_``)."""
+def submission_id(wf: Workflow, verb: str = "run") -> str:
+    """The job id of a workflow spec: its name and spec hash (letters, digits, ``-`` and ``_``);
+    recurring rounds (``verb`` round) get their own, so a round and a run of one spec never collide."""
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in wf.name)
-    return f"mergeflow-{name}-{wf.spec_hash()[:12]}"
+    return f"mergeflow-{name}-{'round-' if verb == 'round' else ''}{wf.spec_hash()[:12]}"
 
 
 def _client(address: str):
@@ -150,7 +151,7 @@ def _records(client) -> list[JobRecord]:
 
 
 def submit(wf: Workflow, spec_text: str, address: str, *, excludes: list[str] | None = None,
-           entrypoint_num_cpus: float = 0, env: dict[str, str] | None = None) -> str:
+           entrypoint_num_cpus: float = 0, env: dict[str, str] | None = None, verb: str = "run") -> str:
     """Submit ``wf`` as a Ray job; returns its submission id.
 
     Args:
@@ -160,12 +161,17 @@ def submit(wf: Workflow, spec_text: str, address: str, *, excludes: list[str] | 
         excludes: More patterns to leave out of the upload.
         entrypoint_num_cpus: CPUs reserved for the driver (0: it only schedules).
         env: Where credentials are read from (default: this process's environment).
+        verb: ``run`` (the workflow) or ``round`` (the next recurring round: ``mergeflow round``).
 
     Raises:
         JobError: the same spec is already PENDING or RUNNING, or the upload is too large.
     """
+    if verb not in ("run", "round"):
+        raise JobError(f"--verb: {verb!r} is not a verb a job runs; use run or round")
+    if verb == "round" and wf.recurring is None:
+        raise JobError(f"--verb round: workflow {wf.name!r} has no recurring: section; submit it with --verb run")
     client = _client(address)
-    base = submission_id(wf)
+    base = submission_id(wf, verb)
     taken = {r.job_id: r for r in _records(client) if r.job_id == base or r.job_id.startswith(base + "-")}
     for r in taken.values():
         if r.status in ACTIVE:
@@ -181,7 +187,7 @@ def submit(wf: Workflow, spec_text: str, address: str, *, excludes: list[str] | 
     # `stop` sends SIGTERM, then SIGKILL after this long: time for the driver to end its runs KILLED
     env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = source.get("RAY_JOB_STOP_WAIT_TIME_S", "30")
     tracking = ' --tracking-uri "$MLFLOW_TRACKING_URI"' if "MLFLOW_TRACKING_URI" in env_vars else ""
-    entrypoint = f"python -m pipeline.jobs _mergeflow_job/workflow.yaml --address auto{tracking}"
+    entrypoint = f"python -m pipeline.jobs {verb} _mergeflow_job/workflow.yaml --address auto{tracking}"
     with tempfile.TemporaryDirectory(prefix="mergeflow-job-") as tmp:
         package_project(Path(tmp), spec_text, excludes=excludes)
         deadline = time.monotonic() + AGENT_WAIT_S
@@ -190,7 +196,7 @@ def submit(wf: Workflow, spec_text: str, address: str, *, excludes: list[str] | 
                 return client.submit_job(
                     entrypoint=entrypoint, submission_id=job_id, entrypoint_num_cpus=entrypoint_num_cpus,
                     runtime_env={"working_dir": tmp, "env_vars": env_vars},
-                    metadata={METADATA_KEY: wf.name, "mergeflow.spec_hash": wf.spec_hash()})
+                    metadata={METADATA_KEY: wf.name, "mergeflow.spec_hash": wf.spec_hash(), "mergeflow.verb": verb})
             except RuntimeError as exc:
                 # a head that has just started answers 500 until its job agent is up: wait for it, briefly
                 if "No available agent" in str(exc) and time.monotonic() < deadline:
@@ -256,15 +262,16 @@ def stop(address: str, job_id: str, wait_s: float = 60.0, sleep: Callable[[float
 
 
 def _entry(argv: list[str]) -> None:
-    """The job's entrypoint: ``mergeflow run`` with SIGTERM (what ``ray job stop`` sends first) turned
-    into KeyboardInterrupt, so the workflow's runs end KILLED instead of staying RUNNING."""
+    """The job's entrypoint: ``mergeflow run`` (or ``round``) with SIGTERM (what ``ray job stop`` sends
+    first) turned into KeyboardInterrupt, so the workflow's runs end KILLED instead of staying RUNNING."""
     from pipeline.cli import main
 
     def on_term(_sig, _frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    main(["run", *argv], prog_name="mergeflow")
+    verb = argv.pop(0) if argv and argv[0] in ("run", "round") else "run"
+    main([verb, *argv], prog_name="mergeflow")
 
 
 if __name__ == "__main__":

@@ -352,6 +352,25 @@ class Lineage:
                 models += 1
         return len(ids), models
 
+    # --- queries (recurring rounds, history) ------------------------------------------------------
+    @_retry
+    def find_runs(self, filter_string: str, order_by: list[str] | None = None) -> list[dict[str, Any]]:
+        """This experiment's runs matching an MLflow search filter, as plain records
+        (``run_id``, ``name``, ``status``, ``start_time``, ``end_time`` in ms, ``tags``, ``metrics``, ``params``)."""
+        runs = self.client.search_runs([self.experiment_id], filter_string, order_by=order_by or ["attributes.start_time ASC"],
+                                       max_results=5000)
+        return [{"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
+                 "start_time": r.info.start_time, "end_time": r.info.end_time, "tags": dict(r.data.tags),
+                 "metrics": dict(r.data.metrics), "params": dict(r.data.params)} for r in runs]
+
+    @_retry
+    def set_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, version, k, str(v))
+
+    def version_tags(self, name: str, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(name, version).tags or {})
+
     def find_version_by_tag(self, name: str, tag: str, value: str) -> str | None:
         """The newest registry version of ``name`` whose tag ``tag`` is ``value`` (``None``: none)."""
         from mlflow.exceptions import MlflowException

@@ -497,6 +497,125 @@ class RoundsSpec(_Frozen):
         return v
 
 
+_INTERVAL_RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_INTERVAL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(value: str | int) -> int:
+    """Seconds in an interval given as seconds or ``30s``, ``15m``, ``6h``, ``1d``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    else:
+        m = _INTERVAL_RE.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not an interval; write seconds (e.g. 3600) or 30s, 15m, 6h, 1d")
+        seconds = int(m.group(1)) * _INTERVAL_UNITS[m.group(2)]
+    if seconds < 1:
+        raise ValueError(f"{value!r}: an interval must be at least 1 second")
+    return seconds
+
+
+class ScheduleSpec(_Frozen):
+    """When recurring rounds fire: a cron expression in a time zone, or a fixed interval."""
+
+    cron: str | None = Field(default=None, description="five-field crontab, e.g. '0 2 * * *' (02:00 every day)")
+    timezone: str = Field(default="UTC", description="IANA time zone of the cron expression, e.g. Europe/Berlin")
+    interval: str | int | None = Field(default=None, description="instead of cron: every N seconds, or 30s, 15m, 6h, 1d")
+    misfire_grace: str | int = Field(
+        default="1h", description="a firing missed (scheduler down) still runs when it is this late or less")
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}; use an IANA name such as UTC or Europe/Berlin") from None
+        return v
+
+    @field_validator("interval", "misfire_grace")
+    @classmethod
+    def _interval(cls, v: str | int | None) -> str | int | None:
+        if v is not None:
+            parse_interval(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ScheduleSpec:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give either cron (e.g. {cron: '0 2 * * *', timezone: UTC}) or interval (e.g. "
+                             "{interval: 6h}), not " + ("both" if self.cron else "neither"))
+        if self.cron is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(self.cron, timezone=self.timezone)
+            except ValueError as exc:
+                raise ValueError(f"cron: {self.cron!r} is not a crontab expression ({exc}); five fields: minute "
+                                 "hour day-of-month month day-of-week, e.g. '0 2 * * *'") from None
+        return self
+
+    @property
+    def interval_seconds(self) -> int | None:
+        return None if self.interval is None else parse_interval(self.interval)
+
+    @property
+    def misfire_grace_seconds(self) -> int:
+        return parse_interval(self.misfire_grace)
+
+
+class GateSpec(_Frozen):
+    """When a recurring round's fused model replaces the champion."""
+
+    tasks: list[str] | None = Field(default=None, description="the fixed evaluation tasks (default: every task)")
+    min_mean_gain: float = Field(default=0.0, ge=-1, le=1, description="promote only when the mean score over the "
+                                 "gate tasks beats the champion's by at least this much (and by more than 0)")
+    max_task_drop: float = Field(default=0.02, ge=0, le=1, description="reject when any gate task falls by more "
+                                 "than this below the champion")
+    min_contributions: int = Field(default=1, ge=1, description="fewer new contributions than this: the round "
+                                   "waits (nothing to do)")
+
+
+class RecurringSpec(_Frozen):
+    """A continual ColD Fusion service: contributions come in, each round fuses them into the champion
+    and a gate decides whether the result is promoted (see :mod:`pipeline.recurring`)."""
+
+    contributions: str = Field(description="a folder or pyarrow.fs URI; each contribution is a sub-folder with a "
+                                           "manifest.yaml naming its task and its data or checkpoint")
+    schedule: ScheduleSpec | None = Field(default=None, description="for mergeflow schedule")
+    gate: GateSpec = Field(default_factory=GateSpec)
+    merge: MergeSpec = Field(default_factory=lambda: MergeSpec(method="linear"),
+                             description="how a round fuses its experts (default: ColD Fusion's average)")
+    replay: bool = Field(
+        default=True, description="every round, each task with data accepted by earlier promoted rounds fine-tunes "
+        "again from the champion on that data and joins the fusion (ColD Fusion's returning contributors), so "
+        "a round that adds one task does not erase the others; false: only the new contributions are fused")
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    lease_timeout: str | int = Field(
+        default="12h", description="a round lease held this long by a driver that cannot be checked (another "
+                                   "host) is taken over")
+
+    @field_validator("lease_timeout")
+    @classmethod
+    def _lease(cls, v: str | int) -> str | int:
+        parse_interval(v)
+        return v
+
+    @field_validator("champion_alias", "challenger_alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        return _check_name(v, "an alias")
+
+    @model_validator(mode="after")
+    def _aliases_differ(self) -> RecurringSpec:
+        if self.champion_alias == self.challenger_alias:
+            raise ValueError(f"champion_alias and challenger_alias are both {self.champion_alias!r}; give two names")
+        return self
+
+
 class Workflow(_Frozen):
     """A whole workflow. Load with :func:`load_workflow`; never build half-validated ones by hand."""
 
@@ -511,6 +630,8 @@ class Workflow(_Frozen):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     store: StoreSpec = Field(default_factory=StoreSpec)
+    recurring: RecurringSpec | None = Field(
+        default=None, description="recurring rounds (mergeflow round / schedule / history) instead of one run")
 
     @field_validator("name")
     @classmethod
@@ -652,6 +773,31 @@ class Workflow(_Frozen):
                                  f"{(lm or lora)[0]!r} is {'causal_lm' if lm else 'LoRA'}); use task_arithmetic, "
                                  "ties, ... or finetune.mode: full")
         return self
+
+    @model_validator(mode="after")
+    def _recurring(self) -> Workflow:
+        if self.recurring is None:
+            return self
+        names = [t.name for t in self.tasks]
+        unknown = sorted(set(self.recurring.gate.tasks or []) - set(names))
+        if unknown:
+            raise ValueError(f"recurring.gate.tasks: names {unknown}, which are not tasks of this workflow; "
+                             f"use task names ({', '.join(names)})")
+        lm = [t.name for t in self.tasks if t.type != "classification"]
+        if lm:
+            raise ValueError(f"recurring: task {lm[0]!r} is causal_lm; recurring rounds gate on classification "
+                             "tasks (a head per task) in this version: run causal-LM workflows with mergeflow run")
+        if self.recurring.merge.search is not None or METHOD_STATISTICS.get(self.recurring.merge.method):
+            raise ValueError(f"recurring.merge.method: {self.recurring.merge.method} needs validation data or "
+                             "statistics, which recurring rounds do not compute; use linear, task_arithmetic, "
+                             "ties, dare_*, breadcrumbs or another element-wise method")
+        return self
+
+    @property
+    def gate_tasks(self) -> list[TaskSpec]:
+        """Recurring rounds: the tasks the gate scores (``recurring.gate.tasks``, default all)."""
+        chosen = (self.recurring.gate.tasks if self.recurring else None) or [t.name for t in self.tasks]
+        return [t for t in self.tasks if t.name in chosen]
 
     @property
     def held_out_fraction(self) -> float:

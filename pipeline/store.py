@@ -228,6 +228,74 @@ class CheckpointStore:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(dir=self.cache_dir, prefix="staging-"))
 
+    # --- small records (JSON documents beside the checkpoints) ---------------------------------
+    def write_record(self, path: str, obj: Any) -> None:
+        """Write a small JSON document atomically: readers see the old one or the new one, never half.
+
+        Locally a temporary file renamed into place; on object stores one PUT (atomic per object).
+        """
+        data = json.dumps(obj, indent=2, sort_keys=True).encode()
+        if self.is_local:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+            return
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def read_record(self, path: str) -> Any | None:
+        """The JSON document at ``path`` (``None`` when there is none)."""
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as f:
+            raw = f.read()
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise StoreError(f"{self.uri(path)}: not a JSON document (was it edited by hand?); fix or remove it") from None
+
+    def list_names(self, path: str) -> list[str]:
+        """Names directly under ``path`` (files and folders), sorted; empty when it does not exist."""
+        if self.fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+        return sorted(i.base_name for i in infos)
+
+    def try_lease(self, path: str, holder: dict[str, Any]) -> dict[str, Any] | None:
+        """Take the lease at ``path`` for ``holder``; returns ``None`` when taken, else the current holder.
+
+        Locally the lease file is created with O_EXCL: of two processes racing, exactly one wins.
+        On object stores (no create-if-absent through pyarrow) it is written when absent and read
+        back; two writers within the same instant could both believe they hold it, so cluster
+        schedulers add their own exclusion (a Kubernetes CronJob with ``concurrencyPolicy: Forbid``,
+        a deterministic Ray job submission id).
+        """
+        data = json.dumps(holder, sort_keys=True).encode()
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return self.read_record(path) or {"unreadable": True}
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return None
+        current = self.read_record(path)
+        if current is not None:
+            return current
+        self.write_record(path, holder)
+        back = self.read_record(path)
+        return None if back == holder else back
+
+    def break_lease(self, path: str) -> None:
+        """Remove the lease at ``path`` (its holder is gone, or is this process releasing it)."""
+        if self.fs.get_file_info(path).type == pafs.FileType.File:
+            self.fs.delete_file(path)
+
     # --- reading ------------------------------------------------------------------------------
     def materialize(self, path: str) -> Path:
         """A local directory holding the complete checkpoint at ``path`` (downloaded if remote)."""
