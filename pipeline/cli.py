@@ -89,6 +89,13 @@ def validate(spec: str, tracking_uri: str | None, store: str | None, no_data: bo
             preflight(wf, report=lambda m: click.echo(f"  {m}"))
         except PreflightError as exc:
             _fail(str(exc), EXIT_BAD_INPUT)
+    if wf.recurring is not None:
+        sched = wf.recurring.schedule
+        when = "no schedule" if sched is None else (f"cron '{sched.cron}' {sched.timezone}" if sched.cron
+                                                    else f"every {sched.interval_seconds}s")
+        click.echo(f"ok: {spec} is a valid recurring workflow '{wf.name}' with {len(wf.tasks)} tasks (contributions: "
+                   f"{wf.recurring.contributions}; fuse: {wf.recurring.merge.method}; {when}; spec hash {wf.spec_hash()})")
+        return
     merge = wf.merge.method if wf.strategy == "oneshot" else f"{wf.rounds.merge.method} over {wf.rounds.count} rounds"
     click.echo(f"ok: {spec} is a valid {wf.strategy} workflow '{wf.name}' with {len(wf.tasks)} tasks "
                f"(merge: {merge}; spec hash {wf.spec_hash()})")

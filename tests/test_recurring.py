@@ -185,6 +185,33 @@ def test_bad_contributions_are_named_and_skipped(tmp_path, tiny_base, tiny_exper
     assert (root / "09-all" / "manifest.yaml").is_file() and (root / "09-all" / "half.parquet").is_file()
 
 
+def test_a_round_that_keeps_crashing_is_given_up_and_the_service_moves_on(tmp_path, tiny_base):
+    from pipeline.recurring.contributions import find
+    from pipeline.recurring.history import history
+    from pipeline.recurring.round import MAX_FAILURES, RoundState, run_round
+    from pipeline.store import CheckpointStore
+
+    spec = _write_spec(tmp_path, tiny_base)
+    wf = load_workflow(spec)
+    assert CliRunner().invoke(_main(), ["contribute", str(spec), str(tmp_path / "data" / "half.parquet"),
+                                        "--task", "half", "--id", "01-half"]).exit_code == 0
+    (c,) = find(wf)
+    # the plan a crashed round leaves, after MAX_FAILURES crashes (each recorded by the failing attempt)
+    state = RoundState(wf, CheckpointStore(wf.store.root))
+    state.write_plan(1, {"round": 1, "planned_at": "2026-11-26T00:00:00Z", "planned_by": "pid 1 on elsewhere",
+                         "champion": {"version": None, "kind": "base", "path": "", "key": "", "uri": ""},
+                         "contributions": [{**c.record(), "manifest": c.manifest}], "skipped": [], "waiting": [],
+                         "replay": {}, "failures": [f"RuntimeError: out of memory #{i}" for i in range(MAX_FAILURES)]})
+    out = run_round(wf, address="in-process", report=lambda m: None)
+    assert out.status == "failed" and out.round == 1
+    assert out.reason.startswith("failed 3 times, last: RuntimeError: out of memory #2; its contributions are set aside")
+    assert state.rounds()[0][2]["verdict"] == "failed"
+    # the next firing does not retry it: the contribution counts as consumed, nothing else is new
+    assert run_round(wf, address="in-process", report=lambda m: None).status == "nothing_to_do"
+    assert [(r.round, r.verdict, r.status) for r in history(wf)] == [("1", "failed", "FAILED"),
+                                                                     ("-", "nothing_to_do", "FINISHED")]
+
+
 # --- the three-round story on real Ray and real MLflow ---------------------------------------------
 
 def _registry(tmp: Path):

@@ -84,6 +84,8 @@ def register(main: click.Group, load, fail, console) -> None:
             fail("interrupted; the next `mergeflow round` finishes this round from the store", EXIT_FAILED)
         except Exception as exc:
             fail(f"round failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
+        if outcome.status == "failed":
+            fail(f"round {outcome.round}: {outcome.reason}", EXIT_FAILED)
         if outcome.verdict is not None:
             v = outcome.verdict
             out.print(f"\nround {outcome.round}: {outcome.status.upper()}  ({v.reason})")

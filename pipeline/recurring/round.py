@@ -53,13 +53,14 @@ TAG_CHAMPION_AFTER = "mergeflow.champion_after"
 TAG_SCHEDULED = "mergeflow.scheduled_for"
 TAG_STORE_PATH = "mergeflow.store_path"
 TAG_KEY = "mergeflow.key"
+MAX_FAILURES = 3  # a round that crashed this often (not stopped: crashed) is given up, so the service moves on
 
 
 @dataclass
 class RoundOutcome:
     """What a call of ``mergeflow round`` did."""
 
-    status: str  # promoted | rejected | nothing_to_do | busy
+    status: str  # promoted | rejected | nothing_to_do | busy | failed
     round: int | None
     reason: str
     run_id: str | None = None
@@ -240,7 +241,25 @@ def _round(wf: Workflow, lineage: Lineage, store: CheckpointStore, state: RoundS
     finished = [n for n, _plan, verdict in rounds if verdict is not None]
     if open_plans:
         n, plan = open_plans[0]
-        report(f"round {n}: finishing the round planned at {plan['planned_at']} (its driver stopped before the verdict)")
+        failures = plan.get("failures", [])
+        if len(failures) >= MAX_FAILURES:
+            reason = (f"failed {len(failures)} times, last: {failures[-1]}; its contributions are set aside (fix "
+                      "them and contribute again under a new id)")
+            state.write_verdict(n, {"round": n, "verdict": "failed", "reason": reason, "version": None,
+                                    "champion_before": plan["champion"]["version"],
+                                    "champion_after": plan["champion"]["version"],
+                                    "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            run_id = lineage.start_run(f"round-{n}", kind="round", parent=parent, tags={
+                TAG_RECURRING: wf.name, TAG_ROUND: str(n), TAG_VERDICT: "failed", TAG_REASON: reason[:4000],
+                TAG_CONTRIBUTIONS: ",".join(c["id"] for c in plan["contributions"]),
+                TAG_CHAMPION_BEFORE: plan["champion"]["version"] or "base",
+                TAG_CHAMPION_AFTER: plan["champion"]["version"] or "base", **driver_tags()})
+            lineage.set_tags(run_id, {TAG_WORKFLOW_RUN: run_id})
+            lineage.end_run(run_id, "FAILED")
+            report(f"round {n}: FAILED for good: {reason}")
+            return RoundOutcome("failed", n, reason, run_id)
+        report(f"round {n}: finishing the round planned at {plan['planned_at']} (its driver stopped before the verdict"
+               + (f"; {len(failures)} earlier attempt(s) failed" if failures else "") + ")")
         chosen = [Contribution.from_record(c) for c in plan["contributions"]]
         skipped = [Contribution.from_record(c) for c in plan.get("skipped", [])]
         replay = plan.get("replay", {})
@@ -344,6 +363,10 @@ def _train_fuse_gate(wf: Workflow, lineage: Lineage, store: CheckpointStore, sta
             verdict = _gate(wf, ctx, runtime, lineage, store, champion, fused, n, run_id)
     except BaseException as exc:
         lineage.end_attempt(run_id, ended_status(exc), {"mergeflow.ended_because": f"{type(exc).__name__}: {exc}"[:4000]})
+        if ended_status(exc) == "FAILED":  # a crash, not a stop: after MAX_FAILURES the round is given up
+            plan = state.store.read_record(f"{state.round_dir(n)}/plan.json")
+            plan["failures"] = [*plan.get("failures", []), f"{type(exc).__name__}: {str(exc)[:300]}"]
+            state.write_plan(n, plan)
         raise
     report(f"round {n}: gate {verdict.label.upper()}: {verdict.reason}")
     version = _register(wf, lineage, fused, verdict, n, chosen, champion_version, report)
