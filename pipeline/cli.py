@@ -374,7 +374,8 @@ def ui(spec: str, port: int, host: str, tracking_uri: str | None) -> None:
 @click.argument("out", type=click.Path())
 def export(checkpoint: str, task: str, out: str) -> None:
     """Write CHECKPOINT's body with TASK's head (a causal LM: the model; TASK is then not used) as a plain
-    Hugging Face checkpoint in OUT; a LoRA adapter is folded into the base its provenance names."""
+    Hugging Face checkpoint in OUT; a LoRA adapter is folded into the base its provenance names.
+    CHECKPOINT may be a store URI (s3://bucket/…): it is downloaded and checked first."""
     import shutil
 
     from safetensors import SafetensorError
@@ -390,6 +391,13 @@ def export(checkpoint: str, task: str, out: str) -> None:
     )
     from operators.tensor_io import CheckpointError, TensorReader
 
+    if "://" in checkpoint:  # a checkpoint in an object store: download it (checked against its manifest)
+        from pipeline.store import StoreError, fetch_checkpoint
+
+        try:
+            checkpoint = str(fetch_checkpoint(checkpoint))
+        except (StoreError, OSError) as exc:
+            _fail(f"CHECKPOINT {checkpoint}: {exc}", EXIT_BAD_INPUT)
     src, dst = Path(checkpoint), Path(out)
     if not src.is_dir():
         _fail(f"CHECKPOINT {checkpoint}: {'is a file' if src.exists() else 'no such directory'}; give a merged or "
@@ -442,12 +450,13 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
     from operators.merge.engine import MergeError, merge_checkpoints
     from operators.merge.merge_config import MergeConfigError, load_merge_config
     from operators.tensor_io import CheckpointError
+    from pipeline.store import fetch_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
     try:
         shard_bytes = _parse_size(shard_size)
-        plan = load_merge_config(config)
+        plan = load_merge_config(config, fetch=fetch_checkpoint)
     except (MergeConfigError, ValueError) as exc:
         _fail(f"{config}: {exc}", EXIT_BAD_INPUT)
     bar = None if quiet else tqdm(total=None, unit="tensor", desc=f"{plan.method}", file=sys.stderr, leave=False)

@@ -341,3 +341,17 @@ def _read_manifest(marker: bytes, uri: str) -> dict[str, dict[str, Any]] | None:
         return {str(k): {"size": int(v["size"]), "sha256": str(v["sha256"])} for k, v in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CorruptCheckpoint(uri, [f"its {COMPLETE_MARKER} marker is not a readable manifest"]) from None
+
+
+def fetch_checkpoint(uri: str) -> Path:
+    """A local directory holding the complete checkpoint at ``uri`` (``s3://bucket/…/merged/…``, a local
+    path, …), downloaded (streamed, file by file) into the cache and checked against its manifest.
+
+    Raises:
+        StoreError: no complete checkpoint there (no marker: never written, or still being written).
+        CorruptCheckpoint: its files differ from what was published.
+    """
+    if "://" not in uri or uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    store = CheckpointStore(uri)
+    return store.materialize(store.path())

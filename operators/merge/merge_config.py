@@ -23,7 +23,8 @@ methods that mergeflow does not implement are refused by name rather than ignore
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,13 +80,26 @@ class MergePlan:
     adapter_bases: dict[str, Path] = field(default_factory=dict)
 
 
-def load_merge_config(path: str | Path) -> MergePlan:
+# How a model given as a URI (s3://…, gs://…) becomes a local directory: set by the caller (the CLI
+# passes the checkpoint store's verified download); operators know nothing of stores.
+_FETCH: ContextVar[Callable[[str], Path] | None] = ContextVar("mergeflow_merge_config_fetch", default=None)
+
+
+def load_merge_config(path: str | Path, fetch: Callable[[str], Path] | None = None) -> MergePlan:
     """Read a mergeflow or mergekit YAML merge config.
 
     Relative model paths resolve from the config's folder in a mergeflow config, and from the
-    working directory in a mergekit config (as mergekit resolves them).
+    working directory in a mergekit config (as mergekit resolves them). ``fetch`` turns a model
+    given as a URI (``s3://bucket/…``) into a local directory; without it, URIs are refused.
     """
-    path = Path(path)
+    token = _FETCH.set(fetch)
+    try:
+        return _load_merge_config(Path(path))
+    finally:
+        _FETCH.reset(token)
+
+
+def _load_merge_config(path: Path) -> MergePlan:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -179,6 +193,14 @@ def _local(ref: Any, root: Path, where: str) -> Path:
         raise MergeConfigError(f"{where}: {ref!r} applies a LoRA (model@lora), mergekit's syntax, which mergeflow "
                                "refuses; give the adapter directory itself as an expert of a mergeflow merge config "
                                "(experts: {name: ADAPTER_DIR}; its base is `base`)")
+    if "://" in ref:
+        fetch = _FETCH.get()
+        if fetch is None:
+            raise MergeConfigError(f"{where}: {ref!r} is a URI; give a local checkpoint directory")
+        try:
+            return fetch(ref)
+        except Exception as exc:  # a missing, incomplete or corrupt remote checkpoint: one line, with the fix
+            raise MergeConfigError(f"{where}: {exc}") from None
     p = Path(ref).expanduser()
     p = p if p.is_absolute() else root / p
     if not p.exists():
