@@ -242,8 +242,6 @@ def _relabelled(tmp: Path) -> Path:
 @pytest.mark.e2e
 def test_three_round_story(tmp_path, pico):
     from pipeline.cli import main
-    from pipeline.recurring.history import history, plot, table
-    from pipeline.recurring.round import run_round
 
     spec = _write_spec(tmp_path, pico)
     wf = load_workflow(spec)
@@ -260,7 +258,26 @@ def test_three_round_story(tmp_path, pico):
     _contribution(tmp_path / "contributions", "002b-unknown", {"task": "sentiment", "data": "x.parquet"},
                   {"text": ["a"], "label": ["b"]})
     lines: list[str] = []
+    # one local Ray cluster for the whole story (every round's runtime finds it and uses it)
+    import ray
 
+    from pipeline.runtime import WORKER_ENV
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": dict(WORKER_ENV)})
+    try:
+        _story(tmp_path, spec, wf, contribute, lines)
+    finally:
+        ray.shutdown()
+
+
+def _story(tmp_path: Path, spec: Path, wf, contribute, lines: list[str]) -> None:
+    from pipeline.cli import main
+    from pipeline.recurring.history import history, plot, table
+    from pipeline.recurring.round import run_round
+
+    data = tmp_path / "data"
+    runner = CliRunner()
     r1 = run_round(wf, num_cpus=2, report=lines.append)
     assert r1.status == "promoted", r1.reason
     assert (r1.round, r1.version, r1.champion_before, r1.champion_after) == (1, "1", None, "1")
@@ -342,7 +359,9 @@ def test_a_round_killed_half_way_is_finished_by_the_next_with_the_same_weights(t
     for rule in ("half", "length"):
         assert CliRunner().invoke(_main(), ["contribute", str(ref_spec), str(ref_dir / "data" / f"{rule}.parquet"),
                                             "--task", rule, "--id", f"0-{rule}"]).exit_code == 0
-    assert _mergeflow("round", str(ref_spec), "--address", "in-process").wait(timeout=300) == 0
+    from pipeline.recurring.round import run_round
+
+    assert run_round(load_workflow(ref_spec), address="in-process", report=lambda m: None).round == 1
 
     work = tmp_path / "work"
     work.mkdir()

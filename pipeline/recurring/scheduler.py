@@ -101,8 +101,6 @@ def serve(wf: Workflow, spec_path: str, *, db: str, extra_args: list[str], repor
         job = scheduler.add_job(fire, trigger, id=job_id, name=f"mergeflow round {wf.name}", args=args,
                                 replace_existing=True)
         report(f"schedule of {wf.name!r} {'changed' if existed else 'created'} in {db}: {trigger}")
-    scheduler.resume()
-    report(f"next firing {scheduler.get_job(job_id).next_run_time}; Ctrl-C stops after the running round")
 
     stopping = threading.Event()
     presses = {"n": 0}
@@ -120,6 +118,8 @@ def serve(wf: Workflow, spec_path: str, *, db: str, extra_args: list[str], repor
                 child.terminate()
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    scheduler.resume()
+    report(f"next firing {scheduler.get_job(job_id).next_run_time}; Ctrl-C stops after the running round")
     try:
         while not stopping.is_set():
             if max_firings is not None and int(_state["firings"]) >= max_firings:
