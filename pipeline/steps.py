@@ -235,6 +235,11 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         if result.peak_gpu_bytes:
             metrics["train_peak_gpu_bytes"] = float(result.peak_gpu_bytes)
         lineage.log_metrics(run_id, metrics, step=round_index)
+        # its own task's scores, measured here where the model already is (iterated strategies use them
+        # instead of loading the expert again in an evaluation task)
+        own_eval = {f"eval/{task.name}/{k}": float(v) for k, v in own.items() if k != "n"}
+        lineage.log_metrics(run_id, own_eval, step=round_index, model_id=model_id,
+                            dataset=(f"{task.name}-eval", data.digest))
         lineage.set_tags(run_id, {"mergeflow.precision": result.precision, "mergeflow.finetune_mode": settings.mode})
         write_provenance(ckpt, {
             "kind": "expert", "task": task.name, "round": round_index, "workflow": wf.name,
@@ -245,7 +250,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             "finetune": settings.model_dump(mode="json"), "head_init": result.head_init, "precision": result.precision,
             "data": {"source": data.source, "digest": data.digest, "part": part, "train": len(data.train),
                      "eval": len(data.eval)},
-            "metrics": {**metrics, f"eval/{task.name}/accuracy": own["accuracy"]},
+            "metrics": {**metrics, **own_eval},
             "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
         })
         location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
@@ -253,7 +258,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     say(f"[expert {task.name}] done in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s, "
         f"{result.precision}): loss {result.final_loss:.4f}, eval {task.headline_metric} {own['accuracy']:.3f}")
     return ModelRef("expert", task.name, path, store.uri(path), key, run_id, model_id,
-                    metrics={**metrics, "own_accuracy": own["accuracy"]}, artifact_location=location,
+                    metrics={**metrics, **own_eval, "own_accuracy": own["accuracy"]}, artifact_location=location,
                     adapter_base=start if lora else None)
 
 

@@ -81,6 +81,14 @@ class RoundResult:
         return rows
 
 
+def own_scores(expert: ModelRef, task: str) -> dict[str, dict[str, float]] | None:
+    """An expert's scores on its own task as its fine-tuning step measured them (``eval/<task>/<metric>``
+    in its metrics, kept in its provenance), or ``None`` when it has none (made by an older mergeflow)."""
+    prefix = f"eval/{task}/"
+    own = {k[len(prefix):]: v for k, v in expert.metrics.items() if k.startswith(prefix)}
+    return {task: own} if "accuracy" in own else None
+
+
 class Rounds:
     """Submit the steps of a round and record them; shared by every strategy."""
 
@@ -230,8 +238,13 @@ class Rounds:
         merged model's evaluation to tasks it has heads for. Metrics go to the run that made the
         model; a model reused from an earlier run gets a new ``evaluate:<name>`` run.
         """
+        # without the cross-task matrix an expert needs only its own task's scores, measured by its
+        # fine-tuning step where the model was: no second load, no extra task (``own_scores``)
+        known = {name: own for name, e in experts.items() if not cross_task and (own := own_scores(e, name))}
         runs: dict[str, str] = {}
         for name, ref in [("merged", merged), *experts.items()]:
+            if name in known:
+                continue
             runs[name] = ref.run_id if (ref.run_id and not ref.reused) else self._child(
                 f"evaluate:{name}", "evaluation", round_run, index)
         tasks = merged_tasks if merged_tasks is not None else [t.name for t in self.wf.tasks]
@@ -239,6 +252,8 @@ class Rounds:
             evaluate_step, self.ctx, merged, {t: merged for t in tasks}, runs["merged"], index,
             name=f"evaluate-merged-r{index}", resources=self._eval_resources())}
         for name, expert in experts.items():
+            if name in known:
+                continue
             heads = dict(experts) if cross_task else {name: expert}
             jobs[name] = self.runtime.submit(evaluate_step, self.ctx, expert, heads, runs[name], index,
                                              name=f"evaluate-{name}-r{index}", resources=self._eval_resources())
@@ -255,7 +270,7 @@ class Rounds:
             if not (name == "merged" and run == merged.run_id):
                 self.lineage.end_run(run)
         merged_eval = results.pop("merged")
-        return merged_eval, results
+        return merged_eval, {name: known.get(name) or results[name] for name in experts}
 
     def _eval_resources(self) -> Resources:
         return Resources(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
