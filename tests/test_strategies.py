@@ -194,6 +194,29 @@ def test_lineage_per_round(tiny_base, tmp_path):
     assert client.get_model_version_by_alias(wf.registered_model_name, wf.tracking.alias).version == best
 
 
+def test_rounds_score_experts_where_they_were_trained(tiny_base, tmp_path):
+    """An ATM expert is scored on its own task by its fine-tuning step (no second load, no evaluation
+    run of its own); the scores equal a separate evaluation of the stored expert, and they are logged
+    on the expert's run with its model and dataset, as an evaluation run would log them."""
+    from operators.evaluate import evaluate
+    from pipeline.steps import task_data
+
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, strategy="atm", rounds={"count": 2}))
+    result = run(wf)
+    client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+    exp = client.get_experiment_by_name(wf.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    evaluations = [r.info.run_name for r in runs if r.data.tags[TAG_KIND] == "evaluation"]
+    assert not [n for n in evaluations if n != "evaluate:merged"], evaluations
+    for r in result.rounds:
+        for task, expert in r.experts.items():
+            again = evaluate(store_dir(wf, expert), task_data(wf.task(task)), max_length=wf.finetune.max_length)
+            assert r.expert_evals[task][task]["accuracy"] == again["accuracy"]
+            assert r.expert_evals[task][task]["macro_f1"] == pytest.approx(again["macro_f1"], rel=1e-9)
+            logged = client.get_run(expert.run_id).data.metrics
+            assert logged[f"eval/{task}/accuracy"] == again["accuracy"]
+
+
 def test_compare_writes_table_plot_and_mlflow_artifacts(tiny_base, tmp_path):
     from click.testing import CliRunner
 
