@@ -8,10 +8,10 @@ cluster with ``--slots`` CPUs, and reads back from MLflow where the wall time we
 - train: the sum over every expert of the time inside its optimiser loop (``train_seconds``);
 - ideal: train ÷ slots, the makespan if the slots did nothing but train;
 - overhead: (wall − ideal) ÷ wall;
-- per round (means over the rounds): start (round run created → first expert run created), expert
-  (an expert run's duration: load model and data, train, evaluate its own task, write, log) of which
-  train, merge (the merge run, until the merged checkpoint is published), evaluate (merged model and
-  experts, until the last evaluation run ends), record (→ round run end: metrics, registry).
+- per round (means over the rounds, from when the driver reported each step done): experts (round
+  started → its last expert finished: schedule, load model and data, train, score, write, log), merge,
+  evaluate+record (→ merged model registered), rest (→ next round started; the last round: → the end,
+  with the workflow's summary and lineage graph).
 
     python benchmarks/round_overhead.py                      # one-shot, ATM-8, ATM-32 on the quickstart
     python benchmarks/round_overhead.py --rounds 4 --max-train 400   # smaller: tasks capped at 400 rows
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -49,36 +50,38 @@ def _workflow(strategy: str, rounds: int, tmp: Path, max_train: int | None):
     return parse_workflow(data)
 
 
-def _phases(lineage, workflow_run: str) -> dict[str, float]:
-    """Mean seconds per round of each phase, from the runs' timestamps and metrics."""
-    runs = lineage.find_runs(f"tags.`mergeflow.workflow_run_id` = '{workflow_run}'")
-    by_round: dict[str, list[dict]] = {}
-    for r in runs:
-        by_round.setdefault(r["tags"].get("mergeflow.round", "?"), []).append(r)
-    rows = []
-    for rnd, rs in by_round.items():
-        kind = {k: [r for r in rs if r["tags"].get("mergeflow.kind") == k] for k in
-                ("round", "expert", "merge", "evaluation", "baseline")}
-        if not kind["round"] or not kind["expert"]:
+def _phases(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
+    """Mean seconds per round of each phase, from when the driver reported each step done.
+
+    experts: round started → its last expert finished (schedule, load model and data, train, score its
+    own task, write, log); merge: → merged; evaluate+record: → the merged model registered (evaluation
+    of the merged model and of experts not yet scored, metrics, registry); rest: → the next round started.
+    """
+    rounds: dict[int, dict[str, float]] = {}
+    for t, msg in lines:
+        m = re.match(r"round (\d+): (.*)", msg)
+        if not m:
             continue
-        rr = kind["round"][0]
-        experts = kind["expert"]
-        first_expert = min(r["start_time"] for r in experts)
-        merge = kind["merge"][0] if kind["merge"] else None
-        evals = kind["evaluation"]
-        eval_end = max([r["end_time"] or 0 for r in evals] + [merge["end_time"] or 0 if merge else 0])
-        merge_publish = merge["start_time"] + 1000 * merge["metrics"].get("merge_seconds", 0) if merge else 0
-        rows.append({
-            "start": (first_expert - rr["start_time"]) / 1000,
-            "expert": statistics.mean((r["end_time"] - r["start_time"]) / 1000 for r in experts),
-            "train": statistics.mean(r["metrics"].get("train_seconds", 0.0) for r in experts),
-            "experts_phase": (max(r["end_time"] for r in experts) - first_expert) / 1000,
-            "merge": ((merge_publish - max(r["end_time"] for r in experts)) / 1000) if merge else 0.0,
-            "evaluate": (eval_end - (merge_publish or max(r["end_time"] for r in experts))) / 1000 if evals else 0.0,
-            "record": (rr["end_time"] - max(eval_end, max(r["end_time"] for r in experts))) / 1000,
-            "round": (rr["end_time"] - rr["start_time"]) / 1000,
-        })
-    return {k: statistics.mean(r[k] for r in rows) for k in rows[0]} if rows else {}
+        k, what = int(m.group(1)), m.group(2)
+        r = rounds.setdefault(k, {})
+        if what.startswith("started"):
+            r["start"] = t
+        elif what.startswith("expert ") and " finished" in what:
+            r["experts"] = t
+        elif what.startswith("merged "):
+            r["merged"] = t
+        elif what.startswith("registered ") or what.startswith("merged model already registered"):
+            r["registered"] = t
+    order = sorted(rounds)
+    rows = []
+    for i, k in enumerate(order):
+        r = rounds[k]
+        if not {"start", "experts", "merged", "registered"} <= set(r):
+            continue
+        nxt = rounds[order[i + 1]]["start"] if i + 1 < len(order) else end
+        rows.append({"round": nxt - r["start"], "experts": r["experts"] - r["start"], "merge": r["merged"] - r["experts"],
+                     "evaluate_record": r["registered"] - r["merged"], "rest": nxt - r["registered"]})
+    return {k: statistics.mean(row[k] for row in rows) for k in rows[0]} if rows else {}
 
 
 def measure(strategy: str, rounds: int, slots: int, max_train: int | None) -> dict:
@@ -87,8 +90,9 @@ def measure(strategy: str, rounds: int, slots: int, max_train: int | None) -> di
 
     with tempfile.TemporaryDirectory(prefix="mergeflow-round-overhead-") as tmp:
         wf = _workflow(strategy, rounds, Path(tmp), max_train)
+        lines: list[tuple[float, str]] = []
         start = time.perf_counter()
-        result = run_workflow(wf, num_cpus=slots, report=lambda m: None)
+        result = run_workflow(wf, num_cpus=slots, report=lambda m: lines.append((time.perf_counter(), m)))
         wall = time.perf_counter() - start
         lineage = Lineage(wf.tracking.uri, result.experiment_id)
         experts = lineage.find_runs(f"tags.`mergeflow.workflow_run_id` = '{result.run_id}' and "
@@ -97,7 +101,7 @@ def measure(strategy: str, rounds: int, slots: int, max_train: int | None) -> di
         return {"config": "one-shot" if strategy == "oneshot" else f"ATM-{rounds}", "wall_s": wall, "train_s": train,
                 "ideal_s": train / slots, "overhead": (wall - train / slots) / wall, "experts": len(experts),
                 "rounds": len(result.rounds), "mean_merged": result.summary()["mean"]["merged"],
-                "per_round": _phases(lineage, result.run_id)}
+                "per_round": _phases(lines, start + wall), "train_per_round_s": train / max(1, len(result.rounds))}
 
 
 def main() -> None:
@@ -116,10 +120,9 @@ def main() -> None:
         print(f"{res['config']:>9}: wall {res['wall_s']:6.1f}s  train {res['train_s']:6.1f}s  ideal {res['ideal_s']:6.1f}s  "
               f"overhead {res['overhead']:5.1%}  ({res['experts']} experts, {res['rounds']} rounds, mean merged "
               f"{res['mean_merged']:.3f})", flush=True)
-        print(f"{'':>11}per round: {p.get('round', 0):5.1f}s = start {p.get('start', 0):4.1f} + experts "
-              f"{p.get('experts_phase', 0):5.1f} (each {p.get('expert', 0):4.1f}, of which train {p.get('train', 0):4.1f}) "
-              f"+ merge {p.get('merge', 0):4.1f} + evaluate {p.get('evaluate', 0):4.1f} + record {p.get('record', 0):4.1f}",
-              flush=True)
+        print(f"{'':>11}per round: {p.get('round', 0):5.1f}s = experts {p.get('experts', 0):5.1f} (training "
+              f"{res['train_per_round_s'] / args.slots:4.1f} of it, ideally) + merge {p.get('merge', 0):4.1f} + "
+              f"evaluate+record {p.get('evaluate_record', 0):4.1f} + rest {p.get('rest', 0):4.1f}", flush=True)
     one = results[0]["wall_s"]
     for r in results[1:]:
         print(f"{r['config']}: wall {r['wall_s'] / one:.2f}x the one-shot's (target <= 1.25x)")

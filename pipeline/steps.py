@@ -237,9 +237,9 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         lineage.log_metrics(run_id, metrics, step=round_index)
         # its own task's scores, measured here where the model already is (iterated strategies use them
         # instead of loading the expert again in an evaluation task)
-        own_eval = {f"eval/{task.name}/{k}": float(v) for k, v in own.items() if k != "n"}
-        lineage.log_metrics(run_id, own_eval, step=round_index, model_id=model_id,
-                            dataset=(f"{task.name}-eval", data.digest))
+        own_eval = {f"eval/{task.name}/{k}": float(v) for k, v in own.items()}  # ("n": examples, kept, not logged)
+        lineage.log_metrics(run_id, {k: v for k, v in own_eval.items() if not k.endswith("/n")}, step=round_index,
+                            model_id=model_id, dataset=(f"{task.name}-eval", data.digest))
         lineage.set_tags(run_id, {"mergeflow.precision": result.precision, "mergeflow.finetune_mode": settings.mode})
         write_provenance(ckpt, {
             "kind": "expert", "task": task.name, "round": round_index, "workflow": wf.name,
