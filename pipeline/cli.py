@@ -3,6 +3,7 @@
     mergeflow validate SPEC                  check a spec (and its data and base model) without running
     mergeflow run SPEC [--address ADDR]      run a workflow; prints progress and an accuracy table
     mergeflow status [RUN_ID]                recent workflow runs, or one run's tree and artifacts
+    mergeflow resume RUN_ID                  finish a stopped or killed workflow from its run (spec from MLflow)
     mergeflow export CKPT TASK OUT           write a stand-alone HF checkpoint for one task
     mergeflow merge CONFIG OUT               merge checkpoints (mergeflow or mergekit YAML config)
     mergeflow compare SPEC                   strategies × merges at the same budget: table and plot
@@ -115,15 +116,21 @@ def validate(spec: str, tracking_uri: str | None, store: str | None, no_data: bo
 def run(spec: str, address: str | None, num_cpus: int | None, tracking_uri: str | None, store: str | None,
         as_json: bool, ui_url: str) -> None:
     """Run the workflow in SPEC and print per-task accuracy of base, experts and merged model."""
+    wf = _load(spec, tracking_uri, store)
+    if wf.recurring is not None:
+        _fail(f"{spec}: is a recurring workflow (it has a recurring: section); run its next round with "
+              f"`mergeflow round {spec}` or its schedule with `mergeflow schedule {spec}`", EXIT_BAD_INPUT)
+    _run_and_print(wf, Path(spec).read_text(), address, num_cpus, as_json, ui_url)
+
+
+def _run_and_print(wf, spec_text: str | None, address: str | None, num_cpus: int | None, as_json: bool,
+                   ui_url: str) -> None:
+    """Run ``wf`` with progress lines, then print its table and links (``run`` and ``resume``)."""
     from operators.data import DataError
     from operators.merge.engine import MergeError
     from operators.tensor_io import CheckpointError
     from pipeline.driver import PreflightError, result_json, run_workflow
 
-    wf = _load(spec, tracking_uri, store)
-    if wf.recurring is not None:
-        _fail(f"{spec}: is a recurring workflow (it has a recurring: section); run its next round with "
-              f"`mergeflow round {spec}` or its schedule with `mergeflow schedule {spec}`", EXIT_BAD_INPUT)
     console = _console()
     start = time.perf_counter()
 
@@ -131,7 +138,7 @@ def run(spec: str, address: str | None, num_cpus: int | None, tracking_uri: str 
         console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {msg}")
 
     try:
-        result = run_workflow(wf, address=address, num_cpus=num_cpus, spec_text=Path(spec).read_text(), report=report)
+        result = run_workflow(wf, address=address, num_cpus=num_cpus, spec_text=spec_text, report=report)
     except PreflightError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     except (DataError, CheckpointError, MergeError) as exc:
@@ -233,17 +240,10 @@ def _print_links(links: dict[str, str], header: str) -> None:
         click.echo(f"  {label + ':':<20}{url}")
 
 
-@main.command()
-@click.argument("run_id", required=False)
-@click.option("--tracking-uri", default="sqlite:///mlflow.db", show_default=True)
-@click.option("--experiment", default=None, help="Only this experiment.")
-@click.option("--limit", default=10, show_default=True)
-def status(run_id: str | None, tracking_uri: str, experiment: str | None, limit: int) -> None:
-    """Without RUN_ID: recent workflow runs. With RUN_ID: its rounds, experts, merges and artifacts."""
+def _tracking_client(tracking_uri: str):
+    """An MLflow client on an existing tracking store and its experiments; a one-line error otherwise."""
     from mlflow import MlflowClient
-    from rich.table import Table
 
-    from pipeline.lineage import TAG_KIND, TAG_WORKFLOW_RUN
     from pipeline.spec import check_tracking_uri
 
     try:
@@ -261,6 +261,78 @@ def status(run_id: str | None, tracking_uri: str, experiment: str | None, limit:
         exps = client.search_experiments()
     except Exception as exc:  # a server that does not answer, a database of another program, ...
         _fail(f"cannot read the tracking store {tracking_uri}: {type(exc).__name__}: {exc}", EXIT_BAD_INPUT)
+    return client, exps
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--tracking-uri", default="sqlite:///mlflow.db", show_default=True, help="Where the run is recorded.")
+@click.option("--address", default=None, help="Ray cluster (as for run).")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON at the end.")
+@click.option("--ui-url", default=DEFAULT_UI_URL, show_default=True, help="As for run.")
+def resume(run_id: str, tracking_uri: str, address: str | None, num_cpus: int | None, as_json: bool,
+           ui_url: str) -> None:
+    """Finish the workflow that RUN_ID (its workflow run, or any run under it) belongs to.
+
+    The spec comes from the run itself (its workflow.json), so nothing but the run id is needed; the
+    steps already complete in the store are reused, the rest are run, and the registry gets no
+    second version of a model it already has. A run whose driver is still alive here is refused.
+    """
+    import json as _json
+    import socket
+    import tempfile
+
+    from pipeline.attempts import dead_because
+    from pipeline.lineage import TAG_KIND, TAG_WORKFLOW_RUN
+    from pipeline.spec import SpecError, parse_workflow
+
+    client, _ = _tracking_client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        _fail(f"no run {run_id!r} in {tracking_uri}; list the workflow runs with: mergeflow status --tracking-uri "
+              f"{tracking_uri}", EXIT_BAD_INPUT)
+    root = client.get_run(run.data.tags.get(TAG_WORKFLOW_RUN, run_id))
+    if root.data.tags.get(TAG_KIND) != "workflow":
+        _fail(f"run {run_id} is not part of a mergeflow workflow run (recurring rounds finish themselves: "
+              "mergeflow round SPEC)", EXIT_BAD_INPUT)
+    if root.info.status == "RUNNING" and dead_because(root.data.tags) is None and \
+            root.data.tags.get("mergeflow.driver.host") == socket.gethostname():
+        _fail(f"workflow run {root.info.run_id} is still running (pid {root.data.tags.get('mergeflow.driver.pid')}); "
+              "wait for it or stop it first", EXIT_BAD_INPUT)
+    with tempfile.TemporaryDirectory(prefix="mergeflow-resume-") as tmp:
+        try:
+            spec_json = Path(client.download_artifacts(root.info.run_id, "workflow.json", tmp)).read_text()
+        except Exception as exc:
+            _fail(f"run {root.info.run_id} has no workflow.json artifact to resume from ({type(exc).__name__}); "
+                  "run its spec again with mergeflow run SPEC", EXIT_BAD_INPUT)
+        try:
+            spec_text = Path(client.download_artifacts(root.info.run_id, "workflow.yaml", tmp)).read_text()
+        except Exception:
+            spec_text = None
+    try:
+        wf = parse_workflow({**_json.loads(spec_json), "tracking": {**_json.loads(spec_json)["tracking"],
+                                                                    "uri": tracking_uri}},
+                            f"run {root.info.run_id}: workflow.json")
+    except SpecError as exc:
+        _fail(f"{exc.source}: {exc.problems[0]} (made by another mergeflow version?)", EXIT_BAD_INPUT)
+    click.echo(f"resuming workflow {wf.name!r} (run {root.info.run_id}, {root.info.status}) from store {wf.store.root}")
+    _run_and_print(wf, spec_text, address, num_cpus, as_json, ui_url)
+
+
+@main.command()
+@click.argument("run_id", required=False)
+@click.option("--tracking-uri", default="sqlite:///mlflow.db", show_default=True)
+@click.option("--experiment", default=None, help="Only this experiment.")
+@click.option("--limit", default=10, show_default=True)
+def status(run_id: str | None, tracking_uri: str, experiment: str | None, limit: int) -> None:
+    """Without RUN_ID: recent workflow runs. With RUN_ID: its rounds, experts, merges and artifacts."""
+    from rich.table import Table
+
+    from pipeline.lineage import TAG_KIND, TAG_WORKFLOW_RUN
+
+    client, exps = _tracking_client(tracking_uri)
     if experiment:
         exps = [e for e in exps if e.name == experiment]
     exp_ids = [e.experiment_id for e in exps]

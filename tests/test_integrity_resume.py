@@ -168,3 +168,30 @@ def test_driver_killed_mid_round_then_next_run_closes_its_runs_and_resumes(undis
     # nothing half-written is visible: every checkpoint directory in the store is complete
     for d in (tmp_path / "store" / "tiny").glob("round-*/*/*"):
         assert d.name.startswith(".") or (d / "_COMPLETE").is_file(), d
+
+
+def test_resume_finishes_a_workflow_from_its_run_id_alone(tiny_base, tmp_path):
+    """``mergeflow resume RUN_ID``: the spec comes from the run's own workflow.json; complete steps are
+    reused, the missing ones made again, and the registry keeps its one version."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.driver import run_workflow
+
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base))
+    first = run_workflow(wf, address="in-process", report=lambda _m: None)
+    merged_before = tensors(Path(first.final.merged.path))
+    shutil.rmtree(first.final.merged.path)  # the merge is lost (say, a disk was replaced): resume makes it again
+    expert_run = first.final.experts["vowel"].run_id  # any run of the workflow names it
+    res = CliRunner().invoke(main, ["resume", expert_run, "--tracking-uri", wf.tracking.uri, "--address", "in-process"])
+    assert res.exit_code == 0, res.output
+    assert f"resuming workflow 'tiny' (run {first.run_id}, FINISHED)" in res.output
+    assert res.output.count("already in the store, reused") == 2  # both experts; the merge is made again
+    assert_bitwise_equal(tensors(Path(first.final.merged.path)), merged_before)
+    client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{wf.registered_model_name}'")] == ["1"]
+    # a run id that is not there: one line, exit 2
+    res = CliRunner().invoke(main, ["resume", "0" * 32, "--tracking-uri", wf.tracking.uri])
+    assert res.exit_code == 2 and "no run '000" in res.output and res.output.count("\n") == 1
