@@ -212,6 +212,38 @@ def test_a_round_that_keeps_crashing_is_given_up_and_the_service_moves_on(tmp_pa
                                                                      ("-", "nothing_to_do", "FINISHED")]
 
 
+def test_an_expert_contributed_as_a_checkpoint_is_fused_as_it_is(tmp_path, pico):
+    """A finished expert (a mergeflow expert checkpoint of the task) joins the round unchanged: no training;
+    it is copied into the store once (checksummed), and its head is the fused model's head of its task."""
+    from operators.checkpoint import HEAD_WEIGHTS, HEADS_DIR
+    from operators.data import load_task_data
+    from operators.finetune import finetune
+    from pipeline.recurring.round import run_round
+    from pipeline.spec import DatasetSpec, FinetuneSpec
+
+    spec = _write_spec(tmp_path, pico)
+    wf = load_workflow(spec)
+    data = load_task_data("length", DatasetSpec(source=str(tmp_path / "data" / "length.parquet")), ["short", "long"])
+    finetune(pico, data, FinetuneSpec(max_steps=40, batch_size=16, learning_rate=1e-3, head_learning_rate=1e-2,
+                                      max_length=12), tmp_path / "length-expert", torch_threads=1)
+    res = CliRunner().invoke(_main(), ["contribute", str(spec), str(tmp_path / "length-expert"), "--task", "length",
+                                       "--id", "01-length-expert", "--contributor", "erin"])
+    assert res.exit_code == 0, res.output
+    assert "for task 'length': an expert" in res.output
+    lines: list[str] = []
+    out = run_round(wf, address="in-process", report=lines.append)
+    assert out.status == "promoted", out.reason
+    assert any("expert 'length' contributed as a checkpoint (01-length-expert)" in m for m in lines)
+    assert not any("[expert" in m or "fine-tuning" in m for m in lines)
+    assert out.verdict.challenger["length"] > out.verdict.champion["length"]
+    store = Path(wf.store.root) / "tinyrec"
+    (imported,) = (store / "recurring" / "imported").iterdir()
+    assert (imported / "_COMPLETE").is_file()
+    (merged,) = (store / "round-001" / "merged").iterdir()
+    head = HEADS_DIR + "/length/" + HEAD_WEIGHTS
+    assert (merged / head).read_bytes() == (tmp_path / "length-expert" / head).read_bytes()
+
+
 # --- the three-round story on real Ray and real MLflow ---------------------------------------------
 
 def _registry(tmp: Path):
