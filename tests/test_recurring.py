@@ -413,9 +413,9 @@ def test_a_round_killed_half_way_is_finished_by_the_next_with_the_same_weights(t
     plan = work / "store" / "tinyrec" / "recurring" / "rounds" / "round-0001"
     assert (plan / "plan.json").is_file() and not (plan / "verdict.json").exists()
 
-    again = _mergeflow("round", str(spec), "--address", "in-process")
-    out = again.communicate(timeout=300)[0]
-    assert again.returncode == 0, out
+    said: list[str] = []  # the next call (here, in this process) finishes it
+    assert run_round(load_workflow(spec), address="in-process", report=said.append).round == 1
+    out = "\n".join(said)
     assert "finishing the round planned at" in out and "expert 'half' already in the store, reused" in out
     assert "died" in out and "marked KILLED" in out
     a, b = _merged_weights(ref_dir / "store"), _merged_weights(work / "store")
@@ -471,22 +471,25 @@ def test_scheduler_fires_rounds_never_overlapping_and_keeps_its_schedule_across_
     assert runs[0].info.end_time <= runs[1].info.start_time  # one round at a time
 
     # a restart keeps the stored schedule: same trigger, the next firing not reset, not doubled
+    from pipeline.recurring.scheduler import serve
+
     slow = tmp_path / "slow.yaml"
     slow.write_text(yaml.safe_dump(_spec_dict(tmp_path, tiny_base, schedule={"interval": "1h"})))
-    nexts = []
-    for attempt in range(2):
-        p = _mergeflow("schedule", str(slow), "--db", str(db), "--address", "in-process")
-        lines = []
-        for line in p.stdout:
-            lines.append(line)
-            if "next firing" in line and "Ctrl-C" in line:
-                nexts.append(line.split("next firing ", 1)[1].split(";")[0])
-                p.send_signal(signal.SIGINT)  # Ctrl-C: stops cleanly, between rounds
-        p.wait(timeout=60)
-        text = "".join(lines)
-        assert p.returncode == 0, text
-        assert "stopping: no new firings" in text
-        assert ("changed" in text) if attempt == 0 else ("resumed from" in text), text
+    p = _mergeflow("schedule", str(slow), "--db", str(db), "--address", "in-process")
+    lines, nexts = [], []
+    for line in p.stdout:
+        lines.append(line)
+        if "next firing" in line and "Ctrl-C" in line:
+            nexts.append(line.split("next firing ", 1)[1].split(";")[0])
+            p.send_signal(signal.SIGINT)  # Ctrl-C: stops cleanly, between rounds
+    p.wait(timeout=60)
+    text = "".join(lines)
+    assert p.returncode == 0 and "stopping: no new firings" in text and "changed" in text, text
+    said: list[str] = []  # restarted (here, in this process): the stored job and its next firing are kept
+    assert serve(load_workflow(slow), str(slow), db=str(db), extra_args=["--address", "in-process"],
+                 report=said.append, max_firings=0) == 0
+    assert any("resumed from" in m for m in said), said
+    nexts.append(next(m for m in said if "Ctrl-C" in m).split("next firing ", 1)[1].split(";")[0])
     assert nexts[0] == nexts[1]
     assert len(reg.search_runs([exp], "tags.`mergeflow.kind` = 'round'")) == 2  # nothing fired meanwhile
 
