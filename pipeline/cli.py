@@ -43,6 +43,16 @@ def _console():
     return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
+def _timed_reporter(console):
+    """Progress lines with the seconds since the command started (``run``, ``resume``, ``round``)."""
+    start = time.perf_counter()
+
+    def report(msg: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {msg}")
+
+    return report
+
+
 def _fail(message: str, code: int) -> None:
     click.echo(f"error: {_one_line(message)}", err=True)
     sys.exit(code)
@@ -132,11 +142,7 @@ def _run_and_print(wf, spec_text: str | None, address: str | None, num_cpus: int
     from pipeline.driver import PreflightError, result_json, run_workflow
 
     console = _console()
-    start = time.perf_counter()
-
-    def report(msg: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {msg}")
-
+    report = _timed_reporter(console)
     try:
         result = run_workflow(wf, address=address, num_cpus=num_cpus, spec_text=spec_text, report=report)
     except PreflightError as exc:
@@ -695,7 +701,7 @@ def _parse_size(text: str) -> int:
 
 from pipeline.recurring.cli import register as _register_recurring  # noqa: E402  (verbs in their own module)
 
-_register_recurring(main, _load, _fail, _console)
+_register_recurring(main, _load, _fail, _console, _timed_reporter)
 
 if __name__ == "__main__":
     main()

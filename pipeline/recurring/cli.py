@@ -18,8 +18,8 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
-def register(main: click.Group, load, fail, console) -> None:
-    """Add the recurring verbs to ``main`` (``load``/``fail``/``console``: the CLI's own helpers)."""
+def register(main: click.Group, load, fail, console, timed_reporter) -> None:
+    """Add the recurring verbs to ``main`` (``load``/``fail``/``console``/``timed_reporter``: the CLI's own helpers)."""
 
     def recurring_spec(spec: str, tracking_uri: str | None, store: str | None):
         wf = load(spec, tracking_uri, store)
@@ -71,11 +71,7 @@ def register(main: click.Group, load, fail, console) -> None:
 
         wf = recurring_spec(spec, tracking_uri, store)
         out = console()
-        start = time.perf_counter()
-
-        def report(msg: str) -> None:
-            out.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {msg}")
-
+        report = timed_reporter(out)
         try:
             outcome = run_round(wf, address=address, num_cpus=num_cpus, report=report, scheduled_for=scheduled_for)
         except (PreflightError, DataError, CheckpointError, ContributionError) as exc:

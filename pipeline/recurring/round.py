@@ -249,12 +249,11 @@ def _round(wf: Workflow, lineage: Lineage, store: CheckpointStore, state: RoundS
                                     "champion_before": plan["champion"]["version"],
                                     "champion_after": plan["champion"]["version"],
                                     "decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            run_id = lineage.start_run(f"round-{n}", kind="round", parent=parent, tags={
-                TAG_RECURRING: wf.name, TAG_ROUND: str(n), TAG_VERDICT: "failed", TAG_REASON: reason[:4000],
+            run_id = _start_round_run(lineage, wf, parent, f"round-{n}", n, [], scheduled_for, {
+                TAG_VERDICT: "failed", TAG_REASON: reason[:4000],
                 TAG_CONTRIBUTIONS: ",".join(c["id"] for c in plan["contributions"]),
                 TAG_CHAMPION_BEFORE: plan["champion"]["version"] or "base",
-                TAG_CHAMPION_AFTER: plan["champion"]["version"] or "base", **driver_tags()})
-            lineage.set_tags(run_id, {TAG_WORKFLOW_RUN: run_id})
+                TAG_CHAMPION_AFTER: plan["champion"]["version"] or "base"})
             lineage.end_run(run_id, "FAILED")
             report(f"round {n}: FAILED for good: {reason}")
             return RoundOutcome("failed", n, reason, run_id)
@@ -299,16 +298,24 @@ def _round(wf: Workflow, lineage: Lineage, store: CheckpointStore, state: RoundS
                             champion_version, address, num_cpus, report, scheduled_for)
 
 
-def _nothing_to_do(wf: Workflow, lineage: Lineage, state: RoundState, parent: str, n: int, reason: str,
-                   skipped: list[Contribution], report: Reporter, scheduled_for: str | None) -> RoundOutcome:
-    tags = {TAG_RECURRING: wf.name, TAG_VERDICT: "nothing_to_do", TAG_REASON: reason, TAG_ROUND: str(n),
-            **driver_tags()}
+def _start_round_run(lineage: Lineage, wf: Workflow, parent: str, name: str, n: int, skipped: list[Contribution],
+                     scheduled_for: str | None, tags: dict[str, str]) -> str:
+    """A round's MLflow run under the recurring parent, carrying its driver (for dead-attempt cleanup),
+    the contributions it skipped and when it was scheduled; it is its own attempt's root."""
+    tags = {TAG_RECURRING: wf.name, TAG_ROUND: str(n), **tags, **driver_tags()}
     if skipped:
         tags[TAG_SKIPPED] = "; ".join(f"{c.id}: {c.problem}" for c in skipped)[:4000]
     if scheduled_for:
         tags[TAG_SCHEDULED] = scheduled_for
-    run_id = lineage.start_run(f"round-{n} (nothing to do)", kind="round", parent=parent, tags=tags)
+    run_id = lineage.start_run(name, kind="round", parent=parent, tags=tags)
     lineage.set_tags(run_id, {TAG_WORKFLOW_RUN: run_id})
+    return run_id
+
+
+def _nothing_to_do(wf: Workflow, lineage: Lineage, state: RoundState, parent: str, n: int, reason: str,
+                   skipped: list[Contribution], report: Reporter, scheduled_for: str | None) -> RoundOutcome:
+    run_id = _start_round_run(lineage, wf, parent, f"round-{n} (nothing to do)", n, skipped, scheduled_for,
+                              {TAG_VERDICT: "nothing_to_do", TAG_REASON: reason})
     if skipped:
         lineage.log_dict(run_id, {"skipped": [c.record() for c in skipped]}, "contributions.json")
     lineage.end_run(run_id)
@@ -326,14 +333,9 @@ def _train_fuse_gate(wf: Workflow, lineage: Lineage, store: CheckpointStore, sta
     from pipeline.strategies.rounds import Rounds, ended_status
 
     rec = wf.recurring
-    tags = {TAG_RECURRING: wf.name, TAG_ROUND: str(n), TAG_CONTRIBUTIONS: ",".join(c.id for c in chosen),
-            TAG_CHAMPION_BEFORE: champion_version or "base", TAG_SPEC_HASH: wf.spec_hash(), **driver_tags()}
-    if skipped:
-        tags[TAG_SKIPPED] = "; ".join(f"{c.id}: {c.problem}" for c in skipped)[:4000]
-    if scheduled_for:
-        tags[TAG_SCHEDULED] = scheduled_for
-    run_id = lineage.start_run(f"round-{n}", kind="round", parent=parent, tags=tags)
-    lineage.set_tags(run_id, {TAG_WORKFLOW_RUN: run_id})
+    run_id = _start_round_run(lineage, wf, parent, f"round-{n}", n, skipped, scheduled_for, {
+        TAG_CONTRIBUTIONS: ",".join(c.id for c in chosen), TAG_CHAMPION_BEFORE: champion_version or "base",
+        TAG_SPEC_HASH: wf.spec_hash()})
     report(f"round {n}: MLflow run {run_id}")
     lineage.log_dict(run_id, {"contributions": [c.record() for c in chosen], "skipped": [c.record() for c in skipped]},
                      "contributions.json")
