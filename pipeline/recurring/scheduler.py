@@ -26,7 +26,7 @@ from pathlib import Path
 from pipeline.spec import Workflow
 
 JOB_PREFIX = "mergeflow-round-"
-_state: dict[str, object] = {"child": None, "firings": 0}
+_state: dict[str, object] = {"child": None, "firings": 0, "started": 0, "limit": None}
 _lock = threading.Lock()
 
 
@@ -35,6 +35,11 @@ def fire(spec_path: str, extra_args: list[str]) -> int:
 
     Module-level and argument-only, so APScheduler can keep a reference to it in its job store.
     """
+    with _lock:  # --max-firings: a firing that comes due once the last allowed one has started does nothing
+        limit = _state["limit"]
+        if limit is not None and int(_state["started"]) >= int(limit):
+            return 0
+        _state["started"] = int(_state["started"]) + 1
     cmd = [sys.executable, "-m", "pipeline.cli", "round", spec_path, *extra_args,
            "--scheduled-for", time.strftime("%Y-%m-%dT%H:%M:%S%z")]
     started = time.perf_counter()
@@ -88,7 +93,7 @@ def serve(wf: Workflow, spec_path: str, *, db: str, extra_args: list[str], repor
             report(f"a firing due at {event.scheduled_run_time} was missed by more than the misfire grace: skipped")
 
     scheduler.add_listener(on_event, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
-    _state["firings"] = 0
+    _state.update(firings=0, started=0, limit=max_firings)
     scheduler.start(paused=True)  # loads the stored job (and its next firing) before anything changes it
     job_id = JOB_PREFIX + wf.name
     trigger = trigger_for(wf)
