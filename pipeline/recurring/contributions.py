@@ -38,6 +38,7 @@ import yaml
 
 from operators.data import PACKAGED_PREFIX, DataError, read_table, table_split
 from pipeline.spec import DatasetSpec, TaskSpec, Workflow
+from pipeline.store import file_manifest
 
 MANIFEST = "manifest.yaml"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -236,12 +237,7 @@ def _check_checkpoint(wf: Workflow, spec: TaskSpec, c: Contribution, source: str
         except Exception as exc:  # untrusted files: any failure to read them is a reason to skip, in one line
             raise ContributionError(f"{source}: not a usable checkpoint ({str(exc).splitlines()[0]})") from None
         h = hashlib.sha256(json.dumps(c.manifest, sort_keys=True, default=str).encode())
-        for p in sorted(local.rglob("*")):
-            if p.is_file():
-                h.update(str(p.relative_to(local)).encode() + b"\x00")
-                with p.open("rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        h.update(chunk)
+        h.update(json.dumps(file_manifest(local), sort_keys=True).encode())
     finally:
         if local != Path(source):
             shutil.rmtree(local, ignore_errors=True)
@@ -260,7 +256,7 @@ def _local_copy(source: str) -> Path:
     return tmp
 
 
-def prepare_expert_task(wf: Workflow, c: Contribution, store, round_index: int) -> TaskSpec:
+def prepare_expert_task(wf: Workflow, c: Contribution, store) -> TaskSpec:
     """The task an expert of data contribution ``c`` trains on: its training rows and the gate's eval
     split, written once to the store (durable, checksummed) and named there, so every worker reads
     the same rows and the expert's content key follows them."""
@@ -284,8 +280,6 @@ def prepare_replay_task(wf: Workflow, store, task: str, identities: list[str]) -
     accepted data is its contributor, so a round that brings data for one task does not make the
     fused model forget the others.
     """
-    import hashlib
-
     spec = wf.task(task)
     key = hashlib.sha256("\n".join(identities).encode()).hexdigest()[:16]
     path = store.path(wf.name, "recurring", "data", f"replay-{task}-{key}")
@@ -352,12 +346,13 @@ def contribute(wf: Workflow, source: str, task: str, cid: str | None = None, con
     """
     root = wf.recurring.contributions
     fs, inner = _fs(root)
-    is_dir = not source.startswith(PACKAGED_PREFIX) and _fs(source)[0].get_file_info(_fs(source)[1]).type == \
-        pafs.FileType.Directory
-    if not source.startswith(PACKAGED_PREFIX):
+    packaged = source.startswith(PACKAGED_PREFIX)
+    if not packaged:
         sfs, sinner = _fs(source)
-        if sfs.get_file_info(sinner).type == pafs.FileType.NotFound:
+        kind = sfs.get_file_info(sinner).type
+        if kind == pafs.FileType.NotFound:
             raise ContributionError(f"{source}: no such file or folder")
+    is_dir = not packaged and kind == pafs.FileType.Directory
     cid = cid or f"{_stamp()}-{task}"
     if not _ID_RE.match(cid):
         raise ContributionError(f"--id: {cid!r} is not a contribution id (letters, digits, '_', '-', '.')")
@@ -367,7 +362,7 @@ def contribute(wf: Workflow, source: str, task: str, cid: str | None = None, con
     manifest: dict[str, Any] = {"task": task}
     if contributor:
         manifest["contributor"] = contributor
-    if source.startswith(PACKAGED_PREFIX):
+    if packaged:
         manifest["data"] = source
     elif is_dir:
         manifest["checkpoint"] = "checkpoint"
@@ -380,13 +375,9 @@ def contribute(wf: Workflow, source: str, task: str, cid: str | None = None, con
     with tempfile.TemporaryDirectory(prefix="mergeflow-contribute-") as tmp:
         scratch = Path(tmp) / cid
         scratch.mkdir()
-        if not source.startswith(PACKAGED_PREFIX):
-            sfs, sinner = _fs(source)
+        if not packaged:  # a file or a whole folder (copy_files takes either)
             dest = scratch / ("checkpoint" if is_dir else Path(sinner).name)
-            if is_dir:
-                pafs.copy_files(sinner, str(dest), source_filesystem=sfs, destination_filesystem=pafs.LocalFileSystem())
-            else:
-                pafs.copy_files(sinner, str(dest), source_filesystem=sfs, destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(sinner, str(dest), source_filesystem=sfs, destination_filesystem=pafs.LocalFileSystem())
         (scratch / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))
         checked = check(wf, cid, str(scratch))
         if not checked.ok:

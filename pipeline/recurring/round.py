@@ -20,13 +20,14 @@ are bitwise those of an uninterrupted round) and registers once (the version is 
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from operators.checkpoint import head_names
+from operators.checkpoint import ADAPTER_CONFIG, HEAD_WEIGHTS, HEADS_DIR
 from pipeline.attempts import TAG_KILLED_REASON, dead_because, driver_tags
 from pipeline.lineage import TAG_ROUND, TAG_SPEC_HASH, TAG_WORKFLOW_RUN, Lineage
 from pipeline.recurring.contributions import (
@@ -81,6 +82,7 @@ class RoundState:
         self.wf, self.store = wf, store
         self.root = store.path(wf.name, "recurring")
         self.lease_path = f"{self.root}/lease.json"
+        self._mine: dict[str, Any] | None = None  # the lease record this process wrote, once it holds it
 
     def round_dir(self, n: int) -> str:
         return f"{self.root}/rounds/round-{n:04d}"
@@ -97,18 +99,20 @@ class RoundState:
                 out.append((n, plan, self.store.read_record(f"{self.round_dir(n)}/verdict.json")))
         return out
 
-    def consumed(self) -> set[str]:
-        """Identities (id@digest) of contributions a finished round used or skipped, or already reported bad."""
+    def consumed(self, rounds: list[tuple[int, dict[str, Any], dict[str, Any] | None]]) -> set[str]:
+        """Identities (id@digest) of contributions a finished round (of ``rounds``) used or skipped, or
+        already reported bad."""
         seen = set((self.store.read_record(f"{self.root}/skipped.json") or {}).get("identities", []))
-        for _n, plan, verdict in self.rounds():
+        for _n, plan, verdict in rounds:
             if verdict is not None:
                 seen |= {f"{c['id']}@{c['digest']}" for c in plan["contributions"] + plan.get("skipped", [])}
         return seen
 
-    def accepted_data(self) -> dict[str, list[str]]:
-        """Task → identities (id@digest) of the data contributions that promoted rounds fused, oldest first."""
+    def accepted_data(self, rounds: list[tuple[int, dict[str, Any], dict[str, Any] | None]]) -> dict[str, list[str]]:
+        """Task → identities (id@digest) of the data contributions that promoted rounds (of ``rounds``)
+        fused, oldest first."""
         out: dict[str, list[str]] = {}
-        for _n, plan, verdict in self.rounds():
+        for _n, plan, verdict in rounds:
             if verdict is not None and verdict["verdict"] == "promoted":
                 for c in plan["contributions"]:
                     if c["kind"] == "data":
@@ -148,7 +152,7 @@ class RoundState:
         return self.store.read_record(self.lease_path)
 
     def release(self) -> None:
-        if self.store.read_record(self.lease_path) == getattr(self, "_mine", None):
+        if self._mine is not None and self.store.read_record(self.lease_path) == self._mine:
             self.store.break_lease(self.lease_path)
 
 
@@ -266,7 +270,7 @@ def _round(wf: Workflow, lineage: Lineage, store: CheckpointStore, state: RoundS
         champion_version = plan["champion"]["version"]
     else:
         n = (max(finished) if finished else 0) + 1
-        consumed = state.consumed()
+        consumed = state.consumed(rounds)
         new = [c for c in find(wf) if c.identity not in consumed]
         skipped = [c for c in new if not c.ok]
         for c in skipped:
@@ -282,10 +286,10 @@ def _round(wf: Workflow, lineage: Lineage, store: CheckpointStore, state: RoundS
                       "(recurring.gate.min_contributions)")
             return _nothing_to_do(wf, lineage, state, parent, n, reason, skipped, report, scheduled_for)
         champion, champion_version = champion_ref(lineage, store, wf)
-        replay = {t: ids for t, ids in state.accepted_data().items()
+        replay = {t: ids for t, ids in state.accepted_data(rounds).items()
                   if rec.replay and t not in {c.task for c in chosen}}
         plan = {"round": n, "planned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "planned_by": f"pid {driver_tags()['mergeflow.driver.pid']} on {socket.gethostname()}",
+                "planned_by": f"pid {os.getpid()} on {socket.gethostname()}",
                 "champion": _ref_record(champion, champion_version),
                 "contributions": [{**c.record(), "manifest": c.manifest} for c in chosen],
                 "skipped": [c.record() for c in skipped], "waiting": [c.id for c in waiting], "replay": replay,
@@ -342,7 +346,7 @@ def _train_fuse_gate(wf: Workflow, lineage: Lineage, store: CheckpointStore, sta
     ctx = StepContext(wf, wf.tracking.uri, lineage.experiment_id, run_id, wf.base_model)
     try:
         data = [c for c in chosen if c.kind == "data"]
-        tasks = [prepare_expert_task(wf, c, store, n) for c in data]
+        tasks = [prepare_expert_task(wf, c, store) for c in data]
         for c, task in zip(data, tasks, strict=True):
             split = task_data(task)
             lineage.log_dataset(run_id, name=f"contribution:{c.id}", texts=split.inputs(split.train),
@@ -356,13 +360,13 @@ def _train_fuse_gate(wf: Workflow, lineage: Lineage, store: CheckpointStore, sta
             experts = steps.finetune(champion, tasks, n, run_id)
             for c in (c for c in chosen if c.kind == "checkpoint"):
                 path = import_checkpoint(wf, c, store)
-                adapter = (store.materialize(path) / "adapter_config.json").is_file()
+                adapter = store.exists(f"{path}/{ADAPTER_CONFIG}")
                 experts[c.task] = ModelRef("expert", c.task, path, store.uri(path), content_key("contribution", c.digest),
                                            adapter_base=base_ref(wf) if adapter else None)
                 report(f"round {n}: expert {c.task!r} contributed as a checkpoint ({c.id})")
             heads_from = champion if champion.kind != "base" else None
             fused = steps.merge(champion, experts, n, run_id, merge=rec.merge, heads_from=heads_from)
-            verdict = _gate(wf, ctx, runtime, lineage, store, champion, fused, n, run_id)
+            verdict = _gate(wf, ctx, steps, champion, fused, n, run_id)
     except BaseException as exc:
         lineage.end_attempt(run_id, ended_status(exc), {"mergeflow.ended_because": f"{type(exc).__name__}: {exc}"[:4000]})
         if ended_status(exc) == "FAILED":  # a crash, not a stop: after MAX_FAILURES the round is given up
@@ -393,18 +397,22 @@ def _train_fuse_gate(wf: Workflow, lineage: Lineage, store: CheckpointStore, sta
                         chosen, skipped, verdict)
 
 
-def _gate(wf: Workflow, ctx: StepContext, runtime, lineage: Lineage, store: CheckpointStore, champion: ModelRef,
-          fused: ModelRef, n: int, run_id: str) -> Verdict:
-    """Score champion and challenger on the gate tasks (in parallel) and decide."""
-    from pipeline.runtime import Resources
+def _stored_heads(store: CheckpointStore, ref: ModelRef) -> list[str]:
+    """The tasks a stored checkpoint has heads for, listed in the store (nothing downloaded)."""
+    if ref.kind == "base":
+        return []
+    heads = f"{ref.path}/{HEADS_DIR}"
+    return [t for t in store.list_names(heads) if store.exists(f"{heads}/{t}/{HEAD_WEIGHTS}")]
+
+
+def _gate(wf: Workflow, ctx: StepContext, steps, champion: ModelRef, fused: ModelRef, n: int, run_id: str) -> Verdict:
+    """Score champion and challenger on the gate tasks (in parallel, through ``steps``' runtime) and decide."""
     from pipeline.strategies.rounds import ended_status
 
-    r = wf.resources
-    res = Resources(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=r.max_retries)
+    runtime, lineage = steps.runtime, steps.lineage
     gate = [t.name for t in wf.gate_tasks]
     models = {"challenger": fused, "champion": champion}
-    heads = {name: ([] if ref.kind == "base" else [t for t in head_names(store.materialize(ref.path)) if t in gate])
-             for name, ref in models.items()}
+    heads = {name: [t for t in _stored_heads(steps.store, ref) if t in gate] for name, ref in models.items()}
     runs, futures = {}, {}
     for name, ref in models.items():
         if not heads[name]:
@@ -413,7 +421,7 @@ def _gate(wf: Workflow, ctx: StepContext, runtime, lineage: Lineage, store: Chec
         runs[name] = ref.run_id if reuse else lineage.start_run(
             f"evaluate:{name}", kind="evaluation", parent=run_id, workflow_run=run_id, tags={TAG_ROUND: str(n)})
         futures[name] = runtime.submit(evaluate_step, ctx, ref, {t: ref for t in heads[name]}, runs[name], n,
-                                       prefix="gate", name=f"gate-{name}-r{n}", resources=res)
+                                       prefix="gate", name=f"gate-{name}-r{n}", resources=steps.eval_resources())
     results: dict[str, dict[str, dict[str, float]]] = {}
     try:
         for name, fut in futures.items():

@@ -250,13 +250,13 @@ class Rounds:
         tasks = merged_tasks if merged_tasks is not None else [t.name for t in self.wf.tasks]
         jobs = {"merged": self.runtime.submit(
             evaluate_step, self.ctx, merged, {t: merged for t in tasks}, runs["merged"], index,
-            name=f"evaluate-merged-r{index}", resources=self._eval_resources())}
+            name=f"evaluate-merged-r{index}", resources=self.eval_resources())}
         for name, expert in experts.items():
             if name in known:
                 continue
             heads = dict(experts) if cross_task else {name: expert}
             jobs[name] = self.runtime.submit(evaluate_step, self.ctx, expert, heads, runs[name], index,
-                                             name=f"evaluate-{name}-r{index}", resources=self._eval_resources())
+                                             name=f"evaluate-{name}-r{index}", resources=self.eval_resources())
         results = {}
         try:
             for name, fut in jobs.items():
@@ -272,7 +272,8 @@ class Rounds:
         merged_eval = results.pop("merged")
         return merged_eval, {name: known.get(name) or results[name] for name in experts}
 
-    def _eval_resources(self) -> Resources:
+    def eval_resources(self) -> Resources:
+        """What an evaluation step asks of the cluster: the workflow's resources per step."""
         return Resources(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
                          max_retries=self.resources.max_retries)
 
@@ -280,7 +281,7 @@ class Rounds:
         """Start a linear probe of ``base``'s body (returns a future; collect with ``probe_result``)."""
         run_id = self._child(name, "baseline", round_run, index)
         fut = self.runtime.submit(probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}",
-                                  resources=self._eval_resources())
+                                  resources=self.eval_resources())
         return run_id, fut
 
     def probe_result(self, handle) -> dict[str, dict[str, float]]:
