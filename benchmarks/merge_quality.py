@@ -10,7 +10,10 @@ per task is fine-tuned on the rest with the spec's settings. Then, on the same e
 - task arithmetic, λ searched on {0.1, …, 1.0} (TALL-masks / TSV grid, ALGORITHMS.md §3);
 - TIES (density 0.2, dis-mean), λ searched on {0.1, …, 2.5} (LiNeS' {0.1..1.5} ∪ the official 0.8–2.5);
 - RegMean, α = 0.95, N = 256 (FusionBench defaults), and α searched on {0.7, 0.8, 0.9, 1.0} (MergeLM);
-- Fisher merging, N = 256, L2-normalised, floor 1e-6 (FusionBench defaults).
+- Fisher merging, N = 256, L2-normalised, floor 1e-6 (FusionBench defaults);
+- AdaMerging task-wise, layer-wise and AdaMerging++ (TIES k = 20 first), the paper's defaults (λ init
+  0.3, clamp [0, 1], Adam lr 1e-3, 500 steps, 16 inputs per task per step), learned on the *unlabeled*
+  validation slices.
 
 Each merge is scored with the experts' own heads (the default everywhere) and, as its own column,
 with every head refit on the merged body (a fresh linear probe on the experts' training rows,
@@ -58,10 +61,13 @@ def main() -> None:
     ap.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every task's epochs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="remove the workdir first")
+    ap.add_argument("--adamerging-steps", type=int, default=500, help="AdaMerging's Adam steps (paper: 500)")
+    ap.add_argument("--skip-adamerging", action="store_true")
     args = ap.parse_args()
 
     import torch
 
+    from operators.adamerging import learn_coefficients
     from operators.checkpoint import quiet_transformers, resolve_model_path
     from operators.data import hold_out, load_task_data
     from operators.evaluate import evaluate, linear_probe
@@ -199,6 +205,21 @@ def main() -> None:
     searched("RegMean, α searched", "regmean", {"alpha": {"search": REGMEAN_ALPHA_GRID}, "statistics": stats["gram"]})
     score("Fisher merging", "fisher", {"statistics": stats["fisher"]})
 
+    def adamerged(label: str, params: dict) -> None:
+        inputs = {n: v.texts for n, v in validation.items()}  # unlabeled: the labels are never read
+        res = learn_coefficients(base, experts, inputs, params, max_length=max_length)
+        print(f"{label}: learned in {res.seconds:.0f}s, entropy {res.initial_entropy:.3f} -> {res.final_entropy:.3f}, "
+              f"mean λ {res.mean_coefficient}", flush=True)
+        costs[label] = {"learn_seconds": res.seconds, "steps": res.steps, "initial_entropy": res.initial_entropy,
+                        "final_entropy": res.final_entropy, "mean_coefficient": res.mean_coefficient}
+        score(label, "adamerging", {**params, "coefficients": res.coefficients})
+
+    if not args.skip_adamerging:
+        adamerged("AdaMerging, task-wise", {"granularity": "task", "steps": args.adamerging_steps})
+        adamerged("AdaMerging, layer-wise", {"granularity": "layer", "steps": args.adamerging_steps})
+        adamerged("AdaMerging++, layer-wise", {"granularity": "layer", "ties_density": 0.2,
+                                                "steps": args.adamerging_steps})
+
     tasks = list(fit)
     mean = lambda d: sum(d[n] for n in tasks) / len(tasks)  # noqa: E731
     print()
@@ -237,6 +258,11 @@ def main() -> None:
             print(f"  {label}: {c['candidates']} candidates in {c['search_seconds']:.1f}s, one evaluation pass "
                   f"{c['eval_pass_seconds']:.2f}s, {c['cost_ratio']:.2f}x the evaluation passes alone"
                   f"{' (affine fast path)' if c['fast_path'] else ''}; validation curve {c['curve']}")
+    for label, c in costs.items():
+        if "learn_seconds" in c:
+            print(f"  {label}: {c['steps']} Adam steps in {c['learn_seconds']:.1f}s; entropy "
+                  f"{c['initial_entropy']:.3f} -> {c['final_entropy']:.3f}; mean λ per task "
+                  + ", ".join(f"{t}={v:.2f}" for t, v in c["mean_coefficient"].items()))
     best = max(results, key=lambda k: results[k]["normalized"])
     print(f"best with the experts' heads: {best}: normalized {results[best]['normalized']:.3f} (target >= 0.85), "
           f"mean accuracy {results[best]['mean']:.3f} vs base probe {mean(probe):.3f}")

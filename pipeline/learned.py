@@ -5,6 +5,8 @@
   ``<workflow>/round-NNN/statistics/<task>-<kind>-<key>`` (the key hashes the expert's key, the
   kind, N and the seed, so an unchanged expert's statistics are reused across rounds and re-runs),
   with checksums, and logged as artifacts of the expert's run.
+- :func:`learn_from_inputs` (inside the merge step): AdaMerging's coefficients, learned on the unlabeled
+  inputs of each task's validation slice, logged (entropy curve, coefficients) on the merge run.
 - :func:`prepare_merge` (inside the merge step): verifies those statistics against the experts
   (checksum, weights hash) and hands them to the method; runs a coefficient search on the held-out
   validation slices, one nested MLflow run per candidate, and merges with the chosen value, which
@@ -66,6 +68,30 @@ def statistics_step(ctx: StepContext, task: TaskSpec, expert: ModelRef, kind: st
             "fraction_of_finetune": fraction}
 
 
+def learn_from_inputs(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: dict[str, ModelRef],
+                      params: dict[str, Any], run_id: str, round_index: int):
+    """AdaMerging: learn the coefficients on the unlabeled inputs of every merged task's validation slice.
+
+    The entropy curve is logged on the merge run (``adamerging/entropy``, by step) and the learned
+    coefficients as its ``adamerging.json`` artifact; returns the :class:`AdaMergingResult`.
+    """
+    from operators.adamerging import learn_coefficients
+
+    wf, lineage = ctx.workflow, ctx.lineage()
+    inputs = {t.name: task_data(t, "validation", wf.held_out_fraction, t.dataset.split_seed).train.texts
+              for t in wf.tasks if t.name in experts}
+    say(f"[adamerging] learning {params.get('granularity', 'layer')}-wise coefficients of "
+        f"{', '.join(sorted(experts))} on unlabeled validation inputs ({', '.join(f'{t}: {len(x)}' for t, x in inputs.items())})")
+    res = learn_coefficients(local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()}, inputs, params,
+                             max_length=max(wf.finetune_for(t).max_length for t in wf.tasks if t.name in experts),
+                             device=ctx.device,
+                             on_log=lambda step, h: lineage.log_metrics(run_id, {"adamerging/entropy": h}, step=step))
+    lineage.log_dict(run_id, res.as_dict(), "adamerging.json")
+    say(f"[adamerging] {res.steps} steps in {res.seconds:.1f}s: entropy {res.initial_entropy:.4f} → "
+        f"{res.final_entropy:.4f}; mean λ " + ", ".join(f"{t}={v:.2f}" for t, v in res.mean_coefficient.items()))
+    return res
+
+
 def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: dict[str, ModelRef],
                   statistics: dict[str, str] | None, run_id: str, round_index: int,
                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
@@ -93,6 +119,13 @@ def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: d
         params["statistics"] = local  # the method reads them; provenance records the store URIs instead
         record["statistics"] = {"kind": kind, "experts": rows}
         metrics["statistics_seconds_max"] = max((r["seconds"] for r in rows.values()), default=0.0)
+    if merge.learns_from_inputs:
+        learned = learn_from_inputs(ctx, merge, base, experts, params, run_id, round_index)
+        params["coefficients"] = learned.coefficients
+        record["adamerging"] = {k: v for k, v in learned.as_dict().items() if k != "coefficients"}
+        metrics |= {"adamerging_seconds": learned.seconds, "adamerging_initial_entropy": learned.initial_entropy,
+                    "adamerging_final_entropy": learned.final_entropy,
+                    **{f"adamerging_mean_coefficient/{t}": v for t, v in learned.mean_coefficient.items()}}
     space = merge.search
     if space is not None:
         val = {t.name: task_data(t, "validation", wf.held_out_fraction, t.dataset.split_seed).train

@@ -30,6 +30,9 @@ from operators.merge import MERGE_METHODS, validate_merge_params
 from operators.search import SearchSpace, split_search
 from operators.statistics import METHOD_STATISTICS
 
+# merge methods that learn their coefficients on unlabeled inputs of every task (the validation slices)
+UNLABELED_INPUT_METHODS = frozenset({"adamerging"})
+
 # The spec accepts every strategy of the design (see Workflow.strategy); only these run today, the
 # others are recognised so that a spec written for them gets a precise "not available yet" error.
 IMPLEMENTED_STRATEGIES = ("oneshot", "atm", "cold_fusion")
@@ -337,6 +340,16 @@ class MergeSpec(_Frozen):
     def search(self) -> SearchSpace | None:
         """The parameter searched on validation data, if any."""
         return split_search(self.params)[1]
+
+    @property
+    def learns_from_inputs(self) -> bool:
+        """AdaMerging: its coefficients are learned on unlabeled inputs of every task (the validation slices)."""
+        return self.method in UNLABELED_INPUT_METHODS
+
+    @property
+    def needs_validation(self) -> bool:
+        """A searched parameter or a method that learns from inputs: a validation slice must be held out."""
+        return self.search is not None or self.learns_from_inputs
 
 
 class ResourcesSpec(_Frozen):
@@ -740,9 +753,27 @@ class Workflow(_Frozen):
             raise ValueError(f"merge.params.{search.param}.search: a search needs validation data, and there is "
                              "none; set merge.validation_fraction (e.g. 0.1: that share of each train split is "
                              "held out from the experts and scores the candidates)")
-        if self.merge.validation_fraction is not None and search is None:
+        if self.merge.validation_fraction is not None and not self.merge.needs_validation and not (
+                self.rounds.merge.learns_from_inputs and self.strategy != "oneshot"):
             raise ValueError(f"merge.validation_fraction: {self.merge.validation_fraction} holds data out for a "
                              "search, but no merge parameter is searched; give one as {search: [...]} or remove it")
+        for where, merge, used in (("merge", self.merge, self.strategy == "oneshot" or atm_valid),
+                                   ("rounds.merge", self.rounds.merge, self.strategy != "oneshot")):
+            if not (used and merge.learns_from_inputs):
+                continue
+            if self.held_out_fraction <= 0:
+                raise ValueError(f"{where}.method: {merge.method} learns its coefficients on unlabeled inputs of "
+                                 "every task, and there are none; set merge.validation_fraction (e.g. 0.1: that "
+                                 "share of each train split is held out from the experts, and its inputs, never its "
+                                 "labels, train the coefficients)")
+            if "coefficients" in merge.params:
+                raise ValueError(f"{where}.params.coefficients: the workflow learns them on the validation inputs "
+                                 "and fills this in; remove it (or merge stored experts with mergeflow merge)")
+            bad = [t.name for t in self.tasks if t.type != "classification" or self.finetune_for(t).mode != "full"]
+            if bad:
+                raise ValueError(f"{where}.method: {merge.method} learns through each task's head and needs full "
+                                 f"classification experts (task {bad[0]!r} is a causal LM or LoRA expert); use "
+                                 "task_arithmetic, ties, ... or finetune.mode: full")
         if (atm_valid and self.merge.validation_fraction is not None
                 and self.merge.validation_fraction != self.rounds.validation_fraction):
             raise ValueError(f"merge.validation_fraction: {self.merge.validation_fraction} differs from "
@@ -787,7 +818,8 @@ class Workflow(_Frozen):
         if lm:
             raise ValueError(f"recurring: task {lm[0]!r} is causal_lm; recurring rounds gate on classification "
                              "tasks (a head per task) in this version: run causal-LM workflows with mergeflow run")
-        if self.recurring.merge.search is not None or METHOD_STATISTICS.get(self.recurring.merge.method):
+        if (self.recurring.merge.search is not None or METHOD_STATISTICS.get(self.recurring.merge.method)
+                or self.recurring.merge.learns_from_inputs):
             raise ValueError(f"recurring.merge.method: {self.recurring.merge.method} needs validation data or "
                              "statistics, which recurring rounds do not compute; use linear, task_arithmetic, "
                              "ties, dare_*, breadcrumbs or another element-wise method")

@@ -78,6 +78,47 @@ def test_regmean_with_searched_alpha_through_ray_and_mlflow(tiny_base, tmp_path)
     assert json.dumps(lines2).count("already in the store, reused") >= 4
 
 
+@pytest.mark.e2e
+def test_adamerging_learns_on_validation_inputs_and_records_it(tiny_base, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from operators.merge import get_method
+    from operators.tensor_io import load_state_dict
+    from pipeline.driver import run_workflow
+    from pipeline.steps import task_data
+    from pipeline.store import CheckpointStore
+
+    merge = {"method": "adamerging", "params": {"granularity": "task", "steps": 6, "learning_rate": 0.05},
+             "validation_fraction": 0.25}
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, merge=merge))
+    lines: list[str] = []
+    final = run_workflow(wf, address="in-process", report=lines.append).final  # (Ray paths: the test above)
+    client = MlflowClient(tracking_uri=wf.tracking.uri)
+    for ref in final.experts.values():  # the experts never trained on the slice whose inputs teach λ
+        assert client.get_run(ref.run_id).data.params["data_part"] == "fit"
+    run = client.get_run(final.merged.run_id)
+    history = client.get_metric_history(final.merged.run_id, "adamerging/entropy")
+    assert [m.step for m in history] == [0, 6]
+    assert run.data.metrics["adamerging_final_entropy"] == pytest.approx(history[-1].value)
+    assert "adamerging.json" in {a.path for a in client.list_artifacts(final.merged.run_id)}
+    store = CheckpointStore(wf.store.root)
+    merged_dir = store.materialize(final.merged.path)
+    prov = read_provenance(merged_dir)
+    coeffs = prov["params"]["coefficients"]
+    learned = prov["learned"]["adamerging"]
+    val = {t: len(hold_out(task_data(wf.task(t)), 0.25, wf.task(t).dataset.split_seed)[1].train)
+           for t in ("vowel", "length")}
+    assert learned["inputs"] == val and learned["steps"] == 6
+    # the stored merge is θ0 + Σ λ_t τ_t with the recorded λ, tensor by tensor
+    base = load_state_dict(tiny_base)
+    experts = {t: load_state_dict(store.materialize(e.path)) for t, e in final.experts.items()}
+    key = next(k for k in base if k.endswith("attention.self.query.weight"))
+    want = base[key] + sum(coeffs[t] * (experts[t][key] - base[key]) for t in experts)
+    assert load_state_dict(merged_dir)[key].allclose(want, atol=1e-6)
+    assert get_method("adamerging").parse_params(prov["params"]).coefficients == coeffs
+    assert "[adamerging] 6 steps in" in capsys.readouterr().out  # the step's progress line
+
+
 @pytest.mark.parametrize("merge, extra, message", [
     ({"method": "ties", "params": {"scaling": {"search": [0.5, 1.0]}}}, {},
      "merge.params.scaling.search: a search needs validation data, and there is none; set merge.validation_fraction"),
@@ -91,6 +132,14 @@ def test_regmean_with_searched_alpha_through_ray_and_mlflow(tiny_base, tmp_path)
      "merge.params.statistics: the workflow computes the gram statistics beside each expert"),
     ({"method": "fisher"}, {"finetune": {"mode": "lora", "max_steps": 2}},
      "merge.method: fisher needs full classification experts (task 'vowel' is LoRA)"),
+    ({"method": "adamerging"}, {},
+     "merge.method: adamerging learns its coefficients on unlabeled inputs of every task, and there are none"),
+    ({"method": "adamerging", "params": {"coefficients": {"vowel": 0.3}}, "validation_fraction": 0.1}, {},
+     "merge.params.coefficients: the workflow learns them on the validation inputs"),
+    ({"method": "adamerging", "validation_fraction": 0.1}, {"finetune": {"mode": "lora", "max_steps": 2}},
+     "merge.method: adamerging learns through each task's head and needs full classification experts"),
+    ({"method": "adamerging", "params": {"granularity": "neuron"}, "validation_fraction": 0.1}, {},
+     "merge.params.granularity: Input should be 'layer' or 'task'"),
     ({"method": "task_arithmetic", "params": {"scaling": 0.3}, "validation_fraction": 0.1}, {},
      "merge.validation_fraction: 0.1 holds data out for a search, but no merge parameter is searched"),
 ])

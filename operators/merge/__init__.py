@@ -4,6 +4,7 @@ Importing this package registers every method in ``MERGE_METHODS``.
 """
 
 from operators.merge import (  # noqa: F401  (registers the methods)
+    adamerging,
     breadcrumbs,
     consensus,
     dare,

@@ -30,7 +30,8 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     wf, spec = rounds.wf, rounds.wf.rounds
     current, results = base, []
     best, since_best = float("-inf"), 0
-    first, part = 0, "all"
+    # a round merge that learns from the validation slices (AdaMerging): the experts train on the rest
+    first, part = 0, "fit" if wf.held_out_fraction else "all"
     if spec.start == "oneshot_merge":  # ATM on validation data: round 0 is the one-shot merge
         round_run = rounds.start_round(0)
         probe = rounds.submit_probe(base, 0, round_run)

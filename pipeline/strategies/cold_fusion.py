@@ -51,7 +51,8 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         base_probe = rounds.submit_probe(base, k, round_run) if k == 0 else None
         contributors = sample_contributors(wf.tasks, k, spec.contributors, spec.contributor_seed, spec.weight_by_size)
         rounds.report(f"round {k}: contributors {', '.join(t.name for t in contributors)}")
-        experts = rounds.finetune(shared, contributors, k, round_run, per_round=True)
+        experts = rounds.finetune(shared, contributors, k, round_run, per_round=True,
+                                  part="fit" if wf.held_out_fraction else "all")  # AdaMerging learns on the rest
         spent += len(contributors) / len(wf.tasks) / spec.count  # mean fraction of a task's budget
         fused = rounds.merge(shared, experts, k, round_run, merge=spec.merge, heads_from=shared)
         probe = rounds.submit_probe(fused, k, round_run, name="evaluate:shared-linear-probe")

@@ -14,8 +14,9 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     wf = rounds.wf
     round_run = rounds.start_round(0)
     probe = rounds.submit_probe(base, 0, round_run)  # the baseline runs beside the fine-tuning
-    # a searched merge parameter is scored on a slice held out of each train split: experts train on the rest
-    experts = rounds.finetune(base, wf.tasks, 0, round_run, part="fit" if wf.merge.search else "all")
+    # a searched merge parameter (or AdaMerging's coefficients) is chosen on a slice held out of each train
+    # split: experts train on the rest
+    experts = rounds.finetune(base, wf.tasks, 0, round_run, part="fit" if wf.merge.needs_validation else "all")
     merged = rounds.merge(base, experts, 0, round_run)
     merged_eval, expert_evals = rounds.evaluate(merged, experts, 0, round_run)
     refit = {}
