@@ -167,15 +167,32 @@ def _run_and_print(wf, spec_text: str | None, address: str | None, num_cpus: int
               help="Merge methods for ATM and ColD Fusion ('mean': the authors' default).")
 @click.option("--out", "out_dir", default="compare", show_default=True, type=click.Path(),
               help="Folder for compare.md, compare.json and compare.png.")
+@click.option("--seeds", default=None, metavar="S1,S2,...",
+              help="Run every variant once per fine-tuning seed (e.g. 0,1,2; data splits keep their seeds) and "
+                   "report mean ± sample std over seeds. Default: once, with the spec's own seed.")
 @click.option("--address", default=None, help="Ray address (as for run).")
 @click.option("--num-cpus", type=int, default=None)
 @click.option("--tracking-uri", default=None)
 @click.option("--store", default=None)
-def compare(spec: str, strategies: str, merges: str, round_merges: str, out_dir: str, address: str | None,
-            num_cpus: int | None, tracking_uri: str | None, store: str | None) -> None:
-    """Run SPEC's tasks under several strategies and merges at the same fine-tuning budget; compare them."""
+def compare(spec: str, strategies: str, merges: str, round_merges: str, out_dir: str, seeds: str | None,
+            address: str | None, num_cpus: int | None, tracking_uri: str | None, store: str | None) -> None:
+    """Run SPEC's tasks under several strategies and merges at the same fine-tuning budget; compare them.
+
+    With --seeds, every variant runs once per seed, as child runs of the one comparison run tagged
+    mergeflow.seed. With two or more seeds, the table, compare.md and compare.json give the mean ±
+    sample standard deviation over seeds and each seed's numbers, and the plot the mean curve with
+    the min–max band over seeds and the 95% bootstrap interval of the seed-averaged final mean.
+    """
     from operators.merge import MERGE_METHODS
-    from pipeline.compare import MEAN, run_comparison, table_markdown
+    from pipeline.compare import (
+        MEAN,
+        parse_seeds,
+        run_comparison,
+        seeded_workflow,
+        seeds_heading,
+        seeds_markdown,
+        table_markdown,
+    )
     from pipeline.driver import PreflightError
     from pipeline.spec import IMPLEMENTED_STRATEGIES
 
@@ -191,6 +208,14 @@ def compare(spec: str, strategies: str, merges: str, round_merges: str, out_dir:
         if unknown or not names:
             _fail(f"{opt}: {unknown or names!r} not known; use mean or one of {', '.join(sorted(MERGE_METHODS))}",
                   EXIT_BAD_INPUT)
+    seed_list = None
+    if seeds is not None:
+        try:
+            seed_list = parse_seeds(seeds)
+            for s in seed_list:
+                seeded_workflow(wf, s)
+        except ValueError as exc:
+            _fail(f"--seeds: {exc}", EXIT_BAD_INPUT)
     console = _console()
     start = time.perf_counter()
 
@@ -198,16 +223,23 @@ def compare(spec: str, strategies: str, merges: str, round_merges: str, out_dir:
         console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {msg}")
 
     try:
-        result = run_comparison(wf, strats, ms, rms, Path(out_dir), address=address, num_cpus=num_cpus, report=report)
+        result = run_comparison(wf, strats, ms, rms, Path(out_dir), seeds=seed_list, address=address,
+                                num_cpus=num_cpus, report=report)
     except PreflightError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         _fail("interrupted; finished steps are kept in the store and are reused by the next run", EXIT_FAILED)
     except Exception as exc:
         _fail(f"comparison failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
-    console.print(table_markdown(result.table))
+    if result.seed_tables:  # several seeds: mean ± std, then each seed's mean accuracy
+        console.print(seeds_heading(result) + table_markdown(result.table, result.std))
+        console.print(seeds_markdown(result))
+    else:
+        console.print(table_markdown(result.table))
     for label, points in result.curves.items():
-        console.print(f"{label}: " + ", ".join(f"budget {b:.2f} → {acc:.3f}" for b, acc in points))
+        spread = result.curve_range.get(label)
+        console.print(f"{label}: " + ", ".join(f"budget {b:.2f} → {acc:.3f}" + (
+            f" ({spread[k][0]:.3f}–{spread[k][1]:.3f})" if spread else "") for k, (b, acc) in enumerate(points)))
     console.print(f"wrote {', '.join(str(f) for f in result.files)}; MLflow run {result.run_id}")
 
 

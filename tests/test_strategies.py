@@ -256,6 +256,46 @@ def test_compare_writes_table_plot_and_mlflow_artifacts(tiny_base, tmp_path):
     children = [r for r in client.search_runs([exp.experiment_id])
                 if r.data.tags.get(TAG_PARENT) == data["run_id"]]
     assert sorted(r.data.tags["mergeflow.strategy"] for r in children) == ["atm", "cold_fusion", "oneshot", "oneshot"]
+    assert {r.data.tags["mergeflow.seed"] for r in children} == {"0"}  # the spec's own seed
+
+    # --seeds 0,1 (one-shot only, to stay cheap): each seed's runs under one parent; seed 0 is the run above
+    # (its experts reused from the store, the same numbers), seed 1 trains its own; the table is their mean ± std
+    out2 = tmp_path / "cmp-seeds"
+    result = CliRunner().invoke(main, ["compare", str(spec), "--address", "in-process", "--out", str(out2),
+                                       "--strategies", "oneshot", "--merges", "task_arithmetic",
+                                       "--seeds", "0,1"])
+    assert result.exit_code == 0, result.output
+    seeded = json.loads((out2 / "compare.json").read_text())
+    assert seeded["seeds"] == [0, 1] and sorted(seeded["per_seed"]) == ["0", "1"]
+    per_seed = {s: seeded["per_seed"][str(s)]["table"] for s in (0, 1)}
+    for col in ("oneshot+task_arithmetic acc", "oneshot+task_arithmetic norm", "expert", "base probe"):
+        assert per_seed[0]["mean"][col] == data["table"]["mean"][col], col  # seed 0 = the spec as it is
+        a, b = per_seed[0]["mean"][col], per_seed[1]["mean"][col]
+        assert seeded["table"]["mean"][col] == pytest.approx((a + b) / 2)
+        assert seeded["std"]["mean"][col] == pytest.approx(abs(a - b) / 2 ** 0.5)  # sample std of two
+    assert "± " in (out2 / "compare.md").read_text() and "| seed 0 | seed 1 |" in (out2 / "compare.md").read_text()
+    children = {(r.data.tags["mergeflow.variant"], r.data.tags["mergeflow.seed"]): r
+                for r in client.search_runs([exp.experiment_id]) if r.data.tags.get(TAG_PARENT) == seeded["run_id"]}
+    assert sorted(children) == [("oneshot+task_arithmetic", "0"), ("oneshot+task_arithmetic", "1")]
+    experts = {}
+    for (label, seed), run_ in children.items():
+        rounds = json.loads(Path(client.download_artifacts(run_.info.run_id, "results.json", str(tmp_path))).read_text())
+        experts[label, seed] = {t: e["uri"] for r in rounds["rounds"] for t, e in r["experts"].items()}
+        for uri in experts[label, seed].values():
+            assert read_provenance(uri)["finetune"]["seed"] == int(seed)
+    first_oneshot = next(r for r in client.search_runs([exp.experiment_id])
+                         if r.data.tags.get(TAG_PARENT) == data["run_id"] and r.data.tags["mergeflow.variant"]
+                         == "oneshot+task_arithmetic")
+    first = json.loads(Path(client.download_artifacts(first_oneshot.info.run_id, "results.json",
+                                                      str(tmp_path / "first"))).read_text())
+    assert experts["oneshot+task_arithmetic", "0"] == {t: e["uri"] for t, e in first["rounds"][0]["experts"].items()}
+    assert set(experts["oneshot+task_arithmetic", "0"].values()).isdisjoint(experts["oneshot+task_arithmetic", "1"].values())
+    registered = {m.name for m in client.search_registered_models()}
+    assert {"tiny-merged-oneshot-task_arithmetic-seed0", "tiny-merged-oneshot-task_arithmetic-seed1"} <= registered
+    metrics = client.get_run(seeded["run_id"]).data.metrics
+    assert metrics["oneshot.task_arithmetic/mean_accuracy"] == pytest.approx(seeded["table"]["mean"]["oneshot+task_arithmetic acc"])
+    assert metrics["oneshot.task_arithmetic/mean_accuracy_std"] == pytest.approx(
+        seeded["std"]["mean"]["oneshot+task_arithmetic acc"])
 
 
 def test_atm_on_validation_data(tiny_base, tmp_path):
