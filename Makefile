@@ -28,7 +28,7 @@ quickstart: setup
 	$(VENV)/bin/mergeflow run workflows/quickstart.yaml
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=25   # the slowest tests, to keep the suite under 15 minutes
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not e2e and not slow"
