@@ -6,7 +6,7 @@
     mergeflow resume RUN_ID                  finish a stopped or killed workflow from its run (spec from MLflow)
     mergeflow export CKPT TASK OUT           write a stand-alone HF checkpoint for one task
     mergeflow merge CONFIG OUT               merge checkpoints (mergeflow or mergekit YAML config)
-    mergeflow compare SPEC                   strategies × merges at the same budget: table and plot
+    mergeflow compare SPEC [--seeds 0,1,2]   strategies × merges at the same budget: table and plot
     mergeflow ui SPEC [--port 5000]          the MLflow UI on SPEC's tracking store, with links to the last run
     mergeflow submit SPEC --address URL      run SPEC as a Ray job on a cluster; prints the job id
     mergeflow jobs --address URL             the cluster's mergeflow jobs: status, workflow
