@@ -30,6 +30,8 @@ from pipeline.lineage import Lineage
 TAG_DRIVER_HOST = "mergeflow.driver.host"
 TAG_DRIVER_PID = "mergeflow.driver.pid"
 TAG_DRIVER_STARTED = "mergeflow.driver.started"
+TAG_JOB_ID = "mergeflow.job_id"  # the Ray job that ran this driver (set by `mergeflow submit`)
+ENV_JOB_ID = "MERGEFLOW_JOB_ID"
 TAG_KILLED_REASON = "mergeflow.killed_reason"
 
 
@@ -49,8 +51,11 @@ def _process_start_time(pid: int) -> float | None:
 def driver_tags() -> dict[str, str]:
     """The tags that identify this driver process (recorded on its workflow run)."""
     pid = os.getpid()
-    return {TAG_DRIVER_HOST: socket.gethostname(), TAG_DRIVER_PID: str(pid),
+    tags = {TAG_DRIVER_HOST: socket.gethostname(), TAG_DRIVER_PID: str(pid),
             TAG_DRIVER_STARTED: f"{_process_start_time(pid) or time.time():.3f}"}
+    if os.environ.get(ENV_JOB_ID):  # a submitted job: `mergeflow jobs` finds the run by it
+        tags[TAG_JOB_ID] = os.environ[ENV_JOB_ID]
+    return tags
 
 
 def dead_because(tags: dict[str, str]) -> str | None:

@@ -623,6 +623,28 @@ _ADDRESS = click.option("--address", envvar="RAY_API_SERVER_ADDRESS", default="h
                         help="The cluster's job server (Ray dashboard), http://HEAD:8265; or $RAY_API_SERVER_ADDRESS.")
 
 
+_JOBS_TRACKING = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+                              help="The MLflow tracking server the jobs log to (default $MLFLOW_TRACKING_URI): "
+                                   "links each job to its MLflow run.")
+_JOBS_UI = click.option("--ui-url", default=None, help="Where the MLflow UI is served (default: the tracking "
+                                                      "server when it is http(s), else " + DEFAULT_UI_URL + ").")
+
+
+def _job_links(tracking_uri: str | None, ui_url: str | None, job_ids: list[str]) -> dict[str, str]:
+    """Job id → the MLflow UI link of the run its driver started (none where unknown or unreachable)."""
+    from pipeline.lineage import runs_of_jobs
+
+    if not tracking_uri or not job_ids:
+        return {}
+    ui = ui_url or (tracking_uri if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI_URL)
+    try:
+        found = runs_of_jobs(tracking_uri, job_ids)
+    except Exception as exc:  # the jobs still list: say why the links are missing
+        click.echo(f"(no MLflow links: {tracking_uri} did not answer: {str(exc).splitlines()[0][:200]})", err=True)
+        return {}
+    return {job: ui_links(ui, exp, run_id=run)["workflow run"] for job, (exp, run) in found.items()}
+
+
 def _jobs_call(fn, *args, **kwargs):
     from pipeline.jobs import JobError
 
@@ -642,8 +664,9 @@ def _jobs_call(fn, *args, **kwargs):
               help="What the job runs: the workflow, or its next recurring round (mergeflow round).")
 @click.option("--wait", is_flag=True, help="Follow the job's output until it ends; exit 1 unless it SUCCEEDED "
                                            "(what a Kubernetes CronJob needs for concurrencyPolicy: Forbid).")
+@_JOBS_UI
 def submit(spec: str, address: str, excludes: tuple[str, ...], entrypoint_num_cpus: float, verb: str,
-           wait: bool) -> None:
+           wait: bool, ui_url: str | None) -> None:
     """Run SPEC as a Ray job on a cluster; prints the job id and returns (or, with --wait, follows it).
 
     The project and the spec are uploaded (without stores, environments, .git, MLflow files and
@@ -656,30 +679,41 @@ def submit(spec: str, address: str, excludes: tuple[str, ...], entrypoint_num_cp
     job_id = _jobs_call(jobs.submit, wf, Path(spec).read_text(), address, excludes=list(excludes),
                         entrypoint_num_cpus=entrypoint_num_cpus, verb=verb)
     click.echo(f"submitted {wf.name!r} ({verb}) as job {job_id} to {address}")
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or wf.tracking.uri  # what the job's driver logs to
     if wait:
         for chunk in _log_chunks(jobs, address, job_id, True):
             click.echo(chunk, nl=False)
         state = _jobs_call(jobs.status, address, job_id)
         click.echo(f"job {job_id} ended: {state}")
+        link = _job_links(tracking, ui_url, [job_id]).get(job_id)
+        if link:
+            click.echo(f"MLflow run: {link}")
         if state != "SUCCEEDED":
             sys.exit(EXIT_FAILED)
         return
     click.echo(f"follow: mergeflow logs {job_id} --follow --address {address}")
     click.echo(f"stop:   mergeflow stop {job_id} --address {address}")
+    click.echo(f"MLflow: its run is tagged mergeflow.job_id={job_id} in experiment {wf.experiment_name!r} at "
+               f"{tracking}; `mergeflow jobs --tracking-uri {tracking}` links it once the driver starts")
 
 
 @main.command("jobs")
 @_ADDRESS
-def jobs_(address: str) -> None:
-    """The cluster's mergeflow jobs, newest first: id, status, workflow, start time, Ray's message."""
+@_JOBS_TRACKING
+@_JOBS_UI
+def jobs_(address: str, tracking_uri: str | None, ui_url: str | None) -> None:
+    """The cluster's mergeflow jobs, newest first: id, status, workflow, start time, Ray's message, and
+    the MLflow run's link (with --tracking-uri or $MLFLOW_TRACKING_URI)."""
     from pipeline import jobs
 
     records = _jobs_call(jobs.list_jobs, address)
     if not records:
         click.echo(f"no mergeflow jobs on {address}")
+    links = _job_links(tracking_uri, ui_url, [r.job_id for r in records])
     for r in records:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.start_time)) if r.start_time else "-"
-        click.echo(f"{r.job_id}  {r.status:<9}  {r.workflow}  started {started}  {_one_line(r.message)}")
+        link = f"  {links[r.job_id]}" if r.job_id in links else ""
+        click.echo(f"{r.job_id}  {r.status:<9}  {r.workflow}  started {started}  {_one_line(r.message)}{link}")
 
 
 @main.command()

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.attempts import ENV_JOB_ID
 from pipeline.spec import Workflow
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -184,6 +185,7 @@ def submit(wf: Workflow, spec_text: str, address: str, *, excludes: list[str] | 
         job_id = f"{base}-{n}"
     source = os.environ if env is None else env
     env_vars = {k: source[k] for k in FORWARDED_ENV if source.get(k)}
+    env_vars[ENV_JOB_ID] = job_id  # the driver tags its MLflow run with it: `mergeflow jobs` links job → run
     # `stop` sends SIGTERM, then SIGKILL after this long: time for the driver to end its runs KILLED
     env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = source.get("RAY_JOB_STOP_WAIT_TIME_S", "30")
     tracking = ' --tracking-uri "$MLFLOW_TRACKING_URI"' if "MLFLOW_TRACKING_URI" in env_vars else ""

@@ -422,6 +422,29 @@ def ui_links(ui_url: str, experiment_id: str, *, run_id: str | None = None, mode
     return links
 
 
+def runs_of_jobs(tracking_uri: str, job_ids: list[str], tag: str = "mergeflow.job_id") -> dict[str, tuple[str, str]]:
+    """The top-level MLflow run each Ray job's driver started: job id → (experiment id, run id).
+
+    Reads only; searches every experiment for runs tagged with the job id (a job's workflow or
+    recurring run; its child runs carry no job tag). Jobs whose driver has not started a run yet are
+    left out.
+    """
+    from mlflow import MlflowClient
+
+    if not job_ids:
+        return {}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found: dict[str, tuple[str, str]] = {}
+    for job in job_ids if experiments else []:  # (MLflow's filter has no IN for tags: one query per job)
+        value = job.replace("'", "")
+        runs = client.search_runs(experiments, f"tags.`{tag}` = '{value}'", max_results=1,
+                                  order_by=["attributes.start_time ASC"])
+        if runs:
+            found[job] = (runs[0].info.experiment_id, runs[0].info.run_id)
+    return found
+
+
 def latest_workflow(tracking_uri: str, experiment: str, workflow: str, registered_model: str,
                     alias: str) -> dict[str, str | None] | None:
     """The newest finished run of ``workflow`` in ``experiment`` and its merged model, for links.
