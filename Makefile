@@ -27,11 +27,28 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(VENV)/bin/mergeflow run workflows/quickstart.yaml
 
+# Two phases. First every test not marked `serial`, on TEST_WORKERS pytest-xdist workers (each file
+# on one worker, so its module fixtures are built once; tests/conftest.py hands the long files out
+# first), then the `serial` ones alone (they stop every Ray on the machine). Both phases run even if
+# the first fails (Ctrl-C stops both), and the target fails if either fails; a phase that selects no
+# test (pytest's exit code 5) is no failure. `make test TEST_WORKERS=4` (or `auto`; 0: one process)
+# changes the first phase (on 2 cores the suite is mostly CPU-bound, so 2 workers gain little there;
+# more cores, more gain). --durations: the slowest tests, to keep the suite under 15 minutes.
+TEST_WORKERS ?= 2
+XDIST        = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+PHASE_END    = rc=$$?; [ $$rc = 2 ] && exit 2; [ $$rc = 0 ] || [ $$rc = 5 ] || status=1
+
 test: setup
-	$(VENV)/bin/pytest -q --durations=25   # the slowest tests, to keep the suite under 15 minutes
+	status=0; \
+	$(VENV)/bin/pytest -q $(XDIST) -m "not serial" --durations=25; $(PHASE_END); \
+	$(VENV)/bin/pytest -q -m serial --durations=10; $(PHASE_END); \
+	exit $$status
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -m "not e2e and not slow"
+	status=0; \
+	$(VENV)/bin/pytest -q $(XDIST) -m "not e2e and not slow and not serial"; $(PHASE_END); \
+	$(VENV)/bin/pytest -q -m "serial and not e2e and not slow"; $(PHASE_END); \
+	exit $$status
 
 # Headless Chromium for tests/test_ui_browser.py (the MLflow UI as a user sees it). Installed with
 # apt-get where that works (Debian/Ubuntu as root: CI); anywhere else the test is skipped with the

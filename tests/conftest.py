@@ -38,3 +38,19 @@ def tiny_experts(tiny_base, tmp_path_factory) -> dict[str, Path]:
         finetune(tiny_base, data, FinetuneSpec(max_steps=4, batch_size=16, learning_rate=1e-3), root / rule)
         out[rule] = root / rule
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker (``make test``: ``-n 2 --dist loadfile --no-loadscope-reorder``), hand the
+    longest files out first: those with a slow test, then those with an e2e test, then the rest, so
+    that the minutes-long ones start at once and the short unit files fill in at the end instead of
+    one long file running alone at the end. Files keep their tests together and in order; a plain
+    ``pytest`` run (no xdist) keeps the usual order."""
+    if not hasattr(config, "workerinput"):
+        return
+    rank: dict[str, int] = {}
+    for item in items:
+        file = item.nodeid.split("::", 1)[0]
+        r = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 2
+        rank[file] = min(rank.get(file, 2), r)
+    items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable

@@ -15,7 +15,9 @@ import pytest
 from pipeline.spec import parse_workflow
 from tests.helpers import tiny_workflow_dict
 
-pytestmark = pytest.mark.e2e
+# serial: its teardown, `ray stop --force`, stops every Ray process of the user on the machine (another
+# xdist worker's private cluster too): `make test` runs it alone, after the parallel phase
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 BIN = Path(sys.executable).parent
 
 
