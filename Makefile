@@ -27,15 +27,15 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(VENV)/bin/mergeflow run workflows/quickstart.yaml
 
-# Two phases. First every test not marked `serial`, on TEST_WORKERS pytest-xdist workers (each file
-# on one worker, so its module fixtures are built once; tests/conftest.py hands the long files out
-# first), then the `serial` ones alone (they stop every Ray on the machine). Both phases run even if
-# the first fails (Ctrl-C stops both), and the target fails if either fails; a phase that selects no
-# test (pytest's exit code 5) is no failure. `make test TEST_WORKERS=4` (or `auto`; 0: one process)
-# changes the first phase (on 2 cores the suite is mostly CPU-bound, so 2 workers gain little there;
-# more cores, more gain). --durations: the slowest tests, to keep the suite under 15 minutes.
-TEST_WORKERS ?= 2
-XDIST        = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# Two phases: every test not marked `serial`, then the `serial` ones alone (they stop every Ray on the
+# machine). TEST_WORKERS=N runs the first phase on N pytest-xdist workers (each file on one worker;
+# tests/conftest.py hands the long files out first). The default is one process: on 2 cores two
+# workers measured no faster (14:27 vs 14:49; the tests are CPU-bound, Ray and MLflow servers
+# included); use it on 4+ cores. Both phases run even if the first fails (Ctrl-C stops both), and the
+# target fails if either fails; a phase that selects no test (exit code 5) is no failure.
+# --durations: the slowest tests, to keep the suite under 15 minutes.
+TEST_WORKERS ?= 0
+XDIST        = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 PHASE_END    = rc=$$?; [ $$rc = 2 ] && exit 2; [ $$rc = 0 ] || [ $$rc = 5 ] || status=1
 
 test: setup

@@ -446,7 +446,11 @@ def ui(spec: str, port: int, host: str, tracking_uri: str | None) -> None:
            "--workers", "1"]
     click.echo(f"starting the MLflow UI on {ui_url} for {uri} (Ctrl-C stops it)")
     # its own process group: stopping mergeflow ui stops the server and its uvicorn workers with it
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    # MLflow 3's server also starts a pool of job-runner processes (GenAI jobs), each loading mlflow: the
+    # runs-and-models UI needs none of them (set MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true to keep them)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+                                                                              "false")}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM also goes through the finally below
     try:
         deadline = time.monotonic() + 180

@@ -96,7 +96,7 @@ def test_submit_follow_and_stop_jobs_on_a_real_head(ray_head, tiny_base, tmp_pat
 
     out = _mergeflow(env, "submit", str(tmp_path / "wf.yaml"), "--address", address)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"as job {job_id}" in out.stdout
+    assert f"as job {job_id}" in out.stdout and f"tagged mergeflow.job_id={job_id}" in out.stdout
     again = _mergeflow(env, "submit", str(tmp_path / "wf.yaml"), "--address", address)
     assert again.returncode == 2 and job_id in again.stderr and "already" in again.stderr, again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
@@ -105,14 +105,18 @@ def test_submit_follow_and_stop_jobs_on_a_real_head(ray_head, tiny_base, tmp_pat
     assert follow.returncode == 0, follow.stderr
     assert "workflow 'tiny': MLflow run" in follow.stdout and "registered tiny-merged v1" in follow.stdout, follow.stdout
     assert follow.stdout.rstrip().endswith(f"job {job_id} ended: SUCCEEDED")
-    listed = _mergeflow(env, "jobs", "--address", address)
-    assert any(line.startswith(job_id) and "SUCCEEDED" in line and "tiny" in line for line in listed.stdout.splitlines())
+    listed = _mergeflow(env, "jobs", "--address", address, "--tracking-uri", wf.tracking.uri)
 
     client = MlflowClient(tracking_uri=wf.tracking.uri)
     exp = client.get_experiment_by_name(wf.experiment_name)
     runs = client.search_runs([exp.experiment_id])
     workflow_runs = [r for r in runs if r.data.tags[TAG_KIND] == "workflow"]
     assert [r.info.status for r in workflow_runs] == ["FINISHED"]
+    # the job's driver tagged its workflow run with the job id: `jobs` links each job to its run in the UI
+    assert workflow_runs[0].data.tags["mergeflow.job_id"] == job_id
+    run_link = f"/#/experiments/{exp.experiment_id}/runs/{workflow_runs[0].info.run_id}?"
+    assert any(line.startswith(job_id) and "SUCCEEDED" in line and "tiny" in line and run_link in line
+               for line in listed.stdout.splitlines()), listed.stdout
     for r in runs:  # credentials passed to the job are never recorded
         assert SECRET not in str(r.data.params) and SECRET not in str(r.data.tags)
     assert SECRET not in follow.stdout + listed.stdout
