@@ -24,10 +24,16 @@ BIN = Path(sys.executable).parent
 SECRET = "sekrit-" + secrets.token_hex(8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open at once while they are picked, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_upload_leaves_out_stores_and_refuses_above_the_limit(tmp_path):
@@ -52,28 +58,36 @@ def ray_head(tmp_path):
     session only: ``ray stop`` would stop every Ray on the machine."""
     import signal
 
-    port, dashboard = _free_port(), _free_port()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
     # the cluster's `python` is the one with Ray and mergeflow's dependencies, as on a cluster image
     env = {**os.environ, **auth, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    log = (tmp_path / "head.log").open("w")
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-                             # its agents on free ports too: the defaults (52365, …) clash with other local heads
-                             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                             "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
+    for attempt in range(3):  # a port picked free can be taken (by Ray's own randomly placed ports) before use
+        port, dashboard, *agents = _free_ports(6)
+        log_path = tmp_path / f"head-{attempt}.log"
+        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                                 "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={dashboard}",
+                                 # its agents on free ports too: the defaults (52365, …) clash with other local heads
+                                 f"--dashboard-agent-listen-port={agents[0]}", f"--dashboard-agent-grpc-port={agents[1]}",
+                                 f"--runtime-env-agent-port={agents[2]}", f"--metrics-export-port={agents[3]}",
+                                 "--disable-usage-stats"], env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 180
-        while _mergeflow(env, "jobs", "--address", address, timeout=120).returncode != 0:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+        while head.poll() is None and _mergeflow(env, "jobs", "--address", address, timeout=120).returncode != 0:
             assert time.time() < deadline, "the head's job server did not answer within 180 s"
             time.sleep(1)
+        if head.poll() is None:
+            break
+        text = log_path.read_text()
+        assert "port number" in text and attempt < 2, text[-3000:]  # anything but a port clash fails here
+    try:
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: ray start stops its own processes
+        try:
+            os.killpg(head.pid, signal.SIGTERM)  # --block: ray start stops its own processes
+        except ProcessLookupError:
+            return
         try:
             head.wait(timeout=10)  # (its graceful stop takes ~30 s; nothing of it is under test here)
         except subprocess.TimeoutExpired:
