@@ -27,28 +27,36 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(VENV)/bin/mergeflow run workflows/quickstart.yaml
 
-# Two phases: every test not marked `serial`, then the `serial` ones alone (they stop every Ray on the
-# machine). TEST_WORKERS=N runs the first phase on N pytest-xdist workers (each file on one worker;
-# tests/conftest.py hands the long files out first). The default is one process: on 2 cores two
-# workers measured no faster (14:27 vs 14:49; the tests are CPU-bound, Ray and MLflow servers
-# included); use it on 4+ cores. Both phases run even if the first fails (Ctrl-C stops both), and the
-# target fails if either fails; a phase that selects no test (exit code 5) is no failure.
+# One pytest process by default. TEST_WORKERS=N runs two phases: every test not marked `serial` on N
+# pytest-xdist workers (each file on one worker; tests/conftest.py hands the long files out first),
+# then the `serial` ones alone (they stop every Ray on the machine); both phases run even if the first
+# fails (Ctrl-C stops both), the target fails if either fails, and a phase that selects no test
+# (exit code 5) is no failure. On 2 cores two workers measured no faster (14:27 against 14:49: the
+# tests are CPU-bound, Ray's and MLflow's processes included); use it on 4+ cores.
 # --durations: the slowest tests, to keep the suite under 15 minutes.
 TEST_WORKERS ?= 0
 XDIST        = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 PHASE_END    = rc=$$?; [ $$rc = 2 ] && exit 2; [ $$rc = 0 ] || [ $$rc = 5 ] || status=1
 
 test: setup
+ifeq ($(TEST_WORKERS),0)
+	$(VENV)/bin/pytest -q --durations=25
+else
 	status=0; \
 	$(VENV)/bin/pytest -q $(XDIST) -m "not serial" --durations=25; $(PHASE_END); \
 	$(VENV)/bin/pytest -q -m serial --durations=10; $(PHASE_END); \
 	exit $$status
+endif
 
 test-fast: setup
+ifeq ($(TEST_WORKERS),0)
+	$(VENV)/bin/pytest -q -m "not e2e and not slow"
+else
 	status=0; \
 	$(VENV)/bin/pytest -q $(XDIST) -m "not e2e and not slow and not serial"; $(PHASE_END); \
 	$(VENV)/bin/pytest -q -m "serial and not e2e and not slow"; $(PHASE_END); \
 	exit $$status
+endif
 
 # Headless Chromium for tests/test_ui_browser.py (the MLflow UI as a user sees it). Installed with
 # apt-get where that works (Debian/Ubuntu as root: CI); anywhere else the test is skipped with the
