@@ -89,7 +89,7 @@ def ray_head(tmp_path):
         except ProcessLookupError:
             return
         try:
-            head.wait(timeout=10)  # (its graceful stop takes ~30 s; nothing of it is under test here)
+            head.wait(timeout=3)  # (its graceful stop takes ~30 s; nothing of it is under test here)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
