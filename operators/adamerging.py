@@ -115,7 +115,7 @@ def learn_coefficients(base: str | Path, experts: Mapping[str, str | Path], inpu
             tvs[k] = tv.to(device)
         else:
             fixed += 1
-    del expert_sd
+    expert_sd.clear()  # the task vectors are all that is needed from here on
     learned = list(tvs)
     base_dev = {k: v.to(device) for k, v in base_sd.items()}
     width = len(learned) if p.granularity == "layer" else 1
