@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import string
 from pathlib import Path
 
@@ -220,3 +221,15 @@ def tiny_lm_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
     }
     spec.update(overrides)
     return spec
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """``n`` distinct free loopback ports (all held open at once while they are picked, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

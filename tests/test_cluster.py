@@ -4,7 +4,6 @@ real `mlflow server` on loopback; the workflow reaches both by address, as it wo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.spec import parse_workflow
-from tests.helpers import tiny_workflow_dict
+from tests.helpers import free_ports, tiny_workflow_dict
 
 # serial: its teardown, `ray stop --force`, stops every Ray process of the user on the machine (another
 # xdist worker's private cluster too): `make test` runs it alone, after the parallel phase
@@ -21,15 +20,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_ports()[0]
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -60,7 +53,7 @@ def mlflow_server(tmp_path):
 def ray_cluster(tmp_path):
     import secrets
 
-    port = _free_port()
+    port = free_ports()[0]
     # Ray clusters authenticate with a shared token: every node and the driver carry the same one.
     # It stays out of this test process (Ray caches a token per process), only in the children.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -18,22 +17,10 @@ from mlflow import MlflowClient
 from pipeline.jobs import EXCLUDES, JobError, package_project, submission_id
 from pipeline.lineage import TAG_KIND
 from pipeline.spec import parse_workflow
-from tests.helpers import tiny_workflow_dict
+from tests.helpers import free_ports, tiny_workflow_dict
 
 BIN = Path(sys.executable).parent
 SECRET = "sekrit-" + secrets.token_hex(8)
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all held open at once while they are picked, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_upload_leaves_out_stores_and_refuses_above_the_limit(tmp_path):
@@ -62,7 +49,7 @@ def ray_head(tmp_path):
     # the cluster's `python` is the one with Ray and mergeflow's dependencies, as on a cluster image
     env = {**os.environ, **auth, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     for attempt in range(3):  # a port picked free can be taken (by Ray's own randomly placed ports) before use
-        port, dashboard, *agents = _free_ports(6)
+        port, dashboard, *agents = free_ports(6)
         log_path = tmp_path / f"head-{attempt}.log"
         head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                                  "--include-dashboard=true", "--dashboard-host=127.0.0.1",

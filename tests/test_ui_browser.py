@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tests.helpers import tiny_workflow_dict
+from tests.helpers import free_ports, tiny_workflow_dict
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
@@ -35,12 +34,6 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium on this machine (Debian/Ubuntu: "
                                                 "`make browser`, i.e. apt-get install -y chromium, as root)"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chromium(url: str, profile: Path, budget_ms: int) -> subprocess.Popen:
@@ -89,7 +82,7 @@ def served(tiny_base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui")
     spec = tmp / "tiny.yaml"
     spec.write_text(yaml.safe_dump(tiny_workflow_dict(tmp, tiny_base)))
-    port = _free_port()
+    port = free_ports()[0]
     ui_url = f"http://127.0.0.1:{port}"
     run = CliRunner().invoke(main, ["run", str(spec), "--address", "in-process", "--ui-url", ui_url])
     assert run.exit_code == 0, run.output + repr(run.exception)
