@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -103,3 +104,89 @@ def close_dead_attempts(lineage: Lineage, workflow: str, new_run_id: str | None 
                f"KILLED, {models} unfinished models FAILED; resuming from the store")
         closed.append(run_id)
     return closed
+
+
+class WorkflowBusy(RuntimeError):
+    """Another live driver holds the lease this call needs (a second run of the same workflow at once)."""
+
+    def __init__(self, message: str, holder: dict):
+        super().__init__(message)
+        self.holder = holder
+
+
+def describe_holder(holder: dict) -> str:
+    """``pid P on HOST since T (MLflow run R)``: who holds a lease, for messages."""
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    run = f", MLflow run {holder['run_id']}" if holder.get("run_id") else ""
+    return f"pid {holder.get(TAG_DRIVER_PID, '?')} on {holder.get(TAG_DRIVER_HOST, '?')} since {since}{run}"
+
+
+class Lease:
+    """An exclusive claim on a store path by one live driver (two drivers of one workflow never overlap).
+
+    The record names the driver (host, pid, start time) and when the claim expires. Another driver
+    may take it over only when the holder is known to be gone: a process that no longer exists on
+    this host, or a claim past its expiry (a holder on another host, whose process cannot be checked
+    from here). With ``heartbeat``, a daemon thread pushes the expiry forward while this process
+    lives, so a long workflow keeps its claim and a dead one's lapses within ``ttl_s``.
+    Creation is exclusive on a local store (``O_EXCL``); see ``CheckpointStore.try_lease`` for
+    object stores.
+    """
+
+    def __init__(self, store, path: str, ttl_s: float, heartbeat: bool = False):
+        self.store, self.path, self.ttl_s, self.heartbeat = store, path, float(ttl_s), heartbeat
+        self._mine: dict | None = None
+        self._stop = None
+        self._lock = threading.Lock()  # the heartbeat and update() both rewrite the record
+
+    def acquire(self, report: Callable[[str], None], what: str, **fields: str) -> dict | None:
+        """Take the lease; ``None`` when taken, else the live holder's record. ``fields`` are added
+        to the record (e.g. the MLflow run, once known)."""
+        me = {**driver_tags(), **fields, "since": time.time(), "expires": time.time() + self.ttl_s}
+        for _ in range(2):
+            holder = self.store.try_lease(self.path, me)
+            if holder is None:
+                self._mine = me
+                if self.heartbeat:
+                    self._start_heartbeat()
+                return None
+            why = dead_because(holder)
+            if why is None and holder.get("expires", 0) < time.time():
+                why = f"its lease expired at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['expires']))}"
+            if why is None:
+                return holder
+            report(f"{what}: the lease was held by a driver that is gone ({why}); taking over")
+            self.store.break_lease(self.path)
+        return self.store.read_record(self.path)
+
+    def update(self, **fields: str) -> None:
+        """Add fields to the record this process holds (e.g. its MLflow run id once it exists)."""
+        with self._lock:
+            if self._mine is not None and self.store.read_record(self.path) == self._mine:
+                self._mine = {**self._mine, **fields}
+                self.store.write_record(self.path, self._mine)
+
+    def _start_heartbeat(self) -> None:
+        stop = self._stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.ttl_s / 4):
+                try:
+                    with self._lock:
+                        if self._mine is None or self.store.read_record(self.path) != self._mine:
+                            return  # released, or taken over (presumed dead): never write over the new holder
+                        self._mine = {**self._mine, "expires": time.time() + self.ttl_s}
+                        self.store.write_record(self.path, self._mine)
+                except Exception:  # a store hiccup: the next beat tries again, well before the expiry
+                    continue
+
+        threading.Thread(target=beat, name="mergeflow-lease-heartbeat", daemon=True).start()
+
+    def release(self) -> None:
+        """Give the lease up (only if this process still holds it)."""
+        if self._stop is not None:
+            self._stop.set()
+        with self._lock:
+            if self._mine is not None and self.store.read_record(self.path) == self._mine:
+                self.store.break_lease(self.path)
+            self._mine = None

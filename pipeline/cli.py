@@ -34,6 +34,7 @@ from pipeline.lineage import DEFAULT_UI_URL, ui_links  # stdlib only at import t
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_BUSY = 3  # the workflow is already running on that store (another driver holds its lease)
 
 
 def _console():
@@ -139,6 +140,7 @@ def _run_and_print(wf, spec_text: str | None, address: str | None, num_cpus: int
     from operators.data import DataError
     from operators.merge.engine import MergeError
     from operators.tensor_io import CheckpointError
+    from pipeline.attempts import WorkflowBusy
     from pipeline.driver import PreflightError, result_json, run_workflow
 
     console = _console()
@@ -147,6 +149,8 @@ def _run_and_print(wf, spec_text: str | None, address: str | None, num_cpus: int
         result = run_workflow(wf, address=address, num_cpus=num_cpus, spec_text=spec_text, report=report)
     except PreflightError as exc:
         _fail(str(exc), EXIT_BAD_INPUT)
+    except WorkflowBusy as exc:
+        _fail(str(exc), EXIT_BUSY)
     except (DataError, CheckpointError, MergeError) as exc:
         _fail(f"{type(exc).__name__}: {exc}", EXIT_BAD_INPUT)
     except KeyboardInterrupt:

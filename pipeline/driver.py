@@ -18,7 +18,7 @@ from typing import Any
 from operators.checkpoint import is_causal_lm_checkpoint, resolve_model_path, validate_base_checkpoint
 from operators.data import DataError
 from operators.tensor_io import CheckpointError, TensorReader
-from pipeline.attempts import close_dead_attempts, driver_tags
+from pipeline.attempts import Lease, WorkflowBusy, close_dead_attempts, describe_holder, driver_tags
 from pipeline.lineage import TAG_SPEC_HASH, Lineage
 from pipeline.lineage_graph import GraphData, GraphRound, draw_lineage
 from pipeline.runtime import make_runtime
@@ -27,6 +27,9 @@ from pipeline.steps import StepContext, base_ref, task_data
 from pipeline.store import CheckpointStore
 from pipeline.strategies import STRATEGY_RUNNERS
 from pipeline.strategies.rounds import RoundResult, Rounds, ended_status
+
+RUN_LEASE = "run-lease.json"  # <store>/<workflow>/run-lease.json: the driver running that workflow now
+RUN_LEASE_TTL_S = 600.0  # a holder that stops renewing (every TTL/4) is presumed dead after this
 
 
 class PreflightError(ValueError):
@@ -141,13 +144,35 @@ def run_workflow(
     """
     start = time.perf_counter()
     preflight(wf, report)
-    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location)
     store = CheckpointStore(wf.store.root)
+    # one driver per workflow and store at a time, claimed before anything else (even a fresh MLflow
+    # database is not safe to create twice at once): a second run would train the same experts again
+    # and register a second version of the same merge
+    lease = Lease(store, store.path(wf.name, RUN_LEASE), RUN_LEASE_TTL_S, heartbeat=True)
+    holder = lease.acquire(report, f"workflow {wf.name!r}")
+    if holder is not None:
+        raise WorkflowBusy(
+            f"workflow {wf.name!r} is already running on store {wf.store.root!r} ({describe_holder(holder)}). Two "
+            "drivers at once would train the same experts twice and register the merge twice: wait for it to "
+            "finish, or stop it (`mergeflow stop JOB`, or end that process); the next run reuses every step it "
+            "finished.", holder)
+    try:
+        return _run_held(wf, lease, store, start, address, num_cpus, spec_text, report, parent_run_id)
+    finally:
+        lease.release()
+
+
+def _run_held(wf: Workflow, lease: Lease, store: CheckpointStore, start: float, address: str | None,
+              num_cpus: int | None, spec_text: str | None, report: Callable[[str], None],
+              parent_run_id: str | None) -> WorkflowResult:
+    """``run_workflow`` once its lease is held."""
+    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location)
     run_id = lineage.start_run(wf.name, kind="workflow", parent=parent_run_id, tags={TAG_SPEC_HASH: wf.spec_hash(),
                                                               "mergeflow.strategy": wf.strategy,
                                                               "mergeflow.store_root": wf.store.root,
                                                               **driver_tags()})
     report(f"workflow {wf.name!r}: MLflow run {run_id} in experiment {wf.experiment_name!r} ({wf.tracking.uri})")
+    lease.update(run_id=run_id)
     close_dead_attempts(lineage, wf.name, run_id, report)  # a killed driver's runs must not stay RUNNING
     lineage.log_params(run_id, wf.model_dump(mode="json", exclude={"tasks"}) | {
         "tasks": ",".join(t.name for t in wf.tasks), "spec_hash": wf.spec_hash()})

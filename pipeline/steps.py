@@ -21,7 +21,7 @@ from operators.checkpoint import read_provenance, resolve_model_path, write_prov
 from operators.data import TaskData, hold_out, load_task_data
 from pipeline.lineage import TAG_STORE_URI, Lineage
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
-from pipeline.store import CheckpointStore, content_key
+from pipeline.store import CheckpointStore, StoreFull, content_key, out_of_space, store_full_error
 
 
 @dataclass(frozen=True)
@@ -104,20 +104,25 @@ def adapter_base_dir(ctx: StepContext, ref: ModelRef) -> Path | None:
 
 
 @contextlib.contextmanager
-def staged_checkpoint(store: CheckpointStore, lineage: Lineage, model_id: str) -> Iterator[Path]:
+def staged_checkpoint(store: CheckpointStore, lineage: Lineage, model_id: str, what: str, path: str) -> Iterator[Path]:
     """A local directory to write a new checkpoint into; its LoggedModel is marked FAILED on error.
 
     The staging directory is removed afterwards whatever happens (a published checkpoint has
-    been moved out of it by then).
+    been moved out of it by then). A full disk while writing ``what`` (bound for ``path``) is
+    raised as :class:`StoreFull`, which says so and what to do.
     """
-    staging = store.staging_dir()
+    staging = None
     try:
+        staging = store.staging_dir()
         yield staging / "ckpt"
-    except BaseException:
+    except BaseException as exc:
         lineage.fail_model(model_id)
+        if out_of_space(exc) and not isinstance(exc, StoreFull):
+            raise store_full_error(what, store.uri(path), exc) from exc
         raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def publish_checkpoint(store: CheckpointStore, lineage: Lineage, ckpt: Path, path: str, *, model_id: str,
@@ -222,7 +227,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     model_id = lineage.create_model(run_id, f"expert-{task.name}", tags={
         "mergeflow.kind": "expert", "mergeflow.task": task.name, "mergeflow.round": str(round_index),
         "mergeflow.format": "peft-lora-adapter" if lora else "full", TAG_STORE_URI: store.uri(path)})
-    with staged_checkpoint(store, lineage, model_id) as ckpt:
+    with staged_checkpoint(store, lineage, model_id, f"expert {task.name!r}", path) as ckpt:
         start_dir = local_dir(ctx, start)
         result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads)
         own = evaluate(ckpt, data, adapter_base=start_dir if lora else None, headline=task.headline_metric,
@@ -291,7 +296,7 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         "mergeflow.format": "peft-lora-adapter" if adapter_out else "full"},
         params={"method": merge.method, **merge.params})
     say(f"[merge] round {round_index}: {merge.method} of {', '.join(sorted(experts))}")
-    with staged_checkpoint(store, lineage, model_id) as ckpt:
+    with staged_checkpoint(store, lineage, model_id, f"the merged model ({merge.method})", path) as ckpt:
         params, learned, learned_metrics = prepare_merge(ctx, merge, base, experts, statistics, run_id, round_index)
         report = merge_checkpoints(
             local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -50,6 +51,33 @@ class CorruptCheckpoint(StoreError):
         self.reason = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         super().__init__(f"{uri}: checkpoint is corrupt ({self.reason}); it was changed after it was published. "
                          "Delete it (or re-run the workflow, which rebuilds it) instead of using it.")
+
+
+class StoreFull(StoreError):
+    """The store's filesystem ran out of space (or quota) while a checkpoint was written."""
+
+
+# what a full disk looks like from Python (errno), pyarrow and safetensors' Rust writer (text only)
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FULL_TEXTS = ("No space left on device", "StorageFull", "Disk quota exceeded", "File too large")
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a full disk or an exceeded quota."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if any(t in str(exc) for t in _FULL_TEXTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def store_full_error(what: str, uri: str, exc: BaseException) -> StoreFull:
+    """The error to raise when writing ``what`` to ``uri`` ran out of space: what happened and what to do."""
+    return StoreFull(f"the checkpoint store is full: writing {what} to {uri} failed ({exc}). Nothing of it was "
+                     "published (its partial copy is removed) and every step already finished is kept: free space "
+                     "on the store (or point store.root elsewhere) and run the workflow again; it resumes from them.")
 
 
 def _sha256(stream) -> str:
@@ -130,9 +158,9 @@ class CheckpointStore:
             return path
         if self.is_local:
             target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 if move:
                     shutil.move(str(local_dir), partial)
                 else:
@@ -141,19 +169,26 @@ class CheckpointStore:
                 if target.exists():  # an incomplete leftover from a crashed run: replace it
                     shutil.rmtree(target)
                 os.rename(partial, target)
-            except BaseException:
+            except BaseException as exc:
                 shutil.rmtree(partial, ignore_errors=True)
+                if out_of_space(exc):
+                    raise store_full_error("a checkpoint", self.uri(path), exc) from exc
                 raise
             self._remember(path)  # hashed just now, from the bytes that were renamed into place
             return path
         # object stores: copy every file, then the marker (with the manifest) last
         manifest = file_manifest(local_dir)
-        if self.exists(path):
-            self.fs.delete_dir(path)
-        self.fs.create_dir(path, recursive=True)
-        pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
-        with self.fs.open_output_stream(f"{path}/{COMPLETE_MARKER}") as f:
-            f.write(_marker_text(manifest).encode())
+        try:
+            if self.exists(path):
+                self.fs.delete_dir(path)
+            self.fs.create_dir(path, recursive=True)
+            pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+            with self.fs.open_output_stream(f"{path}/{COMPLETE_MARKER}") as f:
+                f.write(_marker_text(manifest).encode())
+        except OSError as exc:  # no marker was written: readers never see this copy
+            if out_of_space(exc):
+                raise store_full_error("a checkpoint", self.uri(path), exc) from exc
+            raise
         if move:
             shutil.rmtree(local_dir, ignore_errors=True)
         self._remember(path)

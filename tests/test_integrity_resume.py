@@ -109,8 +109,10 @@ def test_driver_killed_mid_round_then_next_run_closes_its_runs_and_resumes(undis
     import time
 
     import yaml
+    from click.testing import CliRunner
 
     from pipeline.attempts import TAG_DRIVER_HOST, TAG_DRIVER_PID, TAG_KILLED_REASON, driver_tags
+    from pipeline.cli import main
     from pipeline.driver import run_workflow
     from pipeline.lineage import TAG_KIND, Lineage
 
@@ -129,6 +131,12 @@ def test_driver_killed_mid_round_then_next_run_closes_its_runs_and_resumes(undis
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.time() < deadline, "no expert published within 300 s"
             time.sleep(0.05)
+        # a second run of the same spec on the same store while the driver lives is refused: exit 3, naming it
+        busy = CliRunner().invoke(main, ["run", str(tmp_path / "wf.yaml"), "--address", "in-process"])
+        assert proc.poll() is None, "the driver finished before the second run was tried"
+        assert busy.exit_code == 3, busy.output
+        assert f"workflow 'tiny' is already running on store {wf.store.root!r} (pid {proc.pid} on" in busy.output
+        assert "MLflow run " in busy.output and "reuses every step it finished" in busy.output
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
@@ -140,6 +148,7 @@ def test_driver_killed_mid_round_then_next_run_closes_its_runs_and_resumes(undis
     left_running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     kinds = sorted(r.data.tags[TAG_KIND] for r in left_running)
     assert {"workflow", "round", "expert"} <= set(kinds), kinds
+    assert kinds.count("workflow") == 1, kinds  # the refused second run created no run at all
     dead_id = next(r.info.run_id for r in left_running if r.data.tags[TAG_KIND] == "workflow")
     # a live concurrent attempt of the same workflow (this test process) and one on another host
     lineage = Lineage(wf.tracking.uri, exp.experiment_id)
@@ -150,6 +159,8 @@ def test_driver_killed_mid_round_then_next_run_closes_its_runs_and_resumes(undis
     result = run_workflow(wf, address="in-process", report=lines.append)
 
     assert any(f"earlier attempt {dead_id} died" in line and "KILLED" in line for line in lines), lines
+    # the killed driver's lease was left behind; its pid is gone, so the next run took it over
+    assert any(f"pid {proc.pid} on" in line and "taking over" in line for line in lines), lines
     assert any(f"attempt {live} is still running" in line for line in lines)
     assert any(f"attempt {elsewhere} is RUNNING" in line and "cannot be checked" in line for line in lines)
     for r in left_running:
@@ -195,3 +206,58 @@ def test_resume_finishes_a_workflow_from_its_run_id_alone(tiny_base, tmp_path):
     # a run id that is not there: one line, exit 2
     res = CliRunner().invoke(main, ["resume", "0" * 32, "--tracking-uri", wf.tracking.uri])
     assert res.exit_code == 2 and "no run '000" in res.output and res.output.count("\n") == 1
+
+
+def test_store_disk_full_mid_write_is_a_clear_error_and_the_next_run_with_space_completes(undisturbed, tiny_base,
+                                                                                          tmp_path):
+    """The store on a real filesystem that fills up: a tmpfs sized to hold one expert, not two. The run
+    fails with a message that says the store is full and what to do, nothing half-written is visible,
+    no run stays RUNNING, no registry version exists; with space again, the next run reuses the expert
+    that made it and finishes with the undisturbed weights."""
+    import os
+    import subprocess
+
+    from pipeline.driver import run_workflow
+    from pipeline.store import StoreFull
+
+    wf_want, result_want, merged_want = undisturbed
+    expert_bytes = sum(f.stat().st_size for f in Path(result_want.final.experts["vowel"].path).rglob("*") if f.is_file())
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    size_kb = int(expert_bytes * 1.5) // 1024
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as the store needs root (CAP_SYS_ADMIN)")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(store_dir)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs as the store here: {mount.stderr.strip()}")
+    try:
+        wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base))
+        lines: list[str] = []
+        with pytest.raises(StoreFull) as failed:
+            run_workflow(wf, address="in-process", report=lines.append)
+        msg = str(failed.value)
+        assert msg.startswith("the checkpoint store is full: writing expert 'length' to "), msg
+        assert "No space left on device" in msg and "free space on the store" in msg and "run the workflow again" in msg
+        # nothing half-written is visible: one complete expert, no partial copies, no staging left
+        visible = [d for d in store_dir.glob("tiny/round-*/*/*")]
+        assert [d.name.split("-")[0] for d in visible] == ["vowel"] and (visible[0] / "_COMPLETE").is_file(), visible
+        assert not any((store_dir / ".staging").iterdir())
+        client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+        exp = client.get_experiment_by_name(wf.experiment_name)
+        assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+        assert not client.search_model_versions(f"name = '{wf.registered_model_name}'")
+        models = {m.name: m.status for m in client.search_logged_models([exp.experiment_id])}
+        assert str(models["expert-length"]) in ("LoggedModelStatus.FAILED", "FAILED"), models
+        assert str(models["expert-vowel"]) in ("LoggedModelStatus.READY", "READY"), models
+
+        # space again: the next run resumes from the expert that made it
+        subprocess.run(["mount", "-o", "remount,size=64m", str(store_dir)], check=True)
+        lines.clear()
+        result = run_workflow(wf, address="in-process", report=lines.append)
+        assert sum("expert 'vowel' already in the store, reused" in line for line in lines) == 1, lines
+        assert_bitwise_equal(tensors(Path(result.final.merged.path)), merged_want)
+        assert [str(v.version) for v in client.search_model_versions(f"name = '{wf.registered_model_name}'")] == ["1"]
+        assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    finally:
+        subprocess.run(["umount", "-l", str(store_dir)], check=False)

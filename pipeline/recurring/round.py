@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from operators.checkpoint import ADAPTER_CONFIG, HEAD_WEIGHTS, HEADS_DIR
-from pipeline.attempts import TAG_KILLED_REASON, dead_because, driver_tags
+from pipeline.attempts import TAG_KILLED_REASON, Lease, dead_because, describe_holder, driver_tags
 from pipeline.lineage import TAG_ROUND, TAG_SPEC_HASH, TAG_WORKFLOW_RUN, Lineage
 from pipeline.recurring.contributions import (
     Contribution,
@@ -82,7 +82,7 @@ class RoundState:
         self.wf, self.store = wf, store
         self.root = store.path(wf.name, "recurring")
         self.lease_path = f"{self.root}/lease.json"
-        self._mine: dict[str, Any] | None = None  # the lease record this process wrote, once it holds it
+        self._lease: Lease | None = None
 
     def round_dir(self, n: int) -> str:
         return f"{self.root}/rounds/round-{n:04d}"
@@ -136,24 +136,12 @@ class RoundState:
     # --- the lease --------------------------------------------------------------------------------
     def acquire(self, timeout_s: int, report: Reporter) -> dict[str, Any] | None:
         """Take the round lease; ``None`` when taken, else the live holder's record."""
-        me = {**driver_tags(), "since": time.time(), "expires": time.time() + timeout_s}
-        for _ in range(2):
-            holder = self.store.try_lease(self.lease_path, me)
-            if holder is None:
-                self._mine = me
-                return None
-            why = dead_because(holder)
-            if why is None and holder.get("expires", 0) < time.time():
-                why = f"its lease expired at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder['expires']))}"
-            if why is None:
-                return holder
-            report(f"recurring {self.wf.name!r}: the round lease was held by a driver that is gone ({why}); taking over")
-            self.store.break_lease(self.lease_path)
-        return self.store.read_record(self.lease_path)
+        self._lease = Lease(self.store, self.lease_path, timeout_s)
+        return self._lease.acquire(report, f"recurring {self.wf.name!r}")
 
     def release(self) -> None:
-        if self._mine is not None and self.store.read_record(self.lease_path) == self._mine:
-            self.store.break_lease(self.lease_path)
+        if self._lease is not None:
+            self._lease.release()
 
 
 # --- the round ---------------------------------------------------------------------------------------
@@ -172,9 +160,7 @@ def run_round(wf: Workflow, *, address: str | None = None, num_cpus: int | None 
     # the lease comes first: even creating a fresh MLflow database is not safe twice at once
     holder = state.acquire(parse_interval(wf.recurring.lease_timeout), report)
     if holder is not None:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-        msg = (f"a round of {wf.name!r} is already running (pid {holder.get('mergeflow.driver.pid', '?')} on "
-               f"{holder.get('mergeflow.driver.host', '?')} since {since}); this call does nothing")
+        msg = f"a round of {wf.name!r} is already running ({describe_holder(holder)}); this call does nothing"
         report(msg)
         return RoundOutcome("busy", None, msg)
     try:
