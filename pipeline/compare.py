@@ -231,7 +231,8 @@ def run_comparison(wf: Workflow, strategies: list[str], merges: list[str], round
     """
     seeds = list(seeds or [])
     workflows: dict[int | None, Workflow] = {s: seeded_workflow(wf, s) for s in seeds} or {None: wf}
-    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location)
+    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location,
+                           wf.tracking.retry_seconds)
     tags = {"mergeflow.strategies": ",".join(strategies), "mergeflow.merges": ",".join(merges)}
     if seeds:
         tags["mergeflow.seeds"] = ",".join(map(str, seeds))

@@ -166,7 +166,8 @@ def _run_held(wf: Workflow, lease: Lease, store: CheckpointStore, start: float, 
               num_cpus: int | None, spec_text: str | None, report: Callable[[str], None],
               parent_run_id: str | None) -> WorkflowResult:
     """``run_workflow`` once its lease is held."""
-    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location)
+    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location,
+                           wf.tracking.retry_seconds)
     run_id = lineage.start_run(wf.name, kind="workflow", parent=parent_run_id, tags={TAG_SPEC_HASH: wf.spec_hash(),
                                                               "mergeflow.strategy": wf.strategy,
                                                               "mergeflow.store_root": wf.store.root,
@@ -185,13 +186,17 @@ def _run_held(wf: Workflow, lease: Lease, store: CheckpointStore, start: float, 
             rounds = Rounds(ctx, runtime, lineage, store, report)
             results = STRATEGY_RUNNERS[wf.strategy](rounds, base_ref(wf))
     except BaseException as exc:
-        lineage.set_tags(run_id, {"mergeflow.error": f"{type(exc).__name__}: {exc}"[:4000]})
         status = ended_status(exc)
         try:  # every run of this attempt still open ends with it: a stopped job leaves none RUNNING
+            lineage.set_tags(run_id, {"mergeflow.error": f"{type(exc).__name__}: {exc}"[:4000]})
             lineage.end_attempt(run_id, status, {"mergeflow.ended_because": f"the workflow ended {status}: "
                                                  f"{type(exc).__name__}"})
-        except Exception:  # the tracking server is gone too: at least try the workflow run
-            lineage.end_run(run_id, status)
+        except Exception:  # the tracking server is gone too: at least try the workflow run; the next run of
+            try:           # this workflow closes whatever stays RUNNING (its driver, this process, is gone)
+                lineage.end_run(run_id, status)
+            except Exception:
+                report(f"workflow {wf.name!r}: could not close MLflow run {run_id} (the tracking server is away); "
+                       "the next run of this workflow closes it")
         raise
     result = WorkflowResult(wf.name, run_id, lineage.experiment_id, wf.tracking.uri, results, time.perf_counter() - start,
                             wf.registered_model_name)

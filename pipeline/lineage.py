@@ -20,9 +20,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,22 +49,83 @@ TAG_MODEL_VERSIONS = "mlflow.modelVersions"
 log = logging.getLogger("mergeflow.lineage")
 
 
+DEFAULT_RETRY_SECONDS = 300.0  # how long a call waits for an unreachable tracking server (tracking.retry_seconds)
+# MLflow's own HTTP client retries a refused connection 7 times over about 4 minutes *inside* one call;
+# mergeflow retries around the call instead (bounded by tracking.retry_seconds, with a message that
+# says what was not recorded), so each call gives up sooner. Set the variable yourself to override.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+# an unreachable or overloaded server (connection refused or reset, 5xx, 429): worth waiting for
+_TRANSIENT = ("connection refused", "max retries exceeded", "failed to establish a new connection",
+              "connection reset", "connection aborted", "remote end closed connection", "read timed out",
+              "temporarily unavailable", "too many 500", "too many 502", "too many 503", "too many 504",
+              "too many 429", "error code 500", "error code 502", "error code 503", "error code 504",
+              "error code 429", "bad gateway", "service unavailable", "gateway timeout")
+_LOCKED = ("locked", "busy", "timeout")  # SQLite under contention
+_down_since: list[float] = []  # set when a call gave up on the server: later calls fail fast until one succeeds
+
+
+def _transient(exc: BaseException) -> bool:
+    return any(t in str(exc).lower() for t in _TRANSIENT)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer within ``tracking.retry_seconds``; says what was not recorded."""
+
+
+def _what(fn: Callable, args: tuple) -> str:
+    """``log_metrics (run 1a2b…)``: the call that was not recorded, for messages."""
+    if fn.__name__ == "_call" and len(args) > 1:  # Lineage._call(client_method, *its_args)
+        fn, args = args[1], (None, *args[2:])
+    ids = [a for a in args[1:3] if isinstance(a, str) and len(a) >= 16 and a.replace("-", "").isalnum()]
+    return fn.__name__.lstrip("_") + (f" (run or model {ids[0]})" if ids else "")
+
+
 def _retry(fn: Callable[..., T]) -> Callable[..., T]:
-    """Retry an MLflow call a few times: SQLite answers 'database is locked' under contention."""
+    """Retry an MLflow call: SQLite answers 'database is locked' under contention (a few quick tries), and
+    an unreachable server is waited for with backoff (capped at 5 s between tries, so its return is
+    noticed at once) for ``retry_seconds`` of the ``Lineage`` in ``args[0]``; past that,
+    :class:`TrackingUnavailable` names what was not recorded. Once one call has given up, later calls in
+    this process fail at their first transient error until one succeeds (a failing workflow does not
+    wait again for every run it tries to close)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        delay = 0.2
-        for attempt in range(8):
+        delay, start, locked_tries, warned = 0.2, time.monotonic(), 0, False
+        while True:
             try:
-                return fn(*args, **kwargs)
-            except Exception as exc:  # MlflowException wraps sqlite's OperationalError
+                out = fn(*args, **kwargs)
+                _down_since.clear()
+                return out
+            except TrackingUnavailable:
+                raise
+            except Exception as exc:  # MlflowException wraps sqlite's OperationalError and requests' errors
                 text = str(exc).lower()
-                if attempt == 7 or not ("locked" in text or "busy" in text or "timeout" in text):
+                if _transient(exc):
+                    bound = getattr(args[0], "retry_seconds", DEFAULT_RETRY_SECONDS) if args else DEFAULT_RETRY_SECONDS
+                    uri = getattr(args[0], "tracking_uri", None) or (args[1] if len(args) > 1 else "?")
+                    waited = time.monotonic() - start
+                    if _down_since or waited >= bound:
+                        _down_since[:] = [_down_since[0] if _down_since else time.time()]
+                        raise TrackingUnavailable(
+                            f"the MLflow tracking server {uri} did not answer for {waited:.0f} s "
+                            f"({str(exc).splitlines()[0][:300]}); {_what(fn, args)} was not recorded. The workflow "
+                            "stops here and every step already finished is kept in the store: once the server is "
+                            "back, run the workflow again (or `mergeflow resume RUN`); it closes this attempt's "
+                            "runs left RUNNING as KILLED and goes on from the store. To wait longer, raise "
+                            "tracking.retry_seconds.") from exc
+                    if not warned:
+                        log.warning("MLflow tracking server %s unreachable (%s); retrying for up to %.0f s",
+                                    uri, str(exc).splitlines()[0][:200], bound)
+                        warned = True
+                    time.sleep(min(delay * (1 + random.random()), 5.0, max(0.0, bound - waited)))
+                    delay = min(delay * 2, 5.0)
+                    continue
+                locked_tries += 1
+                if locked_tries >= 8 or not any(t in text for t in _LOCKED):
                     raise
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 3.0)
-        raise AssertionError("unreachable")
 
     return wrapper
 
@@ -93,28 +156,44 @@ def flatten_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return {k: v[:6000] for k, v in out.items()}
 
 
+@dataclass(frozen=True)
+class _Target:
+    """A tracking URI and how long to wait for it (what ``_retry`` reads before a ``Lineage`` exists)."""
+
+    tracking_uri: str
+    retry_seconds: float
+
+
 class Lineage:
     """A thin client over one tracking URI and one experiment."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str):
+    def __init__(self, tracking_uri: str, experiment_id: str, retry_seconds: float = DEFAULT_RETRY_SECONDS):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
+        self.retry_seconds = retry_seconds
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     # --- driver side: setup -------------------------------------------------------------------
     @classmethod
-    def init(cls, tracking_uri: str, experiment: str, artifact_location: str | None = None) -> Lineage:
+    def init(cls, tracking_uri: str, experiment: str, artifact_location: str | None = None,
+             retry_seconds: float = DEFAULT_RETRY_SECONDS) -> Lineage:
         """Create the tracking database (once, in the driver) and the experiment if needed.
 
         Workers must not be the first to touch a fresh SQLite file: concurrent first-time schema
         creation races. Calling this before any task starts avoids that.
         """
-        from mlflow import MlflowClient
-
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri[len("sqlite:///"):]).resolve().parent.mkdir(parents=True, exist_ok=True)
+        return cls._init(_Target(tracking_uri, retry_seconds), experiment, artifact_location)
+
+    @staticmethod
+    @_retry
+    def _init(target: _Target, experiment: str, artifact_location: str | None) -> Lineage:
+        from mlflow import MlflowClient
+
+        tracking_uri = target.tracking_uri
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         client.search_experiments(max_results=1)  # creates and migrates the schema
         exp = client.get_experiment_by_name(experiment)
@@ -126,7 +205,7 @@ class Lineage:
             exp_id = exp.experiment_id
             if TAG_EXPERIMENT_KIND not in exp.tags:  # made by an older mergeflow; a kind someone chose stays
                 client.set_experiment_tag(exp_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
-        return cls(tracking_uri, exp_id)
+        return Lineage(tracking_uri, exp_id, target.retry_seconds)
 
     @_retry
     def start_run(self, name: str, *, kind: str, parent: str | None = None, workflow_run: str | None = None,
@@ -283,17 +362,22 @@ class Lineage:
         except MlflowException:
             self.client.create_registered_model(name, description="Merged models made by mergeflow.")
         # MLflow's SQL registry resolves a models:/<id> source through the *global* tracking URI
-        with _use_tracking_uri(self.tracking_uri):
-            mv = self.client.create_model_version(
-                name, source=source or f"models:/{model_id}", run_id=run_id,
-                tags={**(tags or {}), TAG_MODEL_ID: model_id}, description=description, model_id=model_id,
-            )
+        # a retried call whose version was made before the connection dropped finds it instead of a second one
+        version = self.find_version.__wrapped__(self, name, model_id)
+        if version is None:
+            with _use_tracking_uri(self.tracking_uri):
+                version = str(self.client.create_model_version(
+                    name, source=source or f"models:/{model_id}", run_id=run_id,
+                    tags={**(tags or {}), TAG_MODEL_ID: model_id}, description=description, model_id=model_id,
+                ).version)
         listed = self.client.get_logged_model(model_id).tags.get(TAG_MODEL_VERSIONS)
-        versions = [*(json.loads(listed) if listed else []), {"name": name, "version": str(mv.version)}]
-        self.client.set_logged_model_tags(model_id, {TAG_MODEL_VERSIONS: json.dumps(versions)})
+        versions = json.loads(listed) if listed else []
+        if {"name": name, "version": version} not in versions:
+            versions.append({"name": name, "version": version})
+            self.client.set_logged_model_tags(model_id, {TAG_MODEL_VERSIONS: json.dumps(versions)})
         if alias:
-            self.client.set_registered_model_alias(name, alias, mv.version)
-        return str(mv.version)
+            self.client.set_registered_model_alias(name, alias, version)
+        return version
 
     def alias_version(self, name: str, alias: str) -> str | None:
         """The version ``alias`` points at in ``name`` (``None`` when there is none)."""
@@ -308,13 +392,16 @@ class Lineage:
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
 
+    @_retry
     def find_version(self, name: str, model_id: str) -> str | None:
         """The registry version already made for ``model_id`` (so a re-run does not register twice)."""
         from mlflow.exceptions import MlflowException
 
         try:
             versions = self.client.search_model_versions(f"name = '{name}'")
-        except MlflowException:
+        except MlflowException as exc:
+            if _transient(exc):  # the server is away: waited for by _retry, never taken for "no version"
+                raise
             return None
         for v in versions:
             if getattr(v, "model_id", None) == model_id or (v.tags or {}).get(TAG_MODEL_ID) == model_id:
@@ -371,13 +458,16 @@ class Lineage:
     def version_tags(self, name: str, version: str) -> dict[str, str]:
         return dict(self.client.get_model_version(name, version).tags or {})
 
+    @_retry
     def find_version_by_tag(self, name: str, tag: str, value: str) -> str | None:
         """The newest registry version of ``name`` whose tag ``tag`` is ``value`` (``None``: none)."""
         from mlflow.exceptions import MlflowException
 
         try:
             versions = self.client.search_model_versions(f"name = '{name}'")
-        except MlflowException:
+        except MlflowException as exc:
+            if _transient(exc):  # the server is away: waited for by _retry, never taken for "no version"
+                raise
             return None
         found = [int(v.version) for v in versions if (v.tags or {}).get(tag) == value]
         return str(max(found)) if found else None

@@ -381,6 +381,11 @@ class TrackingSpec(_Frozen):
     artifact_location: str | None = Field(
         default=None, description="Artifact root of a new experiment; for SQLite, defaults next to the database."
     )
+    retry_seconds: float = Field(
+        default=300.0, gt=0, le=86400,
+        description="How long each MLflow call waits for an unreachable tracking server (connection refused, 5xx, "
+        "429), retrying with backoff, before the workflow stops with a message saying what was not recorded.",
+    )
 
     @field_validator("uri")
     @classmethod

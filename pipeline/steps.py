@@ -38,7 +38,7 @@ class StepContext:
         return CheckpointStore(self.workflow.store.root)
 
     def lineage(self) -> Lineage:
-        return Lineage(self.tracking_uri, self.experiment_id)
+        return Lineage(self.tracking_uri, self.experiment_id, self.workflow.tracking.retry_seconds)
 
     @property
     def device(self) -> str:

@@ -233,3 +233,116 @@ def free_ports(n: int = 1) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def start_mlflow_server(port: int, backend_uri: str, artifacts_dir: Path, log_file: Path | None = None):
+    """A real ``mlflow server`` on loopback with proxied artifacts; returns its process once /health answers."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    bin_dir = Path(sys.executable).parent
+    out = log_file.open("ab") if log_file else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts_dir), "--serve-artifacts",
+         "--workers", "1"],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runners: less CPU
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited at start (code {proc.returncode})" + (
+                    f": {log_file.read_text()[-2000:]}" if log_file else "")) from None
+            time.sleep(0.3)
+    stop_process_group(proc)
+    raise RuntimeError("mlflow server did not answer /health within 90 s")
+
+
+def stop_process_group(proc, grace_s: float = 5.0) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its children; SIGKILL after ``grace_s``."""
+    import os
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Postgres:
+    """A throwaway PostgreSQL server on a loopback port (Debian's binaries), for the tracking-server test.
+
+    ``start()`` returns a SQLAlchemy URI or raises ``RuntimeError`` with the reason it cannot run here.
+    PostgreSQL refuses to run as root, so under root its data folder belongs to the ``postgres`` user
+    and its programs run as that user (``runuser``).
+    """
+
+    def __init__(self, port: int):
+        self.port = port
+        self.dir: Path | None = None
+        self._as: list[str] = []
+        self._bin: Path | None = None
+
+    def _run(self, *cmd: str, timeout: float = 60):
+        import subprocess
+
+        return subprocess.run([*self._as, *cmd], capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> str:
+        import os
+        import pwd
+        import shutil
+        import tempfile
+
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or (
+            [Path(p)] if (p := shutil.which("initdb")) else [])
+        if not found:
+            raise RuntimeError("no PostgreSQL server binaries (Debian package 'postgresql'; initdb not found)")
+        self._bin = found[-1].parent
+        self.dir = Path(tempfile.mkdtemp(prefix="mergeflow-pg-"))  # not under pytest's 0700 tmp: postgres reads it
+        os.chmod(self.dir, 0o755)
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root and there is no 'postgres' user to run PostgreSQL as") from None
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        data = self.dir / "data"
+        steps = [
+            [str(self._bin / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            [str(self._bin / "pg_ctl"), "-D", str(data), "-l", str(self.dir / "server.log"), "-w", "-t", "60",
+             "-o", f"-p {self.port} -k {self.dir} -h 127.0.0.1 -c fsync=off", "start"],
+            [str(self._bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mlflow", "mlflow"],
+        ]
+        for cmd in steps:
+            res = self._run(*cmd)
+            if res.returncode != 0:
+                log = (self.dir / "server.log").read_text()[-1500:] if (self.dir / "server.log").exists() else ""
+                self.stop()
+                raise RuntimeError(f"{Path(cmd[0]).name} failed: {(res.stderr or res.stdout).strip()[-1500:]} {log}")
+        return f"postgresql+psycopg2://mlflow@127.0.0.1:{self.port}/mlflow"
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.dir is None:
+            return
+        if self._bin is not None and (self.dir / "data" / "postmaster.pid").exists():
+            self._run(str(self._bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = None

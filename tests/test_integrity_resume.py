@@ -261,3 +261,155 @@ def test_store_disk_full_mid_write_is_a_clear_error_and_the_next_run_with_space_
         assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     finally:
         subprocess.run(["umount", "-l", str(store_dir)], check=False)
+
+
+# --- the tracking server goes away -------------------------------------------------------------------
+
+@pytest.fixture
+def postgres_tracking_server(tmp_path):
+    """``mlflow server`` on a real PostgreSQL with proxied artifacts, as infra/mlflow deploys it; yields
+    (url, restart) where ``restart(down_s)`` kills the server (SIGKILL, like a crash) and, unless
+    ``down_s`` is None, starts it again on the same port after ``down_s`` seconds."""
+    import os
+    import signal
+    import socket
+    import time
+
+    from tests.helpers import Postgres, free_ports, start_mlflow_server, stop_process_group
+
+    pg_port, port = free_ports(2)
+    pg = Postgres(pg_port)
+    try:
+        backend = pg.start()
+    except RuntimeError as exc:
+        pytest.skip(f"PostgreSQL cannot run here: {exc}")
+    log = tmp_path / "mlflow-server.log"
+    state = {"proc": None}
+
+    def start():
+        state["proc"] = start_mlflow_server(port, backend, tmp_path / "server-artifacts", log)
+
+    def kill(down_s: float | None):
+        os.killpg(state["proc"].pid, signal.SIGKILL)
+        state["proc"].wait()
+        deadline = time.time() + 30
+        while time.time() < deadline:  # a worker of the old server may hold the port a moment longer
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+            time.sleep(0.1)
+        if down_s is not None:
+            time.sleep(down_s)
+            start()
+
+    try:
+        start()
+        yield f"http://127.0.0.1:{port}", kill, start
+    finally:
+        if state["proc"] is not None:
+            stop_process_group(state["proc"])
+        pg.stop()
+
+
+def _kill_after_first_expert(store: Path, kill, down_s: float | None):
+    """A thread that waits for the first published expert, then kills the tracking server for ``down_s``."""
+    import threading
+    import time
+
+    def watch():
+        deadline = time.time() + 300
+        while not list(store.glob("*/round-000/experts/*/_COMPLETE")) and time.time() < deadline:
+            time.sleep(0.02)
+        kill(down_s)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_tracking_server_on_postgresql_down_30s_mid_run_loses_nothing(undisturbed, tiny_base, tmp_path,
+                                                                      postgres_tracking_server):
+    """The production set-up (MLflow server on PostgreSQL, proxied artifacts) killed right after the first
+    expert is published and back 30 s later: every MLflow call in between waits (backoff capped at 5 s)
+    and the workflow finishes as if nothing happened: same weights, every run FINISHED with its metrics,
+    the merged model's artifacts equal to the store's, one registry version."""
+    import hashlib
+
+    import mlflow.artifacts
+
+    from pipeline.driver import run_workflow
+    from pipeline.lineage import TAG_KIND
+
+    url, kill, _start = postgres_tracking_server
+    _, _, merged_want = undisturbed
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, tracking={"uri": url}))
+    watcher = _kill_after_first_expert(tmp_path / "store", kill, down_s=30)
+    lines: list[str] = []
+    result = run_workflow(wf, address="in-process", report=lines.append)
+    watcher.join(timeout=120)
+    assert not watcher.is_alive()
+
+    assert_bitwise_equal(tensors(Path(result.final.merged.path)), merged_want)
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    exp = client.get_experiment_by_name(wf.experiment_name)
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * len(runs)
+    kinds = sorted(r.data.tags[TAG_KIND] for r in runs)
+    assert kinds.count("expert") == 2 and kinds.count("workflow") == 1 and kinds.count("merge") == 1, kinds
+    for r in runs:
+        if r.data.tags[TAG_KIND] == "expert":
+            task = r.data.params["task"]
+            assert {"train_seconds", "train_final_loss", f"eval/{task}/accuracy"} <= set(r.data.metrics), r.data.metrics
+            assert len(client.get_metric_history(r.info.run_id, "train_loss")) == 3  # steps 2, 4, 6: none lost
+            assert {d.dataset.name for d in r.inputs.dataset_inputs} == {f"{task}-train", f"{task}-eval"}
+    versions = client.search_model_versions(f"name = '{wf.registered_model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert client.get_model_version_by_alias(wf.registered_model_name, "current").version == "1"
+    model = client.get_logged_model(result.final.merged.model_id)
+    assert str(model.status).endswith("READY")
+    got = Path(mlflow.artifacts.download_artifacts(f"{model.artifact_location}/model.safetensors",
+                                                   tracking_uri=url, dst_path=str(tmp_path / "dl")))
+    want = Path(result.final.merged.path) / "model.safetensors"
+    assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(want.read_bytes()).digest()
+
+
+def test_tracking_server_down_past_retry_seconds_fails_naming_what_was_not_recorded(undisturbed, tiny_base, tmp_path,
+                                                                                   postgres_tracking_server):
+    """Down for longer than ``tracking.retry_seconds``: the workflow stops with a message that names the call
+    that was not recorded and what to do; once the server is back, the next run closes the dead attempt's
+    runs (none stays RUNNING) and finishes from the store with the same weights and one version."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipeline.driver import run_workflow
+
+    url, kill, start = postgres_tracking_server
+    _, _, merged_want = undisturbed
+    spec = tiny_workflow_dict(tmp_path, tiny_base, tracking={"uri": url, "retry_seconds": 3})
+    wf = parse_workflow(spec)
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
+    watcher = _kill_after_first_expert(tmp_path / "store", kill, down_s=None)
+    # the driver is its own process (a failed driver exits; the next run sees its pid gone)
+    proc = subprocess.run([str(Path(sys.executable).parent / "mergeflow"), "run", str(tmp_path / "wf.yaml"),
+                           "--address", "in-process"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "COLUMNS": "400"})
+    watcher.join(timeout=60)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    msg = " ".join(proc.stderr.split())  # the console wraps long lines
+    assert f"TrackingUnavailable: the MLflow tracking server {url} did not answer for " in msg, msg
+    assert " was not recorded. The workflow stops here" in msg and "run the workflow again" in msg
+    assert "raise tracking.retry_seconds" in msg
+
+    start()  # back: the next run (this process, a new attempt) closes the dead attempt's runs and resumes
+    lines: list[str] = []
+    result = run_workflow(wf, address="in-process", report=lines.append)
+    assert any("earlier attempt" in line and "KILLED" in line for line in lines), lines
+    assert sum("already in the store, reused" in line for line in lines) == 1, lines
+    assert_bitwise_equal(tensors(Path(result.final.merged.path)), merged_want)
+    client = MlflowClient(tracking_uri=url, registry_uri=url)
+    exp = client.get_experiment_by_name(wf.experiment_name)
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{wf.registered_model_name}'")] == ["1"]

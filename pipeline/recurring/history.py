@@ -37,7 +37,8 @@ class HistoryRow:
 
 def history(wf: Workflow) -> list[HistoryRow]:
     """Every round run of ``wf`` (oldest first), including nothing-to-do firings and killed attempts."""
-    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location)
+    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location,
+                           wf.tracking.retry_seconds)
     rows = []
     for run in lineage.find_runs(f"tags.`{TAG_RECURRING}` = '{wf.name}' and tags.`mergeflow.kind` = 'round'"):
         t, m = run["tags"], run["metrics"]

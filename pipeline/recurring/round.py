@@ -164,7 +164,8 @@ def run_round(wf: Workflow, *, address: str | None = None, num_cpus: int | None 
         report(msg)
         return RoundOutcome("busy", None, msg)
     try:
-        lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location)
+        lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location,
+                               wf.tracking.retry_seconds)
         return _round(wf, lineage, store, state, address, num_cpus, report, scheduled_for)
     finally:
         state.release()
