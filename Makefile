@@ -38,6 +38,9 @@ TEST_WORKERS ?= 0
 XDIST        = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 PHASE_END    = rc=$$?; [ $$rc = 2 ] && exit 2; [ $$rc = 0 ] || [ $$rc = 5 ] || status=1
 
+# a native crash (in a test, or when the process ends) prints the Python stack of every thread
+test test-fast: export PYTHONFAULTHANDLER = 1
+
 test: setup
 ifeq ($(TEST_WORKERS),0)
 	$(VENV)/bin/pytest -q --durations=25

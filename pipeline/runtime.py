@@ -161,6 +161,25 @@ class RayRuntime:
             yield f, self.result(f)
 
 
+def where_am_i() -> dict[str, str]:
+    """Where this step runs, as run tags: the host, and the Ray node and attempt when in a Ray worker."""
+    import socket
+
+    tags = {"mergeflow.host": socket.gethostname()}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            tags["mergeflow.ray_node_id"] = ctx.get_node_id()
+            task_id = ctx.get_task_id()
+            if task_id:
+                tags["mergeflow.ray_task_id"] = task_id
+    except Exception:  # not in Ray, or an API that moved: the host alone
+        pass
+    return tags
+
+
 def _unwrap(name: str, exc: Exception) -> BaseException:
     """Turn a RayTaskError back into the worker's own exception type where possible."""
     cause = getattr(exc, "cause", None)

@@ -20,6 +20,7 @@ from pathlib import Path
 from operators.checkpoint import read_provenance, resolve_model_path, write_provenance
 from operators.data import TaskData, hold_out, load_task_data
 from pipeline.lineage import TAG_STORE_URI, Lineage
+from pipeline.runtime import where_am_i
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
 from pipeline.store import CheckpointStore, StoreFull, content_key, out_of_space, store_full_error
 
@@ -223,6 +224,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             pending.clear()
             say(f"[expert {task.name}] step {step}/{steps} loss {metrics['train_loss']:.4f}")
 
+    lineage.set_tags(run_id, where_am_i())  # which machine (and Ray node) trained it; a retried attempt re-tags
     lora = settings.mode == "lora"
     model_id = lineage.create_model(run_id, f"expert-{task.name}", tags={
         "mergeflow.kind": "expert", "mergeflow.task": task.name, "mergeflow.round": str(round_index),

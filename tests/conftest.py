@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,32 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# Exit without finalising the interpreter. Once every test has run and every atexit handler (Ray's
+# shutdown among them) is done, the pytest process that ran Ray, MLflow, torch, moto and their
+# threads in-process can still crash in native teardown: CI once saw `415 passed` and then a
+# segmentation fault (exit 139) from interpreter finalisation. This handler is registered before any
+# of those libraries is imported, so it runs last, and exits with pytest's own status; nothing of the
+# tests' outcome is changed. PYTHONFAULTHANDLER=1 (`make test`) prints a traceback should a crash
+# happen earlier than this. Set MERGEFLOW_TEST_FINALIZE=1 to finalise normally (to debug such a crash).
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a plain run), not an xdist worker
+        _EXIT_STATUS[:] = [int(exitstatus)]
+
+
+def _exit_without_finalizing() -> None:
+    if _EXIT_STATUS and not os.environ.get("MERGEFLOW_TEST_FINALIZE"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[0])
+
+
+atexit.register(_exit_without_finalizing)
+
 
 from tests.helpers import make_tiny_bert, write_task_file  # noqa: E402
 
@@ -54,3 +82,4 @@ def pytest_collection_modifyitems(config, items):
         r = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 2
         rank[file] = min(rank.get(file, 2), r)
     items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable
+

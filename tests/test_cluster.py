@@ -1,5 +1,6 @@
-"""The cluster path: an existing Ray cluster (head + a second node, started with `ray start`) and a
-real `mlflow server` on loopback; the workflow reaches both by address, as it would on a cluster."""
+"""The cluster path: an existing 3-node Ray cluster (a head and two workers, each started with `ray start`)
+and a real `mlflow server` on loopback; the workflow reaches both by address, as it would on a cluster,
+and one worker node dies mid-expert."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.spec import parse_workflow
-from tests.helpers import free_ports, tiny_workflow_dict
+from tests.helpers import free_ports, start_mlflow_server, stop_process_group, tiny_workflow_dict
 
 # serial: its teardown, `ray stop --force`, stops every Ray process of the user on the machine (another
 # xdist worker's private cluster too): `make test` runs it alone, after the parallel phase
@@ -23,30 +24,9 @@ BIN = Path(sys.executable).parent
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_ports()[0]
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--serve-artifacts", "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runners: less CPU
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    import urllib.request
-
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail("mlflow server exited at start")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not answer /health within 90 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    proc = start_mlflow_server(port, f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts")
+    yield f"http://127.0.0.1:{port}"
+    stop_process_group(proc, grace_s=10)
 
 
 @pytest.fixture
@@ -59,36 +39,106 @@ def ray_cluster(tmp_path):
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
     env = {**os.environ, **auth}
     common = ["--disable-usage-stats"]
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1",
+    # three nodes: a head that runs no step (0 CPUs) and two workers with one slot each
+    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=0",
                     "--include-dashboard=false", *common], check=True, env=env, capture_output=True)
     address = f"127.0.0.1:{port}"
     try:
-        subprocess.run([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"],
-                       check=True, env=env, capture_output=True)
+        for _ in range(2):
+            subprocess.run([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", *common],
+                           check=True, env=env, capture_output=True)
         yield address, env
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
 
 
-def test_workflow_on_existing_cluster_with_tracking_server(tiny_base, tmp_path, ray_cluster, mlflow_server):
+def _raylets(gcs_port: int) -> dict[str, int]:
+    """node id → raylet pid of this cluster's worker nodes (the head's left out)."""
+    import re
+
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if not cmd or not cmd[0].endswith("/raylet"):
+            continue
+        joined = " ".join(cmd)
+        node = next((a.split("=", 1)[1] for a in cmd if a.startswith("--node_id=")), None)
+        if node and re.search(rf"--gcs-address=\S+:{gcs_port}\b", joined) and "__internal_head__" not in joined:
+            out[node] = proc.pid
+    return out
+
+
+def _kill_node(raylet_pid: int) -> None:
+    """A node lost at once: its raylet and everything under it (workers, agents) SIGKILLed."""
+    import psutil
+
+    raylet = psutil.Process(raylet_pid)
+    for proc in [raylet, *raylet.children(recursive=True)]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_workflow_on_existing_cluster_with_tracking_server_and_a_node_lost_mid_expert(
+        tiny_base, tmp_path, ray_cluster, mlflow_server):
+    """The driver on a 3-node cluster, lineage through the tracking server. As soon as an expert runs on a
+    worker node, that node is killed (raylet, workers, agents): Ray retries the expert on the other node
+    and the workflow finishes with merged weights bitwise equal to an undisturbed run of the same spec."""
     import json
 
     import mlflow.artifacts
     import yaml
     from mlflow import MlflowClient
 
+    from pipeline.driver import run_workflow
+    from tests.test_integrity_resume import assert_bitwise_equal, tensors
+
     address, env = ray_cluster
     spec = tiny_workflow_dict(tmp_path, tiny_base)
+    spec["finetune"].update(max_steps=300, log_every=50)  # a few seconds per expert: time to lose a node under it
+    reference = parse_workflow({**spec, "tracking": {"uri": f"sqlite:///{tmp_path / 'ref.db'}"},
+                                "store": {"root": str(tmp_path / "ref-store")}})
+    want = tensors(Path(run_workflow(reference, address="in-process", report=lambda _m: None).final.merged.path))
     spec["tracking"] = {"uri": mlflow_server}
     wf = parse_workflow(spec)
     (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([str(BIN / "mergeflow"), "run", str(tmp_path / "wf.yaml"), "--address", address, "--json"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout[proc.stdout.index("{\n"):])
-    final = result["rounds"][0]
-
+    nodes = _raylets(int(address.rsplit(":", 1)[1]))
+    assert len(nodes) == 2, nodes
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    log = (tmp_path / "driver.log").open("w")
+    proc = subprocess.Popen([str(BIN / "mergeflow"), "run", str(tmp_path / "wf.yaml"), "--address", address, "--json"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        lost = victim = None
+        deadline = time.time() + 300
+        while lost is None:  # the first expert seen running on a worker node: kill that node
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+            exp = client.get_experiment_by_name(wf.experiment_name)
+            for run in client.search_runs([exp.experiment_id], "tags.`mergeflow.kind` = 'expert' and "
+                                          "attributes.status = 'RUNNING'") if exp else []:
+                node = run.data.tags.get("mergeflow.ray_node_id")
+                if node in nodes and "train_loss" in run.data.metrics:  # training, not just scheduled
+                    lost, victim = node, run.info.run_id
+                    _kill_node(nodes[node])
+                    break
+            time.sleep(0.1)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, out[-3000:] + (tmp_path / "driver.log").read_text()[-3000:]
+    result = json.loads(out[out.index("{\n"):])
+    final = result["rounds"][0]
+    assert_bitwise_equal(tensors(Path(final["merged"])), want)  # a local store: its URI is the path
+    retried = client.get_run(victim)
+    assert retried.info.status == "FINISHED"
+    assert retried.data.tags["mergeflow.ray_node_id"] != lost, "the retry ran on the node that is left"
+    exp = client.get_experiment_by_name(wf.experiment_name)
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
     version = client.get_model_version_by_alias(wf.registered_model_name, "current")
     model = client.get_logged_model(final["merged_model_id"])
     assert version.source == f"models:/{model.model_id}", "registered from the LoggedModel"
@@ -102,4 +152,8 @@ def test_workflow_on_existing_cluster_with_tracking_server(tiny_base, tmp_path, 
     assert (tmp_path / "server-artifacts").is_dir()
     # expert runs were logged by workers on the cluster's nodes, through the server
     for e in final["experts"].values():
-        assert len(client.get_metric_history(e["run_id"], "train_loss")) == 3
+        steps = [m.step for m in client.get_metric_history(e["run_id"], "train_loss")]
+        if e["run_id"] == victim:  # the lost attempt's steps, then the retry's from the start
+            assert steps[-6:] == [50, 100, 150, 200, 250, 300], steps
+        else:
+            assert steps == [50, 100, 150, 200, 250, 300], steps
