@@ -124,8 +124,32 @@ def make_pretrained_pico(directory: Path, base: Path, rules: tuple[str, ...], st
     return directory
 
 
+_MLFLOW_TEMPLATE: list[Path] = []
+
+
+def seeded_mlflow_db(path: Path) -> Path:
+    """An empty MLflow SQLite database at ``path`` (unless one is there), copied from one this process made
+    once. MLflow builds a new file's schema with its migrations, about 4 s each; the suite would pay that
+    for every spec. Making a fresh database stays under test wherever a spec does not come from these
+    helpers: the quickstart, recurring rounds (two at once on a fresh file), bad input."""
+    import shutil
+    import tempfile
+
+    if not _MLFLOW_TEMPLATE:
+        from mlflow import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="mergeflow-test-mlflow-")) / "template.db"
+        MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments(max_results=1)  # migrates
+        _MLFLOW_TEMPLATE.append(template)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_MLFLOW_TEMPLATE[0], path)
+    return path
+
+
 def tiny_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
-    """A 2-task workflow over the pico BERT with everything (store, MLflow) inside ``tmp``."""
+    """A 2-task workflow over the pico BERT with everything (store, MLflow) inside ``tmp``; the MLflow
+    file starts as an empty, already migrated database (``seeded_mlflow_db``)."""
     vowel = write_task_file(tmp / "data" / "vowel.parquet", "vowel", seed=1)
     length = write_task_file(tmp / "data" / "length.jsonl", "length", seed=2)
     spec = {
@@ -142,6 +166,8 @@ def tiny_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
         "store": {"root": str(tmp / "store")},
     }
     spec.update(overrides)
+    if spec["tracking"]["uri"] == f"sqlite:///{tmp / 'mlflow.db'}":
+        seeded_mlflow_db(tmp / "mlflow.db")
     return spec
 
 
@@ -220,6 +246,8 @@ def tiny_lm_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
         "store": {"root": str(tmp / "store")},
     }
     spec.update(overrides)
+    if spec["tracking"]["uri"] == f"sqlite:///{tmp / 'mlflow.db'}":
+        seeded_mlflow_db(tmp / "mlflow.db")
     return spec
 
 

@@ -26,7 +26,7 @@ def mlflow_server(tmp_path):
     port = free_ports()[0]
     proc = start_mlflow_server(port, f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts")
     yield f"http://127.0.0.1:{port}"
-    stop_process_group(proc, grace_s=10)
+    stop_process_group(proc, grace_s=3)
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def ray_cluster(tmp_path):
                     "--include-dashboard=false", *common], check=True, env=env, capture_output=True)
     address = f"127.0.0.1:{port}"
     try:
-        for _ in range(2):
+        for _ in range(2):  # one after the other: two nodes starting at once on one machine time out
             subprocess.run([str(BIN / "ray"), "start", f"--address={address}", "--num-cpus=1", *common],
                            check=True, env=env, capture_output=True)
         yield address, env

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from pipeline.recurring.gate import decide, knows_nothing_score
 from pipeline.spec import SpecError, load_workflow, parse_workflow
-from tests.helpers import make_pretrained_pico, write_task_file
+from tests.helpers import make_pretrained_pico, seeded_mlflow_db, write_task_file
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = (("half", ["early", "late"]), ("length", ["short", "long"]), ("anyvowel", ["no", "yes"]))
@@ -61,7 +61,10 @@ def pico(tiny_base, tmp_path_factory) -> Path:
     return make_pretrained_pico(tmp_path_factory.mktemp("pretrained-pico"), tiny_base, tuple(r for r, _ in TASKS))
 
 
-def _spec_dict(tmp: Path, base: Path, **recurring) -> dict:
+def _spec_dict(tmp: Path, base: Path, fresh_mlflow: bool = False, **recurring) -> dict:
+    """The recurring spec; its MLflow file starts migrated (``seeded_mlflow_db``) unless ``fresh_mlflow``."""
+    if not fresh_mlflow:
+        seeded_mlflow_db(tmp / "mlflow.db")
     tasks = []
     for rule, labels in TASKS:
         src = tmp / "data" / f"{rule}.parquet"
@@ -80,9 +83,9 @@ def _spec_dict(tmp: Path, base: Path, **recurring) -> dict:
     }
 
 
-def _write_spec(tmp: Path, base: Path, **recurring) -> Path:
+def _write_spec(tmp: Path, base: Path, fresh_mlflow: bool = False, **recurring) -> Path:
     path = tmp / "spec.yaml"
-    path.write_text(yaml.safe_dump(_spec_dict(tmp, base, **recurring)))
+    path.write_text(yaml.safe_dump(_spec_dict(tmp, base, fresh_mlflow, **recurring)))
     return path
 
 
@@ -436,7 +439,7 @@ def _main():
 
 @pytest.mark.e2e
 def test_two_rounds_at_once_train_once(tmp_path, tiny_base):
-    spec = _write_spec(tmp_path, tiny_base)
+    spec = _write_spec(tmp_path, tiny_base, fresh_mlflow=True)  # both rounds race to create the database too
     for rule in ("half", "length"):
         assert CliRunner().invoke(_main(), ["contribute", str(spec), str(tmp_path / "data" / f"{rule}.parquet"),
                                             "--task", rule, "--id", f"0-{rule}"]).exit_code == 0

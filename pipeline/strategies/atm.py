@@ -34,8 +34,9 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     first, part = 0, "fit" if wf.held_out_fraction else "all"
     if spec.start == "oneshot_merge":  # ATM on validation data: round 0 is the one-shot merge
         round_run = rounds.start_round(0)
-        probe = rounds.submit_probe(base, 0, round_run)
-        experts = rounds.finetune(base, wf.tasks, 0, round_run, part="fit")
+        pending = rounds.submit_experts(base, wf.tasks, 0, round_run, part="fit")
+        probe = rounds.submit_probe(base, 0, round_run)  # after the experts: they go first
+        experts = rounds.collect_experts(pending)
         merged = rounds.merge(base, experts, 0, round_run)
         merged_eval, expert_evals = rounds.evaluate(merged, experts, 0, round_run, cross_task=False)
         result = RoundResult(0, round_run, experts, merged, expert_evals, merged_eval,
@@ -46,8 +47,9 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         current, first, part = merged, 1, "validation"
     for k in range(first, first + spec.count):
         round_run = rounds.start_round(k)
-        probe = rounds.submit_probe(base, k, round_run) if k == 0 else None
-        experts = rounds.finetune(current, wf.tasks, k, round_run, per_round=True, part=part)
+        pending = rounds.submit_experts(current, wf.tasks, k, round_run, per_round=True, part=part)
+        probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
+        experts = rounds.collect_experts(pending)
         merge_base = current if spec.task_vectors_from == "round_start" else base
         merged = rounds.merge(merge_base, experts, k, round_run, merge=spec.merge, heads_from=current)
         merged_eval, expert_evals = rounds.evaluate(merged, experts, k, round_run, cross_task=False)

@@ -48,11 +48,12 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     best, spent = float("-inf"), 0.0
     for k in range(spec.count):
         round_run = rounds.start_round(k)
-        base_probe = rounds.submit_probe(base, k, round_run) if k == 0 else None
         contributors = sample_contributors(wf.tasks, k, spec.contributors, spec.contributor_seed, spec.weight_by_size)
         rounds.report(f"round {k}: contributors {', '.join(t.name for t in contributors)}")
-        experts = rounds.finetune(shared, contributors, k, round_run, per_round=True,
-                                  part="fit" if wf.held_out_fraction else "all")  # AdaMerging learns on the rest
+        pending = rounds.submit_experts(shared, contributors, k, round_run, per_round=True,
+                                        part="fit" if wf.held_out_fraction else "all")  # AdaMerging learns on the rest
+        base_probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
+        experts = rounds.collect_experts(pending)
         spent += len(contributors) / len(wf.tasks) / spec.count  # mean fraction of a task's budget
         fused = rounds.merge(shared, experts, k, round_run, merge=spec.merge, heads_from=shared)
         probe = rounds.submit_probe(fused, k, round_run, name="evaluate:shared-linear-probe")

@@ -89,6 +89,17 @@ def own_scores(expert: ModelRef, task: str) -> dict[str, dict[str, float]] | Non
     return {task: own} if "accuracy" in own else None
 
 
+@dataclass
+class PendingExperts:
+    """Experts being fine-tuned (``Rounds.submit_experts``): reused ones already here, the rest in flight."""
+
+    index: int
+    experts: dict[str, ModelRef] = field(default_factory=dict)
+    run_ids: dict[str, str] = field(default_factory=dict)
+    futures: list = field(default_factory=list)
+    round_run: str = ""
+
+
 class Rounds:
     """Submit the steps of a round and record them; shared by every strategy."""
 
@@ -137,37 +148,58 @@ class Rounds:
         ``per_round``: use one round's budget (``Workflow.round_finetune_for``) instead of the whole one.
         ``part``: which training rows (``all``, or ``fit`` / ``validation`` with a held-out slice).
         """
-        experts: dict[str, ModelRef] = {}
-        futures = []
-        run_ids: dict[str, str] = {}
+        return self.collect_experts(self.submit_experts(start, tasks, index, round_run, per_round, part))
+
+    def submit_experts(self, start: ModelRef, tasks: list[TaskSpec], index: int, round_run: str,
+                       per_round: bool = False, part: str = "all") -> PendingExperts:
+        """Start fine-tuning (as :meth:`finetune`) without waiting; collect with :meth:`collect_experts`.
+
+        Experts are submitted longest first (by tokens to train: steps × batch × length), so the
+        slots are packed like LPT scheduling and the longest expert never starts last, alone.
+        """
+        from operators.finetune import total_steps
+
+        pending = PendingExperts(index)
+        todo = []
         for task in tasks:
             settings = self.wf.round_finetune_for(task, index) if per_round else self.wf.finetune_for(task)
             data = task_data(task, part, self.wf.held_out_fraction, task.dataset.split_seed)
             key = expert_key(start, task, settings, data.digest)
             path = expert_path(self.store, self.wf, index, task.name, key)
             if self.intact(path, f"expert {task.name!r}", index):
-                experts[task.name] = ref_from_store(self.store, path, "expert", task.name, key)
+                pending.experts[task.name] = ref_from_store(self.store, path, "expert", task.name, key)
                 self.report(f"round {index}: expert {task.name!r} already in the store, reused ({self.store.uri(path)})")
                 continue
+            cost = total_steps(len(data.train), settings) * settings.batch_size * settings.max_length
+            todo.append((cost, task, settings, key, path))
+        for _cost, task, settings, key, path in sorted(todo, key=lambda t: -t[0]):  # stable: ties keep spec order
             run_id = self._child(f"expert:{task.name}", "expert", round_run, index,
                                  {TAG_TASK: task.name, TAG_STORE_URI: self.store.uri(path)})
-            run_ids[task.name] = run_id
-            futures.append(self.runtime.submit(finetune_step, self.ctx, task, start, index, run_id, key, settings, part,
-                                               name=f"finetune-{task.name}-r{index}", resources=self.resources))
+            pending.run_ids[task.name] = run_id
+            pending.futures.append(self.runtime.submit(
+                finetune_step, self.ctx, task, start, index, run_id, key, settings, part,
+                name=f"finetune-{task.name}-r{index}", resources=self.resources))
+        pending.round_run = round_run
+        return pending
+
+    def collect_experts(self, pending: PendingExperts) -> dict[str, ModelRef]:
+        """Wait for the experts of :meth:`submit_experts`; ends their runs as they finish."""
+        index, experts = pending.index, pending.experts
         try:
-            for _fut, ref in self.runtime.as_completed(futures):
+            for _fut, ref in self.runtime.as_completed(pending.futures):
                 experts[ref.name] = ref
                 self.lineage.end_run(ref.run_id)
                 self.report(f"round {index}: expert {ref.name!r} finished "
                             f"(loss {ref.metrics['train_final_loss']:.4f}, {ref.metrics['train_seconds']:.1f}s)")
         except BaseException as exc:
-            for task, run_id in run_ids.items():
+            for task, run_id in pending.run_ids.items():
                 if task not in experts:
                     self.lineage.end_run(run_id, ended_status(exc))
             raise
         if any(e.reused for e in experts.values()):
-            self.lineage.set_tags(round_run, {"mergeflow.reused_experts": ",".join(sorted(t for t, e in experts.items() if e.reused))})
-        return experts
+            self.lineage.set_tags(pending.round_run, {
+                "mergeflow.reused_experts": ",".join(sorted(t for t, e in experts.items() if e.reused))})
+        return dict(experts)
 
     # --- merging --------------------------------------------------------------------------------
     def merge(self, base: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
