@@ -198,6 +198,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     from operators.evaluate import evaluate
     from operators.finetune import finetune, total_steps
 
+    step_start = time.perf_counter()
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     settings = settings or wf.finetune_for(task)
     data = task_data(task, part, wf.held_out_fraction, task.dataset.split_seed)
@@ -262,10 +263,14 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         })
         location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
                                       step=round_index, upload=wf.tracking.log_expert_artifacts)
+    # the whole step on its worker (load, train, score, write, log): what a slot was busy with
+    step_seconds = time.perf_counter() - step_start
+    lineage.log_metrics(run_id, {"step_seconds": step_seconds}, step=round_index)
     say(f"[expert {task.name}] done in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s, "
         f"{result.precision}): loss {result.final_loss:.4f}, eval {task.headline_metric} {own['accuracy']:.3f}")
     return ModelRef("expert", task.name, path, store.uri(path), key, run_id, model_id,
-                    metrics={**metrics, **own_eval, "own_accuracy": own["accuracy"]}, artifact_location=location,
+                    metrics={**metrics, **own_eval, "own_accuracy": own["accuracy"], "step_seconds": step_seconds},
+                    artifact_location=location,
                     adapter_base=start if lora else None)
 
 

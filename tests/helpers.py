@@ -147,9 +147,10 @@ def seeded_mlflow_db(path: Path) -> Path:
     return path
 
 
-def tiny_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
+def tiny_workflow_dict(tmp: Path, base: Path, *, seed_mlflow: bool = True, **overrides) -> dict:
     """A 2-task workflow over the pico BERT with everything (store, MLflow) inside ``tmp``; the MLflow
-    file starts as an empty, already migrated database (``seeded_mlflow_db``)."""
+    file starts as an empty, already migrated database (``seeded_mlflow_db``) unless ``seed_mlflow`` is
+    False (a test about a missing or fresh database)."""
     vowel = write_task_file(tmp / "data" / "vowel.parquet", "vowel", seed=1)
     length = write_task_file(tmp / "data" / "length.jsonl", "length", seed=2)
     spec = {
@@ -166,7 +167,7 @@ def tiny_workflow_dict(tmp: Path, base: Path, **overrides) -> dict:
         "store": {"root": str(tmp / "store")},
     }
     spec.update(overrides)
-    if spec["tracking"]["uri"] == f"sqlite:///{tmp / 'mlflow.db'}":
+    if seed_mlflow and spec["tracking"]["uri"] == f"sqlite:///{tmp / 'mlflow.db'}":
         seeded_mlflow_db(tmp / "mlflow.db")
     return spec
 

@@ -80,7 +80,7 @@ def world(tmp_path_factory, tiny_base) -> World:
     root = tmp_path_factory.mktemp("bad")
     base = root / "base"
     shutil.copytree(tiny_base, base)
-    good = tiny_workflow_dict(root, base)
+    good = tiny_workflow_dict(root, base, seed_mlflow=False)  # nothing exists until a run makes it
     w = World(root, base, good)
     # data a user might point at
     w.write("nolabel.csv", "text,lbl\nabc,vowel\nxyz,consonant\n")

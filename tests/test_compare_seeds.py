@@ -184,7 +184,7 @@ def test_compare_rejects_bad_seeds(tmp_path, value, expected):
     from pipeline.cli import EXIT_BAD_INPUT, main
 
     spec = tmp_path / "wf.yaml"
-    spec.write_text(yaml.safe_dump(tiny_workflow_dict(tmp_path, tmp_path / "no-base-needed")))
+    spec.write_text(yaml.safe_dump(tiny_workflow_dict(tmp_path, tmp_path / "no-base-needed", seed_mlflow=False)))
     result = CliRunner().invoke(main, ["compare", str(spec), "--seeds", value, "--out", str(tmp_path / "cmp")])
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert expected in result.output

@@ -147,7 +147,7 @@ def test_cli_validate_and_run_bad_data_exit_codes(tiny_base, tmp_path):
 
     from pipeline.cli import main
 
-    spec = tiny_workflow_dict(tmp_path, tiny_base)
+    spec = tiny_workflow_dict(tmp_path, tiny_base, seed_mlflow=False)  # bad input must not create it
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(spec))
     res = CliRunner().invoke(main, ["validate", str(good)])
