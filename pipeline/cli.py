@@ -455,7 +455,8 @@ def ui(spec: str, port: int, host: str, tracking_uri: str | None) -> None:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
                                                                               "false")}
     proc = subprocess.Popen(cmd, start_new_session=True, env=env)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SIGTERM also goes through the finally below
+    # SIGTERM also goes through the finally below (the caller's handler is put back there)
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         deadline = time.monotonic() + 180
         while proc.poll() is None and time.monotonic() < deadline:
@@ -478,6 +479,7 @@ def ui(spec: str, port: int, host: str, tracking_uri: str | None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
