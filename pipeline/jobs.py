@@ -215,7 +215,14 @@ def list_jobs(address: str) -> list[JobRecord]:
     return _records(_client(address))
 
 
+def _check_job_id(job_id: str) -> None:
+    if not job_id.strip() or "/" in job_id:  # "" would ask Ray's job list endpoint instead of one job
+        raise JobError(f"JOB: {job_id!r} is not a job id; `mergeflow jobs --address …` lists them "
+                       "(e.g. mergeflow-quickstart-1a2b3c4d5e6f)")
+
+
 def _status(client, job_id: str) -> str:
+    _check_job_id(job_id)
     try:
         status = client.get_job_status(job_id)
     except RuntimeError:
@@ -225,6 +232,7 @@ def _status(client, job_id: str) -> str:
 
 def status(address: str, job_id: str) -> str:
     """A job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    _check_job_id(job_id)
     return _status(_client(address), job_id)
 
 
@@ -232,6 +240,7 @@ def logs(address: str, job_id: str, follow: bool = False) -> Iterator[str]:
     """The job's driver output: everything so far, or (``follow``) chunks as they come until it ends."""
     import asyncio
 
+    _check_job_id(job_id)
     client = _client(address)
     _status(client, job_id)
     if not follow:
@@ -252,6 +261,7 @@ def logs(address: str, job_id: str, follow: bool = False) -> Iterator[str]:
 
 def stop(address: str, job_id: str, wait_s: float = 60.0, sleep: Callable[[float], None] = time.sleep) -> str:
     """Stop a job and wait (up to ``wait_s``) until it has ended; returns its last status."""
+    _check_job_id(job_id)
     client = _client(address)
     state = _status(client, job_id)
     if state not in ACTIVE:

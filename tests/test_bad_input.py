@@ -316,6 +316,10 @@ def _cases(w: World) -> list[tuple[str, list[str], Pattern]]:
         ("status-unknown-run-id", ["status", "0123456789abcdef", "--tracking-uri", f"sqlite:///{r / 'tracked.db'}"],
          "no run '0123456789abcdef' in sqlite:///{r}/tracked.db; list the workflow runs with: mergeflow status "
          "--tracking-uri sqlite:///{r}/tracked.db"),
+        ("logs-empty-job-id", ["logs", "", "--address", "http://127.0.0.1:9"],
+         "JOB: '' is not a job id; `mergeflow jobs --address …` lists them (e.g. mergeflow-quickstart-1a2b3c4d5e6f)"),
+        ("stop-job-id-with-slash", ["stop", "a/b", "--address", "http://127.0.0.1:9"],
+         "JOB: 'a/b' is not a job id; `mergeflow jobs --address …` lists them (e.g. mergeflow-quickstart-1a2b3c4d5e6f)"),
         ("ui-no-database", ["ui", w.spec("uinodb")],
          "no tracking database at {r}/mlflow.db (tracking.uri sqlite:///{r}/mlflow.db); run the workflow first: "
          "mergeflow run {r}/uinodb.yaml"),
@@ -340,7 +344,8 @@ CASE_IDS = [
     "merge-expert-missing", "merge-expert-truncated", "merge-expert-pickle", "merge-bad-shard-size",
     "merge-output-not-empty", "export-checkpoint-missing", "export-checkpoint-is-file", "export-no-such-head",
     "export-plain-model-no-heads", "export-output-not-empty", "export-truncated-body", "export-truncated-head",
-    "status-no-database", "status-not-a-database", "status-ftp", "status-unknown-run-id", "ui-no-database",
+    "status-no-database", "status-not-a-database", "status-ftp", "status-unknown-run-id", "logs-empty-job-id",
+    "stop-job-id-with-slash", "ui-no-database",
     "ui-bad-port",
 ]
 
