@@ -270,10 +270,13 @@ def print_summary(console, result, ui_url: str = DEFAULT_UI_URL) -> None:
         console.print(f"registered:   models:/{result.registered_model}/{final.registered_version}")
     console.print(f"MLflow run:   {result.run_id}")
     console.print(f"wall time:    {result.seconds:.1f}s")
+    served = result.tracking_uri.lower().startswith(("http://", "https://"))
+    if served and ui_url == DEFAULT_UI_URL:  # a tracking server serves its own UI: link there
+        ui_url = result.tracking_uri.rstrip("/")
     links = ui_links(ui_url, result.experiment_id, run_id=result.run_id, model_id=final.merged.model_id,
                      registered_model=result.registered_model, version=result.alias_version or final.registered_version)
-    _print_links(links, f"MLflow UI links (serve them with: mergeflow ui SPEC, or "
-                        f"mlflow ui --backend-store-uri {result.tracking_uri}):")
+    _print_links(links, "MLflow UI links:" if served else (
+        f"MLflow UI links (serve them with: mergeflow ui SPEC, or mlflow ui --backend-store-uri {result.tracking_uri}):"))
 
 
 def _print_links(links: dict[str, str], header: str) -> None:

@@ -132,6 +132,8 @@ def test_workflow_on_existing_cluster_with_tracking_server_and_a_node_lost_mid_e
     assert proc.returncode == 0, out[-3000:] + (tmp_path / "driver.log").read_text()[-3000:]
     result = json.loads(out[out.index("{\n"):])
     final = result["rounds"][0]
+    # with a tracking server, the printed links point at its own UI (nothing to serve by hand)
+    assert f"workflow run:       {mlflow_server}/#/experiments/" in out and "serve them with" not in out, out[-2000:]
     assert_bitwise_equal(tensors(Path(final["merged"])), want)  # a local store: its URI is the path
     retried = client.get_run(victim)
     assert retried.info.status == "FINISHED"
