@@ -312,6 +312,21 @@ class Lineage:
         self._call(self.client.log_outputs, run_id, [LoggedModelOutput(model_id, step)])
         return self.client.get_logged_model(model_id).artifact_location
 
+    @_retry
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
+
+    @_retry
+    def fail_pending_models(self, run_id: str) -> int:
+        """Mark the LoggedModels ``run_id`` left PENDING as FAILED (an attempt whose worker died); returns how many."""
+        from mlflow.entities import LoggedModelStatus
+
+        pending = [m.model_id for m in self.client.search_logged_models([self.experiment_id])
+                   if m.source_run_id == run_id and m.status == LoggedModelStatus.PENDING]
+        for model_id in pending:
+            self.fail_model(model_id)
+        return len(pending)
+
     def fail_model(self, model_id: str) -> None:
         try:
             self._call(self.client.finalize_logged_model, model_id, "FAILED")

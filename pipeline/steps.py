@@ -225,7 +225,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             pending.clear()
             say(f"[expert {task.name}] step {step}/{steps} loss {metrics['train_loss']:.4f}")
 
-    lineage.set_tags(run_id, where_am_i())  # which machine (and Ray node) trained it; a retried attempt re-tags
+    lineage.set_tags(run_id, _attempt_tags(lineage, run_id))  # where it trains; a retry says what it replaces
     lora = settings.mode == "lora"
     model_id = lineage.create_model(run_id, f"expert-{task.name}", tags={
         "mergeflow.kind": "expert", "mergeflow.task": task.name, "mergeflow.round": str(round_index),
@@ -272,6 +272,26 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
                     metrics={**metrics, **own_eval, "own_accuracy": own["accuracy"], "step_seconds": step_seconds},
                     artifact_location=location,
                     adapter_base=start if lora else None)
+
+
+def _attempt_tags(lineage: Lineage, run_id: str) -> dict[str, str]:
+    """Where this attempt of a step runs (host, Ray node and task) and which attempt it is.
+
+    The run was made by the driver; an earlier attempt that tagged it and is not here any more died
+    mid-step (Ray retries a task only when its worker dies): this one says so, and the model that
+    attempt left PENDING is marked FAILED.
+    """
+    here = where_am_i()
+    before = lineage.run_tags(run_id)
+    if "mergeflow.host" not in before:
+        return {**here, "mergeflow.attempt": "1"}
+    attempt = int(before.get("mergeflow.attempt", "1")) + 1
+    failed = lineage.fail_pending_models(run_id)
+    say(f"[attempt {attempt}] run {run_id}: attempt {attempt - 1} died mid-step; {failed} model(s) it left "
+        "PENDING marked FAILED")
+    return {**here, "mergeflow.attempt": str(attempt),
+            "mergeflow.retried_after": f"attempt {attempt - 1} on {before['mergeflow.host']} (Ray node "
+                                       f"{before.get('mergeflow.ray_node_id', '?')}) died mid-step; Ray retried it"}
 
 
 def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str, key: str,

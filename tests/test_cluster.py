@@ -135,10 +135,14 @@ def test_workflow_on_existing_cluster_with_tracking_server_and_a_node_lost_mid_e
     # with a tracking server, the printed links point at its own UI (nothing to serve by hand)
     assert f"workflow run:       {mlflow_server}/#/experiments/" in out and "serve them with" not in out, out[-2000:]
     assert_bitwise_equal(tensors(Path(final["merged"])), want)  # a local store: its URI is the path
+    exp = client.get_experiment_by_name(wf.experiment_name)
     retried = client.get_run(victim)
     assert retried.info.status == "FINISHED"
     assert retried.data.tags["mergeflow.ray_node_id"] != lost, "the retry ran on the node that is left"
-    exp = client.get_experiment_by_name(wf.experiment_name)
+    assert retried.data.tags["mergeflow.attempt"] == "2" and lost in retried.data.tags["mergeflow.retried_after"]
+    models = [m for m in client.search_logged_models([exp.experiment_id]) if m.source_run_id == victim]
+    # the lost attempt's model is FAILED (it never got weights), the retry's READY: none left PENDING
+    assert sorted(str(m.status).rsplit(".", 1)[-1] for m in models) == ["FAILED", "READY"], models
     assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
 
     version = client.get_model_version_by_alias(wf.registered_model_name, "current")
