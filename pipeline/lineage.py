@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ TAG_STORE_URI = "mergeflow.store_uri"
 TAG_SPEC_HASH = "mergeflow.spec_hash"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_MODEL_ID = "mergeflow.model_id"
+TAG_REGISTRATION = "mergeflow.registration"  # one token per register() call: its retries find what it made
 # The MLflow 3 UI's experiment kind: "custom_model_development" is what its own kind selector
 # writes for "Machine learning" (training runs first, not the GenAI traces overview).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -62,7 +64,8 @@ _TRANSIENT = ("connection refused", "max retries exceeded", "failed to establish
               "too many 429", "error code 500", "error code 502", "error code 503", "error code 504",
               "error code 429", "bad gateway", "service unavailable", "gateway timeout")
 _LOCKED = ("locked", "busy", "timeout")  # SQLite under contention
-_down_since: list[float] = []  # set when a call gave up on the server: later calls fail fast until one succeeds
+_down_since: list = []  # [when, message] of the last call that gave up on the server (see _retry)
+_FAIL_FAST_S = 30.0  # for this long after a call gave up, calls fail without trying: the run is ending anyway
 
 
 def _transient(exc: BaseException) -> bool:
@@ -85,13 +88,15 @@ def _retry(fn: Callable[..., T]) -> Callable[..., T]:
     """Retry an MLflow call: SQLite answers 'database is locked' under contention (a few quick tries), and
     an unreachable server is waited for with backoff (capped at 5 s between tries, so its return is
     noticed at once) for ``retry_seconds`` of the ``Lineage`` in ``args[0]``; past that,
-    :class:`TrackingUnavailable` names what was not recorded. Once one call has given up, later calls in
-    this process fail at their first transient error until one succeeds (a failing workflow does not
-    wait again for every run it tries to close)."""
+    :class:`TrackingUnavailable` names what was not recorded. For 30 s after a call has given up, calls
+    in this process fail at once without trying (a failing workflow does not wait again for every run it
+    tries to close); after that they try again."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         delay, start, locked_tries, warned = 0.2, time.monotonic(), 0, False
+        if _down_since and time.time() - _down_since[0] < _FAIL_FAST_S:
+            raise TrackingUnavailable(_down_since[1])  # the first give-up's message: what failed first, what to do
         while True:
             try:
                 out = fn(*args, **kwargs)
@@ -105,15 +110,16 @@ def _retry(fn: Callable[..., T]) -> Callable[..., T]:
                     bound = getattr(args[0], "retry_seconds", DEFAULT_RETRY_SECONDS) if args else DEFAULT_RETRY_SECONDS
                     uri = getattr(args[0], "tracking_uri", None) or (args[1] if len(args) > 1 else "?")
                     waited = time.monotonic() - start
-                    if _down_since or waited >= bound:
-                        _down_since[:] = [_down_since[0] if _down_since else time.time()]
-                        raise TrackingUnavailable(
+                    if waited >= bound:
+                        gave_up = TrackingUnavailable(
                             f"the MLflow tracking server {uri} did not answer for {waited:.0f} s "
                             f"({str(exc).splitlines()[0][:300]}); {_what(fn, args)} was not recorded. The workflow "
                             "stops here and every step already finished is kept in the store: once the server is "
                             "back, run the workflow again (or `mergeflow resume RUN`); it closes this attempt's "
                             "runs left RUNNING as KILLED and goes on from the store. To wait longer, raise "
-                            "tracking.retry_seconds.") from exc
+                            "tracking.retry_seconds.")
+                        _down_since[:] = [time.time(), str(gave_up)]
+                        raise gave_up from exc
                     if not warned:
                         log.warning("MLflow tracking server %s unreachable (%s); retrying for up to %.0f s",
                                     uri, str(exc).splitlines()[0][:200], bound)
@@ -348,9 +354,17 @@ class Lineage:
         self.client.log_inputs(run_id, models=[LoggedModelInput(m) for m in model_ids])
 
     # --- registry (driver side) ---------------------------------------------------------------
-    @_retry
     def register(self, name: str, *, model_id: str, run_id: str, alias: str | None, source: str | None = None,
                  tags: dict[str, str] | None = None, description: str = "") -> str:
+        """Register the LoggedModel ``model_id`` as a new version of ``name`` (see :meth:`_register`); a
+        retry after a dropped connection finds the version this call made (by a token tag) instead of
+        making a second one."""
+        return self._register(name, model_id=model_id, run_id=run_id, alias=alias, source=source, tags=tags,
+                              description=description, token=uuid.uuid4().hex)
+
+    @_retry
+    def _register(self, name: str, *, model_id: str, run_id: str, alias: str | None, source: str | None,
+                  tags: dict[str, str] | None, description: str, token: str) -> str:
         """Register the LoggedModel ``model_id`` as a new version of ``name``; move ``alias`` to it.
 
         As ``mlflow.register_model("models:/<model_id>", name)`` does, the version's source is the
@@ -378,12 +392,12 @@ class Lineage:
             self.client.create_registered_model(name, description="Merged models made by mergeflow.")
         # MLflow's SQL registry resolves a models:/<id> source through the *global* tracking URI
         # a retried call whose version was made before the connection dropped finds it instead of a second one
-        version = self.find_version.__wrapped__(self, name, model_id)
+        version = self.find_version_by_tag.__wrapped__(self, name, TAG_REGISTRATION, token)
         if version is None:
             with _use_tracking_uri(self.tracking_uri):
                 version = str(self.client.create_model_version(
-                    name, source=source or f"models:/{model_id}", run_id=run_id,
-                    tags={**(tags or {}), TAG_MODEL_ID: model_id}, description=description, model_id=model_id,
+                    name, source=source or f"models:/{model_id}", run_id=run_id, description=description,
+                    tags={**(tags or {}), TAG_MODEL_ID: model_id, TAG_REGISTRATION: token}, model_id=model_id,
                 ).version)
         listed = self.client.get_logged_model(model_id).tags.get(TAG_MODEL_VERSIONS)
         versions = json.loads(listed) if listed else []

@@ -327,20 +327,26 @@ def _kill_after_first_expert(store: Path, kill, down_s: float | None):
     return thread
 
 
-def test_tracking_server_on_postgresql_down_30s_mid_run_loses_nothing(undisturbed, tiny_base, tmp_path,
+def test_tracking_server_on_postgresql_down_30s_loses_nothing_and_down_for_good_fails_clearly(undisturbed, tiny_base, tmp_path,
                                                                       postgres_tracking_server):
     """The production set-up (MLflow server on PostgreSQL, proxied artifacts) killed right after the first
     expert is published and back 30 s later: every MLflow call in between waits (backoff capped at 5 s)
     and the workflow finishes as if nothing happened: same weights, every run FINISHED with its metrics,
-    the merged model's artifacts equal to the store's, one registry version."""
+    the merged model's artifacts equal to the store's, one registry version. Then the same server down for
+    longer than ``tracking.retry_seconds``: the driver stops, naming what was not recorded, and the next
+    run, once the server is back, closes the dead attempt's runs and finishes with the same weights."""
     import hashlib
+    import os
+    import subprocess
+    import sys
 
     import mlflow.artifacts
+    import yaml
 
     from pipeline.driver import run_workflow
     from pipeline.lineage import TAG_KIND
 
-    url, kill, _start = postgres_tracking_server
+    url, kill, start = postgres_tracking_server
     _, _, merged_want = undisturbed
     wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, tracking={"uri": url}))
     watcher = _kill_after_first_expert(tmp_path / "store", kill, down_s=30)
@@ -371,24 +377,11 @@ def test_tracking_server_on_postgresql_down_30s_mid_run_loses_nothing(undisturbe
                                                    tracking_uri=url, dst_path=str(tmp_path / "dl")))
     want = Path(result.final.merged.path) / "model.safetensors"
     assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(want.read_bytes()).digest()
-
-
-def test_tracking_server_down_past_retry_seconds_fails_naming_what_was_not_recorded(undisturbed, tiny_base, tmp_path,
-                                                                                   postgres_tracking_server):
-    """Down for longer than ``tracking.retry_seconds``: the workflow stops with a message that names the call
-    that was not recorded and what to do; once the server is back, the next run closes the dead attempt's
-    runs (none stays RUNNING) and finishes from the store with the same weights and one version."""
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
-    from pipeline.driver import run_workflow
-
-    url, kill, start = postgres_tracking_server
-    _, _, merged_want = undisturbed
-    spec = tiny_workflow_dict(tmp_path, tiny_base, tracking={"uri": url, "retry_seconds": 3})
+    # --- down past tracking.retry_seconds: the driver (a process of its own: a failed driver exits, and the
+    # next run finds its pid gone) stops with a message naming what was not recorded; once the server is
+    # back, the next run closes the dead attempt's runs (none stays RUNNING) and finishes from the store
+    tmp_path = tmp_path / "past-the-bound"
+    spec = tiny_workflow_dict(tmp_path, tiny_base, name="tiny-b", tracking={"uri": url, "retry_seconds": 3})
     wf = parse_workflow(spec)
     (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
     watcher = _kill_after_first_expert(tmp_path / "store", kill, down_s=None)
