@@ -222,7 +222,6 @@ def _check_job_id(job_id: str) -> None:
 
 
 def _status(client, job_id: str) -> str:
-    _check_job_id(job_id)
     try:
         status = client.get_job_status(job_id)
     except RuntimeError:

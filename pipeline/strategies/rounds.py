@@ -94,10 +94,10 @@ class PendingExperts:
     """Experts being fine-tuned (``Rounds.submit_experts``): reused ones already here, the rest in flight."""
 
     index: int
+    round_run: str
     experts: dict[str, ModelRef] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)
     futures: list = field(default_factory=list)
-    round_run: str = ""
 
 
 class Rounds:
@@ -159,7 +159,7 @@ class Rounds:
         """
         from operators.finetune import total_steps
 
-        pending = PendingExperts(index)
+        pending = PendingExperts(index, round_run)
         todo = []
         for task in tasks:
             settings = self.wf.round_finetune_for(task, index) if per_round else self.wf.finetune_for(task)
@@ -179,7 +179,6 @@ class Rounds:
             pending.futures.append(self.runtime.submit(
                 finetune_step, self.ctx, task, start, index, run_id, key, settings, part,
                 name=f"finetune-{task.name}-r{index}", resources=self.resources))
-        pending.round_run = round_run
         return pending
 
     def collect_experts(self, pending: PendingExperts) -> dict[str, ModelRef]:
