@@ -8,6 +8,9 @@ cluster with ``--slots`` CPUs, and reads back from MLflow where the wall time we
 - train: the sum over every expert of the time inside its optimiser loop (``train_seconds``);
 - ideal: train ÷ slots, the makespan if the slots did nothing but train;
 - overhead: (wall − ideal) ÷ wall;
+- expert steps per round and slot: the experts' own time on their slots (``step_seconds``), split into
+  load (start checkpoint → ready model), train, evaluate (own task), write (checkpoint, checksums,
+  publish), log (MLflow calls) and other, summed over a round's experts ÷ slots;
 - per round (means over the rounds, from when the driver reported each step done): experts (round
   started → its last expert finished: schedule, load model and data, train, score, write, log), merge,
   evaluate+record (→ merged model registered), rest (→ next round started; the last round: → the end,
@@ -84,6 +87,9 @@ def _phases(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
     return {k: statistics.mean(row[k] for row in rows) for k in rows[0]} if rows else {}
 
 
+PHASES = ("load", "train", "evaluate", "write", "log", "other")
+
+
 def measure(strategy: str, rounds: int, slots: int, max_train: int | None) -> dict:
     from pipeline.driver import run_workflow
     from pipeline.lineage import Lineage
@@ -98,7 +104,12 @@ def measure(strategy: str, rounds: int, slots: int, max_train: int | None) -> di
         experts = lineage.find_runs(f"tags.`mergeflow.workflow_run_id` = '{result.run_id}' and "
                                     "tags.`mergeflow.kind` = 'expert'")
         train = sum(r["metrics"].get("train_seconds", 0.0) for r in experts)
-        return {"config": "one-shot" if strategy == "oneshot" else f"ATM-{rounds}", "wall_s": wall, "train_s": train,
+        # where each expert's step went on its slot, summed over the experts, per round and per slot
+        n_rounds = max(1, len(result.rounds))
+        slot = {k: sum(r["metrics"].get(f"phase_{k}_seconds", 0.0) for r in experts) / n_rounds / slots
+                for k in PHASES}
+        slot["step"] = sum(r["metrics"].get("step_seconds", 0.0) for r in experts) / n_rounds / slots
+        return {"slot_per_round": slot, "config": "one-shot" if strategy == "oneshot" else f"ATM-{rounds}", "wall_s": wall, "train_s": train,
                 "ideal_s": train / slots, "overhead": (wall - train / slots) / wall, "experts": len(experts),
                 "rounds": len(result.rounds), "mean_merged": result.summary()["mean"]["merged"],
                 "per_round": _phases(lines, start + wall), "train_per_round_s": train / max(1, len(result.rounds))}
@@ -123,6 +134,9 @@ def main() -> None:
         print(f"{'':>11}per round: {p.get('round', 0):5.1f}s = experts {p.get('experts', 0):5.1f} (training "
               f"{res['train_per_round_s'] / args.slots:4.1f} of it, ideally) + merge {p.get('merge', 0):4.1f} + "
               f"evaluate+record {p.get('evaluate_record', 0):4.1f} + rest {p.get('rest', 0):4.1f}", flush=True)
+        q = res["slot_per_round"]
+        print(f"{'':>11}expert steps per round and slot: {q['step']:5.1f}s = "
+              + " + ".join(f"{k} {q[k]:4.1f}" for k in PHASES), flush=True)
     one = results[0]["wall_s"]
     for r in results[1:]:
         print(f"{r['config']}: wall {r['wall_s'] / one:.2f}x the one-shot's (target <= 1.25x)")

@@ -85,6 +85,8 @@ class FinetuneResult:
     trainable_parameters: int = 0
     precision: str = "fp32"
     peak_gpu_bytes: int = 0
+    load_seconds: float = 0.0  # start checkpoint and tokenizer into a ready model (before the first step)
+    save_seconds: float = 0.0  # the expert written to ``out_dir``
 
     @property
     def tokens_per_second(self) -> float:
@@ -227,6 +229,7 @@ def finetune(
         Steps, losses, tokens, time taken and peak GPU memory.
     """
     # --- setup --------------------------------------------------------------------------------
+    load_start = time.perf_counter()
     quiet_transformers()
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -288,6 +291,7 @@ def finetune(
     # --- train --------------------------------------------------------------------------------
     model.train()
     start = time.perf_counter()
+    load_seconds = start - load_start
     losses: list[tuple[int, float]] = []
     window: list[float] = []
     total_loss, seen, tokens = 0.0, 0, 0
@@ -320,6 +324,7 @@ def finetune(
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
 
     # --- save ---------------------------------------------------------------------------------
+    save_start = time.perf_counter()
     model.eval()
     model.to("cpu")
     if settings.gradient_checkpointing:
@@ -349,4 +354,6 @@ def finetune(
         trainable_parameters=sum(p.numel() for p in all_params),
         precision=precision,
         peak_gpu_bytes=peak,
+        load_seconds=load_seconds,
+        save_seconds=time.perf_counter() - save_start,
     )

@@ -133,7 +133,19 @@ def _retry(fn: Callable[..., T]) -> Callable[..., T]:
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 3.0)
 
-    return wrapper
+    @functools.wraps(fn)
+    def timed(*args, **kwargs):
+        client = args[0] if args and isinstance(args[0], Lineage) else None
+        if client is None or client._depth:  # not a client's call, or one inside another (counted there)
+            return wrapper(*args, **kwargs)
+        t0, client._depth = time.perf_counter(), 1
+        try:
+            return wrapper(*args, **kwargs)
+        finally:  # what recording cost this client (steps report it as their `log` time)
+            client._depth = 0
+            client.busy_seconds += time.perf_counter() - t0
+
+    return timed
 
 
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -179,6 +191,8 @@ class Lineage:
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.retry_seconds = retry_seconds
+        self.busy_seconds = 0.0  # time spent in MLflow calls through this client (retries included)
+        self._depth = 0
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     # --- driver side: setup -------------------------------------------------------------------

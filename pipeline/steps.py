@@ -231,10 +231,14 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         "mergeflow.kind": "expert", "mergeflow.task": task.name, "mergeflow.round": str(round_index),
         "mergeflow.format": "peft-lora-adapter" if lora else "full", TAG_STORE_URI: store.uri(path)})
     with staged_checkpoint(store, lineage, model_id, f"expert {task.name!r}", path) as ckpt:
+        t0 = time.perf_counter()
         start_dir = local_dir(ctx, start)
+        fetch_seconds = time.perf_counter() - t0
         result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads)
+        t0 = time.perf_counter()
         own = evaluate(ckpt, data, adapter_base=start_dir if lora else None, headline=task.headline_metric,
                        max_length=settings.max_length, device=ctx.device)
+        evaluate_seconds = time.perf_counter() - t0
         metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
                    "train_seconds": result.seconds, "train_steps": float(result.steps),
                    "train_tokens": float(result.tokens_seen), "train_tokens_per_second": result.tokens_per_second,
@@ -261,15 +265,23 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             "metrics": {**metrics, **own_eval},
             "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
         })
+        t0, logged = time.perf_counter(), lineage.busy_seconds
         location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
                                       step=round_index, upload=wf.tracking.log_expert_artifacts)
-    # the whole step on its worker (load, train, score, write, log): what a slot was busy with
+        publish_seconds = time.perf_counter() - t0 - (lineage.busy_seconds - logged)
+    # the whole step on its worker (load, train, score, write, log): what a slot was busy with, and where
+    # it went (the metrics below are logged by the last call, whose own time is not in `log`)
     step_seconds = time.perf_counter() - step_start
-    lineage.log_metrics(run_id, {"step_seconds": step_seconds}, step=round_index)
+    phases = {"phase_load_seconds": fetch_seconds + result.load_seconds, "phase_train_seconds": result.seconds,
+              "phase_evaluate_seconds": evaluate_seconds, "phase_write_seconds": result.save_seconds + publish_seconds,
+              "phase_log_seconds": lineage.busy_seconds}
+    phases["phase_other_seconds"] = max(0.0, step_seconds - sum(phases.values()))
+    lineage.log_metrics(run_id, {"step_seconds": step_seconds, **phases}, step=round_index)
     say(f"[expert {task.name}] done in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s, "
         f"{result.precision}): loss {result.final_loss:.4f}, eval {task.headline_metric} {own['accuracy']:.3f}")
     return ModelRef("expert", task.name, path, store.uri(path), key, run_id, model_id,
-                    metrics={**metrics, **own_eval, "own_accuracy": own["accuracy"], "step_seconds": step_seconds},
+                    metrics={**metrics, **own_eval, "own_accuracy": own["accuracy"], "step_seconds": step_seconds,
+                             **phases},
                     artifact_location=location,
                     adapter_base=start if lora else None)
 

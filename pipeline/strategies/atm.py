@@ -11,7 +11,8 @@ The default merge (``rounds.merge``) is the mean of the round's models, i.e. tas
 Task heads carry over: each round's experts start from the heads in θ⁽ᵏ⁻¹⁾. A round's budget is
 each task's whole budget divided by R unless ``rounds.finetune`` says otherwise, so ATM and
 one-shot merging spend the same compute. ``rounds.patience`` stops early when the mean held-out
-accuracy has not improved for that many rounds.
+accuracy has not improved for that many rounds. Round k is evaluated while round k+1 trains (its
+scores are recorded, and the alias moved, in round order); with patience, before it.
 
 ATM on validation data (``rounds.start: oneshot_merge`` with ``rounds.validation_fraction``):
 round 0 is a one-shot merge (the workflow's ``merge``) of experts trained with the whole budget on
@@ -26,7 +27,12 @@ from pipeline.strategies.rounds import RoundResult, Rounds
 
 
 def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
-    """Run ATM for ``rounds.count`` rounds (or until patience runs out); returns every round."""
+    """Run ATM for ``rounds.count`` rounds (or until patience runs out); returns every round.
+
+    Round k is scored while round k+1 trains: the next round starts from the merged model, not from
+    its scores. With ``rounds.patience`` the score decides whether there is a next round, so each
+    round is scored before the next starts.
+    """
     wf, spec = rounds.wf, rounds.wf.rounds
     current, results = base, []
     best, since_best = float("-inf"), 0
@@ -45,14 +51,11 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         rounds.record(result, strategy="atm")
         results.append(result)
         current, first, part = merged, 1, "validation"
-    for k in range(first, first + spec.count):
-        round_run = rounds.start_round(k)
-        pending = rounds.submit_experts(current, wf.tasks, k, round_run, per_round=True, part=part)
-        probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
-        experts = rounds.collect_experts(pending)
-        merge_base = current if spec.task_vectors_from == "round_start" else base
-        merged = rounds.merge(merge_base, experts, k, round_run, merge=spec.merge, heads_from=current)
-        merged_eval, expert_evals = rounds.evaluate(merged, experts, k, round_run, cross_task=False)
+
+    def finish(k, round_run, experts, merged, scoring, probe) -> bool:
+        """Record round k once scored; whether patience says stop."""
+        nonlocal best, since_best
+        merged_eval, expert_evals = rounds.collect_evaluation(scoring)
         done = (k - first + 1) / spec.count
         result = RoundResult(k, round_run, experts, merged, expert_evals, merged_eval,
                              baseline=rounds.probe_result(probe) if probe else results[0].baseline,
@@ -65,6 +68,26 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         rounds.report(f"round {k}: mean held-out accuracy {score:.3f} (best {best:.3f})")
         if spec.patience is not None and since_best >= spec.patience:
             rounds.report(f"round {k}: no improvement for {since_best} rounds; stopping early (patience)")
-            break
+            return True
+        return False
+
+    scoring = None  # the previous round, being scored while this one trains
+    for k in range(first, first + spec.count):
+        round_run = rounds.start_round(k)
+        pending = rounds.submit_experts(current, wf.tasks, k, round_run, per_round=True, part=part)
+        probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
+        if scoring is not None:
+            finish(*scoring)
+        experts = rounds.collect_experts(pending)
+        merge_base = current if spec.task_vectors_from == "round_start" else base
+        merged = rounds.merge(merge_base, experts, k, round_run, merge=spec.merge, heads_from=current)
+        scoring = (k, round_run, experts, merged,
+                   rounds.submit_evaluation(merged, experts, k, round_run, cross_task=False), probe)
+        if spec.patience is not None:  # the score decides whether there is a next round: wait for it
+            if finish(*scoring):
+                return results
+            scoring = None
         current = merged
+    if scoring is not None:
+        finish(*scoring)
     return results

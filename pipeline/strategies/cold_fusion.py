@@ -41,25 +41,21 @@ def sample_contributors(tasks: list[TaskSpec], round_index: int, count: float | 
 
 
 def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
-    """Run ColD Fusion for ``rounds.count`` rounds; returns every round."""
+    """Run ColD Fusion for ``rounds.count`` rounds; returns every round.
+
+    Round k is scored (heads and linear probe) while round k+1 trains: the next round starts from
+    the fused model, not from its scores. Rounds are recorded in order.
+    """
     wf, spec = rounds.wf, rounds.wf.rounds
     shared, results = base, []
     latest_expert: dict[str, float] = {}  # task -> own-task accuracy of its latest expert
+    with_heads: set[str] = set()  # tasks whose head the shared model carries (every contributor so far)
     best, spent = float("-inf"), 0.0
-    for k in range(spec.count):
-        round_run = rounds.start_round(k)
-        contributors = sample_contributors(wf.tasks, k, spec.contributors, spec.contributor_seed, spec.weight_by_size)
-        rounds.report(f"round {k}: contributors {', '.join(t.name for t in contributors)}")
-        pending = rounds.submit_experts(shared, contributors, k, round_run, per_round=True,
-                                        part="fit" if wf.held_out_fraction else "all")  # AdaMerging learns on the rest
-        base_probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
-        experts = rounds.collect_experts(pending)
-        spent += len(contributors) / len(wf.tasks) / spec.count  # mean fraction of a task's budget
-        fused = rounds.merge(shared, experts, k, round_run, merge=spec.merge, heads_from=shared)
-        probe = rounds.submit_probe(fused, k, round_run, name="evaluate:shared-linear-probe")
-        with_heads = sorted(set(latest_expert) | set(experts))
-        merged_eval, expert_evals = rounds.evaluate(fused, experts, k, round_run, cross_task=False,
-                                                    merged_tasks=with_heads)
+
+    def finish(k, round_run, experts, fused, scoring, probe, base_probe, spent) -> None:
+        """Record round k once scored."""
+        nonlocal best
+        merged_eval, expert_evals = rounds.collect_evaluation(scoring)
         latest_expert.update({t: ev[t]["accuracy"] for t, ev in expert_evals.items()})
         result = RoundResult(k, round_run, experts, fused, expert_evals, merged_eval,
                              baseline=rounds.probe_result(base_probe) if base_probe else results[0].baseline,
@@ -70,5 +66,25 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         best = max(best, score)
         rounds.record(result, strategy="cold_fusion", move_alias=improved)
         results.append(result)
+
+    scoring = None  # the previous round, being scored while this one trains
+    for k in range(spec.count):
+        round_run = rounds.start_round(k)
+        contributors = sample_contributors(wf.tasks, k, spec.contributors, spec.contributor_seed, spec.weight_by_size)
+        rounds.report(f"round {k}: contributors {', '.join(t.name for t in contributors)}")
+        pending = rounds.submit_experts(shared, contributors, k, round_run, per_round=True,
+                                        part="fit" if wf.held_out_fraction else "all")  # AdaMerging learns on the rest
+        base_probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
+        if scoring is not None:
+            finish(*scoring)
+        experts = rounds.collect_experts(pending)
+        spent += len(contributors) / len(wf.tasks) / spec.count  # mean fraction of a task's budget
+        fused = rounds.merge(shared, experts, k, round_run, merge=spec.merge, heads_from=shared)
+        probe = rounds.submit_probe(fused, k, round_run, name="evaluate:shared-linear-probe")
+        with_heads |= set(experts)
+        scoring = (k, round_run, experts, fused, rounds.submit_evaluation(
+            fused, experts, k, round_run, cross_task=False, merged_tasks=sorted(with_heads)), probe, base_probe, spent)
         shared = fused
+    if scoring is not None:
+        finish(*scoring)
     return results

@@ -100,6 +100,18 @@ class PendingExperts:
     futures: list = field(default_factory=list)
 
 
+@dataclass
+class PendingEvaluation:
+    """Scores being computed (``Rounds.submit_evaluation``): one evaluation step per model, in flight."""
+
+    index: int
+    known: dict[str, dict[str, dict[str, float]]]  # expert → its own task's scores, from its fine-tuning step
+    experts: list[str]
+    runs: dict[str, str] = field(default_factory=dict)
+    jobs: dict[str, Any] = field(default_factory=dict)
+    merged_run: str | None = None
+
+
 class Rounds:
     """Submit the steps of a round and record them; shared by every strategy."""
 
@@ -268,40 +280,59 @@ class Rounds:
         (iterated strategies skip it: each expert on its own task). ``merged_tasks`` limits the
         merged model's evaluation to tasks it has heads for. Metrics go to the run that made the
         model; a model reused from an earlier run gets a new ``evaluate:<name>`` run.
+
+        Returns:
+            The merged model's scores (task → metrics) and each expert's (expert → task → metrics).
         """
-        # without the cross-task matrix an expert needs only its own task's scores, measured by its
-        # fine-tuning step where the model was: no second load, no extra task (``own_scores``)
-        known = {name: own for name, e in experts.items() if not cross_task and (own := own_scores(e, name))}
-        runs: dict[str, str] = {}
-        for name, ref in [("merged", merged), *experts.items()]:
-            if name in known:
-                continue
-            runs[name] = ref.run_id if (ref.run_id and not ref.reused) else self._child(
-                f"evaluate:{name}", "evaluation", round_run, index)
+        return self.collect_evaluation(self.submit_evaluation(merged, experts, index, round_run, cross_task,
+                                                              merged_tasks))
+
+    def submit_evaluation(self, merged: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
+                          cross_task: bool = True, merged_tasks: list[str] | None = None) -> PendingEvaluation:
+        """Start scoring (as :meth:`evaluate`) without waiting; collect with :meth:`collect_evaluation`.
+
+        Iterated strategies score a round while the next one trains: nothing the next round does
+        depends on this round's scores (unless ``rounds.patience`` must decide whether there is one).
+        """
+        # an expert's own task was scored by its fine-tuning step where the model was (``own_scores``): no
+        # second load, no second pass; only the other tasks' heads (``cross_task``) need an evaluation step
+        known = {name: own for name, e in experts.items() if (own := own_scores(e, name))}
         tasks = merged_tasks if merged_tasks is not None else [t.name for t in self.wf.tasks]
-        jobs = {"merged": self.runtime.submit(
-            evaluate_step, self.ctx, merged, {t: merged for t in tasks}, runs["merged"], index,
-            name=f"evaluate-merged-r{index}", resources=self.eval_resources())}
+        work: dict[str, tuple[ModelRef, dict[str, ModelRef]]] = {"merged": (merged, {t: merged for t in tasks})}
         for name, expert in experts.items():
+            heads = {t: e for t, e in experts.items() if cross_task or t == name}
             if name in known:
-                continue
-            heads = dict(experts) if cross_task else {name: expert}
-            jobs[name] = self.runtime.submit(evaluate_step, self.ctx, expert, heads, runs[name], index,
-                                             name=f"evaluate-{name}-r{index}", resources=self.eval_resources())
+                heads.pop(name)
+            if heads:
+                work[name] = (expert, heads)
+        pending = PendingEvaluation(index, known, list(experts))
+        for name, (model, _heads) in work.items():
+            pending.runs[name] = model.run_id if (model.run_id and not model.reused) else self._child(
+                f"evaluate:{name}", "evaluation", round_run, index)
+        for name, (model, heads) in work.items():
+            pending.jobs[name] = self.runtime.submit(evaluate_step, self.ctx, model, heads, pending.runs[name], index,
+                                                     name=f"evaluate-{name}-r{index}", resources=self.eval_resources())
+        pending.merged_run = merged.run_id
+        return pending
+
+    def collect_evaluation(self, pending: PendingEvaluation
+                           ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+        """Wait for the scores of :meth:`submit_evaluation`; ends the evaluation runs (not the merge's)."""
         results = {}
         try:
-            for name, fut in jobs.items():
+            for name, fut in pending.jobs.items():
                 results[name] = self.runtime.result(fut)
         except BaseException as exc:
-            for run in runs.values():
+            for run in pending.runs.values():
                 self.lineage.end_run(run, ended_status(exc))
             raise
         # the merge run stays open: record() adds the normalised scores, then closes it
-        for name, run in runs.items():
-            if not (name == "merged" and run == merged.run_id):
+        for name, run in pending.runs.items():
+            if not (name == "merged" and run == pending.merged_run):
                 self.lineage.end_run(run)
         merged_eval = results.pop("merged")
-        return merged_eval, {name: known.get(name) or results[name] for name in experts}
+        scores = {name: {**pending.known.get(name, {}), **results.get(name, {})} for name in pending.experts}
+        return merged_eval, {name: {t: s[t] for t in pending.experts if t in s} for name, s in scores.items()}
 
     def eval_resources(self) -> Resources:
         """What an evaluation step asks of the cluster: the workflow's resources per step."""
