@@ -28,9 +28,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.attempts import ENV_JOB_ID
-from pipeline.spec import Workflow
+
+if TYPE_CHECKING:  # `jobs`, `logs` and `stop` need no spec: importing it would import torch (seconds per call)
+    from pipeline.spec import Workflow
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Never shipped: checkpoints, environments, history, MLflow files, data (the cluster reads data

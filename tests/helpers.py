@@ -264,13 +264,13 @@ def free_ports(n: int = 1) -> list[int]:
             s.close()
 
 
-def start_mlflow_server(port: int, backend_uri: str, artifacts_dir: Path, log_file: Path | None = None):
-    """A real ``mlflow server`` on loopback with proxied artifacts; returns its process once /health answers."""
+def start_mlflow_server(port: int, backend_uri: str, artifacts_dir: Path, log_file: Path | None = None,
+                        wait: bool = True):
+    """A real ``mlflow server`` on loopback with proxied artifacts; returns its process once /health answers
+    (``wait=False``: at once; :func:`wait_for_mlflow_server` waits later, so its start overlaps other set-up)."""
     import os
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     bin_dir = Path(sys.executable).parent
     out = log_file.open("ab") if log_file else subprocess.DEVNULL
@@ -280,11 +280,21 @@ def start_mlflow_server(port: int, backend_uri: str, artifacts_dir: Path, log_fi
          "--workers", "1"],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runners: less CPU
+    if wait:
+        wait_for_mlflow_server(proc, port, log_file)
+    return proc
+
+
+def wait_for_mlflow_server(proc, port: int, log_file: Path | None = None) -> None:
+    """Return once the server of :func:`start_mlflow_server` answers /health (90 s at most)."""
+    import time
+    import urllib.request
+
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
+            return
         except OSError:
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited at start (code {proc.returncode})" + (

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.spec import parse_workflow
-from tests.helpers import free_ports, start_mlflow_server, stop_process_group, tiny_workflow_dict
+from tests.helpers import (
+    free_ports,
+    start_mlflow_server,
+    stop_process_group,
+    tiny_workflow_dict,
+    wait_for_mlflow_server,
+)
 
 # serial: its teardown, `ray stop --force`, stops every Ray process of the user on the machine (another
 # xdist worker's private cluster too): `make test` runs it alone, after the parallel phase
@@ -22,15 +28,23 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def mlflow_server_starting(tmp_path):
+    """An ``mlflow server`` launched, not yet waited for: it starts while the Ray nodes do."""
     port = free_ports()[0]
-    proc = start_mlflow_server(port, f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts")
-    yield f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(port, f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts", wait=False)
+    yield proc, port
     stop_process_group(proc, grace_s=3)
 
 
 @pytest.fixture
-def ray_cluster(tmp_path):
+def mlflow_server(mlflow_server_starting, ray_cluster):
+    proc, port = mlflow_server_starting
+    wait_for_mlflow_server(proc, port)
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def ray_cluster(tmp_path, mlflow_server_starting):
     import secrets
 
     port = free_ports()[0]
