@@ -86,11 +86,21 @@ def evaluate(
     model = load_model(ckpt, data.name, causal_lm=data.is_lm, head_from=head_from, adapter_base=adapter_base)
     tok_dir = adapter_base if adapter_base is not None and not (Path(ckpt) / "tokenizer_config.json").is_file() else ckpt
     if data.is_lm:
-        return lm_metrics(model, lm_tokenizer(tok_dir), data.eval, headline=headline, batch_size=batch_size,
-                          max_length=max_length, device=device)
-    from transformers import AutoTokenizer
+        tokenizer = lm_tokenizer(tok_dir)
+    else:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    return score(model, tokenizer, data, headline=headline, batch_size=batch_size, max_length=max_length,
+                 device=device)
+
+
+def score(model, tokenizer, data: TaskData, *, headline: str | None = None, batch_size: int = 128,
+          max_length: int = 64, device: str = "cpu") -> dict[str, float]:
+    """:func:`evaluate` of a model already in memory (e.g. the expert its fine-tuning step just trained)."""
+    if data.is_lm:
+        return lm_metrics(model, tokenizer, data.eval, headline=headline, batch_size=batch_size,
+                          max_length=max_length, device=device)
     pred = predict(model, tokenizer, data.eval, batch_size=batch_size, max_length=max_length, device=device)
     metrics = classification_metrics(pred, np.array(data.eval.labels), len(data.label_names))
     if headline == "macro_f1":

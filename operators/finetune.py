@@ -87,6 +87,8 @@ class FinetuneResult:
     peak_gpu_bytes: int = 0
     load_seconds: float = 0.0  # start checkpoint and tokenizer into a ready model (before the first step)
     save_seconds: float = 0.0  # the expert written to ``out_dir``
+    model: Any = field(default=None, repr=False)  # with ``keep_model``: the trained model, on the CPU, in eval mode
+    tokenizer: Any = field(default=None, repr=False)
 
     @property
     def tokens_per_second(self) -> float:
@@ -210,6 +212,7 @@ def finetune(
     log: LogFn | None = None,
     device: str = "cpu",
     torch_threads: int | None = None,
+    keep_model: bool = False,
 ) -> FinetuneResult:
     """Fine-tune an expert for ``data.name`` starting from ``init_ckpt``; save it to ``out_dir``.
 
@@ -224,6 +227,9 @@ def finetune(
         log: Called as ``log(step, {"train_loss": ..., "lr": ...})`` every ``log_every`` steps.
         device: ``"cpu"`` or ``"cuda"``.
         torch_threads: torch intra-op threads (None leaves torch's default).
+        keep_model: Return the trained model and its tokenizer (``result.model``, ``result.tokenizer``), so
+            the caller can score it without loading what was just written. Full fine-tunes only: a LoRA
+            expert is scored as it is loaded (adapter folded into its base), so it is not kept.
 
     Returns:
         Steps, losses, tokens, time taken and peak GPU memory.
@@ -356,4 +362,6 @@ def finetune(
         peak_gpu_bytes=peak,
         load_seconds=load_seconds,
         save_seconds=time.perf_counter() - save_start,
+        model=task_model if keep_model and not lora else None,
+        tokenizer=tokenizer if keep_model and not lora else None,
     )

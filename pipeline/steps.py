@@ -195,7 +195,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     ``settings`` default to the task's full budget (one-shot); iterated strategies pass a round's.
     ``part`` picks the training rows (see :func:`task_data`).
     """
-    from operators.evaluate import evaluate
+    from operators.evaluate import evaluate, score
     from operators.finetune import finetune, total_steps
 
     step_start = time.perf_counter()
@@ -234,10 +234,16 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         t0 = time.perf_counter()
         start_dir = local_dir(ctx, start)
         fetch_seconds = time.perf_counter() - t0
-        result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads)
+        result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads,
+                          keep_model=True)
         t0 = time.perf_counter()
-        own = evaluate(ckpt, data, adapter_base=start_dir if lora else None, headline=task.headline_metric,
-                       max_length=settings.max_length, device=ctx.device)
+        if result.model is not None:  # scored as trained, not loaded again from what was just written
+            own = score(result.model, result.tokenizer, data, headline=task.headline_metric,
+                        max_length=settings.max_length, device=ctx.device)
+            result.model = result.tokenizer = None
+        else:  # a LoRA expert: as every later reader loads it (adapter folded into its base)
+            own = evaluate(ckpt, data, adapter_base=start_dir if lora else None, headline=task.headline_metric,
+                           max_length=settings.max_length, device=ctx.device)
         evaluate_seconds = time.perf_counter() - t0
         metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
                    "train_seconds": result.seconds, "train_steps": float(result.steps),

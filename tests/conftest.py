@@ -26,6 +26,7 @@ _EXIT_STATUS: list[int] = []
 
 
 def pytest_sessionfinish(session, exitstatus):
+    stop_quickstart()  # one started in the background and never waited for (its test deselected or not reached)
     if not hasattr(session.config, "workerinput"):  # the controller (or a plain run), not an xdist worker
         _EXIT_STATUS[:] = [int(exitstatus)]
 
@@ -40,7 +41,14 @@ def _exit_without_finalizing() -> None:
 atexit.register(_exit_without_finalizing)
 
 
-from tests.helpers import make_tiny_bert, write_task_file  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    QUICKSTART_TEST,
+    make_tiny_bert,
+    start_quickstart,
+    stop_quickstart,
+    wait_for_background_quickstart,
+    write_task_file,
+)
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +83,9 @@ def pytest_collection_modifyitems(config, items):
     one long file running alone at the end. Files keep their tests together and in order; a plain
     ``pytest`` run (no xdist) keeps the usual order."""
     if not hasattr(config, "workerinput"):
+        # a plain run: the `serial` tests (whose `ray stop --force` stops every Ray on the machine) go
+        # last, after the quickstart started in the background (below) has ended
+        items.sort(key=lambda item: bool(item.get_closest_marker("serial")))  # stable
         return
     rank: dict[str, int] = {}
     for item in items:
@@ -83,3 +94,25 @@ def pytest_collection_modifyitems(config, items):
         rank[file] = min(rank.get(file, 2), r)
     items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable
 
+
+
+
+# The quickstart test runs the README's main job: minutes of Ray training on every core. In a plain run
+# (`make test`) its subprocess starts as soon as the tests are collected (tests/helpers.py:
+# start_quickstart), and the test waits for it and asserts on what it printed: those minutes overlap the
+# many tests that mostly wait (on servers, nodes, jobs and subprocesses) instead of adding to them.
+# Under xdist, or with MERGEFLOW_TEST_QUICKSTART_INLINE=1, the test runs it itself.
+def pytest_collection_finish(session):
+    if (hasattr(session.config, "workerinput") or session.config.option.collectonly
+            or os.environ.get("MERGEFLOW_TEST_QUICKSTART_INLINE")):
+        return
+    if any(item.nodeid == QUICKSTART_TEST for item in session.items):
+        start_quickstart()
+
+
+@pytest.fixture(autouse=True)
+def _no_background_quickstart_under_serial_tests(request):
+    """A `serial` test may stop every Ray on the machine: the background quickstart must be over first."""
+    if request.node.get_closest_marker("serial"):
+        wait_for_background_quickstart()
+    yield

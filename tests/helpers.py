@@ -385,3 +385,72 @@ class Postgres:
             self._run(str(self._bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = None
+
+
+# --- the quickstart, started in the background (tests/conftest.py) ---------------------------------------
+
+QUICKSTART_TEST = "tests/test_quickstart.py::test_quickstart_runs_and_shows_what_merging_costs"
+_QUICKSTART: dict = {}
+
+
+def quickstart_command(workdir: Path) -> list[str]:
+    """`mergeflow run workflows/quickstart.yaml --json` with its MLflow file and store in ``workdir``."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return [str(Path(sys.executable).parent / "mergeflow"), "run", str(root / "workflows" / "quickstart.yaml"),
+            "--json", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--store", str(workdir / "store")]
+
+
+def start_quickstart() -> None:
+    """Start the quickstart in a fresh directory, in the background; :func:`quickstart_result` waits for it."""
+    import subprocess
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix="mergeflow-quickstart-test-"))
+    with (workdir / "stdout.txt").open("w") as out, (workdir / "stderr.txt").open("w") as err:
+        _QUICKSTART.update(workdir=workdir, proc=subprocess.Popen(quickstart_command(workdir), cwd=workdir,
+                                                                  stdout=out, stderr=err))
+
+
+def quickstart_result(tmp_path: Path, timeout: float = 900) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the quickstart: the background run's, or one run here in ``tmp_path``."""
+    import shutil
+    import subprocess
+
+    proc = _QUICKSTART.get("proc")
+    if proc is None:
+        done = subprocess.run(quickstart_command(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                              timeout=timeout)
+        return done.returncode, done.stdout, done.stderr
+    workdir = _QUICKSTART["workdir"]
+    try:
+        code = proc.wait(timeout=timeout)
+        return code, (workdir / "stdout.txt").read_text(), (workdir / "stderr.txt").read_text()
+    finally:
+        stop_quickstart()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_for_background_quickstart(timeout: float = 900) -> None:
+    """Return once the background quickstart (if any) has ended; its result stays for its test."""
+    proc = _QUICKSTART.get("proc")
+    if proc is not None:
+        proc.wait(timeout=timeout)
+
+
+def stop_quickstart() -> None:
+    """Stop a background quickstart still running (SIGTERM: its driver stops its private Ray cluster)."""
+    import shutil
+    import subprocess
+
+    proc = _QUICKSTART.pop("proc", None)
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc is not None and _QUICKSTART.get("workdir"):
+        shutil.rmtree(_QUICKSTART.pop("workdir"), ignore_errors=True)

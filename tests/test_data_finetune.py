@@ -155,3 +155,32 @@ def test_linear_probe_fits_the_training_split(tiny_base, tmp_path):
     hand = classification_metrics([0, 1, 1, 1], [0, 0, 1, 1], 2)
     assert hand["accuracy"] == 0.75
     assert abs(hand["macro_f1"] - (2 / 3 + 4 / 5) / 2) < 1e-12
+
+
+def test_length_batched_inference_keeps_each_example_in_its_place(tiny_experts):
+    """Evaluation batches examples of similar length (less padding); every prediction and every captured
+    head input still belongs to its own example: equal to scoring each example alone."""
+    from transformers import AutoTokenizer
+
+    from operators.checkpoint import load_task_model
+    from operators.data import Split
+    from operators.evaluate import _features, length_batches, predict
+
+    ckpt = tiny_experts["length"]
+    model = load_task_model(ckpt, "length").eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    texts = ["a", "abcdefghij", "abc", "ab", "abcdefgh", "abcd", "b", "abcdefghijkl", "xyz", "ba"]
+    split = Split(texts=texts, labels=[0] * len(texts))
+    batches = length_batches(tokenizer, texts, batch_size=3, max_length=16)
+    assert sorted(i for b in batches for i in b) == list(range(len(texts)))
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat)  # shortest first: each batch pads to little
+    with torch.no_grad():
+        alone = [model(**tokenizer([t], return_tensors="pt")).logits[0] for t in texts]
+    assert predict(model, tokenizer, split, batch_size=3, max_length=16).tolist() == [int(x.argmax()) for x in alone]
+    # the head inputs (what a linear probe trains on), captured batch by batch, put back in the split's order
+    feats = _features(model, tokenizer, split, model.classifier, max_length=16, device="cpu")
+    with torch.no_grad():
+        logits = model.classifier(feats)
+    torch.testing.assert_close(logits, torch.stack(alone), rtol=1e-5, atol=1e-5)

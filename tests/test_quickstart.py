@@ -2,30 +2,26 @@
 
 Real MiniLM from its PyPI package, the four packaged lexicon tasks, a private local Ray cluster,
 a SQLite MLflow file. Takes about 3 minutes on 2 cores: marked slow (CI runs it; `make test-fast`
-skips it).
+skips it). In a plain `make test` the run starts in the background as soon as the tests are collected
+(tests/conftest.py), and this test waits for it.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+from tests.helpers import quickstart_result
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_quickstart_runs_and_shows_what_merging_costs(tmp_path):
-    exe = Path(sys.executable).parent / "mergeflow"
-    cmd = [str(exe), "run", str(ROOT / "workflows" / "quickstart.yaml"), "--json",
-           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--store", str(tmp_path / "store")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+    # `mergeflow run workflows/quickstart.yaml --json` in a fresh directory; in a plain `make test` it was
+    # started in the background when the tests were collected (tests/conftest.py), and is waited for here
+    code, out, err = quickstart_result(tmp_path)
+    assert code == 0, out[-3000:] + err[-3000:]
     assert "quickstart: accuracy on held-out data" in out
     result = json.loads(out[out.index("{\n"):])
     summary = result["summary"]

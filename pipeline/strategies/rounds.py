@@ -107,9 +107,9 @@ class PendingEvaluation:
     index: int
     known: dict[str, dict[str, dict[str, float]]]  # expert → its own task's scores, from its fine-tuning step
     experts: list[str]
-    runs: dict[str, str] = field(default_factory=dict)
-    jobs: dict[str, Any] = field(default_factory=dict)
-    merged_run: str | None = None
+    merged_run: str | None  # the merge's run: left open for record()
+    runs: dict[str, str] = field(default_factory=dict)  # model → the run its scores are logged into
+    jobs: dict[str, Any] = field(default_factory=dict)  # model → its evaluation step
 
 
 class Rounds:
@@ -305,14 +305,13 @@ class Rounds:
                 heads.pop(name)
             if heads:
                 work[name] = (expert, heads)
-        pending = PendingEvaluation(index, known, list(experts))
-        for name, (model, _heads) in work.items():
-            pending.runs[name] = model.run_id if (model.run_id and not model.reused) else self._child(
-                f"evaluate:{name}", "evaluation", round_run, index)
+        pending = PendingEvaluation(index, known, list(experts), merged.run_id)
         for name, (model, heads) in work.items():
-            pending.jobs[name] = self.runtime.submit(evaluate_step, self.ctx, model, heads, pending.runs[name], index,
+            run = model.run_id if (model.run_id and not model.reused) else self._child(
+                f"evaluate:{name}", "evaluation", round_run, index)
+            pending.runs[name] = run
+            pending.jobs[name] = self.runtime.submit(evaluate_step, self.ctx, model, heads, run, index,
                                                      name=f"evaluate-{name}-r{index}", resources=self.eval_resources())
-        pending.merged_run = merged.run_id
         return pending
 
     def collect_evaluation(self, pending: PendingEvaluation
