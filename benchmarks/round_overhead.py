@@ -13,8 +13,9 @@ cluster with ``--slots`` CPUs, and reads back from MLflow where the wall time we
   publish), log (MLflow calls) and other, summed over a round's experts ÷ slots;
 - per round (means over the rounds, from when the driver reported each step done): experts (round
   started → its last expert finished: schedule, load model and data, train, score, write, log), merge,
-  evaluate+record (→ merged model registered), rest (→ next round started; the last round: → the end,
-  with the workflow's summary and lineage graph).
+  then → the next round started (the last round: → the end, with the workflow's summary and lineage
+  graph); beside them evaluate+record (merged → merged model registered), which overlaps the next
+  round's experts where the strategy scores a round while the next one trains.
 
     python benchmarks/round_overhead.py                      # one-shot, ATM-8, ATM-32 on the quickstart
     python benchmarks/round_overhead.py --rounds 4 --max-train 400   # smaller: tasks capped at 400 rows
@@ -57,8 +58,9 @@ def _phases(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
     """Mean seconds per round of each phase, from when the driver reported each step done.
 
     experts: round started → its last expert finished (schedule, load model and data, train, score its
-    own task, write, log); merge: → merged; evaluate+record: → the merged model registered (evaluation
-    of the merged model and of experts not yet scored, metrics, registry); rest: → the next round started.
+    own task, write, log); merge: → merged; after_merge: → the next round started; evaluate+record: merged
+    → the merged model registered (evaluation of the merged model and of experts not yet scored, metrics,
+    registry), which may overlap the next round.
     """
     rounds: dict[int, dict[str, float]] = {}
     for t, msg in lines:
@@ -83,7 +85,7 @@ def _phases(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
             continue
         nxt = rounds[order[i + 1]]["start"] if i + 1 < len(order) else end
         rows.append({"round": nxt - r["start"], "experts": r["experts"] - r["start"], "merge": r["merged"] - r["experts"],
-                     "evaluate_record": r["registered"] - r["merged"], "rest": nxt - r["registered"]})
+                     "evaluate_record": r["registered"] - r["merged"], "after_merge": nxt - r["merged"]})
     return {k: statistics.mean(row[k] for row in rows) for k in rows[0]} if rows else {}
 
 
@@ -133,7 +135,8 @@ def main() -> None:
               f"{res['mean_merged']:.3f})", flush=True)
         print(f"{'':>11}per round: {p.get('round', 0):5.1f}s = experts {p.get('experts', 0):5.1f} (training "
               f"{res['train_per_round_s'] / args.slots:4.1f} of it, ideally) + merge {p.get('merge', 0):4.1f} + "
-              f"evaluate+record {p.get('evaluate_record', 0):4.1f} + rest {p.get('rest', 0):4.1f}", flush=True)
+              f"then {p.get('after_merge', 0):4.1f} to the next round; evaluate+record {p.get('evaluate_record', 0):4.1f} "
+              "from the merge on", flush=True)
         q = res["slot_per_round"]
         print(f"{'':>11}expert steps per round and slot: {q['step']:5.1f}s = "
               + " + ".join(f"{k} {q[k]:4.1f}" for k in PHASES), flush=True)
