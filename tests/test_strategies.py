@@ -325,3 +325,43 @@ def test_atm_on_validation_data(tiny_base, tmp_path):
     methods = {v.tags["mergeflow.round"]: v.tags["mergeflow.method"]
                for v in client.search_model_versions(f"name = '{wf.registered_model_name}'")}
     assert methods == {"0": "task_arithmetic", "1": "linear", "2": "linear"}
+
+
+def test_atm_scores_a_round_while_the_next_trains_with_the_same_results_and_patience_stops_early(tiny_base, tmp_path):
+    """Without patience, round k is scored while round k+1 trains; with it, each round is scored before the
+    next starts (the score decides whether there is one). Both give the same weights, scores, registry
+    versions in round order and alias. Patience stops after N rounds without a better mean accuracy, and
+    starts no round after that."""
+    def atm(where, lr, **rounds):
+        spec = tiny_workflow_dict(tmp_path / where, tiny_base, strategy="atm", rounds={"count": 3, **rounds})
+        spec["finetune"] = {**spec["finetune"], "learning_rate": lr, "head_learning_rate": lr}
+        wf = parse_workflow(spec)
+        result = run(wf)
+        client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+        versions = sorted(client.search_model_versions(f"name = '{wf.registered_model_name}'"), key=lambda v: int(v.version))
+        alias = client.get_model_version_by_alias(wf.registered_model_name, wf.tracking.alias).version
+        exp = client.get_experiment_by_name(wf.experiment_name)
+        rounds_run = sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])
+                            if r.data.tags[TAG_KIND] == "round")
+        return wf, result, [v.tags["mergeflow.round"] for v in versions], alias, rounds_run
+
+    wf_a, overlapped, order_a, alias_a, runs_a = atm("overlapped", 1e-3)
+    wf_b, sequential, order_b, alias_b, runs_b = atm("sequential", 1e-3, patience=10)  # never stops: same rounds
+    assert order_a == order_b == ["0", "1", "2"] and alias_a == alias_b
+    assert runs_a == runs_b == ["round-0", "round-1", "round-2"]
+    for ra, rb in zip(overlapped.rounds, sequential.rounds, strict=True):
+        assert ra.summary() == rb.summary()
+        ba, bb = body(store_dir(wf_a, ra.merged)), body(store_dir(wf_b, rb.merged))
+        assert ba.keys() == bb.keys() and all(torch.equal(ba[k], bb[k]) for k in ba)
+
+    # a learning rate too small to move any fp32 weight: every round's merge equals the last, no round is
+    # better than round 0, and patience 1 stops after round 1; round 2 is never started
+    lines: list[str] = []
+    spec = tiny_workflow_dict(tmp_path / "patience", tiny_base, strategy="atm", rounds={"count": 3, "patience": 1})
+    spec["finetune"] = {**spec["finetune"], "learning_rate": 1e-12, "head_learning_rate": 1e-12}
+    wf = parse_workflow(spec)
+    stopped = run(wf, report=lines.append)
+    assert [r.index for r in stopped.rounds] == [0, 1]
+    assert stopped.rounds[0].summary()["mean"] == stopped.rounds[1].summary()["mean"]
+    assert any("no improvement for 1 rounds; stopping early (patience)" in line for line in lines), lines
+    assert not any(line.startswith("round 2:") for line in lines), lines
