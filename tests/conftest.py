@@ -80,8 +80,8 @@ def pytest_collection_modifyitems(config, items):
     """On an xdist worker (``make test``: ``-n 2 --dist loadfile --no-loadscope-reorder``), hand the
     longest files out first: those with a slow test, then those with an e2e test, then the rest, so
     that the minutes-long ones start at once and the short unit files fill in at the end instead of
-    one long file running alone at the end. Files keep their tests together and in order; a plain
-    ``pytest`` run (no xdist) keeps the usual order."""
+    one long file running alone at the end. Files keep their tests together and in order. A plain
+    ``pytest`` run (no xdist) keeps the usual order, except that `serial` tests go last."""
     if not hasattr(config, "workerinput"):
         # a plain run: the `serial` tests (whose `ray stop --force` stops every Ray on the machine) go
         # last, after the quickstart started in the background (below) has ended
@@ -93,8 +93,6 @@ def pytest_collection_modifyitems(config, items):
         r = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 2
         rank[file] = min(rank.get(file, 2), r)
     items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable
-
-
 
 
 # The quickstart test runs the README's main job: minutes of Ray training on every core. In a plain run
