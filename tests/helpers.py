@@ -415,7 +415,6 @@ def start_quickstart() -> None:
 
 def quickstart_result(tmp_path: Path, timeout: float = 900) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of the quickstart: the background run's, or one run here in ``tmp_path``."""
-    import shutil
     import subprocess
 
     proc = _QUICKSTART.get("proc")
@@ -428,8 +427,7 @@ def quickstart_result(tmp_path: Path, timeout: float = 900) -> tuple[int, str, s
         code = proc.wait(timeout=timeout)
         return code, (workdir / "stdout.txt").read_text(), (workdir / "stderr.txt").read_text()
     finally:
-        stop_quickstart()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_quickstart()  # (removes its directory)
 
 
 def wait_for_background_quickstart(timeout: float = 900) -> None:

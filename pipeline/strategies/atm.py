@@ -22,6 +22,8 @@ and merging, as above. The eval split, on which every round is scored, is never 
 
 from __future__ import annotations
 
+import functools
+
 from pipeline.steps import ModelRef
 from pipeline.strategies.rounds import RoundResult, Rounds
 
@@ -71,23 +73,23 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
             return True
         return False
 
-    scoring = None  # the previous round, being scored while this one trains
+    scoring = None  # records the previous round once scored: it is scored while this one trains
     for k in range(first, first + spec.count):
         round_run = rounds.start_round(k)
         pending = rounds.submit_experts(current, wf.tasks, k, round_run, per_round=True, part=part)
         probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
         if scoring is not None:
-            finish(*scoring)
+            scoring()
         experts = rounds.collect_experts(pending)
         merge_base = current if spec.task_vectors_from == "round_start" else base
         merged = rounds.merge(merge_base, experts, k, round_run, merge=spec.merge, heads_from=current)
-        scoring = (k, round_run, experts, merged,
-                   rounds.submit_evaluation(merged, experts, k, round_run, cross_task=False), probe)
+        scoring = functools.partial(finish, k, round_run, experts, merged,
+                                    rounds.submit_evaluation(merged, experts, k, round_run, cross_task=False), probe)
         if spec.patience is not None:  # the score decides whether there is a next round: wait for it
-            if finish(*scoring):
+            if scoring():
                 return results
             scoring = None
         current = merged
     if scoring is not None:
-        finish(*scoring)
+        scoring()
     return results

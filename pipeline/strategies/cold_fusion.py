@@ -16,6 +16,7 @@ base.
 
 from __future__ import annotations
 
+import functools
 import random
 
 from pipeline.spec import TaskSpec
@@ -67,7 +68,7 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         rounds.record(result, strategy="cold_fusion", move_alias=improved)
         results.append(result)
 
-    scoring = None  # the previous round, being scored while this one trains
+    scoring = None  # records the previous round once scored: it is scored while this one trains
     for k in range(spec.count):
         round_run = rounds.start_round(k)
         contributors = sample_contributors(wf.tasks, k, spec.contributors, spec.contributor_seed, spec.weight_by_size)
@@ -76,15 +77,15 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
                                         part="fit" if wf.held_out_fraction else "all")  # AdaMerging learns on the rest
         base_probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
         if scoring is not None:
-            finish(*scoring)
+            scoring()
         experts = rounds.collect_experts(pending)
         spent += len(contributors) / len(wf.tasks) / spec.count  # mean fraction of a task's budget
         fused = rounds.merge(shared, experts, k, round_run, merge=spec.merge, heads_from=shared)
         probe = rounds.submit_probe(fused, k, round_run, name="evaluate:shared-linear-probe")
         with_heads |= set(experts)
-        scoring = (k, round_run, experts, fused, rounds.submit_evaluation(
+        scoring = functools.partial(finish, k, round_run, experts, fused, rounds.submit_evaluation(
             fused, experts, k, round_run, cross_task=False, merged_tasks=sorted(with_heads)), probe, base_probe, spent)
         shared = fused
     if scoring is not None:
-        finish(*scoring)
+        scoring()
     return results
