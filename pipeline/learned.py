@@ -92,6 +92,46 @@ def learn_from_inputs(ctx: StepContext, merge: MergeSpec, base: ModelRef, expert
     return res
 
 
+def align_merged_heads(ctx: StepContext, merge: MergeSpec, adapter_base: ModelRef | None,
+                       experts: dict[str, ModelRef], ckpt, run_id: str) -> dict[str, float]:
+    """``heads: aligned``: refit each expert's head in the staged merged checkpoint ``ckpt`` (before it is published).
+
+    Each task's inputs are a seeded sample of the rows its expert trained on (labels are not read). The
+    fit is recorded in the checkpoint's provenance (``heads``) and as ``heads_aligned.json`` on the merge
+    run; returns the metrics for the merge run.
+    """
+    from operators.checkpoint import read_provenance, write_provenance
+    from operators.heads import align_heads
+    from operators.statistics import sample_rows
+
+    wf, lineage = ctx.workflow, ctx.lineage()
+    spec = merge.heads
+    tasks = {t.name: t for t in wf.tasks if t.name in experts}
+    expert_dirs = {t: local_dir(ctx, e) for t, e in experts.items() if t in tasks}
+    inputs = {}
+    for name, task in tasks.items():
+        part = (read_provenance(expert_dirs[name]).get("data") or {}).get("part", "all")
+        train = task_data(task, part, wf.held_out_fraction, task.dataset.split_seed).train
+        inputs[name] = [train.texts[i] for i in sample_rows(len(train), spec.examples, spec.seed)]
+    report = align_heads(ckpt, expert_dirs, inputs, ridge=spec.ridge, seed=spec.seed,
+                         max_length=max(wf.finetune_for(t).max_length for t in tasks.values()), device=ctx.device,
+                         merged_adapter_base=local_dir(ctx, adapter_base) if adapter_base is not None else None,
+                         expert_adapter_bases={t: local_dir(ctx, e.adapter_base) for t, e in experts.items()
+                                               if e.adapter_base is not None and t in tasks})
+    record = report.as_dict()
+    prov = read_provenance(ckpt)
+    prov.pop("mergeflow_version", None)
+    prov.pop("created_at", None)
+    write_provenance(ckpt, {**prov, "heads": record})
+    lineage.log_dict(run_id, record, "heads_aligned.json")
+    say(f"[heads] aligned {', '.join(sorted(report.fits))} on the merged body in {report.seconds:.1f}s; logit MSE "
+        + ", ".join(f"{t} {f.mse_before:.3g}→{f.mse_after:.3g}" for t, f in sorted(report.fits.items())))
+    metrics = {"heads_align_seconds": report.seconds}
+    for t, f in report.fits.items():
+        metrics |= {f"heads/{t}/logit_mse_before": f.mse_before, f"heads/{t}/logit_mse_after": f.mse_after}
+    return metrics
+
+
 def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: dict[str, ModelRef],
                   statistics: dict[str, str] | None, run_id: str, round_index: int,
                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:

@@ -303,6 +303,39 @@ class LoraMergeSpec(_Frozen):
         return self
 
 
+class HeadsSpec(_Frozen):
+    """Which task heads the merged model carries (classification tasks).
+
+    ``experts``: each task keeps its expert's head as trained. ``aligned``: each head's output layer is
+    refit, without labels, so that on the merged body it reproduces its expert's logits on ``examples``
+    of the task's training inputs (ridge-regularised towards the expert's head; ``operators.heads``).
+    A string is read as the mode: ``heads: aligned``.
+    """
+
+    mode: Literal["experts", "aligned"] = "experts"
+    examples: int = Field(default=256, gt=0, description="aligned: training inputs per task (seeded sample)")
+    ridge: float = Field(default=0.1, gt=0, le=1e6, description="aligned: shrinkage towards the expert's head, "
+                         "relative to the mean eigenvalue of the features' Gram matrix")
+    seed: int = Field(default=0, description="aligned: seeds the sample of inputs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v not in ("experts", "aligned"):
+                raise ValueError(f"{v!r} is not a heads mode; use experts (the experts' heads as trained) or "
+                                 "aligned (refit without labels to the merged body)")
+            return {"mode": v}
+        return v
+
+    @model_validator(mode="after")
+    def _aligned_only(self) -> HeadsSpec:
+        if self.mode == "experts" and self.model_fields_set - {"mode"}:
+            raise ValueError(f"{sorted(self.model_fields_set - {'mode'})[0]} applies to mode: aligned; set "
+                             "mode: aligned or remove it")
+        return self
+
+
 class MergeSpec(_Frozen):
     """Which merge method combines the experts' bodies, and its parameters."""
 
@@ -314,6 +347,7 @@ class MergeSpec(_Frozen):
         description="fraction of each task's train split held out (experts train on the rest) to score a "
                     "searched parameter on; never the eval split",
     )
+    heads: HeadsSpec = Field(default_factory=HeadsSpec, description="experts (default) or aligned: see HeadsSpec")
     refit_heads: bool = Field(
         default=False,
         description="one-shot: also score the merged body with every head refit on it (a seeded linear probe on "
@@ -789,6 +823,11 @@ class Workflow(_Frozen):
             if lm:
                 raise ValueError(f"merge.params.{search.param}.search: scores full classification experts with their "
                                  f"heads (task {lm[0]!r} is a causal LM or LoRA expert); give a value instead")
+        for where, merge in (("merge", self.merge), ("rounds.merge", self.rounds.merge)):
+            lm = [t.name for t in self.tasks if t.type != "classification"]
+            if merge.heads.mode == "aligned" and lm:
+                raise ValueError(f"{where}.heads: aligned refits classification heads, and task {lm[0]!r} is a "
+                                 "causal LM (it has none); use heads: experts")
         if self.rounds.merge.refit_heads:
             raise ValueError("rounds.merge.refit_heads: refits heads after the one-shot merge only (merge.refit_heads); "
                              "remove it")

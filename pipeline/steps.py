@@ -160,7 +160,8 @@ def merged_key(base: ModelRef, experts: dict[str, ModelRef], merge: MergeSpec, h
     # fields added later are left out at their default, so merges already in a store keep their keys
     # (refit_heads only scores the merge: it never changes the merged checkpoint)
     spec = merge.model_dump(mode="json", exclude={"refit_heads"} | (
-        {"validation_fraction"} if merge.validation_fraction is None else set()))
+        {"validation_fraction"} if merge.validation_fraction is None else set()) | (
+        {"heads"} if merge.heads.mode == "experts" else set()))
     return content_key("merged", base.key, {t: e.key for t, e in sorted(experts.items())}, spec,
                        heads_from.key if heads_from is not None else "")
 
@@ -323,7 +324,7 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
     validation slices first (``pipeline.learned``).
     """
     from operators.merge.engine import merge_checkpoints
-    from pipeline.learned import prepare_merge
+    from pipeline.learned import align_merged_heads, prepare_merge
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     merge = merge or wf.merge
@@ -364,6 +365,8 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         )
         merge_metrics = {"merge_seconds": report.seconds, "merge_tensors": report.tensors,
                          "merge_bytes_written": report.bytes_written, **learned_metrics}
+        if merge.heads.mode == "aligned":  # before publishing: the published checkpoint carries the aligned heads
+            merge_metrics |= align_merged_heads(ctx, merge, base if adapter_out else None, experts, ckpt, run_id)
         if adapter_out:  # what the adapter-mode factorisation gives up, in relative Frobenius norm
             merge_metrics |= {"adapter_rank": float(report.adapter_rank or 0),
                               "adapter_relative_error": float(report.adapter_error or 0.0),

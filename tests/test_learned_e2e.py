@@ -140,6 +140,12 @@ def test_adamerging_learns_on_validation_inputs_and_records_it(tiny_base, tmp_pa
      "merge.method: adamerging learns through each task's head and needs full classification experts"),
     ({"method": "adamerging", "params": {"granularity": "neuron"}, "validation_fraction": 0.1}, {},
      "merge.params.granularity: Input should be 'layer' or 'task'"),
+    ({"method": "task_arithmetic", "heads": "alinged"}, {},
+     "merge.heads: 'alinged' is not a heads mode; use experts (the experts' heads as trained) or aligned"),
+    ({"method": "task_arithmetic", "heads": {"mode": "experts", "ridge": 1.0}}, {},
+     "merge.heads: ridge applies to mode: aligned; set mode: aligned or remove it"),
+    ({"method": "task_arithmetic", "heads": {"mode": "aligned", "examples": 0}}, {},
+     "merge.heads.examples: Input should be greater than 0 (got 0)"),
     ({"method": "task_arithmetic", "params": {"scaling": 0.3}, "validation_fraction": 0.1}, {},
      "merge.validation_fraction: 0.1 holds data out for a search, but no merge parameter is searched"),
 ])
