@@ -15,9 +15,12 @@ per task is fine-tuned on the rest with the spec's settings. Then, on the same e
   0.3, clamp [0, 1], Adam lr 1e-3, 500 steps, 16 inputs per task per step), learned on the *unlabeled*
   validation slices.
 
-Each merge is scored with the experts' own heads (the default everywhere) and, as its own column,
-with every head refit on the merged body (a fresh linear probe on the experts' training rows,
-seeded: ``operators.evaluate.linear_probe``), with its cost. Searches pick by mean normalised accuracy on the validation slices; every score in the table is on
+Each merge is scored with the experts' own heads (the default everywhere); with every head aligned
+to the merged body without labels (``merge.heads: aligned``, ``operators.heads``: each output layer
+refit by ridge least squares to reproduce its expert's logits on 256 of the task's training inputs),
+with per-task scores, interval and cost; and, as its own column, with every head refit on the merged
+body with labels (a fresh linear probe on the experts' training rows, seeded:
+``operators.evaluate.linear_probe``), with its cost. Searches pick by mean normalised accuracy on the validation slices; every score in the table is on
 the eval split, never seen by training or selection. normalized = merged / expert, per task; the
 mean accuracy has a 95% bootstrap interval (eval examples resampled within each task, 1000 draws,
 seed 0).
@@ -75,9 +78,10 @@ def main() -> None:
     from operators.data import hold_out, load_task_data
     from operators.evaluate import evaluate, linear_probe
     from operators.finetune import finetune
+    from operators.heads import align_heads
     from operators.merge.engine import merge_checkpoints
     from operators.search import search_coefficient
-    from operators.statistics import compute_statistics
+    from operators.statistics import compute_statistics, sample_rows
     from pipeline.spec import FinetuneSpec, load_workflow
 
     torch.set_num_threads(args.threads)
@@ -150,6 +154,7 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     correct: dict[str, dict[str, np.ndarray]] = {}
     refit: dict[str, dict[str, float]] = {}
+    aligned: dict[str, dict[str, float]] = {}
 
     def correctness(ckpt: Path, task: str) -> np.ndarray:
         """Per eval example: 1 if the body of ``ckpt`` with ``task``'s head predicts its label."""
@@ -182,6 +187,13 @@ def main() -> None:
         correct[label] = {n: correctness(out, n) for n in fit}
         rows[label] = {n: float(correct[label][n].mean()) for n in fit}
         costs.setdefault(label, {})["merge_seconds"] = merge_s
+        t0 = time.perf_counter()  # heads aligned without labels (merge.heads: aligned), in place, on the rows trained on
+        report = align_heads(out, experts, {n: [fit[n].train.texts[i] for i in sample_rows(len(fit[n].train), args.examples, 0)]
+                                            for n in fit}, max_length=max_length)
+        costs[label]["align_seconds"] = time.perf_counter() - t0
+        correct[label + " [aligned]"] = {n: correctness(out, n) for n in fit}
+        aligned[label] = {n: float(correct[label + " [aligned]"][n].mean()) for n in fit}
+        costs[label]["align_mse"] = {n: [f.mse_before, f.mse_after] for n, f in report.fits.items()}
         t0 = time.perf_counter()  # the heads refit on the merged body: a linear probe on the experts' rows
         refit[label] = {n: linear_probe(out, fit[n], max_length=max_length, seed=wf.finetune.seed)["accuracy"]
                         for n in fit}
@@ -234,16 +246,18 @@ def main() -> None:
     print()
     print(f"validation_fraction {args.validation_fraction}, N = {args.examples}, max_train_examples "
           f"{args.max_train_examples}, epochs x{args.epochs_scale}, {args.threads} threads")
-    head = ("| model | " + " | ".join(tasks) + " | mean acc [95% CI] | mean normalized | refit heads: mean acc | "
-            "refit heads: mean normalized |")
+    head = ("| model | " + " | ".join(tasks) + " | mean acc [95% CI] | mean normalized | aligned heads: "
+            + " | ".join(tasks) + " | aligned heads: mean acc [95% CI] | aligned heads: mean normalized | "
+            "refit heads: mean acc | refit heads: mean normalized |")
     print(head)
-    print("|" + "---|" * (len(tasks) + 5))
+    print("|" + "---|" * (2 * len(tasks) + 7))
+    blank = " | " * (len(tasks) + 3)
     print("| base (linear probe) | " + " | ".join(f"{probe[n]:.3f}" for n in tasks) + f" | {mean(probe):.3f} | "
-          f"{sum(probe[n] / expert_acc[n] for n in tasks) / len(tasks):.3f} | | |")
+          f"{sum(probe[n] / expert_acc[n] for n in tasks) / len(tasks):.3f}{blank}|")
     correct["experts"] = {n: correctness(experts[n], n) for n in tasks}
     lo, hi = interval("experts")
     print("| experts | " + " | ".join(f"{expert_acc[n]:.3f}" for n in tasks)
-          + f" | {mean(expert_acc):.3f} [{lo:.3f}, {hi:.3f}] | 1.000 | | |")
+          + f" | {mean(expert_acc):.3f} [{lo:.3f}, {hi:.3f}] | 1.000{blank}|")
     results = {}
     for label, accs in rows.items():
         norm = sum(accs[n] / expert_acc[n] for n in tasks) / len(tasks)
@@ -253,8 +267,14 @@ def main() -> None:
         results[label]["ci95"] = [lo, hi]
         rnorm = sum(refit[label][n] / expert_acc[n] for n in tasks) / len(tasks)
         results[label] |= {"refit_accuracy": refit[label], "refit_mean": mean(refit[label]), "refit_normalized": rnorm}
+        anorm = sum(aligned[label][n] / expert_acc[n] for n in tasks) / len(tasks)
+        alo, ahi = interval(label + " [aligned]")
+        results[label] |= {"aligned_accuracy": aligned[label], "aligned_mean": mean(aligned[label]),
+                           "aligned_normalized": anorm, "aligned_ci95": [alo, ahi]}
         print(f"| {label}{chosen} | " + " | ".join(f"{accs[n]:.3f}" for n in tasks)
-              + f" | {mean(accs):.3f} [{lo:.3f}, {hi:.3f}] | {norm:.3f} | {mean(refit[label]):.3f} | {rnorm:.3f} |")
+              + f" | {mean(accs):.3f} [{lo:.3f}, {hi:.3f}] | {norm:.3f} | "
+              + " | ".join(f"{aligned[label][n]:.3f}" for n in tasks)
+              + f" | {mean(aligned[label]):.3f} [{alo:.3f}, {ahi:.3f}] | {anorm:.3f} | {mean(refit[label]):.3f} | {rnorm:.3f} |")
     print()
     print("cost of statistics (share of the expert's fine-tune time):")
     for n in tasks:
@@ -275,6 +295,11 @@ def main() -> None:
     best = max(results, key=lambda k: results[k]["normalized"])
     print(f"best with the experts' heads: {best}: normalized {results[best]['normalized']:.3f} (target >= 0.85), "
           f"mean accuracy {results[best]['mean']:.3f} vs base probe {mean(probe):.3f}")
+    best = max(results, key=lambda k: results[k]["aligned_normalized"])
+    print(f"best with heads aligned to the merged body (no labels): {best}: normalized "
+          f"{results[best]['aligned_normalized']:.3f} (target >= 0.85), mean accuracy {results[best]['aligned_mean']:.3f} "
+          f"{results[best]['aligned_ci95']} vs base probe {mean(probe):.3f} (alignment {results[best]['align_seconds']:.1f}s "
+          f"for {len(tasks)} heads)")
     best = max(results, key=lambda k: results[k]["refit_normalized"])
     print(f"best with heads refit on the merged body: {best}: normalized {results[best]['refit_normalized']:.3f}, "
           f"mean accuracy {results[best]['refit_mean']:.3f} vs base probe {mean(probe):.3f} "

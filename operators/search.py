@@ -194,6 +194,7 @@ class SearchResult:
     reference_seconds: float = 0.0  # one evaluation pass: the experts on their validation slices
     seconds: float = 0.0
     fast_path: bool = False
+    heads: str = "experts"  # "aligned": each candidate scored with the heads aligned to its body
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -217,14 +218,20 @@ class ValidationScorer:
     """Scores a merged body on every task's validation slice with that task's head (kept in memory)."""
 
     def __init__(self, experts: Mapping[str, str | Path], validation: Mapping[str, Split], *, max_length: int = 64,
-                 batch_size: int = 256, device: str = "cpu"):
+                 batch_size: int = 256, device: str = "cpu", align: Mapping[str, list[str]] | None = None,
+                 ridge: float | None = None):
+        """``align``: task → unlabeled inputs; each candidate body is then scored with every head aligned to
+        it on those inputs (``merge.heads: aligned``, :func:`operators.heads.fit_head`), as it would be merged."""
         from transformers import AutoTokenizer
 
         from operators.checkpoint import load_task_model, quiet_transformers
+        from operators.heads import DEFAULT_RIDGE, output_layer
 
         quiet_transformers()
         self.device = device
+        self.ridge = DEFAULT_RIDGE if ridge is None else ridge
         self.models, self.batches, self.gold = {}, {}, {}
+        self.align: dict[str, tuple[torch.nn.Linear, list, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for task in sorted(validation):
             model = load_task_model(experts[task], task).to(device).eval()  # the expert's body and its head
             tok = AutoTokenizer.from_pretrained(str(experts[task]))
@@ -234,6 +241,14 @@ class ValidationScorer:
                                   for i in range(0, len(split), batch_size)]
             self.gold[task] = np.asarray(split.labels)
             self.models[task] = model
+            if align is not None:  # the expert's logits on the alignment inputs are the targets
+                texts = list(align[task])
+                layer = output_layer(model)[1]
+                enc = [tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt").to(device) for i in range(0, len(texts), batch_size)]
+                _, targets = self._layer_io(model, layer, enc)
+                bias = layer.bias.detach().clone() if layer.bias is not None else None
+                self.align[task] = (layer, enc, targets, layer.weight.detach().clone(), bias)
 
     @torch.no_grad()
     def accuracy(self, body_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
@@ -249,9 +264,31 @@ class ValidationScorer:
                 if unexpected or set(missing) & floats:
                     raise ValueError(f"the merged body does not fit task {task!r}'s model (missing "
                                      f"{sorted(set(missing) & floats)[:3]}, unexpected {sorted(unexpected)[:3]})")
+            if task in self.align:  # the head aligned to this body (the expert's own head for the experts)
+                from operators.heads import fit_head
+
+                layer, enc, targets, w0, b0 = self.align[task]
+                w, b = (w0, b0) if body_state is None else fit_head(self._layer_io(model, layer, enc)[0], targets, w0,
+                                                                    b0, self.ridge)
+                layer.weight.copy_(w)
+                if b is not None:
+                    layer.bias.copy_(b)
             pred = np.concatenate([model(**enc).logits.argmax(-1).cpu().numpy() for enc in self.batches[task]])
             out[task] = float((pred == self.gold[task]).mean()) if len(pred) else float("nan")
         return out
+
+
+    @staticmethod
+    @torch.no_grad()
+    def _layer_io(model, layer, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        ins, outs = [], []
+        handle = layer.register_forward_hook(lambda _m, a, o: (ins.append(a[0].float().cpu()), outs.append(o.float().cpu())))
+        try:
+            for enc in batches:
+                model(**enc)
+        finally:
+            handle.remove()
+        return torch.cat(ins), torch.cat(outs)
 
 
 def _golden_points(lo: float, hi: float, n: int, score: Callable[[float], float]) -> None:
@@ -273,7 +310,8 @@ def _golden_points(lo: float, hi: float, n: int, score: Callable[[float], float]
 
 def search_coefficient(base: str | Path, experts: Mapping[str, str | Path], method: str, params: Mapping[str, Any],
                        validation: Mapping[str, Split], *, max_length: int = 64, device: str = "cpu",
-                       on_candidate: Callable[[Candidate], None] | None = None) -> SearchResult:
+                       on_candidate: Callable[[Candidate], None] | None = None,
+                       align: Mapping[str, list[str]] | None = None, ridge: float | None = None) -> SearchResult:
     """Choose the searched parameter of ``params`` by mean normalised validation accuracy.
 
     Args:
@@ -283,6 +321,8 @@ def search_coefficient(base: str | Path, experts: Mapping[str, str | Path], meth
         params: Its parameters, exactly one given as a search (see :func:`parse_search`).
         validation: Task name → the validation split (rows held out of the train split).
         on_candidate: Called after each candidate is scored (the pipeline logs a nested run).
+        align: Task → unlabeled inputs: score each candidate with the heads aligned to its body on them
+            (``merge.heads: aligned``), with ``ridge``; the aligning is part of each evaluation pass.
 
     Returns:
         A :class:`SearchResult`; ``chosen`` is the value to merge with.
@@ -299,7 +339,7 @@ def search_coefficient(base: str | Path, experts: Mapping[str, str | Path], meth
     base_sd = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(base).items()}
     expert_sd = {n: {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(p).items()}
                  for n, p in experts.items()}
-    scorer = ValidationScorer(experts, validation, max_length=max_length, device=device)
+    scorer = ValidationScorer(experts, validation, max_length=max_length, device=device, align=align, ridge=ridge)
     load_seconds = time.perf_counter() - start
     t0 = time.perf_counter()
     reference = scorer.accuracy()
@@ -344,7 +384,8 @@ def search_coefficient(base: str | Path, experts: Mapping[str, str | Path], meth
     return SearchResult(param=space.param, method=space.method, space=space.describe(), chosen=best.value,
                         best_score=best.score, candidates=candidates, expert_accuracy=reference,
                         validation_examples={t: len(s) for t, s in validation.items()}, load_seconds=load_seconds,
-                        reference_seconds=reference_seconds, seconds=time.perf_counter() - start, fast_path=fast)
+                        reference_seconds=reference_seconds, seconds=time.perf_counter() - start, fast_path=fast,
+                        heads="aligned" if align is not None else "experts")
 
 
 __all__ = ["AFFINE_IN_SCALING", "Candidate", "SearchResult", "SearchSpace", "ValidationScorer", "merge_in_memory",

@@ -92,6 +92,20 @@ def learn_from_inputs(ctx: StepContext, merge: MergeSpec, base: ModelRef, expert
     return res
 
 
+def alignment_inputs(ctx: StepContext, merge: MergeSpec, experts: dict[str, ModelRef]) -> dict[str, list[str]]:
+    """``heads: aligned``: per task, a seeded sample of the inputs its expert trained on (never its labels)."""
+    from operators.checkpoint import read_provenance
+    from operators.statistics import sample_rows
+
+    wf = ctx.workflow
+    inputs = {}
+    for task in (t for t in wf.tasks if t.name in experts):
+        part = (read_provenance(local_dir(ctx, experts[task.name])).get("data") or {}).get("part", "all")
+        train = task_data(task, part, wf.held_out_fraction, task.dataset.split_seed).train
+        inputs[task.name] = [train.texts[i] for i in sample_rows(len(train), merge.heads.examples, merge.heads.seed)]
+    return inputs
+
+
 def align_merged_heads(ctx: StepContext, merge: MergeSpec, adapter_base: ModelRef | None,
                        experts: dict[str, ModelRef], ckpt, run_id: str) -> dict[str, float]:
     """``heads: aligned``: refit each expert's head in the staged merged checkpoint ``ckpt`` (before it is published).
@@ -102,17 +116,12 @@ def align_merged_heads(ctx: StepContext, merge: MergeSpec, adapter_base: ModelRe
     """
     from operators.checkpoint import read_provenance, write_provenance
     from operators.heads import align_heads
-    from operators.statistics import sample_rows
 
     wf, lineage = ctx.workflow, ctx.lineage()
     spec = merge.heads
     tasks = {t.name: t for t in wf.tasks if t.name in experts}
     expert_dirs = {t: local_dir(ctx, e) for t, e in experts.items() if t in tasks}
-    inputs = {}
-    for name, task in tasks.items():
-        part = (read_provenance(expert_dirs[name]).get("data") or {}).get("part", "all")
-        train = task_data(task, part, wf.held_out_fraction, task.dataset.split_seed).train
-        inputs[name] = [train.texts[i] for i in sample_rows(len(train), spec.examples, spec.seed)]
+    inputs = alignment_inputs(ctx, merge, experts)
     report = align_heads(ckpt, expert_dirs, inputs, ridge=spec.ridge, seed=spec.seed,
                          max_length=max(wf.finetune_for(t).max_length for t in tasks.values()), device=ctx.device,
                          merged_adapter_base=local_dir(ctx, adapter_base) if adapter_base is not None else None,
@@ -188,11 +197,14 @@ def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: d
         res = search_coefficient(local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
                                  merge.method, params, val, max_length=max(wf.finetune_for(t).max_length
                                                                            for t in wf.tasks),
-                                 device=ctx.device, on_candidate=on_candidate)
+                                 device=ctx.device, on_candidate=on_candidate,
+                                 align=alignment_inputs(ctx, merge, experts) if merge.heads.mode == "aligned" else None,
+                                 ridge=merge.heads.ridge)
         params[res.param] = res.chosen
         record["search"] = {k: v for k, v in res.as_dict().items() if k != "extra"}
         lineage.log_params(run_id, {f"search.chosen.{res.param}": res.chosen, "search.space": res.space,
-                                    "search.selection": "mean normalized validation accuracy"})
+                                    "search.selection": "mean normalized validation accuracy",
+                                    "search.heads": res.heads})
         lineage.log_dict(run_id, record["search"], "search.json")
         metrics |= {"search_seconds": res.seconds, "search_candidates": float(len(res.candidates)),
                     "search_eval_pass_seconds": res.eval_pass_seconds, "search_cost_ratio": res.cost_ratio,

@@ -156,3 +156,27 @@ def test_workflow_with_aligned_heads_publishes_records_and_scores_them(tiny_base
     final2 = run_workflow(wf2, address="in-process", report=lines.append).final
     assert final2.merged.key != final.merged.key
     assert {t: e.key for t, e in final2.experts.items()} == {t: e.key for t, e in final.experts.items()}
+
+
+def test_a_search_scores_each_candidate_with_the_heads_aligned_to_it(tiny_base, tiny_experts, tmp_path):
+    from operators.data import Split, TaskData
+    from operators.evaluate import evaluate
+    from operators.merge.engine import merge_checkpoints
+    from operators.search import search_coefficient
+    from tests.helpers import word_rows
+
+    val, align = {}, {}
+    for t in tiny_experts:
+        texts, labels = word_rows(t, 40, 7)
+        val[t] = Split(texts[24:], [int(y in ("vowel", "long")) for y in labels[24:]])
+        align[t] = texts[:24]
+    res = search_coefficient(tiny_base, tiny_experts, "task_arithmetic", {"scaling": {"search": [0.5, 1.0]}}, val,
+                             max_length=12, align=align)
+    assert res.heads == "aligned" and [c.value for c in res.candidates] == [0.5, 1.0]
+    for c in res.candidates:  # each score is that of the merge written with that value and its heads aligned
+        out = tmp_path / f"m{c.value}"
+        merge_checkpoints(tiny_base, tiny_experts, "task_arithmetic", {"scaling": c.value}, out)
+        align_heads(out, tiny_experts, align, max_length=12)
+        for t in tiny_experts:
+            data = TaskData(name=t, label_names=["a", "b"], train=val[t], eval=val[t], source="", digest="")
+            assert c.accuracy[t] == pytest.approx(evaluate(out, data, max_length=12)["accuracy"], abs=1e-9)

@@ -194,6 +194,41 @@ def test_fisher_diagonal_is_the_mean_squared_gradient_of_the_sampled_log_likelih
     assert rec.l2_norm > 0 and all((st.get(k) >= 0).all() for k in list(st.record["shapes"])[:5])
 
 
+@pytest.mark.parametrize("max_length", [3, 12])  # 3: short inputs (token-pair product); 12: per-example gradients
+def test_batched_fisher_equals_one_backward_pass_per_example(tiny_experts, vowel_data, max_length):
+    from transformers import AutoTokenizer
+
+    from operators.checkpoint import load_task_model
+    from operators.statistics import _fisher_batched, _fisher_per_example
+
+    model = load_task_model(tiny_experts["vowel"], "vowel")
+    tok = AutoTokenizer.from_pretrained(str(tiny_experts["vowel"]))
+    texts = vowel_data.train.texts[:10] + ["a", "abcdefghijklmnopqrstuvwxyz"]  # unequal lengths: padding in a batch
+    got = _fisher_batched(model, model.base_model, tok, texts, max_length, 5, "cpu", batch_size=4)
+    want = _fisher_per_example(model, model.base_model, tok, texts, max_length, 5, "cpu")
+    assert set(got) == set(want) == {n for n, p in model.base_model.named_parameters()}
+    for k in want:  # (a key projection's bias has a zero gradient: softmax ignores a shift of every score)
+        assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6 * float(want[k].abs().max()) + 1e-12), k
+    assert float(want["encoder.layer.0.intermediate.dense.weight"].abs().max()) > 0
+
+
+def test_fisher_of_a_body_with_other_parameters_takes_one_backward_pass_per_example(tiny_experts, vowel_data):
+    from transformers import AutoTokenizer
+
+    from operators.checkpoint import load_task_model
+    from operators.statistics import _fisher, _fisher_batched, _fisher_per_example, _NotBatchable
+
+    model = load_task_model(tiny_experts["vowel"], "vowel")
+    model.base_model.encoder.register_parameter("scale", torch.nn.Parameter(torch.ones(1)))  # not in a known layer
+    tok = AutoTokenizer.from_pretrained(str(tiny_experts["vowel"]))
+    texts = vowel_data.train.texts[:4]
+    with pytest.raises(_NotBatchable):
+        _fisher_batched(model, model.base_model, tok, texts, 12, 0, "cpu", 4)
+    got, want = _fisher(model, model.base_model, tok, texts, 12, 0, "cpu"), _fisher_per_example(
+        model, model.base_model, tok, texts, 12, 0, "cpu")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_statistics_refused_when_corrupt_stale_or_missing(tiny_experts, expert_stats, tmp_path):
     out, _, _ = expert_stats
     with pytest.raises(StatisticsError, match="computed on other weights"):
