@@ -9,6 +9,8 @@ per task is fine-tuned on the rest with the spec's settings. Then, on the same e
 - task arithmetic, λ = 0.5 (the quickstart's fixed value);
 - task arithmetic, λ searched on {0.1, …, 1.0} (TALL-masks / TSV grid, ALGORITHMS.md §3);
 - TIES (density 0.2, dis-mean), λ searched on {0.1, …, 2.5} (LiNeS' {0.1..1.5} ∪ the official 0.8–2.5);
+- both searches again with every candidate scored with the heads aligned to its body (as
+  ``merge.heads: aligned`` publishes it);
 - RegMean, α = 0.95, N = 256 (FusionBench defaults), and α searched on {0.7, 0.8, 0.9, 1.0} (MergeLM);
 - Fisher merging, N = 256, L2-normalised, floor 1e-6 (FusionBench defaults);
 - AdaMerging task-wise, layer-wise and AdaMerging++ (TIES k = 20 first), the paper's defaults (λ init
@@ -188,8 +190,7 @@ def main() -> None:
         rows[label] = {n: float(correct[label][n].mean()) for n in fit}
         costs.setdefault(label, {})["merge_seconds"] = merge_s
         t0 = time.perf_counter()  # heads aligned without labels (merge.heads: aligned), in place, on the rows trained on
-        report = align_heads(out, experts, {n: [fit[n].train.texts[i] for i in sample_rows(len(fit[n].train), args.examples, 0)]
-                                            for n in fit}, max_length=max_length)
+        report = align_heads(out, experts, align_inputs, max_length=max_length)
         costs[label]["align_seconds"] = time.perf_counter() - t0
         correct[label + " [aligned]"] = {n: correctness(out, n) for n in fit}
         aligned[label] = {n: float(correct[label + " [aligned]"][n].mean()) for n in fit}
@@ -202,8 +203,11 @@ def main() -> None:
         print(f"{label}: " + ", ".join(f"{n}={a:.3f}" for n, a in rows[label].items())
               + f" ({time.perf_counter() - t0:.0f}s with evaluation)", flush=True)
 
-    def searched(label: str, method: str, params: dict) -> None:
-        res = search_coefficient(base, experts, method, params, validation, max_length=max_length)
+    align_inputs = {n: [fit[n].train.texts[i] for i in sample_rows(len(fit[n].train), args.examples, 0)] for n in fit}
+
+    def searched(label: str, method: str, params: dict, aligned_heads: bool = False) -> None:
+        res = search_coefficient(base, experts, method, params, validation, max_length=max_length,
+                                 align=align_inputs if aligned_heads else None)
         print(f"{label}: chose {res.param}={res.chosen:g} in {res.seconds:.0f}s", flush=True)
         chosen = {**{k: v for k, v in params.items() if not (isinstance(v, dict) and "search" in v)},
                   res.param: res.chosen}
@@ -217,6 +221,11 @@ def main() -> None:
         score("task arithmetic λ=0.5", "task_arithmetic", {"scaling": 0.5})
         searched("task arithmetic, λ searched", "task_arithmetic", {"scaling": {"search": TA_GRID}})
         searched("TIES, λ searched", "ties", {"density": 0.2, "scaling": {"search": TIES_GRID}})
+        # the same searches with each candidate scored as merge.heads: aligned would publish it
+        searched("task arithmetic, λ searched with aligned heads", "task_arithmetic", {"scaling": {"search": TA_GRID}},
+                 aligned_heads=True)
+        searched("TIES, λ searched with aligned heads", "ties", {"density": 0.2, "scaling": {"search": TIES_GRID}},
+                 aligned_heads=True)
         score("RegMean α=0.95", "regmean", {"alpha": 0.95, "statistics": stats["gram"]})
         searched("RegMean, α searched", "regmean", {"alpha": {"search": REGMEAN_ALPHA_GRID},
                                                     "statistics": stats["gram"]})

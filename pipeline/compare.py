@@ -201,10 +201,14 @@ def seeded_workflow(wf: Workflow, seed: int) -> Workflow:
 
 def variant_workflow(wf: Workflow, strategy: str, merge: str, seed: int | None = None) -> Workflow:
     """``wf`` with one strategy and merge; its own registered model so aliases do not collide
-    (``<model>-<strategy>-<merge>``, with ``-seed<S>`` when it runs one of several ``--seeds``)."""
+    (``<model>-<strategy>-<merge>``, with ``-seed<S>`` when it runs one of several ``--seeds``). The
+    merge keeps the spec's ``heads`` (``merge.heads`` for one-shot, ``rounds.merge.heads`` otherwise)."""
     data = wf.model_dump(mode="json")
     spec = {"method": "linear", "params": {}} if merge == MEAN else {
         "method": merge, "params": _params_for(wf, strategy, merge)}
+    heads = (wf.merge if strategy == "oneshot" else wf.rounds.merge).heads
+    if heads.mode != "experts":  # the spec's heads (e.g. aligned) apply to every variant's merge
+        spec["heads"] = heads.model_dump(mode="json")
     data["strategy"] = strategy
     if strategy == "oneshot":
         data["merge"] = spec

@@ -330,9 +330,11 @@ class HeadsSpec(_Frozen):
 
     @model_validator(mode="after")
     def _aligned_only(self) -> HeadsSpec:
-        if self.mode == "experts" and self.model_fields_set - {"mode"}:
-            raise ValueError(f"{sorted(self.model_fields_set - {'mode'})[0]} applies to mode: aligned; set "
-                             "mode: aligned or remove it")
+        # (a value equal to its default is accepted: a dumped spec validates again)
+        changed = [f for f in ("examples", "ridge", "seed")
+                   if getattr(self, f) != type(self).model_fields[f].default]
+        if self.mode == "experts" and changed:
+            raise ValueError(f"{changed[0]} applies to mode: aligned; set mode: aligned or remove it")
         return self
 
 

@@ -180,3 +180,41 @@ def test_a_search_scores_each_candidate_with_the_heads_aligned_to_it(tiny_base, 
         for t in tiny_experts:
             data = TaskData(name=t, label_names=["a", "b"], train=val[t], eval=val[t], source="", digest="")
             assert c.accuracy[t] == pytest.approx(evaluate(out, data, max_length=12)["accuracy"], abs=1e-9)
+
+
+def test_compare_variants_keep_the_specs_heads(tiny_base, tmp_path):
+    from pipeline.compare import variant_workflow
+    from pipeline.spec import parse_workflow
+    from tests.helpers import tiny_workflow_dict
+
+    aligned = {"mode": "aligned", "examples": 32}
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, merge={"method": "task_arithmetic", "heads": aligned},
+                                           rounds={"merge": {"method": "linear", "heads": "aligned"}}))
+    one = variant_workflow(wf, "oneshot", "ties")
+    assert one.merge.method == "ties" and one.merge.heads.mode == "aligned" and one.merge.heads.examples == 32
+    atm = variant_workflow(wf, "atm", "mean")
+    assert atm.rounds.merge.method == "linear" and atm.rounds.merge.heads.mode == "aligned"
+    plain = parse_workflow(tiny_workflow_dict(tmp_path / "p", tiny_base))
+    assert variant_workflow(plain, "oneshot", "ties").merge.heads.mode == "experts"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("lora_mode", ["exact", "adapter"])
+def test_lora_experts_heads_are_aligned_to_the_merged_model(tiny_base, tmp_path, lora_mode):
+    from operators.checkpoint import read_provenance
+    from pipeline.driver import run_workflow
+    from pipeline.spec import parse_workflow
+    from pipeline.store import CheckpointStore
+    from tests.helpers import tiny_workflow_dict
+
+    merge = {"method": "task_arithmetic", "params": {"scaling": 1.0}, "heads": {"mode": "aligned", "examples": 16},
+             "lora": {"mode": lora_mode}}
+    spec = tiny_workflow_dict(tmp_path, tiny_base, merge=merge)
+    spec["finetune"] |= {"mode": "lora", "max_steps": 4}
+    wf = parse_workflow(spec)
+    final = run_workflow(wf, address="in-process", report=lambda _: None).final
+    prov = read_provenance(CheckpointStore(wf.store.root).materialize(final.merged.path))
+    for t in ("vowel", "length"):
+        fit = prov["heads"]["tasks"][t]
+        assert fit["examples"] == 16 and fit["mse_after"] < fit["mse_before"]
+        assert 0.0 <= final.summary()[t]["merged"] <= 1.0
