@@ -285,7 +285,8 @@ def main() -> None:
               + " | ".join(f"{aligned[label][n]:.3f}" for n in tasks)
               + f" | {mean(aligned[label]):.3f} [{alo:.3f}, {ahi:.3f}] | {anorm:.3f} | {mean(refit[label]):.3f} | {rnorm:.3f} |")
     print()
-    print("cost of statistics (share of the expert's fine-tune time):")
+    print("cost of statistics (share of the expert's fine-tune time, each timed when it was computed; cached work "
+          "keeps its first timing: benchmarks/statistics_cost.py times both back to back):")
     for n in tasks:
         g, f = stat_seconds[f"{n}-gram"], stat_seconds[f"{n}-fisher"]
         print(f"  {n}: fine-tune {ft_seconds[n]:.1f}s; Gram {g:.1f}s ({g / ft_seconds[n]:.0%}); "

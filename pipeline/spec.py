@@ -864,6 +864,9 @@ class Workflow(_Frozen):
         if lm:
             raise ValueError(f"recurring: task {lm[0]!r} is causal_lm; recurring rounds gate on classification "
                              "tasks (a head per task) in this version: run causal-LM workflows with mergeflow run")
+        if self.recurring.merge.heads.mode != "experts":
+            raise ValueError("recurring.merge.heads: aligned heads are not computed in recurring rounds in this version "
+                             "(a contribution's rows are not the task's train split); remove it")
         if (self.recurring.merge.search is not None or METHOD_STATISTICS.get(self.recurring.merge.method)
                 or self.recurring.merge.learns_from_inputs):
             raise ValueError(f"recurring.merge.method: {self.recurring.merge.method} needs validation data or "

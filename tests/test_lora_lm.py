@@ -196,6 +196,9 @@ def test_lm_spec_rules():
     assert problems(base_model="packaged:all-minilm-l6-v2") == [
         "base_model: 'packaged:all-minilm-l6-v2' is an encoder without a language-model head; causal_lm tasks need "
         "a causal LM (packaged:word-llama or a local checkpoint directory)."]
+    assert problems(merge={"heads": "aligned"}) == [
+        "merge.heads: aligned refits classification heads, and task 'a' is a causal LM (it has none); use heads: "
+        "experts."]
     assert problems(merge={"lora": {"mode": "adapter"}}) == [
         "merge.lora.mode: adapter needs LoRA experts, but some tasks fine-tune with mode full; set finetune.mode: "
         "lora or use lora.mode: exact."]

@@ -121,6 +121,8 @@ def test_recurring_spec_errors_name_the_field(tmp_path, tiny_base):
     assert p.startswith("recurring.gate.max_task_drop")
     (p,) = _problems(with_recurring(champion_alias="x", challenger_alias="x"))
     assert "both 'x'" in p
+    (p,) = _problems(with_recurring(merge={"method": "linear", "heads": "aligned"}))
+    assert "recurring.merge.heads: aligned heads are not computed in recurring rounds" in p
 
 
 # --- contributions: checked, bad ones named in one line ------------------------------------------
