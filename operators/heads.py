@@ -94,21 +94,22 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
         raise HeadAlignmentError(f"ridge must be > 0 (got {ridge}): with fewer inputs than features the fit has no "
                                  "unique solution")
     n, d = z.shape
-    theta0 = weight.detach().double()
-    zz = z.detach().double()
+    # solved on the CPU in float64 whatever device the layer is on (features come back from it on the CPU)
+    theta0 = weight.detach().double().cpu()
+    zz = z.detach().double().cpu()
     if bias is not None:
         zz = torch.cat([zz, torch.ones(n, 1, dtype=torch.float64)], 1)
-        theta0 = torch.cat([theta0, bias.detach().double()[:, None]], 1)
+        theta0 = torch.cat([theta0, bias.detach().double().cpu()[:, None]], 1)
     if n == 0:
         return weight.detach().clone(), None if bias is None else bias.detach().clone()
     gram = zz.T @ zz
     r = ridge * float(torch.trace(gram)) / gram.shape[0]
     if r <= 0:  # all-zero features: nothing to fit on
         return weight.detach().clone(), None if bias is None else bias.detach().clone()
-    rhs = zz.T @ y.detach().double() + r * theta0.T
+    rhs = zz.T @ y.detach().double().cpu() + r * theta0.T
     theta = torch.linalg.solve(gram + r * torch.eye(gram.shape[0], dtype=torch.float64), rhs).T
-    w = theta[:, :d].to(weight.dtype)
-    return w, (theta[:, d].to(bias.dtype) if bias is not None else None)
+    w = theta[:, :d].to(weight.device, weight.dtype)
+    return w, (theta[:, d].to(bias.device, bias.dtype) if bias is not None else None)
 
 
 def output_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
@@ -181,7 +182,7 @@ def align_head(merged: str | Path, expert: str | Path, task: str, texts: list[st
         s_layer.weight.copy_(w)
         if b is not None:
             s_layer.bias.copy_(b)
-    after = z @ w.float().T + (b.float() if b is not None else 0.0)
+    after = z @ w.float().cpu().T + (b.float().cpu() if b is not None else 0.0)
     head_file = Path(merged) / HEADS_DIR / task / HEAD_WEIGHTS
     tmp = head_file.with_suffix(".tmp")
     save_file(head_state_dict(student), str(tmp), metadata={"format": "pt", "task": task, "aligned": "true"})

@@ -245,7 +245,14 @@ def _fisher_batched(model, body, tokenizer, texts, max_length, seed, device, bat
                     for _, mod, _, out in calls):
                 raise _NotBatchable("a layer called twice, or an output that is not (batch, [tokens,] features)")
             picked = logp[torch.arange(len(chunk)), torch.tensor(ys, device=logp.device)].sum()
-            grads = torch.autograd.grad(picked, [out for *_, out in calls], allow_unused=True)
+            # a parameter read without calling its layer (e.g. a weight used as a tensor elsewhere) has a gradient
+            # the hooks cannot see: checked on the first batch, and then the body takes the per-example path
+            unseen = [p for name, m in layers if i == 0 and name not in {c[0] for c in calls}
+                      for p in m.parameters(recurse=False)]
+            grads = torch.autograd.grad(picked, [out for *_, out in calls] + unseen, allow_unused=True)
+            if any(gr is not None for gr in grads[len(calls):]):
+                raise _NotBatchable("a parameter with a gradient outside its layer's call")
+            grads = grads[:len(calls)]
             mask = enc["attention_mask"].to(torch.float32)
             for (mname, module, x, _), gout in zip(calls, grads, strict=True):
                 if gout is not None:
@@ -253,7 +260,8 @@ def _fisher_batched(model, body, tokenizer, texts, max_length, seed, device, bat
     finally:
         for h in handles:
             h.remove()
-    return {n: f / len(texts) for n, f in fisher.items()}
+    # a sum of squares; the token-pair product adds cross terms, whose rounding can dip below an exact 0
+    return {n: (f / len(texts)).clamp_min_(0.0) for n, f in fisher.items()}
 
 
 def _accumulate(fisher: dict[str, torch.Tensor], mname: str, module: torch.nn.Module, x: torch.Tensor,

@@ -902,6 +902,10 @@ class Workflow(_Frozen):
     def spec_hash(self) -> str:
         """A stable hash of everything that changes the weights (not tracking or store settings)."""
         payload = self.model_dump(mode="json", exclude={"tracking", "store", "description"})
+        # fields added later are left out at their default, so a spec keeps its hash across versions
+        for merge in (payload["merge"], payload["rounds"]["merge"], (payload.get("recurring") or {}).get("merge")):
+            if merge is not None and merge.get("heads", {}).get("mode") == "experts":
+                merge.pop("heads")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -217,4 +217,27 @@ def test_lora_experts_heads_are_aligned_to_the_merged_model(tiny_base, tmp_path,
     for t in ("vowel", "length"):
         fit = prov["heads"]["tasks"][t]
         assert fit["examples"] == 16 and fit["mse_after"] < fit["mse_before"]
-        assert 0.0 <= final.summary()[t]["merged"] <= 1.0
+
+
+def test_the_default_heads_leave_spec_hashes_and_merge_keys_as_they_were(tiny_base, tmp_path):
+    from pipeline.spec import parse_workflow
+    from pipeline.steps import ModelRef, merged_key
+    from tests.helpers import tiny_workflow_dict
+
+    def wf(**merge):
+        return parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, merge={"method": "task_arithmetic", **merge}))
+
+    plain, explicit, aligned = wf(), wf(heads="experts"), wf(heads="aligned")
+    # the spec hash and merge key of a spec written before `heads` existed: computed without the field
+    payload = plain.model_dump(mode="json", exclude={"tracking", "store", "description"})
+    for m in (payload["merge"], payload["rounds"]["merge"]):
+        m.pop("heads")
+    import hashlib
+    import json
+
+    assert plain.spec_hash() == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    assert plain.spec_hash() == explicit.spec_hash() != aligned.spec_hash()
+    base = ModelRef("base", "base", "", "file:///b", "k0", None, None)
+    experts = {"vowel": ModelRef("expert", "vowel", "", "file:///e", "k1", None, None)}
+    assert merged_key(base, experts, plain.merge) == merged_key(base, experts, explicit.merge)
+    assert merged_key(base, experts, plain.merge) != merged_key(base, experts, aligned.merge)

@@ -194,7 +194,8 @@ def test_fisher_diagonal_is_the_mean_squared_gradient_of_the_sampled_log_likelih
     assert rec.l2_norm > 0 and all((st.get(k) >= 0).all() for k in list(st.record["shapes"])[:5])
 
 
-@pytest.mark.parametrize("max_length", [3, 12])  # 3: short inputs (token-pair product); 12: per-example gradients
+# 4: short inputs (the token-pair product), "a" padded; 12: per-example gradient products (pooler: pairs)
+@pytest.mark.parametrize("max_length", [4, 12])
 def test_batched_fisher_equals_one_backward_pass_per_example(tiny_experts, vowel_data, max_length):
     from transformers import AutoTokenizer
 
@@ -227,6 +228,15 @@ def test_fisher_of_a_body_with_other_parameters_takes_one_backward_pass_per_exam
     got, want = _fisher(model, model.base_model, tok, texts, 12, 0, "cpu"), _fisher_per_example(
         model, model.base_model, tok, texts, 12, 0, "cpu")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    # a known layer whose weight is read without calling the layer: its gradient is invisible to the hooks
+    model = load_task_model(tiny_experts["vowel"], "vowel")
+    pooler = model.base_model.pooler
+    pooler.forward = lambda hidden: torch.tanh(torch.nn.functional.linear(hidden[:, 0], pooler.dense.weight,
+                                                                          pooler.dense.bias))
+    with pytest.raises(_NotBatchable, match="outside its layer"):
+        _fisher_batched(model, model.base_model, tok, texts, 12, 0, "cpu", 4)
+    got = _fisher(model, model.base_model, tok, texts, 12, 0, "cpu")
+    assert float(got["pooler.dense.weight"].abs().max()) > 0
 
 
 def test_statistics_refused_when_corrupt_stale_or_missing(tiny_experts, expert_stats, tmp_path):
