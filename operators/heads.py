@@ -100,11 +100,9 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
     if bias is not None:
         zz = torch.cat([zz, torch.ones(n, 1, dtype=torch.float64)], 1)
         theta0 = torch.cat([theta0, bias.detach().double().cpu()[:, None]], 1)
-    if n == 0:
-        return weight.detach().clone(), None if bias is None else bias.detach().clone()
     gram = zz.T @ zz
     r = ridge * float(torch.trace(gram)) / gram.shape[0]
-    if r <= 0:  # all-zero features: nothing to fit on
+    if r <= 0:  # no inputs, or all-zero features: nothing to fit on
         return weight.detach().clone(), None if bias is None else bias.detach().clone()
     rhs = zz.T @ y.detach().double().cpu() + r * theta0.T
     theta = torch.linalg.solve(gram + r * torch.eye(gram.shape[0], dtype=torch.float64), rhs).T
@@ -125,9 +123,9 @@ def output_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Linear]:
 
 
 @torch.no_grad()
-def _layer_io(model: torch.nn.Module, layer: torch.nn.Module, tokenizer, texts: list[str], max_length: int,
-              device: str, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``layer`` reads and writes for every text (in the texts' order)."""
+def layer_io(model: torch.nn.Module, layer: torch.nn.Module, encodings) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``layer`` reads and writes while ``model`` runs each of ``encodings`` (tokenized batches), concatenated
+    in batch order, as float32 on the CPU."""
     ins: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
 
@@ -135,21 +133,26 @@ def _layer_io(model: torch.nn.Module, layer: torch.nn.Module, tokenizer, texts: 
         ins.append(args[0].detach().float().cpu())
         outs.append(out.detach().float().cpu())
 
-    batches = length_batches(tokenizer, texts, batch_size, max_length)
     handle = layer.register_forward_hook(hook)
     try:
-        model.eval().to(device)
-        for idx in batches:
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt").to(device)
+        for enc in encodings:
             model(**enc)
     finally:
         handle.remove()
-    order = [i for idx in batches for i in idx]
-    z, y = torch.cat(ins), torch.cat(outs)
+    return torch.cat(ins), torch.cat(outs)
+
+
+def _layer_io(model: torch.nn.Module, layer: torch.nn.Module, tokenizer, texts: list[str], max_length: int,
+              device: str, batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`layer_io` over ``texts`` in batches of similar length, returned in the texts' order."""
+    batches = length_batches(tokenizer, texts, batch_size, max_length)
+    model.eval().to(device)
+    z, y = layer_io(model, layer, (tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                             max_length=max_length, return_tensors="pt").to(device) for idx in batches))
     if z.dim() != 2:
         raise HeadAlignmentError(f"the output layer reads {tuple(z.shape)}-shaped features; heads: aligned handles a "
                                  "head that reads one feature vector per input (sequence classification)")
+    order = [i for idx in batches for i in idx]
     z_sorted, y_sorted = torch.empty_like(z), torch.empty_like(y)
     z_sorted[order], y_sorted[order] = z, y
     return z_sorted, y_sorted
@@ -171,7 +174,7 @@ def align_head(merged: str | Path, expert: str | Path, task: str, texts: list[st
     tok_dir = merged if (Path(merged) / "tokenizer_config.json").is_file() else merged_adapter_base
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     teacher = load_model(expert, task, causal_lm=False, adapter_base=expert_adapter_base)
-    name, layer = output_layer(teacher)
+    _, layer = output_layer(teacher)
     _, y = _layer_io(teacher, layer, tokenizer, texts, max_length, device)
     del teacher
     student = load_model(merged, task, causal_lm=False, adapter_base=merged_adapter_base)

@@ -225,7 +225,7 @@ class ValidationScorer:
         from transformers import AutoTokenizer
 
         from operators.checkpoint import load_task_model, quiet_transformers
-        from operators.heads import DEFAULT_RIDGE, output_layer
+        from operators.heads import DEFAULT_RIDGE, layer_io, output_layer
 
         quiet_transformers()
         self.device = device
@@ -246,13 +246,15 @@ class ValidationScorer:
                 layer = output_layer(model)[1]
                 enc = [tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt").to(device) for i in range(0, len(texts), batch_size)]
-                _, targets = self._layer_io(model, layer, enc)
+                _, targets = layer_io(model, layer, enc)
                 bias = layer.bias.detach().clone() if layer.bias is not None else None
                 self.align[task] = (layer, enc, targets, layer.weight.detach().clone(), bias)
 
     @torch.no_grad()
     def accuracy(self, body_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Validation accuracy per task; with ``body_state``, of that body (else of each expert as loaded)."""
+        from operators.heads import fit_head, layer_io
+
         out = {}
         for task, model in self.models.items():
             if body_state is not None:
@@ -265,30 +267,15 @@ class ValidationScorer:
                     raise ValueError(f"the merged body does not fit task {task!r}'s model (missing "
                                      f"{sorted(set(missing) & floats)[:3]}, unexpected {sorted(unexpected)[:3]})")
             if task in self.align:  # the head aligned to this body (the expert's own head for the experts)
-                from operators.heads import fit_head
-
                 layer, enc, targets, w0, b0 = self.align[task]
-                w, b = (w0, b0) if body_state is None else fit_head(self._layer_io(model, layer, enc)[0], targets, w0,
-                                                                    b0, self.ridge)
+                w, b = (w0, b0) if body_state is None else fit_head(layer_io(model, layer, enc)[0], targets, w0, b0,
+                                                                    self.ridge)
                 layer.weight.copy_(w)
                 if b is not None:
                     layer.bias.copy_(b)
             pred = np.concatenate([model(**enc).logits.argmax(-1).cpu().numpy() for enc in self.batches[task]])
             out[task] = float((pred == self.gold[task]).mean()) if len(pred) else float("nan")
         return out
-
-
-    @staticmethod
-    @torch.no_grad()
-    def _layer_io(model, layer, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        ins, outs = [], []
-        handle = layer.register_forward_hook(lambda _m, a, o: (ins.append(a[0].float().cpu()), outs.append(o.float().cpu())))
-        try:
-            for enc in batches:
-                model(**enc)
-        finally:
-            handle.remove()
-        return torch.cat(ins), torch.cat(outs)
 
 
 def _golden_points(lo: float, hi: float, n: int, score: Callable[[float], float]) -> None:

@@ -198,7 +198,7 @@ def _fisher_batched(model, body, tokenizer, texts, max_length, seed, device, bat
     squared and summed, the same Fisher as one backward pass per example, several times faster on
     CPU. Bodies with other parameters, or a layer used twice in one forward, take the per-example path.
     """
-    owners: dict[int, str] = {}
+    covered: set[int] = set()  # the parameters the supported layers own
     layers: list[tuple[str, torch.nn.Module]] = []
     for mname, module in body.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.is_floating_point()]
@@ -208,10 +208,9 @@ def _fisher_batched(model, body, tokenizer, texts, max_length, seed, device, bat
                 isinstance(module, torch.nn.LayerNorm) and len(module.normalized_shape) != 1):
             raise _NotBatchable(mname)
         layers.append((mname, module))
-        for n, p in own:
-            owners[id(p)] = f"{mname}.{n}" if mname else n
+        covered |= {id(p) for _, p in own}
     params = [(n, p) for n, p in body.named_parameters() if p.is_floating_point()]
-    if any(id(p) not in owners for _, p in params):
+    if any(id(p) not in covered for _, p in params):
         raise _NotBatchable("a parameter outside the supported layers")
     for _, p in params:
         p.requires_grad_(True)
@@ -276,10 +275,7 @@ def _accumulate(fisher: dict[str, torch.Tensor], mname: str, module: torch.nn.Mo
         ids = x if x.dim() == 2 else x[:, None]
         rows_g = gout if gout.dim() == 3 else gout[:, None]
         for b in range(ids.shape[0]):
-            uniq, inverse = torch.unique(ids[b], return_inverse=True)
-            rows = torch.zeros(len(uniq), rows_g.shape[-1], dtype=torch.float32, device=rows_g.device)
-            rows.index_add_(0, inverse, rows_g[b])  # a token seen twice: its gradients add
-            fisher[key("weight")].index_add_(0, uniq, rows * rows)
+            _add_squared_rows(fisher[key("weight")], ids[b], rows_g[b])
         return
     a = x.float()
     if isinstance(module, torch.nn.LayerNorm):
@@ -299,14 +295,11 @@ def _accumulate(fisher: dict[str, torch.Tensor], mname: str, module: torch.nn.Mo
             u = (g3[:, :, None, :] * g3[:, None, :, :]).reshape(-1, w.shape[0])
             v = (a3[:, :, None, :] * a3[:, None, :, :]).reshape(-1, w.shape[1])
             w.addmm_(u.T, v)
-            if module.bias is not None:
-                per_b = g3.sum(1)
-                fisher[key("bias")].add_((per_b * per_b).sum(0))
-            return
-        step = max(1, _PER_EXAMPLE_ELEMENTS // w.numel())  # examples at a time: bounded memory on large layers
-        for b in range(0, g3.shape[0], step):
-            pe = torch.bmm(g3[b:b + step].transpose(1, 2), a3[b:b + step])
-            w.add_((pe * pe).sum(0))
+        else:
+            step = max(1, _PER_EXAMPLE_ELEMENTS // w.numel())  # examples at a time: bounded memory on large layers
+            for b in range(0, g3.shape[0], step):
+                pe = torch.bmm(g3[b:b + step].transpose(1, 2), a3[b:b + step])
+                w.add_((pe * pe).sum(0))
     if module.bias is not None:
         per_b = gout.sum(1) if gout.dim() == 3 else gout
         fisher[key("bias")].add_((per_b * per_b).sum(0))
@@ -337,15 +330,20 @@ def _fisher_per_example(model, body, tokenizer, texts, max_length, seed, device)
                 if gr is not None:
                     fisher[n].addcmul_(gr, gr)
             if word_key and captured and grads[-1] is not None:
-                ids = enc["input_ids"][0]
-                uniq, inverse = torch.unique(ids, return_inverse=True)
-                rows = torch.zeros(len(uniq), grads[-1].shape[-1], dtype=torch.float32, device=ids.device)
-                rows.index_add_(0, inverse, grads[-1][0].float())  # a token seen twice: its gradients add
-                fisher[word_key].index_add_(0, uniq, rows * rows)
+                _add_squared_rows(fisher[word_key], enc["input_ids"][0], grads[-1][0].float())
     finally:
         if hook is not None:
             hook.remove()
     return {n: f / len(texts) for n, f in fisher.items()}
+
+
+def _add_squared_rows(fisher: torch.Tensor, ids: torch.Tensor, grads: torch.Tensor) -> None:
+    """One example's embedding-table gradient, squared, into ``fisher``: ``grads`` (tokens × dim) is the
+    gradient of what the table returned for ``ids``; a token seen twice has its gradients added first."""
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    rows = torch.zeros(len(uniq), grads.shape[-1], dtype=torch.float32, device=grads.device)
+    rows.index_add_(0, inverse, grads)
+    fisher.index_add_(0, uniq, rows * rows)
 
 
 def _word_embeddings(body) -> torch.nn.Embedding | None:

@@ -107,12 +107,11 @@ def alignment_inputs(ctx: StepContext, merge: MergeSpec, experts: dict[str, Mode
 
 
 def align_merged_heads(ctx: StepContext, merge: MergeSpec, adapter_base: ModelRef | None,
-                       experts: dict[str, ModelRef], ckpt, run_id: str) -> dict[str, float]:
+                       experts: dict[str, ModelRef], ckpt, run_id: str, inputs: dict[str, list[str]]) -> dict[str, float]:
     """``heads: aligned``: refit each expert's head in the staged merged checkpoint ``ckpt`` (before it is published).
 
-    Each task's inputs are a seeded sample of the rows its expert trained on (labels are not read). The
-    fit is recorded in the checkpoint's provenance (``heads``) and as ``heads_aligned.json`` on the merge
-    run; returns the metrics for the merge run.
+    ``inputs``: from :func:`alignment_inputs`. The fit is recorded in the checkpoint's provenance
+    (``heads``) and as ``heads_aligned.json`` on the merge run; returns the metrics for the merge run.
     """
     from operators.checkpoint import read_provenance, write_provenance
     from operators.heads import align_heads
@@ -121,7 +120,6 @@ def align_merged_heads(ctx: StepContext, merge: MergeSpec, adapter_base: ModelRe
     spec = merge.heads
     tasks = {t.name: t for t in wf.tasks if t.name in experts}
     expert_dirs = {t: local_dir(ctx, e) for t, e in experts.items() if t in tasks}
-    inputs = alignment_inputs(ctx, merge, experts)
     report = align_heads(ckpt, expert_dirs, inputs, ridge=spec.ridge, seed=spec.seed,
                          max_length=max(wf.finetune_for(t).max_length for t in tasks.values()), device=ctx.device,
                          merged_adapter_base=local_dir(ctx, adapter_base) if adapter_base is not None else None,
@@ -143,8 +141,10 @@ def align_merged_heads(ctx: StepContext, merge: MergeSpec, adapter_base: ModelRe
 
 def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: dict[str, ModelRef],
                   statistics: dict[str, str] | None, run_id: str, round_index: int,
+                  align_inputs: dict[str, list[str]] | None = None,
                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
-    """The parameters to merge with: statistics filled in and verified, a searched parameter chosen.
+    """The parameters to merge with: statistics filled in and verified, a searched parameter chosen
+    (with ``align_inputs``, ``heads: aligned``: each candidate scored with its heads aligned on them).
 
     Returns:
         ``(params, provenance record, metrics for the merge run)``.
@@ -198,8 +198,7 @@ def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: d
                                  merge.method, params, val, max_length=max(wf.finetune_for(t).max_length
                                                                            for t in wf.tasks),
                                  device=ctx.device, on_candidate=on_candidate,
-                                 align=alignment_inputs(ctx, merge, experts) if merge.heads.mode == "aligned" else None,
-                                 ridge=merge.heads.ridge)
+                                 align=align_inputs, ridge=merge.heads.ridge)
         params[res.param] = res.chosen
         record["search"] = {k: v for k, v in res.as_dict().items() if k != "extra"}
         lineage.log_params(run_id, {f"search.chosen.{res.param}": res.chosen, "search.space": res.space,

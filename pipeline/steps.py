@@ -324,7 +324,7 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
     validation slices first (``pipeline.learned``).
     """
     from operators.merge.engine import merge_checkpoints
-    from pipeline.learned import align_merged_heads, prepare_merge
+    from pipeline.learned import align_merged_heads, alignment_inputs, prepare_merge
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     merge = merge or wf.merge
@@ -343,7 +343,10 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         params={"method": merge.method, **merge.params})
     say(f"[merge] round {round_index}: {merge.method} of {', '.join(sorted(experts))}")
     with staged_checkpoint(store, lineage, model_id, f"the merged model ({merge.method})", path) as ckpt:
-        params, learned, learned_metrics = prepare_merge(ctx, merge, base, experts, statistics, run_id, round_index)
+        # heads: aligned: the inputs each head is aligned on (by a search's candidates, then by the merge)
+        align_inputs = alignment_inputs(ctx, merge, experts) if merge.heads.mode == "aligned" else None
+        params, learned, learned_metrics = prepare_merge(ctx, merge, base, experts, statistics, run_id, round_index,
+                                                         align_inputs)
         report = merge_checkpoints(
             local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
             merge.method, params, ckpt,
@@ -365,8 +368,9 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         )
         merge_metrics = {"merge_seconds": report.seconds, "merge_tensors": report.tensors,
                          "merge_bytes_written": report.bytes_written, **learned_metrics}
-        if merge.heads.mode == "aligned":  # before publishing: the published checkpoint carries the aligned heads
-            merge_metrics |= align_merged_heads(ctx, merge, base if adapter_out else None, experts, ckpt, run_id)
+        if align_inputs is not None:  # before publishing: the published checkpoint carries the aligned heads
+            merge_metrics |= align_merged_heads(ctx, merge, base if adapter_out else None, experts, ckpt, run_id,
+                                                align_inputs)
         if adapter_out:  # what the adapter-mode factorisation gives up, in relative Frobenius norm
             merge_metrics |= {"adapter_rank": float(report.adapter_rank or 0),
                               "adapter_relative_error": float(report.adapter_error or 0.0),
