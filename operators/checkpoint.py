@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -369,3 +370,117 @@ def read_provenance(ckpt: str | Path) -> dict[str, Any]:
             "Re-run the step that makes it: `mergeflow run SPEC` resumes and re-creates missing steps."
         )
     return json.loads(path.read_text())
+
+
+# --- a checkpoint held in memory (resident workers) ----------------------------------------------
+
+@dataclass
+class StateCheckpoint:
+    """A mergeflow checkpoint held in memory: what a resident worker trains and a round merges
+    without writing it to the store.
+
+    ``body`` holds the shared body's tensors under the names its safetensors files use; ``heads``
+    each task's head tensors and its task-model config (JSON text, as ``save_head`` writes it);
+    ``files`` is the directory whose ``config.json`` and tokenizer files it shares (the base's).
+    ``write`` turns it into the same on-disk checkpoint a task step would have written.
+    """
+
+    files: Path
+    body: dict[str, torch.Tensor]
+    heads: dict[str, tuple[dict[str, torch.Tensor], str]] = field(default_factory=dict)
+
+    def __reduce__(self):
+        # pickled (into Ray's object store) as numpy arrays: they travel as out-of-band buffers, so a reader on
+        # the same node maps them instead of copying (torch tensors would be copied on every read)
+        return (_state_from_arrays, (str(self.files), _to_arrays(self.body),
+                                     {t: (_to_arrays(h), cfg) for t, (h, cfg) in self.heads.items()}))
+
+    @classmethod
+    def of_model(cls, model: torch.nn.Module, task: str, files: str | Path) -> StateCheckpoint:
+        """A copy of a task model's weights: its body, and its head as ``task``'s."""
+        body = {k: v.detach().clone().contiguous() for k, v in model.base_model.state_dict().items()}
+        return cls(Path(files), body, {task: (head_state_dict(model), model.config.to_json_string())})
+
+    def load_into(self, model: torch.nn.Module, task: str) -> None:
+        """Put this checkpoint's body and ``task``'s head into ``model`` (built for that task)."""
+        if task not in self.heads:
+            raise CheckpointError(f"in-memory checkpoint has no head for task {task!r} (heads: {sorted(self.heads)})")
+        self.load_body_into(model)
+        head = self.heads[task][0]
+        _missing, unexpected = model.load_state_dict(head, strict=False)
+        if unexpected or set(head_state_dict(model)) - set(head):
+            raise CheckpointError(f"in-memory head of {task!r} does not fit the model (unexpected {sorted(unexpected)})")
+
+    def load_body_into(self, model: torch.nn.Module) -> None:
+        """Put the body into ``model``: every tensor its body has; integer buffers a checkpoint keeps and
+        this transformers version does not (``position_ids``) are left out, as ``from_pretrained`` does."""
+        own = model.base_model.state_dict()
+        missing = sorted(set(own) - set(self.body))
+        extra = sorted(k for k in set(self.body) - set(own) if self.body[k].is_floating_point())
+        if missing or extra:
+            raise CheckpointError(f"in-memory checkpoint does not fit the model: missing {missing[:3]}, extra {extra[:3]}")
+        model.base_model.load_state_dict({k: self.body[k] for k in own}, strict=True)
+
+    def write(self, out_dir: str | Path, provenance: dict[str, Any] | None = None) -> list[str]:
+        """Write it as a checkpoint directory (sharded body, heads, config, tokenizer); returns the files."""
+        from operators.tensor_io import ShardedWriter
+
+        out = Path(out_dir)
+        plan = [(k, t.dtype, tuple(t.shape)) for k, t in self.body.items()]
+        writer = ShardedWriter(out, plan, metadata={"mergeflow": "in-memory checkpoint"})
+        for k, t in self.body.items():
+            writer.add(k, t)
+        files = writer.close()
+        shutil.copy2(self.files / "config.json", out / "config.json")
+        copy_tokenizer(self.files, out)
+        for task, (head, config) in sorted(self.heads.items()):
+            d = out / HEADS_DIR / task
+            d.mkdir(parents=True, exist_ok=True)
+            save_file(head, str(d / HEAD_WEIGHTS), metadata={"format": "pt", "task": task})
+            (d / "config.json").write_text(config)
+        if provenance is not None:
+            write_provenance(out, provenance)
+        return files
+
+    @classmethod
+    def read(cls, ckpt: str | Path, files: str | Path | None = None) -> StateCheckpoint:
+        """Read a (full, classification) checkpoint directory into memory."""
+        from operators.tensor_io import iter_tensors
+
+        ckpt = Path(ckpt)
+        heads = {t: (load_file(str(ckpt / HEADS_DIR / t / HEAD_WEIGHTS)),
+                     (ckpt / HEADS_DIR / t / "config.json").read_text()) for t in head_names(ckpt)}
+        return cls(Path(files) if files else ckpt, dict(iter_tensors(ckpt)), heads)
+
+
+def _to_arrays(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[Any, str]]:
+    """Tensors as numpy arrays sharing their memory (bfloat16 and other dtypes numpy lacks: as raw bytes)."""
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().contiguous()
+        try:
+            out[k] = (t.numpy(), "")
+        except TypeError:
+            out[k] = (t.reshape(-1).view(torch.uint8).numpy(),
+                      f"{str(t.dtype).removeprefix('torch.')}:{','.join(map(str, t.shape))}")
+    return out
+
+
+def _from_arrays(arrays: dict[str, tuple[Any, str]]) -> dict[str, torch.Tensor]:
+    import warnings
+
+    out = {}
+    with warnings.catch_warnings():  # read-only buffers mapped from the object store: read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        for k, (a, how) in arrays.items():
+            t = torch.from_numpy(a)
+            if how:
+                dtype, shape = how.split(":")
+                t = t.view(getattr(torch, dtype)).reshape([int(x) for x in shape.split(",") if x])
+            out[k] = t
+    return out
+
+
+def _state_from_arrays(files: str, body: dict, heads: dict) -> StateCheckpoint:
+    return StateCheckpoint(Path(files), _from_arrays(body), {t: (_from_arrays(h), cfg) for t, (h, cfg) in heads.items()})
+

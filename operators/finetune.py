@@ -11,8 +11,12 @@ kind of expert; what differs is how a batch is built and what is saved:
 - LoRA (peft): only the adapters (and a classification head) train; the expert is a peft adapter
   directory (a few MB, not a copy of the base), loadable with ``PeftModel.from_pretrained``.
 
-Deterministic for a given seed, start checkpoint, data and thread count. Knows nothing of Ray or
-MLflow: progress goes to an optional ``log`` callback, which the pipeline points at MLflow.
+Deterministic for a given seed, start weights, data and thread count. The random stream is seeded
+before loading; it draws a fresh head's initialisation, then LoRA's A and dropout masks. A head
+carried over from the start checkpoint draws nothing: the stream is seeded again once that model is
+ready, so the throwaway draws of a loader (a missing head initialised, then overwritten) never reach
+training, and a model kept in memory from an earlier round trains bit for bit as one loaded from its
+checkpoint. Knows nothing of Ray or MLflow: progress goes to an optional ``log`` callback, which the pipeline points at MLflow.
 """
 
 from __future__ import annotations
@@ -207,12 +211,15 @@ def finetune(
     init_ckpt: str | Path,
     data: TaskData,
     settings: FinetuneSettings,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     log: LogFn | None = None,
     device: str = "cpu",
     torch_threads: int | None = None,
     keep_model: bool = False,
+    model: Any = None,
+    tokenizer: Any = None,
+    fresh_head: bool = False,
 ) -> FinetuneResult:
     """Fine-tune an expert for ``data.name`` starting from ``init_ckpt``; save it to ``out_dir``.
 
@@ -223,13 +230,18 @@ def finetune(
         data: The task's data (train split used here); ``data.task_type`` picks classification or causal LM.
         settings: Mode (full/LoRA), learning rate, budget, batch size, precision, ... (``FinetuneSpec``).
         out_dir: Where to write the expert: a full checkpoint, or a peft adapter directory (mode ``lora``),
-            with ``heads/<task>`` for classification and the tokenizer.
+            with ``heads/<task>`` for classification and the tokenizer. ``None``: not written (with
+            ``keep_model``, the caller takes the trained model as it is).
         log: Called as ``log(step, {"train_loss": ..., "lr": ...})`` every ``log_every`` steps.
         device: ``"cpu"`` or ``"cuda"``.
         torch_threads: torch intra-op threads (None leaves torch's default).
         keep_model: Return the trained model and its tokenizer (``result.model``, ``result.tokenizer``), so
             the caller can score it without loading what was just written. Full fine-tunes only: a LoRA
             expert is scored as it is loaded (adapter folded into its base), so it is not kept.
+        model, tokenizer: A task model already holding the start weights (a resident worker's, kept
+            across rounds; full fine-tunes only), trained in place instead of loading ``init_ckpt``,
+            which then only names where the start came from. ``fresh_head``: its head was just made
+            (seeded, from ``settings.seed``) rather than carried over.
 
     Returns:
         Steps, losses, tokens, time taken and peak GPU memory.
@@ -247,15 +259,23 @@ def finetune(
     precision = resolve_precision(settings.precision, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    if lm:
+    if model is not None:  # a resident worker's model, already holding the start weights
+        if lora:
+            raise ValueError("finetune: a preloaded model trains in full mode only; LoRA loads its start checkpoint")
+        has_head = not lm and not fresh_head
+        model.requires_grad_(True)
+    elif lm:
         has_head = False
         model = AutoModelForCausalLM.from_pretrained(str(init_ckpt))
         tokenizer = lm_tokenizer(init_ckpt)
-        encoded = encode_lm(tokenizer, data.train, settings.max_length)
     else:
         has_head = (init_ckpt / HEADS_DIR / data.name / HEAD_WEIGHTS).is_file()
         model = load_task_model(init_ckpt, data.name, label_names=data.label_names)
         tokenizer = AutoTokenizer.from_pretrained(str(init_ckpt))
+    if lm:
+        encoded = encode_lm(tokenizer, data.train, settings.max_length)
+    if has_head:  # the stream starts again at the seed: a loader's throwaway draws stay out of training
+        torch.manual_seed(settings.seed)
     task_model = model  # the transformers model (LoRA wraps it; heads and bodies are read from it)
     if settings.freeze_embeddings and not lora:
         # the word-embedding table is most of a small model's parameters and of each step's cost
@@ -336,8 +356,10 @@ def finetune(
     if settings.gradient_checkpointing:
         task_model.gradient_checkpointing_disable()
         task_model.config.use_cache = True
-    out_dir = Path(out_dir)
-    if lora:
+    if out_dir is None:
+        pass
+    elif lora:
+        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out_dir), safe_serialization=True)  # the adapter only, not the base
         if not lm:
@@ -345,7 +367,7 @@ def finetune(
         copy_tokenizer(init_ckpt, out_dir)
     elif lm:
         task_model.save_pretrained(str(out_dir))
-        copy_tokenizer(init_ckpt, out_dir)
+        copy_tokenizer(init_ckpt, Path(out_dir))
     else:
         save_task_model(task_model, init_ckpt, out_dir, data.name)
     return FinetuneResult(

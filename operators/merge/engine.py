@@ -34,6 +34,7 @@ import torch
 
 from operators.checkpoint import (
     HEADS_DIR,
+    StateCheckpoint,
     copy_head,
     copy_tokenizer,
     head_names,
@@ -307,6 +308,101 @@ def merge_checkpoints(
             r.close()
 
 
+class _StateReader:
+    """The reader interface of :class:`TensorReader` over tensors held in memory."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._t = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._t
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._t[key].dtype
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t[key].shape)
+
+    def numel(self, key: str) -> int:
+        return self._t[key].numel()
+
+    def nbytes(self, key: str) -> int:
+        return self._t[key].numel() * self._t[key].element_size()
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._t[key].clone()  # a fresh buffer, as a file read gives: methods may work in place
+
+    def get_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._t[key].reshape(-1)[start:stop].clone()
+
+    def close(self) -> None:
+        pass
+
+
+def merge_states(
+    base: StateCheckpoint,
+    experts: Mapping[str, StateCheckpoint],
+    method: str,
+    params: dict[str, Any] | None,
+    *,
+    heads_from: StateCheckpoint | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[StateCheckpoint, MergeReport]:
+    """:func:`merge_checkpoints` over checkpoints held in memory (resident workers' rounds).
+
+    The same method functions over the same blocks in the same order, so the merged tensors are
+    bit for bit those ``merge_checkpoints`` writes for the same inputs; nothing touches a disk.
+    Each expert keeps its own task's head; ``heads_from`` gives the heads of tasks no expert brings.
+    Full checkpoints only (LoRA experts are merged from the store).
+    """
+    start = time.perf_counter()
+    spec = get_method(method)
+    p = spec.parse_params(params)
+    if not experts:
+        raise MergeError("no experts to merge; give at least one expert checkpoint")
+    names = sorted(experts)
+    weights = resolve_weights(p, names)
+    readers: dict[str, Any] = {"__base__": _StateReader(base.body)} | {n: _StateReader(experts[n].body) for n in names}
+    ref, keys = readers["__base__"], list(base.body)
+    for n in names:  # the checks check_compatible makes of files, on tensors
+        missing = sorted(k for k in keys if k not in readers[n] and ref.dtype(k).is_floating_point)
+        bad = next((k for k in keys if k in readers[n] and (readers[n].shape(k), readers[n].dtype(k))
+                    != (ref.shape(k), ref.dtype(k))), None)
+        if missing or bad or set(experts[n].body) - set(keys):
+            raise MergeError(f"expert {n!r} does not have the base's tensors (missing {missing[:3]}, first mismatch "
+                             f"{bad!r}); experts must be fine-tuned from the same base model")
+    report = MergeReport(method=method, params=p.model_dump(mode="json"), experts=names, weights=weights)
+    stats = None
+    if spec.prepare is not None:
+        float_keys = [k for k in keys if ref.dtype(k).is_floating_point]
+        stats = spec.prepare(ModelStream(float_keys, lambda k: (ref.get(k), [readers[n].get(k) for n in names])), p, names)
+    pieces: dict[str, list[torch.Tensor]] = {}
+
+    def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
+        pieces.setdefault(b.key, []).append(merged.to(ref.dtype(b.key)) if merged.is_floating_point() else merged)
+
+    body = {}
+    for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements):
+        parts = pieces.pop(key)
+        body[key] = (parts[0] if len(parts) == 1 else torch.cat([t.reshape(-1) for t in parts])).reshape(ref.shape(key))
+        report.tensors += 1
+    heads: dict[str, tuple[dict[str, torch.Tensor], str]] = {}
+    for n in names:
+        own = [n] if n in experts[n].heads else list(experts[n].heads)
+        for task in own:
+            if task in heads:
+                raise MergeError(f"two experts carry a head for task {task!r}; name each expert after its task")
+            heads[task] = experts[n].heads[task]
+    if heads_from is not None:
+        heads |= {t: h for t, h in heads_from.heads.items() if t not in heads}
+    report.heads = sorted(heads)
+    report.seconds = time.perf_counter() - start
+    return StateCheckpoint(base.files, body, heads), report
+
+
 def _check_lora_args(base: Path, names: list[str], adapters: Mapping[str, LoraAdapter],
                      adapter_bases: Mapping[str, str | Path] | None, lora_mode: str, adapter_rank: int | None,
                      factorization: str, out_dtype: torch.dtype | None) -> dict[str, Path]:
@@ -570,4 +666,5 @@ def _plan_heads(paths: Mapping[str, Path]) -> list[tuple[str, str]]:
     return [(expert, task) for task, expert in sorted(plan.items())]
 
 
-__all__ = ["HEADS_DIR", "MergeError", "MergeReport", "atomic_output_dir", "check_compatible", "merge_checkpoints"]
+__all__ = ["HEADS_DIR", "MergeError", "MergeReport", "atomic_output_dir", "check_compatible", "merge_checkpoints",
+           "merge_states"]
