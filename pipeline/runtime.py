@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # Workers never reach for a model hub, and tokenizers must not fork thread pools in workers.
 WORKER_ENV = {
@@ -30,14 +30,45 @@ class Resources:
     max_retries: int = 1
 
 
-class Future:
-    """A handle on a submitted step."""
+class StateHandle:
+    """A checkpoint held in memory, passed between steps by reference: an object in Ray's object
+    store on a cluster (read where a step needs it, zero-copy on its node), the object itself in process."""
 
-    def __init__(self, name: str, ref: Any = None, value: Any = None, error: BaseException | None = None):
+    def __init__(self, ref: Any = None, value: Any = None):
+        self._ref = ref
+        self._value = value
+
+    @property
+    def key(self) -> str:
+        """Names the object (the same on every worker that reads it)."""
+        return self._ref.hex() if self._ref is not None else f"local-{id(self._value)}"
+
+    def get(self) -> Any:
+        if self._ref is not None:
+            import ray
+
+            return ray.get(self._ref)
+        return self._value
+
+
+class WithState(NamedTuple):
+    """What a resident step returns: a small ``value`` for the driver, and a ``state`` (a checkpoint in
+    memory) that stays in the object store, owned by the driver, for the steps that read it next."""
+
+    value: Any
+    state: Any
+
+
+class Future:
+    """A handle on a submitted step (``state``: the checkpoint a resident step kept in memory)."""
+
+    def __init__(self, name: str, ref: Any = None, value: Any = None, error: BaseException | None = None,
+                 state: StateHandle | None = None):
         self.name = name
         self._ref = ref
         self._value = value
         self._error = error
+        self.state = state
 
     def done_value(self) -> Any:
         if self._error is not None:
@@ -68,9 +99,87 @@ class InProcessRuntime:
     def result(self, future: Future) -> Any:
         return future.done_value()
 
+    def resident_pool(self, size: int, resources: Resources) -> InProcessPool:
+        return InProcessPool()
+
     def as_completed(self, futures: list[Future]) -> Iterator[tuple[Future, Any]]:
         for f in futures:
             yield f, f.done_value()
+
+
+class InProcessPool:
+    """Resident workers in this process: one, the process itself (its caches last across rounds)."""
+
+    size = 1
+
+    def submit(self, worker: int, fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Future:
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as exc:
+            return Future(name, error=exc)
+        if isinstance(out, WithState):
+            return Future(name, value=out.value, state=StateHandle(value=out.state))
+        return Future(name, value=out)
+
+    def put(self, obj: Any) -> StateHandle:
+        return StateHandle(value=obj)
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def close(self) -> None:
+        pass
+
+
+class _Resident:
+    """A resident worker (a Ray actor): runs steps in one long-lived process, whose module-level caches
+    (models, tokenizers, tokenized data) outlive each step."""
+
+    def run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        out = fn(*args, **kwargs)
+        return (out.value, out.state) if isinstance(out, WithState) else (out, None)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayPool:
+    """``size`` resident workers: Ray actors holding a slot's resources for the workflow's lifetime.
+
+    A worker that dies (its process or node lost) is restarted by Ray and the call it was running is
+    run again from the same inputs (``max_restarts``/``max_task_retries``), like a task's retry.
+    """
+
+    def __init__(self, size: int, resources: Resources):
+        import ray
+
+        actor = ray.remote(_Resident).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                                              max_restarts=resources.max_retries,
+                                              max_task_retries=resources.max_retries)
+        self.size = size
+        self.actors = [actor.remote() for _ in range(size)]
+
+    def submit(self, worker: int, fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Future:
+        value, state = self.actors[worker].run.options(num_returns=2, name=name).remote(fn, args, kwargs)
+        return Future(name, ref=value, state=StateHandle(ref=state))
+
+    def put(self, obj: Any) -> StateHandle:
+        import ray
+
+        return StateHandle(ref=ray.put(obj))
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def close(self) -> None:
+        """Give the slots back (the workers' caches go with them)."""
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
 
 
 class StepFailed(RuntimeError):
@@ -142,6 +251,15 @@ class RayRuntime:
         )
         return Future(name, ref=remote.remote(*args, **kwargs))
 
+    def resident_pool(self, size: int, resources: Resources) -> RayPool:
+        """Resident workers: ``size`` of them, or as many as the cluster's free slots hold, if fewer."""
+        import ray
+
+        free = ray.available_resources()
+        fit = [free.get("CPU", 0.0) // resources.num_cpus if resources.num_cpus else size,
+               free.get("GPU", 0.0) // resources.num_gpus if resources.num_gpus else size]
+        return RayPool(max(1, min(size, int(min(fit)))), resources)
+
     def result(self, future: Future) -> Any:
         import ray
 
@@ -162,10 +280,10 @@ class RayRuntime:
 
 
 def where_am_i() -> dict[str, str]:
-    """Where this step runs, as run tags: the host, and the Ray node and attempt when in a Ray worker."""
+    """Where this step runs, as run tags: the host and process, and the Ray node and task when in a Ray worker."""
     import socket
 
-    tags = {"mergeflow.host": socket.gethostname()}
+    tags = {"mergeflow.host": socket.gethostname(), "mergeflow.pid": str(os.getpid())}
     try:
         import ray
 

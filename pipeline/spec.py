@@ -526,6 +526,19 @@ class RoundsSpec(_Frozen):
     contributor_seed: int = 0
     weight_by_size: bool = Field(default=False, description="ColD Fusion: sample contributors in proportion to "
                                                             "their training-set size")
+    workers: Literal["tasks", "resident"] = Field(
+        default="tasks",
+        description="tasks: every expert of every round is a Ray task that loads its start model from the store and "
+                    "writes its checkpoint back; resident: one Ray actor per slot keeps each task's model, tokenizer "
+                    "and data across rounds, start weights are shipped once per round through Ray's object store, "
+                    "and experts are merged in memory (same weights, bit for bit)",
+    )
+    checkpoint_every: int = Field(
+        default=1, ge=1,
+        description="resident workers: write the merged model to the store, score it and register it every N "
+                    "rounds (and always the last round); rounds between are trained, merged and recorded in memory. "
+                    "A crash loses at most the rounds since the last checkpoint; resuming gives the same weights",
+    )
 
     @field_validator("finetune")
     @classmethod
@@ -541,6 +554,14 @@ class RoundsSpec(_Frozen):
         if (self.start == "oneshot_merge") != (self.validation_fraction is not None):
             raise ValueError("start: oneshot_merge (ATM on validation data) and validation_fraction go together: "
                              "give both, e.g. {start: oneshot_merge, validation_fraction: 0.1}, or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoint_every(self) -> RoundsSpec:
+        if self.checkpoint_every > 1 and self.workers != "resident":
+            raise ValueError(f"checkpoint_every: {self.checkpoint_every} needs workers: resident (with task workers "
+                             "every expert and merge goes through the store); set rounds.workers: resident, or "
+                             "remove checkpoint_every")
         return self
 
     @field_validator("contributors")
@@ -852,6 +873,34 @@ class Workflow(_Frozen):
         return self
 
     @model_validator(mode="after")
+    def _resident_workers(self) -> Workflow:
+        # resident workers keep full classification models in memory and merge element-wise, in memory
+        if self.rounds.workers != "resident":
+            return self
+        fix = "or set rounds.workers: tasks"
+        if self.strategy not in ("atm", "cold_fusion"):
+            raise ValueError(f"rounds.workers: resident keeps models across rounds; strategy {self.strategy!r} has one "
+                             "round. Use strategy: atm or cold_fusion, or remove rounds.workers")
+        bad = [t.name for t in self.tasks if t.type != "classification"]
+        if bad:
+            raise ValueError(f"rounds.workers: resident: task {bad[0]!r} is a causal LM; resident workers keep "
+                             f"classification models in this version; {fix}")
+        bad = [t.name for t in self.tasks if self.round_finetune_for(t, 0).mode != "full"]
+        if bad:
+            raise ValueError(f"rounds.workers: resident: task {bad[0]!r} fine-tunes with LoRA; resident workers keep "
+                             f"full models in this version (a LoRA round goes through the store); {fix}")
+        m = self.rounds.merge
+        if METHOD_STATISTICS.get(m.method) or m.learns_from_inputs or m.heads.mode != "experts":
+            raise ValueError(f"rounds.workers: resident merges in memory with element-wise methods; rounds.merge "
+                             f"{m.method!r}{' with heads: aligned' if m.heads.mode != 'experts' else ''} reads the "
+                             f"experts' data or statistics: use linear, task_arithmetic, ties, dare_*, breadcrumbs, ... "
+                             f"{fix}")
+        if self.strategy == "atm" and self.rounds.start == "oneshot_merge":
+            raise ValueError(f"rounds.workers: resident: ATM on validation data (rounds.start: oneshot_merge) is not "
+                             f"run by resident workers in this version; {fix}")
+        return self
+
+    @model_validator(mode="after")
     def _recurring(self) -> Workflow:
         if self.recurring is None:
             return self
@@ -902,6 +951,10 @@ class Workflow(_Frozen):
     def spec_hash(self) -> str:
         """A stable hash of everything that changes the weights (not tracking or store settings)."""
         payload = self.model_dump(mode="json", exclude={"tracking", "store", "description"})
+        # where rounds run and how often they are written change no weight (resident rounds are bit for bit
+        # those of task workers), so a spec keeps its hash when they change
+        payload["rounds"].pop("workers")
+        payload["rounds"].pop("checkpoint_every")
         # fields added later are left out at their default, so a spec keeps its hash across versions
         for merge in (payload["merge"], payload["rounds"]["merge"], (payload.get("recurring") or {}).get("merge")):
             if merge is not None and merge.get("heads", {}).get("mode") == "experts":

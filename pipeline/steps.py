@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from operators.checkpoint import read_provenance, resolve_model_path, write_provenance
 from operators.data import TaskData, hold_out, load_task_data
@@ -66,6 +67,7 @@ class ModelRef:
     metrics: dict[str, float] = field(default_factory=dict)
     artifact_location: str | None = None
     adapter_base: ModelRef | None = None  # a LoRA adapter's full start checkpoint (None: a full checkpoint)
+    state: Any = field(default=None, repr=False, compare=False)  # resident rounds: its weights in memory (StateHandle)
 
     def record(self) -> dict[str, str | None]:
         """How provenance names this checkpoint (enough to find it again in the store)."""

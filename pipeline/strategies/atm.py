@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 
-from pipeline.steps import ModelRef
+from pipeline.steps import ModelRef, merged_key, merged_path, ref_from_store
 from pipeline.strategies.rounds import RoundResult, Rounds
 
 
@@ -59,6 +59,8 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         nonlocal best, since_best
         merged_eval, expert_evals = rounds.collect_evaluation(scoring)
         done = (k - first + 1) / spec.count
+        if not expert_evals:  # a restored checkpoint: its experts' scores, as its provenance recorded them
+            expert_evals = {t: {t: e.metrics["own"]} for t, e in experts.items()}
         result = RoundResult(k, round_run, experts, merged, expert_evals, merged_eval,
                              baseline=rounds.probe_result(probe) if probe else results[0].baseline,
                              budget=done if first == 0 else 1.0 + done * (spec.validation_fraction or 0.0))
@@ -73,16 +75,41 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
             return True
         return False
 
+    last = first + spec.count - 1
+    if rounds.resident:  # rounds between checkpoints lived in memory: resume after the last one in the store
+        current, resumed = restore(rounds, base, first, last, part)
+        if resumed > first:
+            round_run = rounds.start_round(resumed - 1)
+            rounds.report(f"round {resumed - 1}: restored from its checkpoint {current.uri}; rounds {first}.."
+                          f"{resumed - 1} are not run again")
+            pending = rounds.submit_evaluation(current, {}, resumed - 1, round_run, cross_task=False)
+            if finish(resumed - 1, round_run, restored_experts(rounds, current), current, pending,
+                      rounds.submit_probe(base, resumed - 1, round_run)):
+                return results
+            first_to_run = resumed
+        else:
+            first_to_run = first
+    else:
+        first_to_run = first
+    probe_pending = not results
     scoring = None  # records the previous round once scored: it is scored while this one trains
-    for k in range(first, first + spec.count):
+    for k in range(first_to_run, last + 1):
+        scored = rounds.durable(k, last)  # resident workers: only checkpointed rounds are written and scored
         round_run = rounds.start_round(k)
-        pending = rounds.submit_experts(current, wf.tasks, k, round_run, per_round=True, part=part)
-        probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
+        pending = rounds.submit_experts(current, wf.tasks, k, round_run, per_round=True, part=part, scored=scored)
+        probe = None
+        if probe_pending and scored:  # after the experts: they go first
+            probe, probe_pending = rounds.submit_probe(base, k, round_run), False
         if scoring is not None:
             scoring()
+            scoring = None
         experts = rounds.collect_experts(pending)
         merge_base = current if spec.task_vectors_from == "round_start" else base
-        merged = rounds.merge(merge_base, experts, k, round_run, merge=spec.merge, heads_from=current)
+        merged = rounds.merge(merge_base, experts, k, round_run, merge=spec.merge, heads_from=current, durable=scored)
+        if not scored:
+            rounds.end_unscored(k, round_run, merged)
+            current = merged
+            continue
         scoring = functools.partial(finish, k, round_run, experts, merged,
                                     rounds.submit_evaluation(merged, experts, k, round_run, cross_task=False), probe)
         if spec.patience is not None:  # the score decides whether there is a next round: wait for it
@@ -93,3 +120,51 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     if scoring is not None:
         scoring()
     return results
+
+
+def restore(rounds: Rounds, base: ModelRef, first: int, last: int, part: str) -> tuple[ModelRef, int]:
+    """The last checkpointed round of this run already in the store, and the round after it.
+
+    Every key is a content hash of what made it, so the chain of rounds is known without training:
+    each round's expert keys follow from its start model, its merge's key from them. The walk stops at
+    the first checkpointed round not in the store. Returns ``(base, first)`` when there is none.
+    """
+    wf, spec = rounds.wf, rounds.wf.rounds
+    current, found = base, (base, first)
+    for k in range(first, last + 1):
+        experts = {t.name: ModelRef("expert", t.name, "", "", rounds.expert_plan(current, t, k, True, part)[1])
+                   for t in wf.tasks}
+        merge_base = current if spec.task_vectors_from == "round_start" else base
+        key = merged_key(merge_base, experts, spec.merge, current)
+        if rounds.durable(k, last):
+            path = merged_path(rounds.store, wf, k, key, spec.merge.method)
+            if not rounds.intact(path, "merged model", k) or not _resident_checkpoint(rounds, path):
+                break
+            found = (ref_from_store(rounds.store, path, "merged", f"{wf.name}-merged", key), k + 1)
+        current = ModelRef("merged", f"{wf.name}-merged", "", "", key)
+    return found
+
+
+def _resident_checkpoint(rounds: Rounds, path: str) -> bool:
+    """Whether resident workers wrote it (its provenance keeps its experts' scores; the same merge written
+    by task workers is reused by the merge step instead, its experts being in the store)."""
+    from operators.checkpoint import read_provenance
+
+    return read_provenance(rounds.store.materialize(path)).get("workers") == "resident"
+
+
+def restored_experts(rounds: Rounds, merged: ModelRef) -> dict[str, ModelRef]:
+    """The experts a restored checkpoint was merged from, with their own-task scores, from its provenance."""
+    from operators.checkpoint import read_provenance
+
+    prov = read_provenance(rounds.store.materialize(merged.path))
+    out = {}
+    for p in prov.get("parents", []):
+        if p.get("kind") != "expert":
+            continue
+        task, metrics = p["task"], p.get("metrics", {})
+        prefix = f"eval/{task}/"
+        own = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        out[task] = ModelRef("expert", task, "", p["uri"], p["key"], p.get("run_id"), reused=True,
+                             metrics={**metrics, "own": own})  # type: ignore[dict-item]  # read by finish()
+    return out

@@ -69,20 +69,31 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         results.append(result)
 
     scoring = None  # records the previous round once scored: it is scored while this one trains
+    last = spec.count - 1
     for k in range(spec.count):
+        scored = rounds.durable(k, last)  # resident workers: only checkpointed rounds are written and scored
         round_run = rounds.start_round(k)
         contributors = sample_contributors(wf.tasks, k, spec.contributors, spec.contributor_seed, spec.weight_by_size)
         rounds.report(f"round {k}: contributors {', '.join(t.name for t in contributors)}")
+        # every expert is scored (a later round's non-contributors are normalised by their latest expert)
         pending = rounds.submit_experts(shared, contributors, k, round_run, per_round=True,
                                         part="fit" if wf.held_out_fraction else "all")  # AdaMerging learns on the rest
-        base_probe = rounds.submit_probe(base, k, round_run) if k == 0 else None  # after the experts: they go first
+        base_probe = None
+        if not results and scoring is None and scored:  # the first scored round; after the experts: they go first
+            base_probe = rounds.submit_probe(base, k, round_run)
         if scoring is not None:
             scoring()
+            scoring = None
         experts = rounds.collect_experts(pending)
+        latest_expert.update({t: e.metrics["own_accuracy"] for t, e in experts.items() if "own_accuracy" in e.metrics})
         spent += len(contributors) / len(wf.tasks) / spec.count  # mean fraction of a task's budget
-        fused = rounds.merge(shared, experts, k, round_run, merge=spec.merge, heads_from=shared)
-        probe = rounds.submit_probe(fused, k, round_run, name="evaluate:shared-linear-probe")
+        fused = rounds.merge(shared, experts, k, round_run, merge=spec.merge, heads_from=shared, durable=scored)
         with_heads |= set(experts)
+        if not scored:
+            rounds.end_unscored(k, round_run, fused)
+            shared = fused
+            continue
+        probe = rounds.submit_probe(fused, k, round_run, name="evaluate:shared-linear-probe")
         scoring = functools.partial(finish, k, round_run, experts, fused, rounds.submit_evaluation(
             fused, experts, k, round_run, cross_task=False, merged_tasks=sorted(with_heads)), probe, base_probe, spent)
         shared = fused

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import resident
 from pipeline.lineage import TAG_ROUND, TAG_STORE_URI, TAG_TASK, Lineage
 from pipeline.runtime import Resources
 from pipeline.spec import MergeSpec, TaskSpec, Workflow
@@ -124,6 +125,48 @@ class Rounds:
         self.report = report
         r = self.wf.resources
         self.resources = Resources(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=r.max_retries)
+        # resident workers (rounds.workers: resident): one long-lived worker per slot keeps each of its tasks'
+        # model across rounds; made on first use, given back by close()
+        self.resident = self.wf.strategy != "oneshot" and self.wf.rounds.workers == "resident"
+        self._pool = None
+        self._worker_of: dict[str, int] = {}  # task → the worker that trains it, every round (its model stays there)
+        self._load: list[float] = []
+
+    # --- resident workers -----------------------------------------------------------------------
+    @property
+    def pool(self):
+        if self._pool is None:
+            self._pool = self.runtime.resident_pool(len(self.wf.tasks), self.resources)
+            self._load = [0.0] * self._pool.size
+            self.report(f"{self._pool.size} resident worker(s) started; each keeps its tasks' models across rounds")
+        return self._pool
+
+    def worker_for(self, task: str, cost: float = 0.0) -> int:
+        """The worker that keeps ``task``'s model: fixed at its first round, on the least loaded worker then."""
+        if task not in self._worker_of:
+            w = min(range(self.pool.size), key=lambda i: (self._load[i], i))
+            self._worker_of[task] = w
+            self._load[w] += cost
+        return self._worker_of[task]
+
+    def close(self) -> None:
+        """Give the resident workers' slots back."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def durable(self, index: int, last: int) -> bool:
+        """Whether round ``index`` is checkpointed: written to the store, scored and registered. Always with
+        task workers; with resident workers every ``rounds.checkpoint_every`` rounds, and the last."""
+        every = self.wf.rounds.checkpoint_every
+        return not self.resident or index == last or (index + 1) % every == 0
+
+    def end_unscored(self, index: int, round_run: str, merged: ModelRef) -> None:
+        """Close a round kept in memory (between checkpoints): its experts' and merge's runs hold its record."""
+        if merged.run_id:
+            self.lineage.end_run(merged.run_id)
+        self.lineage.set_tags(round_run, {"mergeflow.checkpointed": "false"})
+        self.lineage.end_run(round_run)
 
     # --- runs -----------------------------------------------------------------------------------
     def start_round(self, index: int) -> str:
@@ -162,27 +205,42 @@ class Rounds:
         """
         return self.collect_experts(self.submit_experts(start, tasks, index, round_run, per_round, part))
 
+    def expert_plan(self, start: ModelRef, task: TaskSpec, index: int, per_round: bool, part: str):
+        """An expert's settings, its content key and its cost (tokens to train: steps × batch × length)."""
+        from operators.finetune import total_steps
+
+        settings = self.wf.round_finetune_for(task, index) if per_round else self.wf.finetune_for(task)
+        data = task_data(task, part, self.wf.held_out_fraction, task.dataset.split_seed)
+        cost = total_steps(len(data.train), settings) * settings.batch_size * settings.max_length
+        return settings, expert_key(start, task, settings, data.digest), cost
+
     def submit_experts(self, start: ModelRef, tasks: list[TaskSpec], index: int, round_run: str,
-                       per_round: bool = False, part: str = "all") -> PendingExperts:
+                       per_round: bool = False, part: str = "all", scored: bool = True) -> PendingExperts:
         """Start fine-tuning (as :meth:`finetune`) without waiting; collect with :meth:`collect_experts`.
 
         Experts are submitted longest first (by tokens to train: steps × batch × length), so the
         slots are packed like LPT scheduling and the longest expert never starts last, alone.
+        With resident workers a round's experts stay in memory (``scored``: scored where they are trained).
         """
-        from operators.finetune import total_steps
-
         pending = PendingExperts(index, round_run)
+        if self.resident and per_round:
+            plans = sorted(((task, *self.expert_plan(start, task, index, per_round, part)) for task in tasks),
+                           key=lambda t: -t[3])  # stable: ties keep spec order
+            for task, settings, key, cost in plans:
+                run_id = self._child(f"expert:{task.name}", "expert", round_run, index, {TAG_TASK: task.name})
+                pending.run_ids[task.name] = run_id
+                pending.futures.append(self.pool.submit(
+                    self.worker_for(task.name, cost), resident.finetune_step, self.ctx, task, start, index, run_id,
+                    key, settings, part, scored, name=f"finetune-{task.name}-r{index}"))
+            return pending
         todo = []
         for task in tasks:
-            settings = self.wf.round_finetune_for(task, index) if per_round else self.wf.finetune_for(task)
-            data = task_data(task, part, self.wf.held_out_fraction, task.dataset.split_seed)
-            key = expert_key(start, task, settings, data.digest)
+            settings, key, cost = self.expert_plan(start, task, index, per_round, part)
             path = expert_path(self.store, self.wf, index, task.name, key)
             if self.intact(path, f"expert {task.name!r}", index):
                 pending.experts[task.name] = ref_from_store(self.store, path, "expert", task.name, key)
                 self.report(f"round {index}: expert {task.name!r} already in the store, reused ({self.store.uri(path)})")
                 continue
-            cost = total_steps(len(data.train), settings) * settings.batch_size * settings.max_length
             todo.append((cost, task, settings, key, path))
         for _cost, task, settings, key, path in sorted(todo, key=lambda t: -t[0]):  # stable: ties keep spec order
             run_id = self._child(f"expert:{task.name}", "expert", round_run, index,
@@ -197,7 +255,8 @@ class Rounds:
         """Wait for the experts of :meth:`submit_experts`; ends their runs as they finish."""
         index, experts = pending.index, pending.experts
         try:
-            for _fut, ref in self.runtime.as_completed(pending.futures):
+            for fut, ref in self.runtime.as_completed(pending.futures):
+                ref.state = fut.state  # a resident expert's weights, in memory (None: in the store)
                 experts[ref.name] = ref
                 self.lineage.end_run(ref.run_id)
                 self.report(f"round {index}: expert {ref.name!r} finished "
@@ -214,18 +273,24 @@ class Rounds:
 
     # --- merging --------------------------------------------------------------------------------
     def merge(self, base: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
-              merge: MergeSpec | None = None, heads_from: ModelRef | None = None) -> ModelRef:
+              merge: MergeSpec | None = None, heads_from: ModelRef | None = None, durable: bool = True) -> ModelRef:
         """Merge the experts into one model (skipped when the same merge is already stored).
 
         ``merge`` defaults to the workflow's; ``heads_from`` keeps that model's heads for tasks no
-        expert brings.
+        expert brings. Experts held in memory (resident workers) are merged in memory, on a worker;
+        ``durable``: the merge is also written to the store (a checkpointed round).
         """
         merge = merge or self.wf.merge
         key = merged_key(base, experts, merge, heads_from)
         path = merged_path(self.store, self.wf, index, key, merge.method)
+        in_memory = any(e.state is not None for e in experts.values())
+        if in_memory and not durable:
+            return self._merge_resident(base, experts, index, round_run, merge, heads_from, key, durable)
         if self.intact(path, "merged model", index):
             self.report(f"round {index}: merged model already in the store, reused ({self.store.uri(path)})")
             return ref_from_store(self.store, path, "merged", f"{self.wf.name}-merged", key)
+        if in_memory:
+            return self._merge_resident(base, experts, index, round_run, merge, heads_from, key, durable)
         statistics = self.statistics(experts, merge, index)
         run_id = self._child(f"merge:{merge.method}", "merge", round_run, index,
                              {TAG_STORE_URI: self.store.uri(path), "mergeflow.method": merge.method})
@@ -238,6 +303,21 @@ class Rounds:
             self.lineage.end_run(run_id, ended_status(exc))
             raise
         self.report(f"round {index}: merged {len(experts)} experts with {merge.method}")
+        return ref
+
+    def _merge_resident(self, base: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
+                        merge: MergeSpec, heads_from: ModelRef | None, key: str, durable: bool) -> ModelRef:
+        run_id = self._child(f"merge:{merge.method}", "merge", round_run, index, {"mergeflow.method": merge.method})
+        fut = self.pool.submit(0, resident.merge_step, self.ctx, base, experts, index, run_id, key, merge, heads_from,
+                               durable, name=f"merge-r{index}")
+        try:
+            ref = self.runtime.result(fut)
+        except BaseException as exc:
+            self.lineage.end_run(run_id, ended_status(exc))
+            raise
+        ref.state = fut.state
+        self.report(f"round {index}: merged {len(experts)} experts with {merge.method} in memory"
+                    + (f" (checkpoint {ref.uri})" if durable else ""))
         return ref
 
     def statistics(self, experts: dict[str, ModelRef], merge: MergeSpec, index: int) -> dict[str, str] | None:
@@ -306,6 +386,17 @@ class Rounds:
             if heads:
                 work[name] = (expert, heads)
         pending = PendingEvaluation(index, known, list(experts), merged.run_id)
+        if self.resident:  # each task's score where its model is kept: the merged weights go to its worker
+            if any(name != "merged" for name in work):
+                raise ValueError("resident rounds score each expert on its own task where it is trained (scored=True)")
+            run = merged.run_id if (merged.run_id and not merged.reused) else self._child(
+                "evaluate:merged", "evaluation", round_run, index)
+            for task in tasks:
+                pending.runs[f"merged@{task}"] = run
+                pending.jobs[f"merged@{task}"] = self.pool.submit(
+                    self.worker_for(task), resident.evaluate_step, self.ctx, merged, self.wf.task(task), run, index,
+                    name=f"evaluate-merged-{task}-r{index}")
+            return pending
         for name, (model, heads) in work.items():
             run = model.run_id if (model.run_id and not model.reused) else self._child(
                 f"evaluate:{name}", "evaluation", round_run, index)
@@ -326,10 +417,11 @@ class Rounds:
                 self.lineage.end_run(run, ended_status(exc))
             raise
         # the merge run stays open: record() adds the normalised scores, then closes it
-        for name, run in pending.runs.items():
-            if not (name == "merged" and run == pending.merged_run):
-                self.lineage.end_run(run)
-        merged_eval = results.pop("merged")
+        for run in set(pending.runs.values()) - {pending.merged_run}:
+            self.lineage.end_run(run)
+        merged_eval: dict[str, dict[str, float]] = {}
+        for name in [n for n in results if n.split("@")[0] == "merged"]:  # resident: one job per task
+            merged_eval |= results.pop(name)
         scores = {name: {**pending.known.get(name, {}), **results.get(name, {})} for name in pending.experts}
         return merged_eval, {name: {t: s[t] for t in pending.experts if t in s} for name, s in scores.items()}
 
@@ -341,6 +433,9 @@ class Rounds:
     def submit_probe(self, base: ModelRef, index: int, round_run: str, name: str = "baseline:linear-probe"):
         """Start a linear probe of ``base``'s body (returns a future; collect with ``probe_result``)."""
         run_id = self._child(name, "baseline", round_run, index)
+        if self.resident:  # the resident workers hold every slot: the probe runs on the least loaded one
+            worker = min(range(self.pool.size), key=lambda i: (self._load[i], i))
+            return run_id, self.pool.submit(worker, probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}")
         fut = self.runtime.submit(probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}",
                                   resources=self.eval_resources())
         return run_id, fut

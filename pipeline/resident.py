@@ -1,0 +1,241 @@
+"""Resident rounds: the steps a resident worker runs (``rounds.workers: resident``).
+
+A resident worker is one long-lived process per slot (a Ray actor; in process, the driver itself).
+It keeps, per task it trains, the task model, its tokenizer and its data in this module's cache, so
+a round costs its training and little else:
+
+- a round's start weights arrive once, as a checkpoint held in memory (``StateCheckpoint``) in Ray's
+  object store, and are copied into the kept model (no store read, no model build);
+- an expert's weights go back to the object store, not to the store; the round's merge reads them
+  there and merges in memory (``merge_states``: the same method functions over the same blocks as the
+  streaming engine, so the same weights bit for bit);
+- only a checkpointed round (``rounds.checkpoint_every``, and always the last) writes its merged
+  model to the store, with its LoggedModel, and is scored: its experts where they were trained, the
+  merged model on each task's worker.
+
+Fine-tuning is the same ``operators.finetune.finetune`` loop from the same weights with the same seed,
+so a resident expert is bit for bit the task step's expert (``tests/test_resident.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from operators.checkpoint import StateCheckpoint
+from pipeline.lineage import TAG_STORE_URI
+from pipeline.runtime import WithState
+from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec
+from pipeline.steps import (
+    ModelRef,
+    StepContext,
+    _attempt_tags,
+    base_ref,
+    local_dir,
+    merged_path,
+    publish_checkpoint,
+    say,
+    staged_checkpoint,
+    task_data,
+)
+
+# (base files, task, labels) → (model, tokenizer): this process's models, kept from one round to the next
+_MODELS: dict[tuple[str, str, tuple[str, ...]], tuple[Any, Any]] = {}
+
+
+def _kept(state: StateCheckpoint, task: TaskSpec) -> tuple[str, str, tuple[str, ...]]:
+    return str(state.files), task.name, tuple(task.label_names)
+
+
+def memory_uri(ctx: StepContext, round_index: int, what: str, key: str) -> str:
+    """How lineage names a checkpoint that lived only in memory (a round between checkpoints)."""
+    return f"memory://{ctx.workflow.name}/round-{round_index:03d}/{what}-{key}"
+
+
+def _files(ctx: StepContext):
+    """This node's copy of the base's config and tokenizer files, which every round's checkpoint shares."""
+    return local_dir(ctx, base_ref(ctx.workflow))
+
+
+# the checkpoints this process read last (a round's start weights are read by its training, its merge and
+# its scoring on one worker): object-store key or store URI → checkpoint; never changed in place
+_READ: dict[str, StateCheckpoint] = {}
+
+
+def _remember(key: str, read) -> StateCheckpoint:
+    if key not in _READ:
+        while len(_READ) >= 2:
+            _READ.pop(next(iter(_READ)))
+        _READ[key] = read()
+    return _READ[key]
+
+
+def start_state(ctx: StepContext, ref: ModelRef) -> StateCheckpoint | None:
+    """The weights of ``ref``: from the object store when it lives in memory, else ``None`` (read from the store)."""
+    if ref.state is None:
+        return None
+    state = _remember(ref.state.key, ref.state.get)
+    state.files = _files(ctx)
+    return state
+
+
+def stored_state(ctx: StepContext, ref: ModelRef) -> StateCheckpoint:
+    """``ref``'s weights, from the object store or read from the checkpoint store (a published
+    checkpoint never changes: it is read once)."""
+    return start_state(ctx, ref) or _remember(
+        ref.uri, lambda: StateCheckpoint.read(local_dir(ctx, ref), files=_files(ctx)))
+
+
+def _task_model(ctx: StepContext, task: TaskSpec, state: StateCheckpoint, seed: int):
+    """The kept model of ``task`` holding ``state``'s body and ``task``'s head, its tokenizer, and whether
+    its head is fresh.
+
+    A state without a head for the task (a ColD Fusion task that has not contributed yet) gets a
+    fresh seeded head, drawn as a task step's load draws it.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from operators.checkpoint import load_task_model
+
+    kept = _MODELS.get(_kept(state, task))
+    if kept is not None and task.name in state.heads:
+        state.load_into(kept[0], task.name)
+        return (*kept, False)
+    torch.manual_seed(seed)  # as finetune() seeds before it loads: a fresh head is the task step's head
+    model = load_task_model(state.files, None, label_names=task.label_names)
+    if task.name in state.heads:
+        state.load_into(model, task.name)
+    else:
+        state.load_body_into(model)
+    tokenizer = kept[1] if kept is not None else AutoTokenizer.from_pretrained(str(state.files))
+    _MODELS[_kept(state, task)] = (model, tokenizer)
+    return model, tokenizer, task.name not in state.heads
+
+
+def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index: int, run_id: str, key: str,
+                  settings: FinetuneSpec, part: str, scored: bool) -> WithState:
+    """Fine-tune one expert of a round on this worker; its weights stay in memory.
+
+    ``scored``: a checkpointed round; the expert is scored on its own task here, where it is, and its
+    run lists the task's datasets. Returns the expert's reference and (as its state) its weights.
+    """
+    from operators.evaluate import score
+    from operators.finetune import finetune
+
+    step_start = time.perf_counter()
+    wf, lineage = ctx.workflow, ctx.lineage()
+    data = task_data(task, part, wf.held_out_fraction, task.dataset.split_seed)
+    lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri, "data_part": part,
+                                "finetune": settings.model_dump(mode="json"), "labels": task.label_names,
+                                "train_examples": len(data.train), "eval_examples": len(data.eval),
+                                "workers": "resident"})
+    if scored:
+        for split, rows, context in (("train", data.train, "training"), ("eval", data.eval, "evaluation")):
+            lineage.log_dataset(run_id, name=f"{task.name}-{split}", texts=data.inputs(rows),
+                                labels=data.targets(rows), source=data.source, digest=data.digest, context=context)
+    lineage.set_tags(run_id, _attempt_tags(lineage, run_id))
+    t0 = time.perf_counter()
+    state = start_state(ctx, start)
+    if state is None:  # the base, or a checkpointed round's merged model: read from the store as a task step does
+        init, model, tokenizer, fresh = local_dir(ctx, start), None, None, False
+    else:
+        init = state.files
+        model, tokenizer, fresh = _task_model(ctx, task, state, settings.seed)
+    fetch_seconds = time.perf_counter() - t0
+    result = finetune(init, data, settings, None, device=ctx.device, torch_threads=ctx.torch_threads, keep_model=True,
+                      model=model, tokenizer=tokenizer, fresh_head=fresh)
+    _MODELS[(str(_files(ctx)), task.name, tuple(task.label_names))] = (result.model, result.tokenizer)
+    t0 = time.perf_counter()
+    own = score(result.model, result.tokenizer, data, headline=task.headline_metric, max_length=settings.max_length,
+                device=ctx.device) if scored else {}
+    evaluate_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    expert = StateCheckpoint.of_model(result.model, task.name, init)
+    copy_seconds = time.perf_counter() - t0
+    metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
+               "train_seconds": result.seconds, "train_steps": float(result.steps),
+               "train_tokens": float(result.tokens_seen), "train_tokens_per_second": result.tokens_per_second,
+               "train_examples_per_second": result.examples_seen / max(result.seconds, 1e-9),
+               "trainable_parameters": float(result.trainable_parameters)}
+    own_eval = {f"eval/{task.name}/{k}": float(v) for k, v in own.items()}
+    step_seconds = time.perf_counter() - step_start
+    phases = {"phase_load_seconds": fetch_seconds + result.load_seconds, "phase_train_seconds": result.seconds,
+              "phase_evaluate_seconds": evaluate_seconds, "phase_write_seconds": copy_seconds,
+              "phase_log_seconds": lineage.busy_seconds}
+    phases["phase_other_seconds"] = max(0.0, step_seconds - sum(phases.values()))
+    lineage.log_metrics(run_id, {**metrics, **{k: v for k, v in own_eval.items() if not k.endswith("/n")},
+                                 "step_seconds": step_seconds, **phases}, step=round_index)
+    say(f"[expert {task.name}] round {round_index}: {result.steps} steps in {result.seconds:.1f}s on a resident "
+        f"worker, loss {result.final_loss:.4f}" + (f", eval {task.headline_metric} {own['accuracy']:.3f}" if own else ""))
+    ref = ModelRef("expert", task.name, "", memory_uri(ctx, round_index, f"experts/{task.name}", key), key, run_id,
+                   metrics={**metrics, **own_eval, "step_seconds": step_seconds, **phases}
+                   | ({"own_accuracy": own["accuracy"]} if own else {}))
+    return WithState(ref, expert)
+
+
+def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str,
+               key: str, merge: MergeSpec, heads_from: ModelRef | None, durable: bool) -> WithState:
+    """Merge a round's experts in memory; a checkpointed round (``durable``) also publishes the merge to
+    the store with its LoggedModel, in the order that loses nothing (``publish_checkpoint``)."""
+    from operators.merge.engine import merge_states
+
+    wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
+    lineage.log_params(run_id, {"method": merge.method, "params": merge.params, "round": round_index,
+                                "base": base.uri, "experts": {t: e.uri for t, e in sorted(experts.items())},
+                                "heads_from": heads_from.uri if heads_from is not None else "",
+                                "workers": "resident"})
+    merged, report = merge_states(stored_state(ctx, base), {t: e.state.get() for t, e in experts.items()},
+                                  merge.method, merge.params,
+                                  heads_from=stored_state(ctx, heads_from) if heads_from is not None else None)
+    merged.files = _files(ctx)
+    metrics = {"merge_seconds": report.seconds, "merge_tensors": report.tensors}
+    path, uri, model_id, location = "", memory_uri(ctx, round_index, f"merged/{merge.method}", key), None, None
+    if durable:
+        path = merged_path(store, wf, round_index, key, merge.method)
+        uri = store.uri(path)
+        model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags={
+            "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": merge.method,
+            "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: uri,
+            "mergeflow.format": "full"}, params={"method": merge.method, **merge.params})
+        lineage.log_model_inputs(run_id, [e.model_id for e in experts.values() if e.model_id])
+        t0 = time.perf_counter()
+        with staged_checkpoint(store, lineage, model_id, f"the merged model ({merge.method})", path) as ckpt:
+            merged.write(ckpt, provenance={
+                "kind": "merged", "method": merge.method, "params": report.params,
+                "weights": dict(zip(report.experts, report.weights, strict=True)),
+                "round": round_index, "workflow": wf.name, "strategy": wf.strategy, "spec_hash": wf.spec_hash(),
+                "key": key, "workers": "resident", "heads_from": heads_from.uri if heads_from is not None else None,
+                "parents": [{"kind": base.kind, "uri": base.uri, "key": base.key, "model_id": base.model_id}]
+                + [{"kind": "expert", "task": t, "uri": e.uri, "key": e.key, "run_id": e.run_id, "format": "full",
+                    "in_memory": True, "metrics": e.metrics} for t, e in sorted(experts.items())],
+                "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
+            })
+            location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
+                                          step=round_index, upload=wf.tracking.log_model_artifacts)
+        metrics["merge_write_seconds"] = time.perf_counter() - t0
+    lineage.log_metrics(run_id, metrics, step=round_index)
+    say(f"[merge] round {round_index}: {merge.method} of {', '.join(sorted(experts))} in memory in "
+        f"{report.seconds:.2f}s" + (f", written to {uri}" if durable else ""))
+    ref = ModelRef("merged", f"{wf.name}-merged", path, uri, key, run_id, model_id,
+                   artifact_location=location if wf.tracking.log_model_artifacts else None)
+    return WithState(ref, merged)
+
+
+def evaluate_step(ctx: StepContext, model: ModelRef, task: TaskSpec, run_id: str, round_index: int
+                  ) -> dict[str, dict[str, float]]:
+    """Score ``model`` on ``task`` with ``task``'s head, in the task's kept model on its worker."""
+    from operators.evaluate import score
+
+    wf, lineage = ctx.workflow, ctx.lineage()
+    data = task_data(task)
+    state = stored_state(ctx, model)
+    net, tokenizer, _ = _task_model(ctx, task, state, wf.finetune_for(task).seed)
+    m = score(net, tokenizer, data, headline=task.headline_metric, max_length=wf.finetune_for(task).max_length,
+              device=ctx.device)
+    lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval), labels=data.targets(data.eval),
+                        source=data.source, digest=data.digest, context="evaluation")
+    lineage.log_metrics(run_id, {f"eval/{task.name}/{k}": v for k, v in m.items() if k != "n"}, step=round_index,
+                        model_id=model.model_id, dataset=(f"{task.name}-eval", data.digest))
+    say(f"[evaluate {model.kind} {model.name}] {task.name}={m['accuracy']:.3f} on a resident worker")
+    return {task.name: m}
