@@ -1,0 +1,225 @@
+"""Resident workers (``rounds.workers: resident``): the same weights as task workers, bit for bit; a
+worker killed mid-round is restarted and the round completes with the same weights; a crash between
+two checkpoints resumes from the last one, with the same final weights and no second registry version."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from operators.checkpoint import StateCheckpoint, head_names
+from operators.merge.engine import merge_checkpoints, merge_states
+from operators.tensor_io import iter_tensors
+from pipeline.lineage import TAG_KIND
+from pipeline.spec import parse_workflow
+from tests.helpers import tiny_workflow_dict
+
+
+def _weights(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    path = Path(uri.removeprefix("file://"))
+    return dict(iter_tensors(path)), {h: load_file(str(path / "heads" / h / "head.safetensors")) for h in head_names(path)}
+
+
+def _same(a, b) -> bool:
+    (body_a, heads_a), (body_b, heads_b) = a, b
+    return (body_a.keys() == body_b.keys() and all(torch.equal(body_a[k], body_b[k]) for k in body_a)
+            and heads_a.keys() == heads_b.keys()
+            and all(heads_a[h].keys() == heads_b[h].keys() and all(torch.equal(heads_a[h][k], heads_b[h][k])
+                                                                    for k in heads_a[h]) for h in heads_a))
+
+
+def _run(tmp: Path, base: Path, address: str = "in-process", spec: dict | None = None, **rounds):
+    from pipeline.driver import run_workflow
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    strategy = rounds.pop("strategy", "atm")
+    wf = parse_workflow(tiny_workflow_dict(tmp, base, strategy=strategy, rounds={"count": 4, **rounds}, **(spec or {})))
+    lines: list[str] = []
+    result = run_workflow(wf, address=address, num_cpus=2, report=lines.append)
+    return wf, result, lines
+
+
+@pytest.mark.parametrize("method,params", [
+    ("linear", {}), ("task_arithmetic", {"scaling": 0.7}), ("ties", {"density": 0.5}), ("dare_ties", {"drop_rate": 0.5}),
+    ("breadcrumbs", {}), ("consensus", {}), ("lines", {}), ("model_stock", {}), ("slerp", {}),
+])
+def test_in_memory_merge_is_the_streaming_merge_bit_for_bit(tiny_base, tiny_experts, tmp_path, method, params):
+    """``merge_states`` runs the method functions over the same blocks as ``merge_checkpoints`` (here in
+    row blocks of 64 elements, so large matrices come in pieces): the same tensors, and written out, the
+    same checkpoint."""
+    out = tmp_path / "disk"
+    merge_checkpoints(tiny_base, tiny_experts, method, params, out, chunk_elements=64)
+    state, report = merge_states(StateCheckpoint.read(tiny_base),
+                                 {n: StateCheckpoint.read(p, tiny_base) for n, p in tiny_experts.items()},
+                                 method, params, chunk_elements=64)
+    assert report.heads == sorted(tiny_experts)
+    state.write(tmp_path / "memory")
+    assert _same(_weights(str(out)), _weights(str(tmp_path / "memory")))
+    # the written checkpoint loads with transformers, as every mergeflow checkpoint does
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(str(tmp_path / "memory"))
+
+
+def test_resident_rounds_give_task_workers_weights(tiny_base, tmp_path):
+    """ATM over 4 rounds, in process: task workers; resident workers checkpointing every round; and every
+    2 rounds. Same final weights, bit for bit. Between checkpoints nothing is written or registered, and
+    every round still has its run, its experts' runs and its merge's run."""
+    _, tasks, _ = _run(tmp_path / "tasks", tiny_base)
+    _, every, _ = _run(tmp_path / "every", tiny_base, workers="resident")
+    wf, two, lines = _run(tmp_path / "two", tiny_base, workers="resident", checkpoint_every=2)
+    assert _same(_weights(tasks.final.merged.uri), _weights(every.final.merged.uri))
+    assert _same(_weights(tasks.final.merged.uri), _weights(two.final.merged.uri))
+    # the scores of checkpointed rounds are those of task workers
+    assert [r.index for r in two.rounds] == [1, 3]
+    for r in two.rounds:
+        assert r.summary() == tasks.rounds[r.index].summary()
+    assert "resident worker(s) started" in "\n".join(lines)
+
+    store = tmp_path / "two" / "store" / "tiny"
+    assert not (store / "round-000").exists() and not (store / "round-002").exists(), "in-memory rounds write nothing"
+    assert [p.name.split("-")[0] for p in (store / "round-001" / "merged").iterdir()] == ["linear"]
+    assert not (store / "round-001" / "experts").exists()
+    client = MlflowClient(wf.tracking.uri, registry_uri=wf.tracking.uri)
+    versions = client.search_model_versions(f"name = '{wf.registered_model_name}'")
+    assert sorted(v.tags["mergeflow.round"] for v in versions) == ["1", "3"]
+    runs = client.search_runs([client.get_experiment_by_name(wf.experiment_name).experiment_id])
+    kinds = {}
+    for r in runs:
+        kinds.setdefault(r.data.tags[TAG_KIND], []).append(r)
+    assert len(kinds["round"]) == 4 and len(kinds["expert"]) == 8 and len(kinds["merge"]) == 4
+    assert all(r.info.status == "FINISHED" for r in runs)
+    unscored = sorted(r.data.tags["mergeflow.round"] for r in kinds["round"] if r.data.tags.get("mergeflow.checkpointed") == "false")
+    assert unscored == ["0", "2"]
+    # an in-memory expert's run still records its training, and where its weights lived
+    expert = next(r for r in kinds["expert"] if r.data.tags["mergeflow.round"] == "0")
+    assert expert.data.metrics["train_steps"] > 0 and expert.data.params["workers"] == "resident"
+    assert expert.data.params["start_model"] == wf.base_model
+
+
+def test_resident_cold_fusion_gives_task_workers_weights(tiny_base, tmp_path):
+    """ColD Fusion with one contributor a round (so a task trains a fresh head from a shared model that
+    has none for it): resident workers checkpointing every 2 rounds give task workers' weights."""
+    _, tasks, _ = _run(tmp_path / "tasks", tiny_base, strategy="cold_fusion", contributors=1)
+    _, two, _ = _run(tmp_path / "two", tiny_base, strategy="cold_fusion", contributors=1, workers="resident",
+                     checkpoint_every=2)
+    assert _same(_weights(tasks.final.merged.uri), _weights(two.final.merged.uri))
+    assert [r.index for r in two.rounds] == [1, 3]
+    assert two.final.summary() == tasks.final.summary()
+
+
+def test_crash_between_checkpoints_resumes_from_the_last_one(tiny_base, tmp_path, monkeypatch):
+    """A crash in round 2 (after round 1's checkpoint) of 4, every 2 rounds: the next run restores round
+    1 from the store, runs rounds 2 and 3 only, and ends with the uninterrupted run's weights; round 1
+    keeps its one registry version."""
+    import operators.finetune as ft
+    from pipeline.driver import run_workflow
+
+    _, clean, _ = _run(tmp_path / "clean", tiny_base, workers="resident", checkpoint_every=2)
+
+    tmp = tmp_path / "crash"
+    tmp.mkdir()
+    wf = parse_workflow(tiny_workflow_dict(tmp, tiny_base, strategy="atm",
+                                           rounds={"count": 4, "workers": "resident", "checkpoint_every": 2}))
+    real, calls = ft.finetune, []
+
+    def crashing(*args, **kwargs):
+        calls.append(args[2].seed)
+        if len(calls) == 6:  # the second expert of round 2
+            raise RuntimeError("node lost in round 2 (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "finetune", crashing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_workflow(wf, address="in-process", report=lambda _m: None)
+    client = MlflowClient(wf.tracking.uri, registry_uri=wf.tracking.uri)
+    assert [v.tags["mergeflow.round"] for v in client.search_model_versions(f"name = '{wf.registered_model_name}'")] == ["1"]
+
+    calls.clear()
+    lines: list[str] = []
+    result = run_workflow(wf, address="in-process", report=lines.append)
+    assert any("round 1: restored from its checkpoint" in line for line in lines)
+    assert len(calls) == 4, "only rounds 2 and 3 train again (2 experts each)"
+    assert _same(_weights(clean.final.merged.uri), _weights(result.final.merged.uri))
+    assert [r.index for r in result.rounds] == [1, 3]
+    assert result.rounds[0].summary() == clean.rounds[0].summary(), "the restored round scores as it did"
+    versions = client.search_model_versions(f"name = '{wf.registered_model_name}'")
+    assert sorted(v.tags["mergeflow.round"] for v in versions) == ["1", "3"], "no second version of round 1"
+
+
+@pytest.mark.e2e
+def test_resident_worker_killed_mid_round_restarts_with_the_same_weights(tiny_base, tmp_path):
+    """On a local Ray cluster: SIGKILL the resident worker (a Ray actor) while it trains an expert of round
+    1. Ray restarts it and runs the call again from the round's start weights, which wait in the object
+    store; the workflow completes with the weights of task workers that were never disturbed."""
+    tmp = tmp_path / "killed"
+    tmp.mkdir()
+    spec = tiny_workflow_dict(tmp, tiny_base, strategy="atm", rounds={"count": 4, "workers": "resident"})
+    spec["finetune"]["max_steps"] = 600  # 150 steps a round: long enough to be caught mid-training
+    wf = parse_workflow(spec)
+    _, reference, _ = _run(tmp_path / "reference", tiny_base, spec={"finetune": spec["finetune"]})
+    client = MlflowClient(wf.tracking.uri)
+    killed: list[int] = []
+
+    def kill_mid_round() -> None:
+        deadline = time.time() + 300
+        while not killed and time.time() < deadline:
+            try:
+                exp = client.get_experiment_by_name(wf.experiment_name)
+                runs = client.search_runs([exp.experiment_id], "tags.`mergeflow.kind` = 'expert' and "
+                                          "tags.`mergeflow.round` = '1'") if exp else []
+            except Exception:  # the database is being created
+                runs = []
+            for r in runs:
+                if "mergeflow.pid" in r.data.tags and r.info.status == "RUNNING":
+                    os.kill(int(r.data.tags["mergeflow.pid"]), signal.SIGKILL)
+                    killed.append(int(r.data.tags["mergeflow.pid"]))
+                    return
+            time.sleep(0.05)
+
+    from pipeline.driver import run_workflow
+
+    killer = threading.Thread(target=kill_mid_round, daemon=True)
+    killer.start()
+    result = run_workflow(wf, address="local", num_cpus=2, report=lambda _m: None)
+    killer.join(timeout=5)
+    assert killed, "no resident worker was caught training round 1"
+    assert _same(_weights(reference.final.merged.uri), _weights(result.final.merged.uri))
+    retried = client.search_runs([client.get_experiment_by_name(wf.experiment_name).experiment_id],
+                                 "tags.`mergeflow.attempt` = '2'")
+    assert len(retried) == 1 and retried[0].data.tags["mergeflow.round"] == "1"
+    assert int(retried[0].data.tags["mergeflow.pid"]) != killed[0], "the call ran again in a new process"
+    assert "died mid-step" in retried[0].data.tags["mergeflow.retried_after"]
+
+
+def test_resident_spec_is_validated(tiny_base, tmp_path):
+    """Resident workers' limits are refused at load time, naming the field and the fix; the execution
+    settings do not change the spec hash (they change no weight)."""
+    def spec(**over):
+        d = tiny_workflow_dict(tmp_path, tiny_base, strategy="atm", seed_mlflow=False)
+        d["rounds"] = {"count": 2, "workers": "resident", **over.pop("rounds", {})}
+        d.update(over)
+        return d
+
+    with pytest.raises(ValueError, match="checkpoint_every: 2 needs workers: resident"):
+        parse_workflow(spec(rounds={"workers": "tasks", "checkpoint_every": 2}))
+    with pytest.raises(ValueError, match="strategy 'oneshot' has one round"):
+        parse_workflow(spec(strategy="oneshot"))
+    with pytest.raises(ValueError, match="fine-tunes with LoRA"):
+        parse_workflow(spec(finetune={"max_steps": 2, "mode": "lora"}))
+    with pytest.raises(ValueError, match="rounds.merge 'regmean'"):
+        parse_workflow(spec(rounds={"merge": {"method": "regmean"}}))
+    with pytest.raises(ValueError, match="oneshot_merge"):
+        parse_workflow(spec(rounds={"start": "oneshot_merge", "validation_fraction": 0.2}))
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        parse_workflow(spec(rounds={"checkpoint_every": 0}))
+    plain = parse_workflow(spec(rounds={"workers": "tasks"}))
+    assert parse_workflow(spec(rounds={"checkpoint_every": 3})).spec_hash() == plain.spec_hash()
