@@ -284,12 +284,12 @@ class Rounds:
         key = merged_key(base, experts, merge, heads_from)
         path = merged_path(self.store, self.wf, index, key, merge.method)
         in_memory = any(e.state is not None for e in experts.values())
-        if in_memory and not durable:
+        if in_memory and not durable:  # a round between checkpoints: nothing of it is in the store
             return self._merge_resident(base, experts, index, round_run, merge, heads_from, key, durable)
         if self.intact(path, "merged model", index):
             self.report(f"round {index}: merged model already in the store, reused ({self.store.uri(path)})")
             return ref_from_store(self.store, path, "merged", f"{self.wf.name}-merged", key)
-        if in_memory:
+        if in_memory:  # a checkpointed round: merged in memory, then written
             return self._merge_resident(base, experts, index, round_run, merge, heads_from, key, durable)
         statistics = self.statistics(experts, merge, index)
         run_id = self._child(f"merge:{merge.method}", "merge", round_run, index,
