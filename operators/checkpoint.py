@@ -397,9 +397,10 @@ class StateCheckpoint:
 
     @classmethod
     def of_model(cls, model: torch.nn.Module, task: str, files: str | Path) -> StateCheckpoint:
-        """A copy of a task model's weights: its body, and its head as ``task``'s."""
-        body = {k: v.detach().clone().contiguous() for k, v in model.base_model.state_dict().items()}
-        return cls(Path(files), body, {task: (head_state_dict(model), model.config.to_json_string())})
+        """A copy of a task model's weights, on the CPU: its body, and its head as ``task``'s."""
+        body = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.base_model.state_dict().items()}
+        head = {k: v.to("cpu") for k, v in head_state_dict(model).items()}
+        return cls(Path(files), body, {task: (head, model.config.to_json_string())})
 
     def load_into(self, model: torch.nn.Module, task: str) -> None:
         """Put this checkpoint's body and ``task``'s head into ``model`` (built for that task)."""

@@ -241,7 +241,8 @@ def finetune(
         model, tokenizer: A task model already holding the start weights (a resident worker's, kept
             across rounds; full fine-tunes only), trained in place instead of loading ``init_ckpt``,
             which then only names where the start came from. ``fresh_head``: its head was just made
-            (seeded, from ``settings.seed``) rather than carried over.
+            (the caller seeded the stream with ``settings.seed``, then drew it) rather than carried over;
+            training goes on from where that draw left the stream, as when ``init_ckpt`` is loaded here.
 
     Returns:
         Steps, losses, tokens, time taken and peak GPU memory.
@@ -251,7 +252,8 @@ def finetune(
     quiet_transformers()
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    torch.manual_seed(settings.seed)  # fixes the fresh head's initialisation, LoRA's A and dropout masks
+    if model is None:  # (a preloaded model was seeded and loaded by its caller: a fresh head drew from the seed)
+        torch.manual_seed(settings.seed)  # fixes the fresh head's initialisation, LoRA's A and dropout masks
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     init_ckpt = Path(init_ckpt)

@@ -37,14 +37,15 @@ from pipeline.steps import (
     say,
     staged_checkpoint,
     task_data,
+    train_metrics,
 )
 
 # (base files, task, labels) → (model, tokenizer): this process's models, kept from one round to the next
 _MODELS: dict[tuple[str, str, tuple[str, ...]], tuple[Any, Any]] = {}
 
 
-def _kept(state: StateCheckpoint, task: TaskSpec) -> tuple[str, str, tuple[str, ...]]:
-    return str(state.files), task.name, tuple(task.label_names)
+def _kept(files, task: TaskSpec) -> tuple[str, str, tuple[str, ...]]:
+    return str(files), task.name, tuple(task.label_names)
 
 
 def memory_uri(ctx: StepContext, round_index: int, what: str, key: str) -> str:
@@ -98,7 +99,7 @@ def _task_model(ctx: StepContext, task: TaskSpec, state: StateCheckpoint, seed: 
 
     from operators.checkpoint import load_task_model
 
-    kept = _MODELS.get(_kept(state, task))
+    kept = _MODELS.get(_kept(state.files, task))
     if kept is not None and task.name in state.heads:
         state.load_into(kept[0], task.name)
         return (*kept, False)
@@ -109,7 +110,7 @@ def _task_model(ctx: StepContext, task: TaskSpec, state: StateCheckpoint, seed: 
     else:
         state.load_body_into(model)
     tokenizer = kept[1] if kept is not None else AutoTokenizer.from_pretrained(str(state.files))
-    _MODELS[_kept(state, task)] = (model, tokenizer)
+    _MODELS[_kept(state.files, task)] = (model, tokenizer)
     return model, tokenizer, task.name not in state.heads
 
 
@@ -145,19 +146,16 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     fetch_seconds = time.perf_counter() - t0
     result = finetune(init, data, settings, None, device=ctx.device, torch_threads=ctx.torch_threads, keep_model=True,
                       model=model, tokenizer=tokenizer, fresh_head=fresh)
-    _MODELS[(str(_files(ctx)), task.name, tuple(task.label_names))] = (result.model, result.tokenizer)
+    _MODELS[_kept(_files(ctx), task)] = (result.model, result.tokenizer)  # kept for the next round
     t0 = time.perf_counter()
     own = score(result.model, result.tokenizer, data, headline=task.headline_metric, max_length=settings.max_length,
                 device=ctx.device) if scored else {}
+    result.model.to("cpu")  # kept on the CPU between rounds (scoring moved it to the device)
     evaluate_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     expert = StateCheckpoint.of_model(result.model, task.name, init)
     copy_seconds = time.perf_counter() - t0
-    metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
-               "train_seconds": result.seconds, "train_steps": float(result.steps),
-               "train_tokens": float(result.tokens_seen), "train_tokens_per_second": result.tokens_per_second,
-               "train_examples_per_second": result.examples_seen / max(result.seconds, 1e-9),
-               "trainable_parameters": float(result.trainable_parameters)}
+    metrics = train_metrics(result)
     own_eval = {f"eval/{task.name}/{k}": float(v) for k, v in own.items()}
     step_seconds = time.perf_counter() - step_start
     phases = {"phase_load_seconds": fetch_seconds + result.load_seconds, "phase_train_seconds": result.seconds,
@@ -233,6 +231,7 @@ def evaluate_step(ctx: StepContext, model: ModelRef, task: TaskSpec, run_id: str
     net, tokenizer, _ = _task_model(ctx, task, state, wf.finetune_for(task).seed)
     m = score(net, tokenizer, data, headline=task.headline_metric, max_length=wf.finetune_for(task).max_length,
               device=ctx.device)
+    net.to("cpu")  # kept on the CPU between rounds
     lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval), labels=data.targets(data.eval),
                         source=data.source, digest=data.digest, context="evaluation")
     lineage.log_metrics(run_id, {f"eval/{task.name}/{k}": v for k, v in m.items() if k != "n"}, step=round_index,

@@ -895,6 +895,10 @@ class Workflow(_Frozen):
                              f"{m.method!r}{' with heads: aligned' if m.heads.mode != 'experts' else ''} reads the "
                              f"experts' data or statistics: use linear, task_arithmetic, ties, dare_*, breadcrumbs, ... "
                              f"{fix}")
+        if self.rounds.patience is not None and self.rounds.checkpoint_every > 1:
+            raise ValueError(f"rounds.patience: {self.rounds.patience} counts rounds without improvement, and with "
+                             f"checkpoint_every: {self.rounds.checkpoint_every} only checkpointed rounds are scored; "
+                             "set rounds.checkpoint_every: 1 or remove patience")
         if self.strategy == "atm" and self.rounds.start == "oneshot_merge":
             raise ValueError(f"rounds.workers: resident: ATM on validation data (rounds.start: oneshot_merge) is not "
                              f"run by resident workers in this version; {fix}")

@@ -248,13 +248,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             own = evaluate(ckpt, data, adapter_base=start_dir if lora else None, headline=task.headline_metric,
                            max_length=settings.max_length, device=ctx.device)
         evaluate_seconds = time.perf_counter() - t0
-        metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
-                   "train_seconds": result.seconds, "train_steps": float(result.steps),
-                   "train_tokens": float(result.tokens_seen), "train_tokens_per_second": result.tokens_per_second,
-                   "train_examples_per_second": result.examples_seen / max(result.seconds, 1e-9),
-                   "trainable_parameters": float(result.trainable_parameters)}
-        if result.peak_gpu_bytes:
-            metrics["train_peak_gpu_bytes"] = float(result.peak_gpu_bytes)
+        metrics = train_metrics(result)
         lineage.log_metrics(run_id, metrics, step=round_index)
         # its own task's scores, measured here where the model already is (iterated strategies use them
         # instead of loading the expert again in an evaluation task)
@@ -293,6 +287,18 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
                              **phases},
                     artifact_location=location,
                     adapter_base=start if lora else None)
+
+
+def train_metrics(result) -> dict[str, float]:
+    """What an expert's run records of its fine-tuning (a ``FinetuneResult``)."""
+    metrics = {"train_final_loss": result.final_loss, "train_mean_loss": result.mean_loss,
+               "train_seconds": result.seconds, "train_steps": float(result.steps),
+               "train_tokens": float(result.tokens_seen), "train_tokens_per_second": result.tokens_per_second,
+               "train_examples_per_second": result.examples_seen / max(result.seconds, 1e-9),
+               "trainable_parameters": float(result.trainable_parameters)}
+    if result.peak_gpu_bytes:
+        metrics["train_peak_gpu_bytes"] = float(result.peak_gpu_bytes)
+    return metrics
 
 
 def _attempt_tags(lineage: Lineage, run_id: str) -> dict[str, str]:

@@ -41,8 +41,9 @@ def write_char_tokenizer(directory: Path) -> None:
     assert tok.tokenize("ab") == ["a", "##b"], "the pico tokenizer must split words into characters"
 
 
-def make_tiny_bert(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """Save a random-initialised pico BERT body (BertModel) with its tokenizer to ``directory``."""
+def make_tiny_bert(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2, dropout: float = 0.0) -> Path:
+    """Save a random-initialised pico BERT body (BertModel) with its tokenizer to ``directory`` (``dropout``: its
+    hidden and attention dropout, for tests where the random stream of training matters)."""
     from transformers import BertConfig, BertModel
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -51,8 +52,8 @@ def make_tiny_bert(directory: Path, seed: int = 0, hidden: int = 32, layers: int
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertModel(config).save_pretrained(str(directory))
     return directory

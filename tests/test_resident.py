@@ -23,6 +23,14 @@ from pipeline.spec import parse_workflow
 from tests.helpers import tiny_workflow_dict
 
 
+@pytest.fixture(scope="module")
+def dropout_base(tmp_path_factory) -> Path:
+    """The pico BERT with dropout 0.1: training draws from the random stream, so equal weights mean equal streams."""
+    from tests.helpers import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("dropout") / "base", dropout=0.1)
+
+
 def _weights(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     path = Path(uri.removeprefix("file://"))
     return dict(iter_tensors(path)), {h: load_file(str(path / "heads" / h / "head.safetensors")) for h in head_names(path)}
@@ -69,13 +77,13 @@ def test_in_memory_merge_is_the_streaming_merge_bit_for_bit(tiny_base, tiny_expe
     AutoModel.from_pretrained(str(tmp_path / "memory"))
 
 
-def test_resident_rounds_give_task_workers_weights(tiny_base, tmp_path):
-    """ATM over 4 rounds, in process: task workers; resident workers checkpointing every round; and every
-    2 rounds. Same final weights, bit for bit. Between checkpoints nothing is written or registered, and
-    every round still has its run, its experts' runs and its merge's run."""
-    _, tasks, _ = _run(tmp_path / "tasks", tiny_base)
-    _, every, _ = _run(tmp_path / "every", tiny_base, workers="resident")
-    wf, two, lines = _run(tmp_path / "two", tiny_base, workers="resident", checkpoint_every=2)
+def test_resident_rounds_give_task_workers_weights(dropout_base, tmp_path):
+    """ATM over 4 rounds, in process, on a model with dropout: task workers; resident workers checkpointing
+    every round; and every 2 rounds. Same final weights, bit for bit. Between checkpoints nothing is
+    written or registered, and every round still has its run, its experts' runs and its merge's run."""
+    _, tasks, _ = _run(tmp_path / "tasks", dropout_base)
+    _, every, _ = _run(tmp_path / "every", dropout_base, workers="resident")
+    wf, two, lines = _run(tmp_path / "two", dropout_base, workers="resident", checkpoint_every=2)
     assert _same(_weights(tasks.final.merged.uri), _weights(every.final.merged.uri))
     assert _same(_weights(tasks.final.merged.uri), _weights(two.final.merged.uri))
     # the scores of checkpointed rounds are those of task workers
@@ -105,11 +113,12 @@ def test_resident_rounds_give_task_workers_weights(tiny_base, tmp_path):
     assert expert.data.params["start_model"] == wf.base_model
 
 
-def test_resident_cold_fusion_gives_task_workers_weights(tiny_base, tmp_path):
+def test_resident_cold_fusion_gives_task_workers_weights(dropout_base, tmp_path):
     """ColD Fusion with one contributor a round (so a task trains a fresh head from a shared model that
-    has none for it): resident workers checkpointing every 2 rounds give task workers' weights."""
-    _, tasks, _ = _run(tmp_path / "tasks", tiny_base, strategy="cold_fusion", contributors=1)
-    _, two, _ = _run(tmp_path / "two", tiny_base, strategy="cold_fusion", contributors=1, workers="resident",
+    has none for it, and its dropout goes on from where the head's draw left the stream): resident
+    workers checkpointing every 2 rounds give task workers' weights."""
+    _, tasks, _ = _run(tmp_path / "tasks", dropout_base, strategy="cold_fusion", contributors=1)
+    _, two, _ = _run(tmp_path / "two", dropout_base, strategy="cold_fusion", contributors=1, workers="resident",
                      checkpoint_every=2)
     assert _same(_weights(tasks.final.merged.uri), _weights(two.final.merged.uri))
     assert [r.index for r in two.rounds] == [1, 3]
@@ -123,7 +132,7 @@ def test_crash_between_checkpoints_resumes_from_the_last_one(tiny_base, tmp_path
     import operators.finetune as ft
     from pipeline.driver import run_workflow
 
-    _, clean, _ = _run(tmp_path / "clean", tiny_base, workers="resident", checkpoint_every=2)
+    clean_wf, clean, _ = _run(tmp_path / "clean", tiny_base, workers="resident", checkpoint_every=2)
 
     tmp = tmp_path / "crash"
     tmp.mkdir()
@@ -153,6 +162,12 @@ def test_crash_between_checkpoints_resumes_from_the_last_one(tiny_base, tmp_path
     assert result.rounds[0].summary() == clean.rounds[0].summary(), "the restored round scores as it did"
     versions = client.search_model_versions(f"name = '{wf.registered_model_name}'")
     assert sorted(v.tags["mergeflow.round"] for v in versions) == ["1", "3"], "no second version of round 1"
+    # the alias follows the best round as in the uninterrupted run (the restored round's score is remembered)
+    clean_client = MlflowClient(clean_wf.tracking.uri, registry_uri=clean_wf.tracking.uri)
+    alias_round = clean_client.get_model_version_by_alias(clean_wf.registered_model_name,
+                                                          clean_wf.tracking.alias).tags["mergeflow.round"]
+    assert client.get_model_version_by_alias(wf.registered_model_name,
+                                             wf.tracking.alias).tags["mergeflow.round"] == alias_round
 
 
 @pytest.mark.e2e
@@ -162,10 +177,10 @@ def test_resident_worker_killed_mid_round_restarts_with_the_same_weights(tiny_ba
     store; the workflow completes with the weights of task workers that were never disturbed."""
     tmp = tmp_path / "killed"
     tmp.mkdir()
-    spec = tiny_workflow_dict(tmp, tiny_base, strategy="atm", rounds={"count": 4, "workers": "resident"})
-    spec["finetune"]["max_steps"] = 600  # 150 steps a round: long enough to be caught mid-training
+    spec = tiny_workflow_dict(tmp, tiny_base, strategy="atm", rounds={"count": 3, "workers": "resident"})
+    spec["finetune"]["max_steps"] = 300  # 100 steps a round: long enough to be caught mid-training
     wf = parse_workflow(spec)
-    _, reference, _ = _run(tmp_path / "reference", tiny_base, spec={"finetune": spec["finetune"]})
+    _, reference, _ = _run(tmp_path / "reference", tiny_base, spec={"finetune": spec["finetune"]}, count=3)
     client = MlflowClient(wf.tracking.uri)
     killed: list[int] = []
 
@@ -183,7 +198,7 @@ def test_resident_worker_killed_mid_round_restarts_with_the_same_weights(tiny_ba
                     os.kill(int(r.data.tags["mergeflow.pid"]), signal.SIGKILL)
                     killed.append(int(r.data.tags["mergeflow.pid"]))
                     return
-            time.sleep(0.05)
+            time.sleep(0.2)
 
     from pipeline.driver import run_workflow
 
@@ -221,5 +236,7 @@ def test_resident_spec_is_validated(tiny_base, tmp_path):
         parse_workflow(spec(rounds={"start": "oneshot_merge", "validation_fraction": 0.2}))
     with pytest.raises(ValueError, match="checkpoint_every"):
         parse_workflow(spec(rounds={"checkpoint_every": 0}))
+    with pytest.raises(ValueError, match="rounds.patience: 2 counts rounds without improvement"):
+        parse_workflow(spec(rounds={"checkpoint_every": 2, "patience": 2}))
     plain = parse_workflow(spec(rounds={"workers": "tasks"}))
     assert parse_workflow(spec(rounds={"checkpoint_every": 3})).spec_hash() == plain.spec_hash()

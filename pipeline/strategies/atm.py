@@ -77,7 +77,12 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
 
     last = first + spec.count - 1
     if rounds.resident:  # rounds between checkpoints lived in memory: resume after the last one in the store
-        current, resumed = restore(rounds, base, first, last, part)
+        found = restore(rounds, base, first, last, part)
+        current, resumed = found[-1] if found else (base, first)
+        for _k, earlier in found[:-1]:  # what the earlier checkpoints scored: the best so far, and patience
+            score = recorded_score(rounds, earlier)
+            if score is not None:
+                best, since_best = (score, 0) if score > best else (best, since_best + 1)
         if resumed > first:
             round_run = rounds.start_round(resumed - 1)
             rounds.report(f"round {resumed - 1}: restored from its checkpoint {current.uri}; rounds {first}.."
@@ -106,6 +111,7 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         experts = rounds.collect_experts(pending)
         merge_base = current if spec.task_vectors_from == "round_start" else base
         merged = rounds.merge(merge_base, experts, k, round_run, merge=spec.merge, heads_from=current, durable=scored)
+        current.state = None  # the round's start weights are read by nothing more: let the object store free them
         if not scored:
             rounds.end_unscored(k, round_run, merged)
             current = merged
@@ -122,15 +128,15 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     return results
 
 
-def restore(rounds: Rounds, base: ModelRef, first: int, last: int, part: str) -> tuple[ModelRef, int]:
-    """The last checkpointed round of this run already in the store, and the round after it.
+def restore(rounds: Rounds, base: ModelRef, first: int, last: int, part: str) -> list[tuple[ModelRef, int]]:
+    """The checkpointed rounds of this run already in the store, each with the round after it, in order.
 
     Every key is a content hash of what made it, so the chain of rounds is known without training:
     each round's expert keys follow from its start model, its merge's key from them. The walk stops at
-    the first checkpointed round not in the store. Returns ``(base, first)`` when there is none.
+    the first checkpointed round not in the store.
     """
     wf, spec = rounds.wf, rounds.wf.rounds
-    current, found = base, (base, first)
+    current, found = base, []
     for k in range(first, last + 1):
         experts = {t.name: ModelRef("expert", t.name, "", "", rounds.expert_plan(current, t, k, True, part)[1])
                    for t in wf.tasks}
@@ -140,9 +146,19 @@ def restore(rounds: Rounds, base: ModelRef, first: int, last: int, part: str) ->
             path = merged_path(rounds.store, wf, k, key, spec.merge.method)
             if not rounds.intact(path, "merged model", k) or not _resident_checkpoint(rounds, path):
                 break
-            found = (ref_from_store(rounds.store, path, "merged", f"{wf.name}-merged", key), k + 1)
+            found.append((ref_from_store(rounds.store, path, "merged", f"{wf.name}-merged", key), k + 1))
         current = ModelRef("merged", f"{wf.name}-merged", "", "", key)
     return found
+
+
+def recorded_score(rounds: Rounds, merged: ModelRef) -> float | None:
+    """The mean held-out accuracy a checkpointed round's merge run recorded (None: never scored)."""
+    if not merged.run_id:
+        return None
+    try:
+        return rounds.lineage.client.get_run(merged.run_id).data.metrics.get("eval/mean/accuracy")
+    except Exception:  # the run is gone (another tracking server): the round counts as unscored
+        return None
 
 
 def _resident_checkpoint(rounds: Rounds, path: str) -> bool:

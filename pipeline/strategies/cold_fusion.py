@@ -88,6 +88,7 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         latest_expert.update({t: e.metrics["own_accuracy"] for t, e in experts.items() if "own_accuracy" in e.metrics})
         spent += len(contributors) / len(wf.tasks) / spec.count  # mean fraction of a task's budget
         fused = rounds.merge(shared, experts, k, round_run, merge=spec.merge, heads_from=shared, durable=scored)
+        shared.state = None  # the round's start weights are read by nothing more: let the object store free them
         with_heads |= set(experts)
         if not scored:
             rounds.end_unscored(k, round_run, fused)

@@ -316,6 +316,8 @@ class Rounds:
             self.lineage.end_run(run_id, ended_status(exc))
             raise
         ref.state = fut.state
+        for e in experts.values():  # merged: their weights are read by nothing more (their runs keep their record)
+            e.state = None
         self.report(f"round {index}: merged {len(experts)} experts with {merge.method} in memory"
                     + (f" (checkpoint {ref.uri})" if durable else ""))
         return ref
