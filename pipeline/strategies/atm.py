@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 
 from pipeline.steps import ModelRef, merged_key, merged_path, ref_from_store
-from pipeline.strategies.rounds import RoundResult, Rounds
+from pipeline.strategies.rounds import RoundResult, Rounds, own_scores
 
 
 def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
@@ -60,7 +60,7 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         merged_eval, expert_evals = rounds.collect_evaluation(scoring)
         done = (k - first + 1) / spec.count
         if not expert_evals:  # a restored checkpoint: its experts' scores, as its provenance recorded them
-            expert_evals = {t: {t: e.metrics["own"]} for t, e in experts.items()}
+            expert_evals = {t: own_scores(e, t) for t, e in experts.items()}
         result = RoundResult(k, round_run, experts, merged, expert_evals, merged_eval,
                              baseline=rounds.probe_result(probe) if probe else results[0].baseline,
                              budget=done if first == 0 else 1.0 + done * (spec.validation_fraction or 0.0))
@@ -75,27 +75,22 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
             return True
         return False
 
-    last = first + spec.count - 1
-    if rounds.resident:  # rounds between checkpoints lived in memory: resume after the last one in the store
-        found = restore(rounds, base, first, last, part)
-        current, resumed = found[-1] if found else (base, first)
-        for _k, earlier in found[:-1]:  # what the earlier checkpoints scored: the best so far, and patience
-            score = recorded_score(rounds, earlier)
-            if score is not None:
-                best, since_best = (score, 0) if score > best else (best, since_best + 1)
-        if resumed > first:
-            round_run = rounds.start_round(resumed - 1)
-            rounds.report(f"round {resumed - 1}: restored from its checkpoint {current.uri}; rounds {first}.."
-                          f"{resumed - 1} are not run again")
-            pending = rounds.submit_evaluation(current, {}, resumed - 1, round_run, cross_task=False)
-            if finish(resumed - 1, round_run, restored_experts(rounds, current), current, pending,
-                      rounds.submit_probe(base, resumed - 1, round_run)):
-                return results
-            first_to_run = resumed
-        else:
-            first_to_run = first
-    else:
-        first_to_run = first
+    last, first_to_run = first + spec.count - 1, first
+    # resident workers: rounds between checkpoints lived in memory; resume after the last one in the store
+    found = restore(rounds, base, first, last, part) if rounds.resident else []
+    for earlier, _next in found[:-1]:  # what the earlier checkpoints scored: the best so far, and patience
+        score = recorded_score(rounds, earlier)
+        if score is not None:
+            best, since_best = (score, 0) if score > best else (best, since_best + 1)
+    if found:
+        current, first_to_run = found[-1]
+        k = first_to_run - 1
+        round_run = rounds.start_round(k)
+        rounds.report(f"round {k}: restored from its checkpoint {current.uri}; rounds {first}..{k} are not run again")
+        pending = rounds.submit_evaluation(current, {}, k, round_run, cross_task=False)
+        if finish(k, round_run, restored_experts(rounds, current), current, pending,
+                  rounds.submit_probe(base, k, round_run)):
+            return results
     probe_pending = not results
     scoring = None  # records the previous round once scored: it is scored while this one trains
     for k in range(first_to_run, last + 1):
@@ -178,9 +173,6 @@ def restored_experts(rounds: Rounds, merged: ModelRef) -> dict[str, ModelRef]:
     for p in prov.get("parents", []):
         if p.get("kind") != "expert":
             continue
-        task, metrics = p["task"], p.get("metrics", {})
-        prefix = f"eval/{task}/"
-        own = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
-        out[task] = ModelRef("expert", task, "", p["uri"], p["key"], p.get("run_id"), reused=True,
-                             metrics={**metrics, "own": own})  # type: ignore[dict-item]  # read by finish()
+        out[p["task"]] = ModelRef("expert", p["task"], "", p["uri"], p["key"], p.get("run_id"), reused=True,
+                                  metrics=p.get("metrics", {}))
     return out

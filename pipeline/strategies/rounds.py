@@ -144,10 +144,14 @@ class Rounds:
     def worker_for(self, task: str, cost: float = 0.0) -> int:
         """The worker that keeps ``task``'s model: fixed at its first round, on the least loaded worker then."""
         if task not in self._worker_of:
-            w = min(range(self.pool.size), key=lambda i: (self._load[i], i))
+            w = self.least_loaded()
             self._worker_of[task] = w
             self._load[w] += cost
         return self._worker_of[task]
+
+    def least_loaded(self) -> int:
+        """The resident worker with the least work given so far (the first of equals)."""
+        return min(range(self.pool.size), key=lambda i: (self._load[i], i))
 
     def close(self) -> None:
         """Give the resident workers' slots back."""
@@ -436,8 +440,7 @@ class Rounds:
         """Start a linear probe of ``base``'s body (returns a future; collect with ``probe_result``)."""
         run_id = self._child(name, "baseline", round_run, index)
         if self.resident:  # the resident workers hold every slot: the probe runs on the least loaded one
-            worker = min(range(self.pool.size), key=lambda i: (self._load[i], i))
-            return run_id, self.pool.submit(worker, probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}")
+            return run_id, self.pool.submit(self.least_loaded(), probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}")
         fut = self.runtime.submit(probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}",
                                   resources=self.eval_resources())
         return run_id, fut
