@@ -13,8 +13,8 @@ kind of expert; what differs is how a batch is built and what is saved:
 
 Deterministic for a given seed, start weights, data and thread count. The random stream is seeded
 before loading; it draws a fresh head's initialisation, then LoRA's A and dropout masks. A head
-carried over from the start checkpoint draws nothing: the stream is seeded again once that model is
-ready, so the throwaway draws of a loader (a missing head initialised, then overwritten) never reach
+carried over from the start checkpoint, or a causal LM (no head), draws nothing: the stream is seeded
+again once that model is ready, so the throwaway draws of a loader (a missing head initialised, then overwritten) never reach
 training, and a model kept in memory from an earlier round trains bit for bit as one loaded from its
 checkpoint. Knows nothing of Ray or MLflow: progress goes to an optional ``log`` callback, which the pipeline points at MLflow.
 """
@@ -91,7 +91,8 @@ class FinetuneResult:
     peak_gpu_bytes: int = 0
     load_seconds: float = 0.0  # start checkpoint and tokenizer into a ready model (before the first step)
     save_seconds: float = 0.0  # the expert written to ``out_dir``
-    model: Any = field(default=None, repr=False)  # with ``keep_model``: the trained model, on the CPU, in eval mode
+    # with ``keep_model``: the trained model, on the CPU, in eval mode (LoRA: the peft model wrapping it)
+    model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
 
     @property
@@ -236,13 +237,18 @@ def finetune(
         device: ``"cpu"`` or ``"cuda"``.
         torch_threads: torch intra-op threads (None leaves torch's default).
         keep_model: Return the trained model and its tokenizer (``result.model``, ``result.tokenizer``), so
-            the caller can score it without loading what was just written. Full fine-tunes only: a LoRA
-            expert is scored as it is loaded (adapter folded into its base), so it is not kept.
+            the caller can score it without loading what was just written. A LoRA expert written to
+            ``out_dir`` is not kept (it is scored as it is loaded, adapter folded into its base); one not
+            written (``out_dir=None``) is kept as the peft model wrapping the task model: its adapter is
+            read with ``AdapterCheckpoint.of_peft_model`` and ``result.model.unload()`` gives back the
+            task model with its start weights untouched (and its trained head).
         model, tokenizer: A task model already holding the start weights (a resident worker's, kept
-            across rounds; full fine-tunes only), trained in place instead of loading ``init_ckpt``,
-            which then only names where the start came from. ``fresh_head``: its head was just made
-            (the caller seeded the stream with ``settings.seed``, then drew it) rather than carried over;
-            training goes on from where that draw left the stream, as when ``init_ckpt`` is loaded here.
+            across rounds), trained in place instead of loading ``init_ckpt``, which then only names
+            where the start came from (LoRA wraps it and trains adapters on it). ``fresh_head``: its
+            head was just made (the caller seeded the stream with ``settings.seed``, then drew it) rather
+            than carried over; training goes on from where that draw left the stream, as when
+            ``init_ckpt`` is loaded here. Otherwise the stream starts again at the seed once the model is
+            ready, however it was loaded.
 
     Returns:
         Steps, losses, tokens, time taken and peak GPU memory.
@@ -262,8 +268,6 @@ def finetune(
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if model is not None:  # a resident worker's model, already holding the start weights
-        if lora:
-            raise ValueError("finetune: a preloaded model trains in full mode only; LoRA loads its start checkpoint")
         has_head = not lm and not fresh_head
         model.requires_grad_(True)
     elif lm:
@@ -276,8 +280,8 @@ def finetune(
         tokenizer = AutoTokenizer.from_pretrained(str(init_ckpt))
     if lm:
         encoded = encode_lm(tokenizer, data.train, settings.max_length)
-    if has_head:  # the stream starts again at the seed: a loader's throwaway draws stay out of training
-        torch.manual_seed(settings.seed)
+    if has_head or lm:  # the stream starts again at the seed: a loader's throwaway draws stay out of training
+        torch.manual_seed(settings.seed)  # (only a fresh head's draw, made with this seed, goes on into training)
     task_model = model  # the transformers model (LoRA wraps it; heads and bodies are read from it)
     if settings.freeze_embeddings and not lora:
         # the word-embedding table is most of a small model's parameters and of each step's cost
@@ -358,6 +362,7 @@ def finetune(
     if settings.gradient_checkpointing:
         task_model.gradient_checkpointing_disable()
         task_model.config.use_cache = True
+    keep = keep_model and (not lora or out_dir is None)
     if out_dir is None:
         pass
     elif lora:
@@ -386,6 +391,6 @@ def finetune(
         peak_gpu_bytes=peak,
         load_seconds=load_seconds,
         save_seconds=time.perf_counter() - save_start,
-        model=task_model if keep_model and not lora else None,
-        tokenizer=tokenizer if keep_model and not lora else None,
+        model=(model if lora else task_model) if keep else None,
+        tokenizer=tokenizer if keep else None,
     )

@@ -13,16 +13,23 @@ a round costs its training and little else:
   model to the store, with its LoggedModel, and is scored: its experts where they were trained, the
   merged model on each task's worker.
 
+LoRA experts (classification or causal LM) train adapters on the kept model: the expert that goes to
+the object store is its adapter (``AdapterCheckpoint``: A and B, and a classification head; kilobytes
+to a few MB, not a copy of the model), the adapter is then unloaded, so the kept model holds the
+round's start weights untouched, and the merge folds each adapter into the round's start exactly as
+the streaming engine folds an adapter directory.
+
 Fine-tuning is the same ``operators.finetune.finetune`` loop from the same weights with the same seed,
 so a resident expert is bit for bit the task step's expert (``tests/test_resident.py`` checks it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
-from operators.checkpoint import StateCheckpoint
+from operators.checkpoint import AdapterCheckpoint, StateCheckpoint
 from pipeline.lineage import TAG_STORE_URI
 from pipeline.runtime import WithState
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec
@@ -88,22 +95,31 @@ def stored_state(ctx: StepContext, ref: ModelRef) -> StateCheckpoint:
 
 
 def _task_model(ctx: StepContext, task: TaskSpec, state: StateCheckpoint, seed: int):
-    """The kept model of ``task`` holding ``state``'s body and ``task``'s head, its tokenizer, and whether
-    its head is fresh.
+    """The kept model of ``task`` holding ``state``'s weights (body and ``task``'s head; a causal LM: the
+    whole model), its tokenizer, and whether its head is fresh.
 
     A state without a head for the task (a ColD Fusion task that has not contributed yet) gets a
     fresh seeded head, drawn as a task step's load draws it.
     """
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from operators.checkpoint import load_task_model
+    from operators.checkpoint import load_task_model, quiet_transformers
+    from operators.finetune import lm_tokenizer
 
+    lm = task.type != "classification"
     kept = _MODELS.get(_kept(state.files, task))
-    if kept is not None and task.name in state.heads:
+    if kept is not None and (lm or task.name in state.heads):
         state.load_into(kept[0], task.name)
         return (*kept, False)
     torch.manual_seed(seed)  # as finetune() seeds before it loads: a fresh head is the task step's head
+    if lm:
+        quiet_transformers()
+        model = AutoModelForCausalLM.from_pretrained(str(state.files))
+        state.load_body_into(model)
+        tokenizer = kept[1] if kept is not None else lm_tokenizer(state.files)
+        _MODELS[_kept(state.files, task)] = (model.eval(), tokenizer)
+        return model, tokenizer, False
     model = load_task_model(state.files, None, label_names=task.label_names)
     if task.name in state.heads:
         state.load_into(model, task.name)
@@ -135,7 +151,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         for split, rows, context in (("train", data.train, "training"), ("eval", data.eval, "evaluation")):
             lineage.log_dataset(run_id, name=f"{task.name}-{split}", texts=data.inputs(rows),
                                 labels=data.targets(rows), source=data.source, digest=data.digest, context=context)
-    lineage.set_tags(run_id, _attempt_tags(lineage, run_id))
+    lineage.set_tags(run_id, {**_attempt_tags(lineage, run_id), "mergeflow.finetune_mode": settings.mode})
     t0 = time.perf_counter()
     state = start_state(ctx, start)
     if state is None:  # the base, or a checkpointed round's merged model: read from the store as a task step does
@@ -146,14 +162,22 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     fetch_seconds = time.perf_counter() - t0
     result = finetune(init, data, settings, None, device=ctx.device, torch_threads=ctx.torch_threads, keep_model=True,
                       model=model, tokenizer=tokenizer, fresh_head=fresh)
-    _MODELS[_kept(_files(ctx), task)] = (result.model, result.tokenizer)  # kept for the next round
+    lora = settings.mode == "lora"
     t0 = time.perf_counter()
+    # a LoRA expert is scored with its adapter applied (peft's forward), not folded into the start weights:
+    # the kept model's weights must stay the round's start, bit for bit
     own = score(result.model, result.tokenizer, data, headline=task.headline_metric, max_length=settings.max_length,
                 device=ctx.device) if scored else {}
     result.model.to("cpu")  # kept on the CPU between rounds (scoring moved it to the device)
     evaluate_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    expert = StateCheckpoint.of_model(result.model, task.name, init)
+    if lora:  # the expert is its adapter (and head); the task model goes back to its start weights
+        expert = AdapterCheckpoint.of_peft_model(result.model, task.name, causal_lm=data.is_lm)
+        net = result.model.unload()
+    else:
+        net = result.model
+        expert = StateCheckpoint.of_model(net, task.name, init, causal_lm=data.is_lm)
+    _MODELS[_kept(_files(ctx), task)] = (net, result.tokenizer)  # kept for the next round
     copy_seconds = time.perf_counter() - t0
     metrics = train_metrics(result)
     own_eval = {f"eval/{task.name}/{k}": float(v) for k, v in own.items()}
@@ -168,7 +192,8 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         f"worker, loss {result.final_loss:.4f}" + (f", eval {task.headline_metric} {own['accuracy']:.3f}" if own else ""))
     ref = ModelRef("expert", task.name, "", memory_uri(ctx, round_index, f"experts/{task.name}", key), key, run_id,
                    metrics={**metrics, **own_eval, "step_seconds": step_seconds, **phases}
-                   | ({"own_accuracy": own["accuracy"]} if own else {}))
+                   | ({"own_accuracy": own["accuracy"]} if own else {}),
+                   adapter_base=dataclasses.replace(start, state=None) if lora else None)
     return WithState(ref, expert)
 
 
@@ -183,8 +208,11 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
                                 "base": base.uri, "experts": {t: e.uri for t, e in sorted(experts.items())},
                                 "heads_from": heads_from.uri if heads_from is not None else "",
                                 "workers": "resident"})
+    # a LoRA expert's full weights are its start's plus its update: the round's start, the merge's base
+    starts = {t: stored_state(ctx, e.adapter_base) for t, e in experts.items()
+              if e.adapter_base is not None and e.adapter_base.key != base.key}
     merged, report = merge_states(stored_state(ctx, base), {t: e.state.get() for t, e in experts.items()},
-                                  merge.method, merge.params,
+                                  merge.method, merge.params, adapter_bases=starts or None,
                                   heads_from=stored_state(ctx, heads_from) if heads_from is not None else None)
     merged.files = _files(ctx)
     metrics = {"merge_seconds": report.seconds, "merge_tensors": report.tensors}
@@ -204,9 +232,12 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
                 "weights": dict(zip(report.experts, report.weights, strict=True)),
                 "round": round_index, "workflow": wf.name, "strategy": wf.strategy, "spec_hash": wf.spec_hash(),
                 "key": key, "workers": "resident", "heads_from": heads_from.uri if heads_from is not None else None,
+                **({"lora": {"mode": "exact"}} if report.lora_mode else {}),
                 "parents": [{"kind": base.kind, "uri": base.uri, "key": base.key, "model_id": base.model_id}]
-                + [{"kind": "expert", "task": t, "uri": e.uri, "key": e.key, "run_id": e.run_id, "format": "full",
-                    "in_memory": True, "metrics": e.metrics} for t, e in sorted(experts.items())],
+                + [{"kind": "expert", "task": t, "uri": e.uri, "key": e.key, "run_id": e.run_id, "in_memory": True,
+                    "format": "peft-lora-adapter" if e.adapter_base else "full",
+                    "adapter_base": e.adapter_base.record() if e.adapter_base else None, "metrics": e.metrics}
+                   for t, e in sorted(experts.items())],
                 "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
             })
             location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,

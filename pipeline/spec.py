@@ -874,21 +874,13 @@ class Workflow(_Frozen):
 
     @model_validator(mode="after")
     def _resident_workers(self) -> Workflow:
-        # resident workers keep full classification models in memory and merge element-wise, in memory
+        # resident workers keep each task's model in memory and merge element-wise, in memory
         if self.rounds.workers != "resident":
             return self
         fix = "or set rounds.workers: tasks"
         if self.strategy not in ("atm", "cold_fusion"):
             raise ValueError(f"rounds.workers: resident keeps models across rounds; strategy {self.strategy!r} has one "
                              "round. Use strategy: atm or cold_fusion, or remove rounds.workers")
-        bad = [t.name for t in self.tasks if t.type != "classification"]
-        if bad:
-            raise ValueError(f"rounds.workers: resident: task {bad[0]!r} is a causal LM; resident workers keep "
-                             f"classification models in this version; {fix}")
-        bad = [t.name for t in self.tasks if self.round_finetune_for(t, 0).mode != "full"]
-        if bad:
-            raise ValueError(f"rounds.workers: resident: task {bad[0]!r} fine-tunes with LoRA; resident workers keep "
-                             f"full models in this version (a LoRA round goes through the store); {fix}")
         m = self.rounds.merge
         if METHOD_STATISTICS.get(m.method) or m.learns_from_inputs or m.heads.mode != "experts":
             raise ValueError(f"rounds.workers: resident merges in memory with element-wise methods; rounds.merge "

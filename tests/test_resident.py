@@ -4,6 +4,7 @@ two checkpoints resumes from the last one, with the same final weights and no se
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -125,6 +126,87 @@ def test_resident_cold_fusion_gives_task_workers_weights(dropout_base, tmp_path)
     assert two.final.summary() == tasks.final.summary()
 
 
+def test_lora_expert_in_memory_merges_as_its_adapter_directory(dropout_base, tmp_path):
+    """A LoRA expert kept in memory (``AdapterCheckpoint``: A, B and the head, named as peft saves them)
+    merges bit for bit as the adapter directory ``save_pretrained`` writes of it; unloading the adapter gives
+    the task model back with its start weights untouched; and what goes to the object store is the adapter,
+    not a copy of the model."""
+    from operators.checkpoint import AdapterCheckpoint, save_head
+    from operators.data import load_task_data
+    from operators.finetune import finetune
+    from pipeline.spec import DatasetSpec, FinetuneSpec, LoraSpec
+    from tests.helpers import write_task_file
+
+    experts, states = {}, {}
+    for rule, labels in (("vowel", ["consonant", "vowel"]), ("length", ["short", "long"])):
+        data = load_task_data(rule, DatasetSpec(source=str(write_task_file(tmp_path / f"{rule}.parquet", rule, n=64))),
+                              labels)
+        settings = FinetuneSpec(mode="lora", lora=LoraSpec(r=4, alpha=8, dropout=0.1), max_steps=4, batch_size=16,
+                                learning_rate=1e-2)
+        result = finetune(dropout_base, data, settings, None, keep_model=True)
+        states[rule] = AdapterCheckpoint.of_peft_model(result.model, rule, causal_lm=False)
+        experts[rule] = tmp_path / f"expert-{rule}"
+        result.model.save_pretrained(str(experts[rule]), safe_serialization=True)
+        save_head(result.model.get_base_model(), experts[rule], rule)
+        net = result.model.unload()
+        base = StateCheckpoint.read(dropout_base)
+        assert all(torch.equal(v, base.body[k]) for k, v in net.base_model.state_dict().items() if k in base.body)
+        # the adapter: rank-4 A and B of each adapted 32×32 matrix (a quarter of its size, on this pico model)
+        adapter = states[rule].tensors
+        assert adapter and all((".lora_A." in k and t.shape[0] == 4) or (".lora_B." in k and t.shape[1] == 4)
+                               for k, t in adapter.items())
+        assert sum(t.numel() for t in adapter.values()) < sum(t.numel() for t in base.body.values()) / 4
+    merge_checkpoints(dropout_base, experts, "ties", {"density": 0.5}, tmp_path / "disk", chunk_elements=64)
+    state, report = merge_states(StateCheckpoint.read(dropout_base), states, "ties", {"density": 0.5}, chunk_elements=64)
+    assert report.lora_mode == "exact" and report.heads == ["length", "vowel"]
+    state.write(tmp_path / "memory")
+    assert _same(_weights(str(tmp_path / "disk")), _weights(str(tmp_path / "memory")))
+    # the merged body is not the base's: the adapters' updates are in it
+    assert not torch.equal(state.body["encoder.layer.0.attention.self.query.weight"],
+                           StateCheckpoint.read(dropout_base).body["encoder.layer.0.attention.self.query.weight"])
+
+
+@pytest.mark.parametrize("model,mode", [("bert", "lora"), ("gpt2", "lora"), ("llama", "full")])
+def test_resident_lora_and_causal_lm_rounds_give_task_workers_weights(dropout_base, tmp_path, model, mode):
+    """ATM with LoRA experts of a classifier (with dropout), LoRA experts of a pico GPT-2 (Conv1D weights stored
+    (in, out), a tied output layer) and full fine-tunes of a pico Llama: resident workers checkpointing every 2
+    rounds give task workers' final weights bit for bit. A resident LoRA expert's run says it is LoRA, and the
+    checkpointed merge names each expert's adapter and the start it was trained on."""
+    from pipeline.driver import run_workflow
+    from tests.helpers import make_tiny_causal_lm, tiny_lm_workflow_dict
+
+    if model == "bert":
+        spec = {"finetune": {"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "max_steps": 4,
+                             "batch_size": 16, "learning_rate": 1e-2}}
+        (_, tasks, _), (wf, res, _) = (_run(tmp_path / "tasks", dropout_base, spec=spec, count=3),
+                                       _run(tmp_path / "res", dropout_base, spec=spec, count=3, workers="resident",
+                                            checkpoint_every=2))
+    else:
+        base = make_tiny_causal_lm(tmp_path / model, model)
+
+        def lm(tmp: Path, **rounds):
+            d = tiny_lm_workflow_dict(tmp, base, strategy="atm", rounds={"count": 3, **rounds})
+            d["finetune"].update(mode=mode, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+            wf = parse_workflow(d)
+            return wf, run_workflow(wf, address="in-process", num_cpus=2, report=lambda _m: None)
+
+        (_, tasks), (wf, res) = lm(tmp_path / "tasks"), lm(tmp_path / "res", workers="resident", checkpoint_every=2)
+    assert _same(_weights(tasks.final.merged.uri), _weights(res.final.merged.uri))
+    assert [r.index for r in res.rounds] == [1, 2]
+    # the same scores (NaN where a pico LM's expert gains nothing over the base: normalized 0/0)
+    assert json.dumps(res.final.summary(), sort_keys=True) == json.dumps(tasks.final.summary(), sort_keys=True)
+    from operators.checkpoint import read_provenance
+
+    prov = read_provenance(Path(res.final.merged.uri.removeprefix("file://")))
+    experts = prov["parents"][1:]
+    assert {e["format"] for e in experts} == {"peft-lora-adapter" if mode == "lora" else "full"}
+    if mode == "lora":
+        assert {e["adapter_base"]["key"] for e in experts} == {prov["parents"][0]["key"]}, "trained on the round's start"
+        client = MlflowClient(wf.tracking.uri)
+        run = client.get_run(experts[0]["run_id"])
+        assert run.data.tags["mergeflow.finetune_mode"] == "lora" and run.data.params["workers"] == "resident"
+
+
 @pytest.mark.parametrize("every", [2, 1])
 def test_crash_between_checkpoints_resumes_from_the_last_one(tiny_base, tmp_path, monkeypatch, every):
     """A crash in round 2 of 4 (after round 1's checkpoint; every 2 rounds, or every round so that two
@@ -233,8 +315,6 @@ def test_resident_spec_is_validated(tiny_base, tmp_path):
         parse_workflow(spec(rounds={"workers": "tasks", "checkpoint_every": 2}))
     with pytest.raises(ValueError, match="strategy 'oneshot' has one round"):
         parse_workflow(spec(strategy="oneshot"))
-    with pytest.raises(ValueError, match="fine-tunes with LoRA"):
-        parse_workflow(spec(finetune={"max_steps": 2, "mode": "lora"}))
     with pytest.raises(ValueError, match="rounds.merge 'regmean'"):
         parse_workflow(spec(rounds={"merge": {"method": "regmean"}}))
     with pytest.raises(ValueError, match="oneshot_merge"):

@@ -34,6 +34,7 @@ import torch
 
 from operators.checkpoint import (
     HEADS_DIR,
+    AdapterCheckpoint,
     StateCheckpoint,
     copy_head,
     copy_tokenizer,
@@ -344,11 +345,12 @@ class _StateReader:
 
 def merge_states(
     base: StateCheckpoint,
-    experts: Mapping[str, StateCheckpoint],
+    experts: Mapping[str, StateCheckpoint | AdapterCheckpoint],
     method: str,
     params: dict[str, Any] | None,
     *,
     heads_from: StateCheckpoint | None = None,
+    adapter_bases: Mapping[str, StateCheckpoint] | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[StateCheckpoint, MergeReport]:
     """:func:`merge_checkpoints` over checkpoints held in memory (resident workers' rounds).
@@ -356,7 +358,9 @@ def merge_states(
     The same method functions over the same blocks in the same order, so the merged tensors are
     bit for bit those ``merge_checkpoints`` writes for the same inputs; nothing touches a disk.
     Each expert keeps its own task's head; ``heads_from`` gives the heads of tasks no expert brings.
-    Full checkpoints only (LoRA experts are merged from the store).
+    A LoRA expert (:class:`AdapterCheckpoint`) is merged as its full weights, exactly as
+    ``merge_checkpoints`` merges an adapter directory (lora_mode ``exact``): its start checkpoint
+    (``adapter_bases``, default ``base``) plus ``B·A·scaling``, row block by row block.
     """
     start = time.perf_counter()
     spec = get_method(method)
@@ -365,13 +369,25 @@ def merge_states(
         raise MergeError("no experts to merge; give at least one expert checkpoint")
     names = sorted(experts)
     weights = resolve_weights(p, names)
-    readers: dict[str, Any] = {"__base__": _StateReader(base.body)} | {n: _StateReader(experts[n].body) for n in names}
+    adapters = {n: experts[n].lora(f"memory:{n}") for n in names if isinstance(experts[n], AdapterCheckpoint)}
+    unknown = sorted(set(adapter_bases or {}) - set(adapters))
+    if unknown:
+        raise MergeError(f"adapter_bases: {unknown[0]!r} is not a LoRA expert; give bases for LoRA experts only")
+    if adapters:
+        check_same_task_type(adapters)
+    readers: dict[str, Any] = {"__base__": _StateReader(base.body)}
+    for n in names:
+        if n in adapters:
+            start_state = (adapter_bases or {}).get(n, base)
+            readers[n] = LoraDeltaReader(adapters[n], _StateReader(start_state.body), base_name=f"{n}'s start model")
+        else:
+            readers[n] = _StateReader(experts[n].body)
     ref, keys = readers["__base__"], list(base.body)
     for n in names:  # the checks check_compatible makes of files, on tensors
         missing = sorted(k for k in keys if k not in readers[n] and ref.dtype(k).is_floating_point)
         bad = next((k for k in keys if k in readers[n] and (readers[n].shape(k), readers[n].dtype(k))
                     != (ref.shape(k), ref.dtype(k))), None)
-        if missing or bad or set(experts[n].body) - set(keys):
+        if missing or bad or set(readers[n].keys()) - set(keys):
             raise MergeError(f"expert {n!r} does not have the base's tensors (missing {missing[:3]}, first mismatch "
                              f"{bad!r}); experts must be fine-tuned from the same base model")
     report = MergeReport(method=method, params=p.model_dump(mode="json"), experts=names, weights=weights)
@@ -399,8 +415,9 @@ def merge_states(
     if heads_from is not None:
         heads |= {t: h for t, h in heads_from.heads.items() if t not in heads}
     report.heads = sorted(heads)
+    report.lora_mode = "exact" if adapters else None
     report.seconds = time.perf_counter() - start
-    return StateCheckpoint(base.files, body, heads), report
+    return StateCheckpoint(base.files, body, heads, causal_lm=base.causal_lm), report
 
 
 def _check_lora_args(base: Path, names: list[str], adapters: Mapping[str, LoraAdapter],

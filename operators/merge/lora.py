@@ -193,6 +193,27 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({exc}); save the adapter again with peft") from None
+    _check_config(config, cfg_path)
+    tensors: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensors[key] = f.get_tensor(key)
+    except Exception as exc:  # safetensors raises its own error types for a corrupt file
+        raise CheckpointError(f"{weights}: cannot read safetensors file ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                              "the file is corrupt or truncated. Save the adapter again with peft") from None
+    return LoraAdapter(directory=d, config=config, modules=_modules(config, tensors, weights), dtype=_dtype(tensors))
+
+
+def adapter_from_tensors(config: dict[str, Any], tensors: dict[str, Tensor], name: str) -> LoraAdapter:
+    """A LoRA adapter held in memory (a resident worker's expert): its ``adapter_config.json`` as a dict and its
+    tensors under the names ``save_pretrained`` gives them (``get_peft_model_state_dict``); validated as
+    :func:`read_adapter` validates a directory. ``name`` stands for the directory in messages."""
+    _check_config(config, f"{name} (adapter config)")
+    return LoraAdapter(directory=Path(name), config=config, modules=_modules(config, tensors, name), dtype=_dtype(tensors))
+
+
+def _check_config(config: dict[str, Any], cfg_path) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise CheckpointError(f"{cfg_path}: peft_type={peft_type!r}; mergeflow merges LoRA adapters only "
@@ -204,14 +225,13 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         raise CheckpointError(f"{cfg_path}: bias={config['bias']!r}: the adapter also trains biases, which are not "
                               "part of B·A; train with bias='none' or merge the adapter into its base first")
 
-    tensors: dict[str, Tensor] = {}
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[key] = f.get_tensor(key)
-    except Exception as exc:  # safetensors raises its own error types for a corrupt file
-        raise CheckpointError(f"{weights}: cannot read safetensors file ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
-                              "the file is corrupt or truncated. Save the adapter again with peft") from None
+
+def _dtype(tensors: dict[str, Tensor]) -> torch.dtype:
+    dtypes = {t.dtype for k, t in tensors.items() if k.endswith(".lora_A.weight")}
+    return torch.float32 if len(dtypes) != 1 else dtypes.pop()
+
+
+def _modules(config: dict[str, Any], tensors: dict[str, Tensor], weights) -> dict[str, LoraModule]:
     pairs: dict[str, dict[str, Tensor]] = {}
     extra_modules = config.get("modules_to_save") or []
     # the tensors that name a variant (embedding LoRA, DoRA) first: their error says more than the extra
@@ -240,7 +260,6 @@ def read_adapter(path: str | Path) -> LoraAdapter:
 
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     modules: dict[str, LoraModule] = {}
-    dtypes = set()
     for name, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
@@ -252,11 +271,9 @@ def read_adapter(path: str | Path) -> LoraAdapter:
         if a.shape[0] != b.shape[1]:
             raise CheckpointError(f"{weights}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
                                   "have different ranks; the adapter is corrupt")
-        dtypes.add(a.dtype)
         modules[name] = LoraModule(name=name, lora_A=a.float(), lora_B=b.float(),
                                    scaling=lora_scaling(config, name, int(a.shape[0])), fan_in_fan_out=fan_in_fan_out)
-    dtype = torch.float32 if len(dtypes) != 1 else dtypes.pop()
-    return LoraAdapter(directory=d, config=config, modules=modules, dtype=dtype)
+    return modules
 
 
 def _merge_error(msg: str) -> Exception:
@@ -321,18 +338,21 @@ class LoraDeltaReader:
 
     Args:
         adapter: The adapter directory (or an already-read :class:`LoraAdapter`).
-        base: The full checkpoint the adapter was trained from.
+        base: The full checkpoint the adapter was trained from: its directory, or a reader with
+            :class:`~operators.tensor_io.TensorReader`'s interface over its tensors in memory
+            (``base_name`` then names it in messages).
 
     Raises:
         CheckpointError / MergeError: an invalid adapter (see :func:`read_adapter`), a module the
             base does not have, or A/B shapes that do not fit the base tensor.
     """
 
-    def __init__(self, adapter: str | Path | LoraAdapter, base: str | Path):
+    def __init__(self, adapter: str | Path | LoraAdapter, base: str | Path | Any, base_name: str | None = None):
         self.adapter = adapter if isinstance(adapter, LoraAdapter) else read_adapter(adapter)
         self.directory = self.adapter.directory
-        self.base_directory = Path(base)
-        self._base = TensorReader(base)
+        in_memory = hasattr(base, "get_flat")  # a reader over tensors held in memory (a resident worker's merge)
+        self.base_directory = Path(base_name or "the round's start model") if in_memory else Path(base)
+        self._base = base if in_memory else TensorReader(base)
         try:
             self.targets = map_modules(self.adapter, self._base.keys(), f"base {self.base_directory}")
             for key, name in self.targets.items():
@@ -440,6 +460,6 @@ def check_same_task_type(adapters: dict[str, LoraAdapter]) -> None:
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_PICKLE", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "LoraAdapter", "LoraDeltaReader",
-    "LoraModule", "check_same_task_type", "delta_weight", "is_adapter_dir", "lora_scaling", "map_modules",
+    "LoraModule", "adapter_from_tensors", "check_same_task_type", "delta_weight", "is_adapter_dir", "lora_scaling", "map_modules",
     "read_adapter",
 ]
