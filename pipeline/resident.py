@@ -220,6 +220,7 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
     if durable:
         path = merged_path(store, wf, round_index, key, merge.method)
         uri = store.uri(path)
+        lineage.set_tags(run_id, _attempt_tags(lineage, run_id))  # a retry marks the model its dead attempt left FAILED
         model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags={
             "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": merge.method,
             "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: uri,

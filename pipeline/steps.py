@@ -344,6 +344,7 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
                                 "base": base.uri, "experts": {t: e.uri for t, e in sorted(experts.items())},
                                 "heads_from": heads_from.uri if heads_from is not None else ""})
     lineage.log_model_inputs(run_id, [e.model_id for e in experts.values() if e.model_id])
+    lineage.set_tags(run_id, _attempt_tags(lineage, run_id))  # a retry marks the model its dead attempt left FAILED
     model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags={
         "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": merge.method,
         "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: store.uri(path),

@@ -325,3 +325,53 @@ def test_resident_spec_is_validated(tiny_base, tmp_path):
         parse_workflow(spec(rounds={"checkpoint_every": 2, "patience": 2}))
     plain = parse_workflow(spec(rounds={"workers": "tasks"}))
     assert parse_workflow(spec(rounds={"checkpoint_every": 3})).spec_hash() == plain.spec_hash()
+
+
+def test_a_merge_run_again_after_its_worker_died_marks_the_dead_attempts_model_failed(tiny_base, tiny_experts, tmp_path,
+                                                                                      monkeypatch):
+    """Ray runs a merge again when its worker dies. The first attempt had made a PENDING LoggedModel and
+    tagged the run with where it ran; the second attempt says it is attempt 2 and marks that model FAILED,
+    so no model is left PENDING and the run's READY model is the one with weights (task and resident merges)."""
+    from pipeline import resident, steps
+    from pipeline.lineage import Lineage
+
+    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, strategy="atm", rounds={"count": 2, "workers": "resident"}))
+    lineage = Lineage.init(wf.tracking.uri, wf.experiment_name)
+    ctx = steps.StepContext(wf, wf.tracking.uri, lineage.experiment_id, "wf-run", wf.base_model)
+    base = steps.base_ref(wf)
+    store = ctx.store()
+    experts = {t: steps.ModelRef("expert", t, store.path("experts", t), store.uri(store.path("experts", t)), f"key-{t}")
+               for t in tiny_experts}
+    for t, p in tiny_experts.items():
+        store.publish(p, experts[t].path, move=False)
+    for name, step in (("task", lambda run: steps.merge_step(ctx, base, experts, 0, run, "k-task")),
+                       ("resident", lambda run: resident.merge_step(
+                           ctx, base, {t: steps.ModelRef("expert", t, "", e.uri, e.key, state=_Held(StateCheckpoint.read(
+                               tiny_experts[t], tiny_base))) for t, e in experts.items()}, 0, run, "k-res", wf.rounds.merge,
+                           None, durable=True).value)):
+        run = lineage.start_run(f"merge-{name}", kind="merge")
+
+        def dies(*_a, **_k):  # the worker dies once the model exists, before any weight is written
+            raise SystemExit("worker died")
+
+        with monkeypatch.context() as m:
+            m.setattr(steps if name == "task" else resident, "staged_checkpoint", dies)
+            with pytest.raises(SystemExit):
+                step(run)
+        ref = step(run)
+        tags = lineage.run_tags(run)
+        assert tags["mergeflow.attempt"] == "2" and "died mid-step" in tags["mergeflow.retried_after"]
+        models = lineage.client.search_logged_models([lineage.experiment_id],
+                                                     filter_string=f"source_run_id = '{run}'")
+        assert sorted(str(m.status) for m in models) == ["FAILED", "READY"], name
+        assert next(m for m in models if str(m.status) == "READY").model_id == ref.model_id
+
+
+class _Held:
+    """A state handle over a checkpoint already in memory (what Ray's object store hands a worker)."""
+
+    def __init__(self, state):
+        self.state, self.key = state, str(id(state))
+
+    def get(self):
+        return self.state
