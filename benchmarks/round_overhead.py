@@ -28,6 +28,7 @@ and ``resident`` (``rounds.workers: resident`` with ``rounds.checkpoint_every``)
     python benchmarks/round_overhead.py --workers resident --checkpoint-every 8,32
     python benchmarks/round_overhead.py --equal pos          # K experts of equal cost (4 copies of one task)
     python benchmarks/round_overhead.py --rounds 4 --max-train 400   # smaller: tasks capped at 400 rows
+    python benchmarks/round_overhead.py --spec workflows/lora-causal-lm.yaml --rounds 8   # LoRA experts of a Llama
     python benchmarks/round_overhead.py --json > round_overhead.json
 """
 
@@ -43,17 +44,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SPEC = ROOT / "workflows" / "quickstart.yaml"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
 def _workflow(strategy: str, rounds: int, tmp: Path, max_train: int | None, workers: str = "tasks",
-              checkpoint_every: int = 1, equal: str | None = None):
+              checkpoint_every: int = 1, equal: str | None = None, spec: Path = DEFAULT_SPEC):
     from pipeline.spec import load_workflow
 
     overrides = {"tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}", "store.root": str(tmp / "store"),
                  "strategy": strategy}
-    wf = load_workflow(ROOT / "workflows" / "quickstart.yaml", overrides)
+    wf = load_workflow(spec, overrides)
     data = wf.model_dump(mode="json")
     data["rounds"]["count"] = rounds
     data["rounds"]["workers"] = workers
@@ -132,12 +134,12 @@ def packed(experts: list[dict], slots: int) -> float:
 
 
 def measure(strategy: str, rounds: int, slots: int, max_train: int | None, workers: str = "tasks",
-            checkpoint_every: int = 1, equal: str | None = None) -> dict:
+            checkpoint_every: int = 1, equal: str | None = None, spec: Path = DEFAULT_SPEC) -> dict:
     from pipeline.driver import run_workflow
     from pipeline.lineage import Lineage
 
     with tempfile.TemporaryDirectory(prefix="mergeflow-round-overhead-") as tmp:
-        wf = _workflow(strategy, rounds, Path(tmp), max_train, workers, checkpoint_every, equal)
+        wf = _workflow(strategy, rounds, Path(tmp), max_train, workers, checkpoint_every, equal, spec)
         lines: list[tuple[float, str]] = []
         start = time.perf_counter()
         result = run_workflow(wf, num_cpus=slots, report=lambda m: lines.append((time.perf_counter(), m)))
@@ -174,6 +176,8 @@ def main() -> None:
     ap.add_argument("--skip-oneshot", action="store_true", help="only the ATM runs (no ratio to the one-shot)")
     ap.add_argument("--equal", metavar="TASK", default=None,
                     help="K experts of equal cost: every task replaced by a copy of TASK (e.g. pos)")
+    ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC,
+                    help="the workflow to run (default: the quickstart; e.g. workflows/lora-causal-lm.yaml)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     configs = [] if args.skip_oneshot else [("oneshot", 1, "tasks", 1)]
@@ -183,7 +187,7 @@ def main() -> None:
             configs += [("atm", r, w, e) for e in everies]
     results = []
     for strategy, rounds, workers, every in configs:
-        res = measure(strategy, rounds, args.slots, args.max_train, workers, every, args.equal)
+        res = measure(strategy, rounds, args.slots, args.max_train, workers, every, args.equal, args.spec)
         results.append(res)
         p = res["per_round"]
         print(f"{res['config']:>9}: wall {res['wall_s']:6.1f}s  train {res['train_s']:6.1f}s  ideal {res['ideal_s']:6.1f}s  "
