@@ -435,6 +435,13 @@ class StateCheckpoint:
         if self.causal_lm and loaded.unexpected_keys:
             raise CheckpointError(f"in-memory checkpoint does not fit the model: unexpected {loaded.unexpected_keys[:3]}")
 
+    def with_parts(self, rest: list[StateCheckpoint]) -> StateCheckpoint:
+        """This part of a checkpoint merged in parts followed by the ``rest``'s tensors (no copy)."""
+        body = dict(self.body)
+        for part in rest:
+            body.update(part.body)
+        return StateCheckpoint(self.files, body, self.heads, self.causal_lm)
+
     def write(self, out_dir: str | Path, provenance: dict[str, Any] | None = None) -> list[str]:
         """Write it as a checkpoint directory (sharded body, heads, config, tokenizer); returns the files."""
         from operators.tensor_io import ShardedWriter

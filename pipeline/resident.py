@@ -197,24 +197,47 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     return WithState(ref, expert)
 
 
-def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str,
-               key: str, merge: MergeSpec, heads_from: ModelRef | None, durable: bool) -> WithState:
-    """Merge a round's experts in memory; a checkpointed round (``durable``) also publishes the merge to
-    the store with its LoggedModel, in the order that loses nothing (``publish_checkpoint``)."""
+def _merge(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], merge: MergeSpec,
+           heads_from: ModelRef | None, part: tuple[int, int] | None):
     from operators.merge.engine import merge_states
 
+    # a LoRA expert's full weights are its start's plus its update: the round's start, the merge's base
+    starts = {t: stored_state(ctx, e.adapter_base) for t, e in experts.items()
+              if e.adapter_base is not None and e.adapter_base.key != base.key}
+    return merge_states(stored_state(ctx, base), {t: e.state.get() for t, e in experts.items()},
+                        merge.method, merge.params, adapter_bases=starts or None, part=part,
+                        heads_from=stored_state(ctx, heads_from) if heads_from is not None else None)
+
+
+def merge_part(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], merge: MergeSpec,
+               heads_from: ModelRef | None, part: tuple[int, int]) -> WithState:
+    """Merge one run of the model's tensors (``part``: i of n) on this worker, while the others merge theirs;
+    its tensors stay in the object store for the round's merge step and the next round."""
+    merged, report = _merge(ctx, base, experts, merge, heads_from, part)
+    say(f"[merge] part {part[0] + 1} of {part[1]}: {report.tensors} tensors in {report.seconds:.2f}s")
+    return WithState(report.seconds, merged)
+
+
+def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str,
+               key: str, merge: MergeSpec, heads_from: ModelRef | None, durable: bool,
+               parts: list[Any] | None = None) -> WithState:
+    """Merge a round's experts in memory; a checkpointed round (``durable``) also publishes the merge to
+    the store with its LoggedModel, in the order that loses nothing (``publish_checkpoint``).
+
+    ``parts``: the other workers merge the rest of the tensors at the same time (``merge_part``; their
+    handles here); this step merges the first run and the heads, and a checkpointed round waits for
+    the rest to write the whole model. What it keeps in the object store is then its own part.
+    """
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     lineage.log_params(run_id, {"method": merge.method, "params": merge.params, "round": round_index,
                                 "base": base.uri, "experts": {t: e.uri for t, e in sorted(experts.items())},
                                 "heads_from": heads_from.uri if heads_from is not None else "",
-                                "workers": "resident"})
-    # a LoRA expert's full weights are its start's plus its update: the round's start, the merge's base
-    starts = {t: stored_state(ctx, e.adapter_base) for t, e in experts.items()
-              if e.adapter_base is not None and e.adapter_base.key != base.key}
-    merged, report = merge_states(stored_state(ctx, base), {t: e.state.get() for t, e in experts.items()},
-                                  merge.method, merge.params, adapter_bases=starts or None,
-                                  heads_from=stored_state(ctx, heads_from) if heads_from is not None else None)
+                                "workers": "resident", "merged_in_parts": 1 + len(parts or [])})
+    merged, report = _merge(ctx, base, experts, merge, heads_from, (0, 1 + len(parts)) if parts else None)
     merged.files = _files(ctx)
+    own = merged
+    if parts and durable:  # the whole model, to write it: the other parts, mapped from the object store
+        merged = merged.with_parts([p.get() for p in parts])
     metrics = {"merge_seconds": report.seconds, "merge_tensors": report.tensors}
     path, uri, model_id, location = "", memory_uri(ctx, round_index, f"merged/{merge.method}", key), None, None
     if durable:
@@ -246,10 +269,11 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         metrics["merge_write_seconds"] = time.perf_counter() - t0
     lineage.log_metrics(run_id, metrics, step=round_index)
     say(f"[merge] round {round_index}: {merge.method} of {', '.join(sorted(experts))} in memory in "
-        f"{report.seconds:.2f}s" + (f", written to {uri}" if durable else ""))
+        f"{report.seconds:.2f}s" + (f" ({1 + len(parts)} workers)" if parts else "")
+        + (f", written to {uri}" if durable else ""))
     ref = ModelRef("merged", f"{wf.name}-merged", path, uri, key, run_id, model_id,
                    artifact_location=location if wf.tracking.log_model_artifacts else None)
-    return WithState(ref, merged)
+    return WithState(ref, own)
 
 
 def evaluate_step(ctx: StepContext, model: ModelRef, task: TaskSpec, run_id: str, round_index: int

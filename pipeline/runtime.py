@@ -51,6 +51,22 @@ class StateHandle:
         return self._value
 
 
+class PartsHandle:
+    """A checkpoint held in memory in parts (runs of its tensors that several workers merged), read as one:
+    its tensors in their order, and the heads part 0 carries."""
+
+    def __init__(self, parts: list[StateHandle]):
+        self.parts = parts
+
+    @property
+    def key(self) -> str:
+        return "+".join(p.key for p in self.parts)
+
+    def get(self) -> Any:
+        first, *rest = [p.get() for p in self.parts]
+        return first.with_parts(rest)
+
+
 class WithState(NamedTuple):
     """What a resident step returns: a small ``value`` for the driver, and a ``state`` (a checkpoint in
     memory) that stays in the object store, owned by the driver, for the steps that read it next."""

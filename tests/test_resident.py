@@ -72,6 +72,20 @@ def test_in_memory_merge_is_the_streaming_merge_bit_for_bit(tiny_base, tiny_expe
     assert report.heads == sorted(tiny_experts)
     state.write(tmp_path / "memory")
     assert _same(_weights(str(out)), _weights(str(tmp_path / "memory")))
+    # merged in 3 parts (3 workers, each a run of the tensors; the heads with the first), put together: the same
+    from operators.merge.registry import get_method
+
+    base, experts = StateCheckpoint.read(tiny_base), {n: StateCheckpoint.read(p, tiny_base) for n, p in tiny_experts.items()}
+    if get_method(method).prepare is not None:  # a whole-model pass first (e.g. LiNeS' depth): merged whole only
+        with pytest.raises(ValueError, match="cannot be merged in parts"):
+            merge_states(base, experts, method, params, part=(0, 3))
+        return
+    parts = [merge_states(base, experts, method, params, chunk_elements=64, part=(i, 3))[0] for i in range(3)]
+    assert all(p.body for p in parts) and sorted(parts[0].heads) == sorted(tiny_experts) and not parts[1].heads
+    whole = parts[0].with_parts(parts[1:])
+    assert list(whole.body) == list(state.body), "the parts are runs of the tensors, in order"
+    whole.write(tmp_path / "parts")
+    assert _same(_weights(str(out)), _weights(str(tmp_path / "parts")))
     # the written checkpoint loads with transformers, as every mergeflow checkpoint does
     from transformers import AutoModel
 
@@ -261,10 +275,13 @@ def test_crash_between_checkpoints_resumes_from_the_last_one(tiny_base, tmp_path
 def test_resident_worker_killed_mid_round_restarts_with_the_same_weights(tiny_base, tmp_path):
     """On a local Ray cluster: SIGKILL the resident worker (a Ray actor) while it trains an expert of round
     1. Ray restarts it and runs the call again from the round's start weights, which wait in the object
-    store; the workflow completes with the weights of task workers that were never disturbed."""
+    store; the workflow completes with the weights of task workers that were never disturbed. (Checkpoints
+    every 2 rounds, so round 1 starts from round 0's merge held in memory, which the 2 workers merged in
+    two parts, and round 1's checkpoint is written whole from both parts.)"""
     tmp = tmp_path / "killed"
     tmp.mkdir()
-    spec = tiny_workflow_dict(tmp, tiny_base, strategy="atm", rounds={"count": 3, "workers": "resident"})
+    spec = tiny_workflow_dict(tmp, tiny_base, strategy="atm", rounds={"count": 3, "workers": "resident",
+                                                                      "checkpoint_every": 2})
     spec["finetune"]["max_steps"] = 300  # 100 steps a round: long enough to be caught mid-training
     wf = parse_workflow(spec)
     _, reference, _ = _run(tmp_path / "reference", tiny_base, spec={"finetune": spec["finetune"]}, count=3)

@@ -352,6 +352,7 @@ def merge_states(
     heads_from: StateCheckpoint | None = None,
     adapter_bases: Mapping[str, StateCheckpoint] | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
+    part: tuple[int, int] | None = None,
 ) -> tuple[StateCheckpoint, MergeReport]:
     """:func:`merge_checkpoints` over checkpoints held in memory (resident workers' rounds).
 
@@ -361,6 +362,11 @@ def merge_states(
     A LoRA expert (:class:`AdapterCheckpoint`) is merged as its full weights, exactly as
     ``merge_checkpoints`` merges an adapter directory (lora_mode ``exact``): its start checkpoint
     (``adapter_bases``, default ``base``) plus ``B·A·scaling``, row block by row block.
+
+    ``part=(i, n)``: only the i-th of n runs of consecutive tensors (:func:`split_keys`; the heads
+    with part 0), so that n workers merge one model together. A tensor's merge depends on that tensor
+    alone for methods without a whole-model pass (``prepare``), so the parts, put together, are the
+    whole merge bit for bit; a method with one refuses.
     """
     start = time.perf_counter()
     spec = get_method(method)
@@ -383,6 +389,9 @@ def merge_states(
         else:
             readers[n] = _StateReader(experts[n].body)
     ref, keys = readers["__base__"], list(base.body)
+    if part is not None and spec.prepare is not None and part[1] > 1:
+        raise MergeError(f"{method}: its merge of each tensor needs a pass over the whole model first; it cannot be "
+                         "merged in parts (merge it whole)")
     for n in names:  # the checks check_compatible makes of files, on tensors
         missing = sorted(k for k in keys if k not in readers[n] and ref.dtype(k).is_floating_point)
         bad = next((k for k in keys if k in readers[n] and (readers[n].shape(k), readers[n].dtype(k))
@@ -401,23 +410,35 @@ def merge_states(
         pieces.setdefault(b.key, []).append(merged.to(ref.dtype(b.key)) if merged.is_floating_point() else merged)
 
     body = {}
+    if part is not None:
+        keys = split_keys(keys, [ref.numel(k) for k in keys], part[1])[part[0]]
     for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements):
         parts = pieces.pop(key)
         body[key] = (parts[0] if len(parts) == 1 else torch.cat([t.reshape(-1) for t in parts])).reshape(ref.shape(key))
         report.tensors += 1
     heads: dict[str, tuple[dict[str, torch.Tensor], str]] = {}
-    for n in names:
+    for n in names if part is None or part[0] == 0 else []:
         own = [n] if n in experts[n].heads else list(experts[n].heads)
         for task in own:
             if task in heads:
                 raise MergeError(f"two experts carry a head for task {task!r}; name each expert after its task")
             heads[task] = experts[n].heads[task]
-    if heads_from is not None:
+    if heads_from is not None and (part is None or part[0] == 0):
         heads |= {t: h for t, h in heads_from.heads.items() if t not in heads}
     report.heads = sorted(heads)
     report.lora_mode = "exact" if adapters else None
     report.seconds = time.perf_counter() - start
     return StateCheckpoint(base.files, body, heads, causal_lm=base.causal_lm), report
+
+
+def split_keys(keys: list[str], numels: list[int], parts: int) -> list[list[str]]:
+    """``keys`` cut into ``parts`` runs of consecutive tensors of about equal size (the last may be empty)."""
+    total, out, acc = sum(numels), [[] for _ in range(parts)], 0
+    for key, n in zip(keys, numels, strict=True):
+        # a tensor goes to the part its middle element falls in
+        out[min(parts - 1, int((acc + n / 2) * parts // max(1, total)))].append(key)
+        acc += n
+    return out
 
 
 def _check_lora_args(base: Path, names: list[str], adapters: Mapping[str, LoraAdapter],

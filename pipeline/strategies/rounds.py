@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline import resident
 from pipeline.lineage import TAG_ROUND, TAG_STORE_URI, TAG_TASK, Lineage
-from pipeline.runtime import Resources
+from pipeline.runtime import PartsHandle, Resources
 from pipeline.spec import MergeSpec, TaskSpec, Workflow
 from pipeline.steps import (
     ModelRef,
@@ -312,14 +312,23 @@ class Rounds:
     def _merge_resident(self, base: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
                         merge: MergeSpec, heads_from: ModelRef | None, key: str, durable: bool) -> ModelRef:
         run_id = self._child(f"merge:{merge.method}", "merge", round_run, index, {"mergeflow.method": merge.method})
+        # every worker merges a run of the tensors at once (methods that merge each tensor on its own); the
+        # first also the heads, and writes a checkpointed round whole
+        from operators.merge.registry import get_method
+
+        n = self.pool.size if get_method(merge.method).prepare is None else 1
+        parts = [self.pool.submit(i, resident.merge_part, self.ctx, base, experts, merge, heads_from, (i, n),
+                                  name=f"merge-r{index}-part{i}") for i in range(1, n)]
         fut = self.pool.submit(0, resident.merge_step, self.ctx, base, experts, index, run_id, key, merge, heads_from,
-                               durable, name=f"merge-r{index}")
+                               durable, [p.state for p in parts], name=f"merge-r{index}")
         try:
             ref = self.runtime.result(fut)
+            for p in parts:
+                self.runtime.result(p)
         except BaseException as exc:
             self.lineage.end_run(run_id, ended_status(exc))
             raise
-        ref.state = fut.state
+        ref.state = PartsHandle([fut.state, *(p.state for p in parts)]) if parts else fut.state
         for e in experts.values():  # merged: their weights are read by nothing more (their runs keep their record)
             e.state = None
         self.report(f"round {index}: merged {len(experts)} experts with {merge.method} in memory"
