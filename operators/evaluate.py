@@ -6,6 +6,7 @@ out by the pipeline, which knows both numbers.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,53 @@ def sequence_logprobs(model, rows: list[tuple[list[int], list[int]]], pad_id: in
     return sums
 
 
+@torch.no_grad()
+def choice_logprobs(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, *, max_length: int = 64,
+                    batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
+    """``[i, j]``: the log-likelihood of answer ``j``'s tokens after prompt ``i`` (a batch of prompts once, then
+    each answer against their cached keys and values, rows cut at ``max_length`` tokens as ``encode_lm`` cuts
+    them). The same sums as scoring every (prompt, answer) as one sequence, to float rounding, with the
+    prompts' share of the work done once instead of once per answer.
+
+    Prompts are left-padded, with positions counted from each prompt's first token; each prompt must have
+    at least one token (it predicts the answer's first).
+    """
+    model.eval().to(device)
+    out = torch.zeros(len(prompts), len(answers))
+    for i in range(0, len(prompts), batch_size):
+        chunk = [p[:max_length] for p in prompts[i:i + batch_size]]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, p in enumerate(chunk):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        lengths = mask.sum(-1, keepdim=True)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                      use_cache=True)
+        prompt_cache, last = first.past_key_values, torch.log_softmax(first.logits[:, -1].float(), -1)
+        for j, answer in enumerate(answers):
+            # a copy of the prompts' keys and values for this answer to extend (every cache kind copies; not
+            # every kind can be cut back: sliding-window and linear-attention layers drop what they pass)
+            cache = copy.deepcopy(prompt_cache)
+            # each row keeps the answer tokens that fit in max_length after its prompt
+            keep = [max(0, min(len(answer), max_length - len(p))) for p in chunk]
+            a = torch.tensor(answer, device=device)
+            total = torch.where(torch.tensor(keep, device=device) > 0, last[:, answer[0]], 0.0)
+            if len(answer) > 1 and max(keep) > 1:
+                steps = len(answer) - 1
+                amask = torch.cat([mask, torch.ones((len(chunk), steps), dtype=torch.long, device=device)], -1)
+                pos = lengths + torch.arange(steps, device=device)
+                logits = model(input_ids=a[:-1].expand(len(chunk), -1), attention_mask=amask, position_ids=pos,
+                               past_key_values=cache, use_cache=True).logits.float()
+                logp = torch.log_softmax(logits, -1).gather(-1, a[1:].expand(len(chunk), -1).unsqueeze(-1)).squeeze(-1)
+                counted = torch.arange(1, len(answer), device=device) < torch.tensor(keep, device=device).unsqueeze(-1)
+                total = total + (logp * counted).sum(-1)
+            out[i:i + len(chunk), j] = total.cpu()
+    return out
+
+
 def choice_accuracy(model, tokenizer, split: Split, *, batch_size: int = 64, max_length: int = 64,
                     device: str = "cpu") -> float:
     """Accuracy of choosing the gold answer among the split's distinct answers by likelihood.
@@ -178,11 +226,19 @@ def choice_accuracy(model, tokenizer, split: Split, *, batch_size: int = 64, max
     for answer, text in zip(split.answers, split.texts, strict=True):
         response_of.setdefault(answer, text)
     options = sorted(response_of)
-    prompts = [p for p in split.prompts for _ in options]
-    texts = [response_of[o] for _ in split.prompts for o in options]
-    rows = encode_lm(tokenizer, Split(texts=texts, labels=[], prompts=prompts), max_length)
-    scores = torch.tensor(sequence_logprobs(model, rows, tokenizer.pad_token_id, batch_size=batch_size,
-                                            device=device)).view(len(split.prompts), len(options))
+    prompt_ids = tokenizer(split.prompts)["input_ids"]
+    if all(prompt_ids):  # each prompt once, then every answer after it (the prompt's keys and values kept)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        answer_ids = [ids + eos for ids in tokenizer([response_of[o] for o in options],
+                                                      add_special_tokens=False)["input_ids"]]
+        scores = choice_logprobs(model, prompt_ids, answer_ids, tokenizer.pad_token_id, max_length=max_length,
+                                 batch_size=batch_size, device=device)
+    else:  # a prompt of no tokens: nothing predicts its answer's first token; every pair as one sequence
+        prompts = [p for p in split.prompts for _ in options]
+        texts = [response_of[o] for _ in split.prompts for o in options]
+        rows = encode_lm(tokenizer, Split(texts=texts, labels=[], prompts=prompts), max_length)
+        scores = torch.tensor(sequence_logprobs(model, rows, tokenizer.pad_token_id, batch_size=batch_size,
+                                                device=device)).view(len(split.prompts), len(options))
     chosen = [options[j] for j in scores.argmax(-1).tolist()]
     return sum(c == a for c, a in zip(chosen, split.answers, strict=True)) / max(1, len(split.answers))
 

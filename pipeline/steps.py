@@ -420,8 +420,9 @@ def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, Mod
     return results
 
 
-def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int) -> dict[str, dict[str, float]]:
-    """The baseline of every task: a linear probe (head only, body frozen) of the base model.
+def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
+               tasks: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """The baseline of every task (or of ``tasks``): a linear probe (head only, body frozen) of the base model.
 
     Causal-LM tasks have no head to probe: their baseline is the base model itself, as it is.
     """
@@ -431,7 +432,8 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int) 
     body = local_dir(ctx, base)
     results = {}
     start = time.perf_counter()
-    for task in wf.tasks:
+    for task in [t for t in wf.tasks if tasks is None or t.name in tasks]:
+        task_start = time.perf_counter()
         data = task_data(task)
         if task.type == "causal_lm":
             m = evaluate(body, data, headline=task.headline_metric, max_length=wf.finetune_for(task).max_length,
@@ -442,9 +444,11 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int) 
         lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
                             labels=data.targets(data.eval), source=data.source,
                             digest=data.digest, context="evaluation")
-        lineage.log_metrics(run_id, {f"probe/{task.name}/{k}": v for k, v in m.items() if k != "n"}, step=round_index,
+        lineage.log_metrics(run_id, {**{f"probe/{task.name}/{k}": v for k, v in m.items() if k != "n"},
+                                     f"probe/{task.name}/seconds": time.perf_counter() - task_start}, step=round_index,
                             dataset=(f"{task.name}-eval", data.digest))
-    lineage.log_metrics(run_id, {"probe_seconds": time.perf_counter() - start}, step=round_index)
+    if tasks is None:  # a probe in parts (each worker its tasks) has each task's time only
+        lineage.log_metrics(run_id, {"probe_seconds": time.perf_counter() - start}, step=round_index)
     say(f"[probe] linear probe of the {base.kind} model in {time.perf_counter() - start:.1f}s: "
         + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
     return results

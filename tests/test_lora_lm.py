@@ -142,6 +142,33 @@ def test_lm_metrics_match_a_hand_computation(tiny_llama, tmp_path):
     assert got["choice_accuracy"] == pytest.approx(hits / len(data.eval))
 
 
+@pytest.mark.parametrize("arch,max_length", [("gpt2", 64), ("llama", 13)])
+def test_choice_logprobs_score_each_answer_after_its_cached_prompt_as_one_sequence(arch, max_length, tmp_path):
+    """Each prompt is run once (left-padded, positions from its first token, so GPT-2's absolute positions are
+    right) and every answer is scored against its cached keys and values: the log-likelihood of one
+    unpadded sequence per (prompt, answer), rows cut at max_length tokens as training cuts them."""
+    from transformers import AutoModelForCausalLM
+
+    from operators.evaluate import choice_logprobs
+    from operators.finetune import lm_tokenizer
+
+    base = make_tiny_causal_lm(tmp_path / arch, arch)
+    model, tok = AutoModelForCausalLM.from_pretrained(str(base)).eval(), lm_tokenizer(base)
+    prompts = [tok(p)["input_ids"] for p in ("ab?", "hello there?", "e", "longer prompt words?")]
+    answers = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in (" no", " yes", " maybe")]
+    got = choice_logprobs(model, prompts, answers, tok.pad_token_id, max_length=max_length, batch_size=3)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            for j, a in enumerate(answers):
+                ids = (p + a)[:max_length]
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], -1)
+                want = sum(float(logp[t - 1, ids[t]]) for t in range(len(p), len(ids)))
+                assert float(got[i, j]) == pytest.approx(want, abs=1e-4), (i, j)
+    if max_length == 13:  # the cut cases are there: an answer cut part way, and a prompt that leaves it no room
+        assert any(len(p) < 13 < len(p) + len(a) for p in prompts for a in answers)
+        assert any(len(p) >= 13 for p in prompts) and float(got[3].abs().sum()) == 0.0
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_lora_causal_lm_expert_learns_and_saves_small(arch, tmp_path):
     """Llama, Qwen2 (grouped KV heads) and GPT-2 (Conv1D, fan_in_fan_out) LoRA experts train, shrink the

@@ -448,16 +448,24 @@ class Rounds:
     def submit_probe(self, base: ModelRef, index: int, round_run: str, name: str = "baseline:linear-probe"):
         """Start a linear probe of ``base``'s body (returns a future; collect with ``probe_result``)."""
         run_id = self._child(name, "baseline", round_run, index)
-        if self.resident:  # the resident workers hold every slot: the probe runs on the least loaded one
-            return run_id, self.pool.submit(self.least_loaded(), probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}")
+        if self.resident:  # the resident workers hold every slot: each probes its own tasks, after its experts
+            mine: dict[int, list[str]] = {}
+            for task in self.wf.tasks:
+                mine.setdefault(self.worker_for(task.name), []).append(task.name)
+            return run_id, [self.pool.submit(w, probe_step, self.ctx, base, run_id, index,
+                                             tasks if len(mine) > 1 else None, name=f"probe-r{index}-{w}")
+                            for w, tasks in sorted(mine.items())]
         fut = self.runtime.submit(probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}",
                                   resources=self.eval_resources())
         return run_id, fut
 
     def probe_result(self, handle) -> dict[str, dict[str, float]]:
-        run_id, fut = handle
+        run_id, futs = handle
         try:
-            res = self.runtime.result(fut)
+            res = {}
+            for fut in futs if isinstance(futs, list) else [futs]:
+                res |= self.runtime.result(fut)
+            res = {t.name: res[t.name] for t in self.wf.tasks}
         except BaseException as exc:
             self.lineage.end_run(run_id, ended_status(exc))
             raise
