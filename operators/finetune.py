@@ -14,9 +14,9 @@ kind of expert; what differs is how a batch is built and what is saved:
 Deterministic for a given seed, start weights, data and thread count. The random stream is seeded
 before loading; it draws a fresh head's initialisation, then LoRA's A and dropout masks. A head
 carried over from the start checkpoint, or a causal LM (no head), draws nothing: the stream is seeded
-again once that model is ready, so the throwaway draws of a loader (a missing head initialised, then overwritten) never reach
-training, and a model kept in memory from an earlier round trains bit for bit as one loaded from its
-checkpoint. Knows nothing of Ray or MLflow: progress goes to an optional ``log`` callback, which the pipeline points at MLflow.
+again once that model is ready, so the throwaway draws of a loader (a missing head initialised, then
+overwritten) never reach training, and a model kept in memory from an earlier round trains bit for
+bit as one loaded from its checkpoint. Knows nothing of Ray or MLflow: progress goes to an optional ``log`` callback, which the pipeline points at MLflow.
 """
 
 from __future__ import annotations
