@@ -166,6 +166,17 @@ def sequence_logprobs(model, rows: list[tuple[list[int], list[int]]], pad_id: in
     return sums
 
 
+def left_padded(rows: list[list[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows left-padded to one width (so every row ends at the last column), and their attention mask."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, x in enumerate(rows):
+        ids[j, width - len(x):] = torch.tensor(x)
+        mask[j, width - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
 @torch.no_grad()
 def choice_logprobs(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int, *, max_length: int = 64,
                     batch_size: int = 64, device: str = "cpu") -> torch.Tensor:
@@ -181,13 +192,7 @@ def choice_logprobs(model, prompts: list[list[int]], answers: list[list[int]], p
     out = torch.zeros(len(prompts), len(answers))
     for i in range(0, len(prompts), batch_size):
         chunk = [p[:max_length] for p in prompts[i:i + batch_size]]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = left_padded(chunk, pad_id, device)
         lengths = mask.sum(-1, keepdim=True)
         first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                       use_cache=True)
@@ -252,14 +257,9 @@ def greedy_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 64
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     out: list[str] = []
     for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i:i + batch_size]
-        width = max(len(x) for x in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, x in enumerate(chunk):
-            ids[j, width - len(x):] = torch.tensor(x)
-            mask[j, width - len(x):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+        ids, mask = left_padded(encoded[i:i + batch_size], pad, device)
+        width = ids.shape[1]
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
         for row in gen[:, width:].tolist():
             if eos in row:
