@@ -206,13 +206,15 @@ def choice_logprobs(model, prompts: list[list[int]], answers: list[list[int]], p
             a = torch.tensor(answer, device=device)
             total = torch.where(torch.tensor(keep, device=device) > 0, last[:, answer[0]], 0.0)
             if len(answer) > 1 and max(keep) > 1:
-                steps = len(answer) - 1
+                steps = max(keep) - 1  # the tokens that predict the kept ones (none past the longest row's cut)
                 amask = torch.cat([mask, torch.ones((len(chunk), steps), dtype=torch.long, device=device)], -1)
-                pos = lengths + torch.arange(steps, device=device)
-                logits = model(input_ids=a[:-1].expand(len(chunk), -1), attention_mask=amask, position_ids=pos,
+                # a row whose cut comes earlier is fed past it, uncounted; its positions stay within max_length
+                pos = (lengths + torch.arange(steps, device=device)).clamp(max=max_length - 1)
+                logits = model(input_ids=a[:steps].expand(len(chunk), -1), attention_mask=amask, position_ids=pos,
                                past_key_values=cache, use_cache=True).logits.float()
-                logp = torch.log_softmax(logits, -1).gather(-1, a[1:].expand(len(chunk), -1).unsqueeze(-1)).squeeze(-1)
-                counted = torch.arange(1, len(answer), device=device) < torch.tensor(keep, device=device).unsqueeze(-1)
+                target = a[1:steps + 1].expand(len(chunk), -1).unsqueeze(-1)
+                logp = torch.log_softmax(logits, -1).gather(-1, target).squeeze(-1)
+                counted = torch.arange(1, steps + 1, device=device) < torch.tensor(keep, device=device).unsqueeze(-1)
                 total = total + (logp * counted).sum(-1)
             out[i:i + len(chunk), j] = total.cpu()
     return out

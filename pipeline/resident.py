@@ -160,8 +160,12 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         init = state.files
         model, tokenizer, fresh = _task_model(ctx, task, state, settings.seed)
     fetch_seconds = time.perf_counter() - t0
-    result = finetune(init, data, settings, None, device=ctx.device, torch_threads=ctx.torch_threads, keep_model=True,
-                      model=model, tokenizer=tokenizer, fresh_head=fresh)
+    try:
+        result = finetune(init, data, settings, None, device=ctx.device, torch_threads=ctx.torch_threads,
+                          keep_model=True, model=model, tokenizer=tokenizer, fresh_head=fresh)
+    except BaseException:  # the kept model may be half-trained or still wrapped by peft: build it again next time
+        _MODELS.pop(_kept(_files(ctx), task), None)
+        raise
     lora = settings.mode == "lora"
     t0 = time.perf_counter()
     # a LoRA expert is scored with its adapter applied (peft's forward), not folded into the start weights:
@@ -201,12 +205,17 @@ def _merge(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], merge
            heads_from: ModelRef | None, part: tuple[int, int] | None):
     from operators.merge.engine import merge_states
 
-    # a LoRA expert's full weights are its start's plus its update: the round's start, the merge's base
-    starts = {t: stored_state(ctx, e.adapter_base) for t, e in experts.items()
-              if e.adapter_base is not None and e.adapter_base.key != base.key}
+    # a LoRA expert's full weights are its start's plus its update: the round's start, which is the merge's
+    # base, or (task vectors from the original base) the model whose heads the round keeps, held in memory
+    def start_of(e: ModelRef) -> StateCheckpoint:
+        held = heads_from if heads_from is not None and heads_from.key == e.adapter_base.key else e.adapter_base
+        return stored_state(ctx, held)
+
+    starts = {t: start_of(e) for t, e in experts.items() if e.adapter_base is not None and e.adapter_base.key != base.key}
+    heads = heads_from is not None and (part is None or part[0] == 0)  # the heads travel with the first part
     return merge_states(stored_state(ctx, base), {t: e.state.get() for t, e in experts.items()},
                         merge.method, merge.params, adapter_bases=starts or None, part=part,
-                        heads_from=stored_state(ctx, heads_from) if heads_from is not None else None)
+                        heads_from=stored_state(ctx, heads_from) if heads else None)
 
 
 def merge_part(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], merge: MergeSpec,

@@ -142,7 +142,7 @@ def test_lm_metrics_match_a_hand_computation(tiny_llama, tmp_path):
     assert got["choice_accuracy"] == pytest.approx(hits / len(data.eval))
 
 
-@pytest.mark.parametrize("arch,max_length", [("gpt2", 64), ("llama", 13)])
+@pytest.mark.parametrize("arch,max_length", [("gpt2", 64), ("gpt2", 13), ("llama", 13)])
 def test_choice_logprobs_score_each_answer_after_its_cached_prompt_as_one_sequence(arch, max_length, tmp_path):
     """Each prompt is run once (left-padded, positions from its first token, so GPT-2's absolute positions are
     right) and every answer is scored against its cached keys and values: the log-likelihood of one

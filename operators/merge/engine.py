@@ -432,7 +432,8 @@ def merge_states(
 
 
 def split_keys(keys: list[str], numels: list[int], parts: int) -> list[list[str]]:
-    """``keys`` cut into ``parts`` runs of consecutive tensors of about equal size (the last may be empty)."""
+    """``keys`` cut into ``parts`` runs of consecutive tensors of about equal size; a tensor larger than a part
+    leaves the part it spans empty (any part may be empty, the first too: the heads travel with it all the same)."""
     total, out, acc = sum(numels), [[] for _ in range(parts)], 0
     for key, n in zip(keys, numels, strict=True):
         # a tensor goes to the part its middle element falls in

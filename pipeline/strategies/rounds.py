@@ -450,8 +450,10 @@ class Rounds:
         run_id = self._child(name, "baseline", round_run, index)
         if self.resident:  # the resident workers hold every slot: each probes its own tasks, after its experts
             mine: dict[int, list[str]] = {}
+            spare = iter(range(len(self.wf.tasks)))  # a task no worker keeps yet (ColD Fusion): spread, not placed
             for task in self.wf.tasks:
-                mine.setdefault(self.worker_for(task.name), []).append(task.name)
+                w = self._worker_of.get(task.name)
+                mine.setdefault(w if w is not None else next(spare) % self.pool.size, []).append(task.name)
             return run_id, [self.pool.submit(w, probe_step, self.ctx, base, run_id, index,
                                              tasks if len(mine) > 1 else None, name=f"probe-r{index}-{w}")
                             for w, tasks in sorted(mine.items())]
