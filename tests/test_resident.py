@@ -94,13 +94,12 @@ def test_in_memory_merge_is_the_streaming_merge_bit_for_bit(tiny_base, tiny_expe
 
 
 def test_resident_rounds_give_task_workers_weights(dropout_base, tmp_path):
-    """ATM over 4 rounds, in process, on a model with dropout: task workers; resident workers checkpointing
-    every round; and every 2 rounds. Same final weights, bit for bit. Between checkpoints nothing is
-    written or registered, and every round still has its run, its experts' runs and its merge's run."""
+    """ATM over 4 rounds, in process, on a model with dropout: task workers, and resident workers
+    checkpointing every 2 rounds. Same final weights, bit for bit. Between checkpoints nothing is written
+    or registered, and every round still has its run, its experts' runs and its merge's run. (Resident
+    workers checkpointing every round: the crash test below, against an uninterrupted run.)"""
     _, tasks, _ = _run(tmp_path / "tasks", dropout_base)
-    _, every, _ = _run(tmp_path / "every", dropout_base, workers="resident")
     wf, two, lines = _run(tmp_path / "two", dropout_base, workers="resident", checkpoint_every=2)
-    assert _same(_weights(tasks.final.merged.uri), _weights(every.final.merged.uri))
     assert _same(_weights(tasks.final.merged.uri), _weights(two.final.merged.uri))
     # the scores of checkpointed rounds are those of task workers
     assert [r.index for r in two.rounds] == [1, 3]
@@ -133,11 +132,11 @@ def test_resident_cold_fusion_gives_task_workers_weights(dropout_base, tmp_path)
     """ColD Fusion with one contributor a round (so a task trains a fresh head from a shared model that
     has none for it, and its dropout goes on from where the head's draw left the stream): resident
     workers checkpointing every 2 rounds give task workers' weights."""
-    _, tasks, _ = _run(tmp_path / "tasks", dropout_base, strategy="cold_fusion", contributors=1)
+    _, tasks, _ = _run(tmp_path / "tasks", dropout_base, strategy="cold_fusion", contributors=1, count=3)
     _, two, _ = _run(tmp_path / "two", dropout_base, strategy="cold_fusion", contributors=1, workers="resident",
-                     checkpoint_every=2)
+                     checkpoint_every=2, count=3)
     assert _same(_weights(tasks.final.merged.uri), _weights(two.final.merged.uri))
-    assert [r.index for r in two.rounds] == [1, 3]
+    assert [r.index for r in two.rounds] == [1, 2]
     assert two.final.summary() == tasks.final.summary()
 
 
