@@ -160,27 +160,27 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         init = state.files
         model, tokenizer, fresh = _task_model(ctx, task, state, settings.seed)
     fetch_seconds = time.perf_counter() - t0
-    try:
+    try:  # a failure leaves the kept model half-trained or still wrapped by peft: build it again next time
         result = finetune(init, data, settings, None, device=ctx.device, torch_threads=ctx.torch_threads,
                           keep_model=True, model=model, tokenizer=tokenizer, fresh_head=fresh)
-    except BaseException:  # the kept model may be half-trained or still wrapped by peft: build it again next time
+        lora = settings.mode == "lora"
+        t0 = time.perf_counter()
+        # a LoRA expert is scored with its adapter applied (peft's forward), not folded into the start weights:
+        # the kept model's weights must stay the round's start, bit for bit
+        own = score(result.model, result.tokenizer, data, headline=task.headline_metric,
+                    max_length=settings.max_length, device=ctx.device) if scored else {}
+        result.model.to("cpu")  # kept on the CPU between rounds (scoring moved it to the device)
+        evaluate_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if lora:  # the expert is its adapter (and head); the task model goes back to its start weights
+            expert = AdapterCheckpoint.of_peft_model(result.model, task.name, causal_lm=data.is_lm)
+            net = result.model.unload()
+        else:
+            net = result.model
+            expert = StateCheckpoint.of_model(net, task.name, init, causal_lm=data.is_lm)
+    except BaseException:
         _MODELS.pop(_kept(_files(ctx), task), None)
         raise
-    lora = settings.mode == "lora"
-    t0 = time.perf_counter()
-    # a LoRA expert is scored with its adapter applied (peft's forward), not folded into the start weights:
-    # the kept model's weights must stay the round's start, bit for bit
-    own = score(result.model, result.tokenizer, data, headline=task.headline_metric, max_length=settings.max_length,
-                device=ctx.device) if scored else {}
-    result.model.to("cpu")  # kept on the CPU between rounds (scoring moved it to the device)
-    evaluate_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if lora:  # the expert is its adapter (and head); the task model goes back to its start weights
-        expert = AdapterCheckpoint.of_peft_model(result.model, task.name, causal_lm=data.is_lm)
-        net = result.model.unload()
-    else:
-        net = result.model
-        expert = StateCheckpoint.of_model(net, task.name, init, causal_lm=data.is_lm)
     _MODELS[_kept(_files(ctx), task)] = (net, result.tokenizer)  # kept for the next round
     copy_seconds = time.perf_counter() - t0
     metrics = train_metrics(result)
