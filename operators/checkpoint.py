@@ -394,8 +394,8 @@ class StateCheckpoint:
     def __reduce__(self):
         # pickled (into Ray's object store) as numpy arrays: they travel as out-of-band buffers, so a reader on
         # the same node maps them instead of copying (torch tensors would be copied on every read)
-        return (_state_from_arrays, (str(self.files), _to_arrays(self.body),
-                                     {t: (_to_arrays(h), cfg) for t, (h, cfg) in self.heads.items()}, self.causal_lm))
+        return (_state_from_arrays, (str(self.files), _to_arrays(self.body), _heads_to_arrays(self.heads),
+                                     self.causal_lm))
 
     @classmethod
     def of_model(cls, model: torch.nn.Module, task: str, files: str | Path, causal_lm: bool = False) -> StateCheckpoint:
@@ -404,8 +404,7 @@ class StateCheckpoint:
         if causal_lm:
             return cls(Path(files), _saved_tensors(model), {}, causal_lm=True)
         body = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.base_model.state_dict().items()}
-        head = {k: v.to("cpu") for k, v in head_state_dict(model).items()}
-        return cls(Path(files), body, {task: (head, model.config.to_json_string())})
+        return cls(Path(files), body, {task: _head_of(model)})
 
     def load_into(self, model: torch.nn.Module, task: str) -> None:
         """Put this checkpoint's body and ``task``'s head into ``model`` (built for that task)."""
@@ -499,8 +498,7 @@ class AdapterCheckpoint:
     heads: dict[str, tuple[dict[str, torch.Tensor], str]] = field(default_factory=dict)
 
     def __reduce__(self):
-        return (_adapter_from_arrays, (self.config, _to_arrays(self.tensors),
-                                       {t: (_to_arrays(h), cfg) for t, (h, cfg) in self.heads.items()}))
+        return (_adapter_from_arrays, (self.config, _to_arrays(self.tensors), _heads_to_arrays(self.heads)))
 
     @classmethod
     def of_peft_model(cls, peft_model, task: str, causal_lm: bool) -> AdapterCheckpoint:
@@ -509,11 +507,7 @@ class AdapterCheckpoint:
 
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
         config = json.loads(json.dumps(peft_model.peft_config["default"].to_dict(), default=sorted))  # as saved
-        heads = {}
-        if not causal_lm:
-            model = peft_model.get_base_model()
-            heads[task] = ({k: v.to("cpu") for k, v in head_state_dict(model).items()}, model.config.to_json_string())
-        return cls(config, tensors, heads)
+        return cls(config, tensors, {} if causal_lm else {task: _head_of(peft_model.get_base_model())})
 
     def lora(self, name: str):
         """The validated :class:`~operators.merge.lora.LoraAdapter` (``name`` stands for its directory in messages)."""
@@ -550,11 +544,23 @@ def _from_arrays(arrays: dict[str, tuple[Any, str]]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _head_of(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """A task model's head on the CPU, and its task-model config (JSON text, as ``save_head`` writes it)."""
+    return {k: v.to("cpu") for k, v in head_state_dict(model).items()}, model.config.to_json_string()
+
+
+def _heads_to_arrays(heads: dict) -> dict:
+    return {t: (_to_arrays(h), cfg) for t, (h, cfg) in heads.items()}
+
+
+def _heads_from_arrays(heads: dict) -> dict:
+    return {t: (_from_arrays(h), cfg) for t, (h, cfg) in heads.items()}
+
+
 def _state_from_arrays(files: str, body: dict, heads: dict, causal_lm: bool = False) -> StateCheckpoint:
-    return StateCheckpoint(Path(files), _from_arrays(body), {t: (_from_arrays(h), cfg) for t, (h, cfg) in heads.items()},
-                           causal_lm)
+    return StateCheckpoint(Path(files), _from_arrays(body), _heads_from_arrays(heads), causal_lm)
 
 
 def _adapter_from_arrays(config: dict, tensors: dict, heads: dict) -> AdapterCheckpoint:
-    return AdapterCheckpoint(config, _from_arrays(tensors), {t: (_from_arrays(h), cfg) for t, (h, cfg) in heads.items()})
+    return AdapterCheckpoint(config, _from_arrays(tensors), _heads_from_arrays(heads))
 
