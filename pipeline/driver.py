@@ -7,10 +7,12 @@ created here, in the driver, before any worker logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from pipeline.spec import Workflow
 from pipeline.steps import StepContext, base_ref, task_data
 from pipeline.store import CheckpointStore
 from pipeline.strategies import STRATEGY_RUNNERS
-from pipeline.strategies.rounds import RoundResult, Rounds, ended_status
+from pipeline.strategies.rounds import RoundResult, Rounds, ended_status, prestart
 
 RUN_LEASE = "run-lease.json"  # <store>/<workflow>/run-lease.json: the driver running that workflow now
 RUN_LEASE_TTL_S = 600.0  # a holder that stops renewing (every TTL/4) is presumed dead after this
@@ -165,7 +167,59 @@ def run_workflow(
 def _run_held(wf: Workflow, lease: Lease, store: CheckpointStore, start: float, address: str | None,
               num_cpus: int | None, spec_text: str | None, report: Callable[[str], None],
               parent_run_id: str | None) -> WorkflowResult:
-    """``run_workflow`` once its lease is held."""
+    """``run_workflow`` once its lease is held.
+
+    Ray starts (seconds for a local cluster: its processes, then the workers' imports) while the driver
+    opens its MLflow run in a thread (seconds too: the database, the spec's params): neither waits for
+    the other. A runtime that fails to start is recorded on the workflow's run like any other failure.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="mergeflow-tracking") as tracking, contextlib.ExitStack() as stack:
+        opening = tracking.submit(_open_workflow_run, wf, lease, spec_text, report, parent_run_id)
+        try:
+            runtime = stack.enter_context(make_runtime(address, num_cpus=num_cpus))
+            workers = prestart(runtime, wf)
+            failed_to_start = None
+        except BaseException as exc:  # (recorded once the run exists)
+            failed_to_start = exc
+        lineage, run_id = opening.result()
+        ctx = StepContext(wf, wf.tracking.uri, lineage.experiment_id, run_id, wf.base_model)
+        try:
+            if failed_to_start is not None:
+                raise failed_to_start
+            rounds = Rounds(ctx, runtime, lineage, store, report, pool=workers)
+            try:
+                results = STRATEGY_RUNNERS[wf.strategy](rounds, base_ref(wf))
+            finally:
+                rounds.close()  # resident workers give their slots back
+        except BaseException as exc:
+            status = ended_status(exc)
+            try:  # every run of this attempt still open ends with it: a stopped job leaves none RUNNING
+                lineage.set_tags(run_id, {"mergeflow.error": f"{type(exc).__name__}: {exc}"[:4000]})
+                lineage.end_attempt(run_id, status, {"mergeflow.ended_because": f"the workflow ended {status}: "
+                                                     f"{type(exc).__name__}"})
+            except Exception:  # the tracking server is gone too: at least try the workflow run; the next run of
+                try:           # this workflow closes whatever stays RUNNING (its driver, this process, is gone)
+                    lineage.end_run(run_id, status)
+                except Exception:
+                    report(f"workflow {wf.name!r}: could not close MLflow run {run_id} (the tracking server is away); "
+                           "the next run of this workflow closes it")
+            raise
+    result = WorkflowResult(wf.name, run_id, lineage.experiment_id, wf.tracking.uri, results, time.perf_counter() - start,
+                            wf.registered_model_name)
+    summary = result.summary()
+    lineage.log_dict(run_id, {"summary": summary, "rounds": [_round_record(r) for r in results]}, "results.json")
+    lineage.log_text(run_id, summary_markdown(summary), "results.md")
+    # the driver's own time in MLflow calls (runs, rounds, registry): bookkeeping on the rounds' critical path
+    lineage.log_metrics(run_id, {"wall_seconds": result.seconds, "driver_mlflow_seconds": lineage.busy_seconds})
+    result.alias_version = lineage.alias_version(wf.registered_model_name, wf.tracking.alias)
+    _log_lineage_graph(lineage, run_id, wf, results, report)
+    lineage.end_run(run_id)
+    return result
+
+
+def _open_workflow_run(wf: Workflow, lease: Lease, spec_text: str | None, report: Callable[[str], None],
+                       parent_run_id: str | None) -> tuple[Lineage, str]:
+    """The workflow's MLflow run, with its spec; the runs of a killed earlier driver closed."""
     lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location,
                            wf.tracking.retry_seconds)
     run_id = lineage.start_run(wf.name, kind="workflow", parent=parent_run_id, tags={TAG_SPEC_HASH: wf.spec_hash(),
@@ -180,38 +234,7 @@ def _run_held(wf: Workflow, lease: Lease, store: CheckpointStore, start: float, 
     lineage.log_dict(run_id, wf.model_dump(mode="json"), "workflow.json")
     if spec_text:
         lineage.log_text(run_id, spec_text, "workflow.yaml")
-    ctx = StepContext(wf, wf.tracking.uri, lineage.experiment_id, run_id, wf.base_model)
-    try:
-        with make_runtime(address, num_cpus=num_cpus) as runtime:
-            rounds = Rounds(ctx, runtime, lineage, store, report)
-            try:
-                results = STRATEGY_RUNNERS[wf.strategy](rounds, base_ref(wf))
-            finally:
-                rounds.close()  # resident workers give their slots back
-    except BaseException as exc:
-        status = ended_status(exc)
-        try:  # every run of this attempt still open ends with it: a stopped job leaves none RUNNING
-            lineage.set_tags(run_id, {"mergeflow.error": f"{type(exc).__name__}: {exc}"[:4000]})
-            lineage.end_attempt(run_id, status, {"mergeflow.ended_because": f"the workflow ended {status}: "
-                                                 f"{type(exc).__name__}"})
-        except Exception:  # the tracking server is gone too: at least try the workflow run; the next run of
-            try:           # this workflow closes whatever stays RUNNING (its driver, this process, is gone)
-                lineage.end_run(run_id, status)
-            except Exception:
-                report(f"workflow {wf.name!r}: could not close MLflow run {run_id} (the tracking server is away); "
-                       "the next run of this workflow closes it")
-        raise
-    result = WorkflowResult(wf.name, run_id, lineage.experiment_id, wf.tracking.uri, results, time.perf_counter() - start,
-                            wf.registered_model_name)
-    summary = result.summary()
-    lineage.log_dict(run_id, {"summary": summary, "rounds": [_round_record(r) for r in results]}, "results.json")
-    lineage.log_text(run_id, summary_markdown(summary), "results.md")
-    # the driver's own time in MLflow calls (runs, rounds, registry): bookkeeping on the rounds' critical path
-    lineage.log_metrics(run_id, {"wall_seconds": result.seconds, "driver_mlflow_seconds": lineage.busy_seconds})
-    result.alias_version = lineage.alias_version(wf.registered_model_name, wf.tracking.alias)
-    _log_lineage_graph(lineage, run_id, wf, results, report)
-    lineage.end_run(run_id)
-    return result
+    return lineage, run_id
 
 
 def graph_data(wf: Workflow, results: list[RoundResult]) -> GraphData:

@@ -147,6 +147,19 @@ class InProcessPool:
         pass
 
 
+def import_step_libraries() -> None:
+    """Every worker's setup hook (``worker_process_setup_hook``): import what every step imports first (torch,
+    transformers, MLflow; seconds) as the worker process starts, so the workers Ray starts with the
+    cluster do it while the driver sets up, not in the first steps. A failure is left to the step that
+    imports the same module, which reports it; here it would only stop the worker from starting."""
+    try:
+        import operators.evaluate  # noqa: F401
+        import operators.finetune  # noqa: F401
+        import pipeline.steps  # noqa: F401
+    except Exception:
+        pass
+
+
 class _Resident:
     """A resident worker (a Ray actor): runs steps in one long-lived process, whose module-level caches
     (models, tokenizers, tokenized data) outlive each step."""
@@ -227,7 +240,8 @@ class RayRuntime:
 
         if ray.is_initialized():
             return self
-        runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV)}
+        runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV),
+                                       "worker_process_setup_hook": f"{__name__}.import_step_libraries"}
         if self.working_dir:
             runtime_env["working_dir"] = self.working_dir
         kwargs: dict[str, Any] = {

@@ -116,22 +116,39 @@ class PendingEvaluation:
     jobs: dict[str, Any] = field(default_factory=dict)  # model → its evaluation step
 
 
+def step_resources(wf: Workflow) -> Resources:
+    """What each fine-tuning (and scoring) step asks of the cluster."""
+    r = wf.resources
+    return Resources(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=r.max_retries)
+
+
+def uses_resident_workers(wf: Workflow) -> bool:
+    return wf.strategy != "oneshot" and wf.rounds.workers == "resident"
+
+
+def prestart(runtime: Any, wf: Workflow) -> Any:
+    """Resident workers: start the pool while the driver is still setting up (its MLflow run), so that
+    each worker's process starts and imports the steps' libraries meanwhile; returned for ``Rounds``
+    (None for task workers: Ray starts their processes with the cluster, and they import as they start)."""
+    return runtime.resident_pool(len(wf.tasks), step_resources(wf)) if uses_resident_workers(wf) else None
+
+
 class Rounds:
     """Submit the steps of a round and record them; shared by every strategy."""
 
-    def __init__(self, ctx: StepContext, runtime: Any, lineage: Lineage, store: CheckpointStore, report: Reporter):
+    def __init__(self, ctx: StepContext, runtime: Any, lineage: Lineage, store: CheckpointStore, report: Reporter,
+                 pool: Any = None):
         self.ctx = ctx
         self.wf: Workflow = ctx.workflow
         self.runtime = runtime
         self.lineage = lineage
         self.store = store
         self.report = report
-        r = self.wf.resources
-        self.resources = Resources(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=r.max_retries)
+        self.resources = step_resources(self.wf)
         # resident workers (rounds.workers: resident): one long-lived worker per slot keeps each of its tasks'
-        # model across rounds; made on first use, given back by close()
-        self.resident = self.wf.strategy != "oneshot" and self.wf.rounds.workers == "resident"
-        self._pool = None
+        # model across rounds; made on first use (or by ``prestart``: ``pool``), given back by close()
+        self.resident = uses_resident_workers(self.wf)
+        self._pool = pool
         self._worker_of: dict[str, int] = {}  # task → the worker that trains it, every round (its model stays there)
         self._load: list[float] = []
 
@@ -140,6 +157,7 @@ class Rounds:
     def pool(self):
         if self._pool is None:
             self._pool = self.runtime.resident_pool(len(self.wf.tasks), self.resources)
+        if not self._load:
             self._load = [0.0] * self._pool.size
             self.report(f"{self._pool.size} resident worker(s) started; each keeps its tasks' models across rounds")
         return self._pool
