@@ -68,7 +68,6 @@ class ModelRef:
     artifact_location: str | None = None
     adapter_base: ModelRef | None = None  # a LoRA adapter's full start checkpoint (None: a full checkpoint)
     state: Any = field(default=None, repr=False, compare=False)  # resident rounds: its weights in memory (StateHandle)
-    baseline: dict[str, float] | None = None  # an expert's task's baseline on its start, when its step measured it
 
     def record(self) -> dict[str, str | None]:
         """How provenance names this checkpoint (enough to find it again in the store)."""
@@ -193,13 +192,11 @@ def _ref_from_record(rec: dict | None) -> ModelRef | None:
 # --- steps ----------------------------------------------------------------------------------------
 
 def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index: int, run_id: str, key: str,
-                  settings: FinetuneSpec | None = None, part: str = "all", probe_run: str | None = None) -> ModelRef:
+                  settings: FinetuneSpec | None = None, part: str = "all") -> ModelRef:
     """Fine-tune one expert from ``start`` and publish it; logs into ``run_id``.
 
     ``settings`` default to the task's full budget (one-shot); iterated strategies pass a round's.
-    ``part`` picks the training rows (see :func:`task_data`). ``probe_run``: also measure this task's
-    baseline on ``start`` (:func:`probe_task`), logged to that run, before training: where the start
-    and the data already are, and in the expert's slot rather than a step that waits for one.
+    ``part`` picks the training rows (see :func:`task_data`).
     """
     from operators.evaluate import evaluate, score
     from operators.finetune import finetune, total_steps
@@ -240,11 +237,6 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         t0 = time.perf_counter()
         start_dir = local_dir(ctx, start)
         fetch_seconds = time.perf_counter() - t0
-        baseline, probe_seconds = None, 0.0
-        if probe_run:  # (its MLflow calls count as logging, as every other step's)
-            logged = lineage.busy_seconds
-            baseline = probe_task(ctx, start_dir, task, probe_run, round_index)
-            probe_seconds = time.perf_counter() - t0 - fetch_seconds - (lineage.busy_seconds - logged)
         result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads,
                           keep_model=True)
         t0 = time.perf_counter()
@@ -255,7 +247,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         else:  # a LoRA expert: as every later reader loads it (adapter folded into its base)
             own = evaluate(ckpt, data, adapter_base=start_dir if lora else None, headline=task.headline_metric,
                            max_length=settings.max_length, device=ctx.device)
-        evaluate_seconds = time.perf_counter() - t0 + probe_seconds
+        evaluate_seconds = time.perf_counter() - t0
         metrics = train_metrics(result)
         lineage.log_metrics(run_id, metrics, step=round_index)
         # its own task's scores, measured here where the model already is (iterated strategies use them
@@ -294,7 +286,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
                     metrics={**metrics, **own_eval, "own_accuracy": own["accuracy"], "step_seconds": step_seconds,
                              **phases},
                     artifact_location=location,
-                    adapter_base=start if lora else None, baseline=baseline)
+                    adapter_base=start if lora else None)
 
 
 def train_metrics(result) -> dict[str, float]:
@@ -434,36 +426,32 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
 
     Causal-LM tasks have no head to probe: their baseline is the base model itself, as it is.
     """
-    body = local_dir(ctx, base)
-    start = time.perf_counter()
-    results = {task.name: probe_task(ctx, body, task, run_id, round_index)
-               for task in ctx.workflow.tasks if tasks is None or task.name in tasks}
-    if tasks is None:  # a probe in parts (each worker its tasks) has each task's time only
-        ctx.lineage().log_metrics(run_id, {"probe_seconds": time.perf_counter() - start}, step=round_index)
-    say(f"[probe] linear probe of the {base.kind} model in {time.perf_counter() - start:.1f}s: "
-        + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
-    return results
-
-
-def probe_task(ctx: StepContext, body: Path, task: TaskSpec, run_id: str, round_index: int) -> dict[str, float]:
-    """One task's baseline (see :func:`probe_step`) of the model in ``body``, logged to ``run_id``."""
     from operators.evaluate import evaluate, linear_probe
 
     wf, lineage = ctx.workflow, ctx.lineage()
-    task_start = time.perf_counter()
-    data = task_data(task)
-    if task.type == "causal_lm":
-        m = evaluate(body, data, headline=task.headline_metric, max_length=wf.finetune_for(task).max_length,
-                     device=ctx.device)
-    else:
-        m = linear_probe(body, data, max_length=wf.finetune.max_length, seed=wf.finetune.seed, device=ctx.device)
-    lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
-                        labels=data.targets(data.eval), source=data.source,
-                        digest=data.digest, context="evaluation")
-    lineage.log_metrics(run_id, {**{f"probe/{task.name}/{k}": v for k, v in m.items() if k != "n"},
-                                 f"probe/{task.name}/seconds": time.perf_counter() - task_start}, step=round_index,
-                        dataset=(f"{task.name}-eval", data.digest))
-    return m
+    body = local_dir(ctx, base)
+    results = {}
+    start = time.perf_counter()
+    for task in [t for t in wf.tasks if tasks is None or t.name in tasks]:
+        task_start = time.perf_counter()
+        data = task_data(task)
+        if task.type == "causal_lm":
+            m = evaluate(body, data, headline=task.headline_metric, max_length=wf.finetune_for(task).max_length,
+                         device=ctx.device)
+        else:
+            m = linear_probe(body, data, max_length=wf.finetune.max_length, seed=wf.finetune.seed, device=ctx.device)
+        results[task.name] = m
+        lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
+                            labels=data.targets(data.eval), source=data.source,
+                            digest=data.digest, context="evaluation")
+        lineage.log_metrics(run_id, {**{f"probe/{task.name}/{k}": v for k, v in m.items() if k != "n"},
+                                     f"probe/{task.name}/seconds": time.perf_counter() - task_start}, step=round_index,
+                            dataset=(f"{task.name}-eval", data.digest))
+    if tasks is None:  # a probe in parts (each worker its tasks) has each task's time only
+        lineage.log_metrics(run_id, {"probe_seconds": time.perf_counter() - start}, step=round_index)
+    say(f"[probe] linear probe of the {base.kind} model in {time.perf_counter() - start:.1f}s: "
+        + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
+    return results
 
 
 def base_ref(ctx_workflow: Workflow) -> ModelRef:

@@ -131,41 +131,6 @@ def test_cold_fusion_never_averages_heads(tiny_base, tmp_path):
     assert set(summary["mean"]) >= {"base_probe", "merged", "merged_probe", "normalized"}
 
 
-def test_each_expert_step_probes_its_own_task_and_a_probe_step_only_what_no_expert_ran(tiny_base, tmp_path,
-                                                                                       monkeypatch):
-    """The base's baseline is measured inside each expert's step (where the start and the data are): the
-    same numbers as a linear probe run by hand, logged per task to the baseline run; a separate probe step
-    runs only for tasks whose expert was reused from the store."""
-    import pipeline.strategies.rounds as rounds_mod
-    from operators.evaluate import linear_probe
-
-    probed: list[list[str] | None] = []
-    real = rounds_mod.probe_step
-
-    def counting(ctx, base, run_id, index, tasks=None):
-        probed.append(tasks)
-        return real(ctx, base, run_id, index, tasks)
-
-    monkeypatch.setattr(rounds_mod, "probe_step", counting)
-    wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base))
-    by_hand = {t.name: linear_probe(tiny_base, load_task_data(t.name, t.dataset, t.label_names),
-                                    max_length=wf.finetune.max_length, seed=wf.finetune.seed) for t in wf.tasks}
-    first = run(wf).final
-    assert probed == [] and first.baseline == by_hand
-    client = MlflowClient(wf.tracking.uri)
-    exp = client.get_experiment_by_name(wf.experiment_name)
-    (baseline_run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'baseline:linear-probe'")
-    assert baseline_run.info.status == "FINISHED"
-    for task, m in by_hand.items():
-        assert baseline_run.data.metrics[f"probe/{task}/accuracy"] == pytest.approx(m["accuracy"])
-        assert baseline_run.data.metrics[f"probe/{task}/seconds"] > 0
-    # one task's expert again (the other's budget changed): the reused expert's task gets a probe step
-    spec = tiny_workflow_dict(tmp_path, tiny_base, seed_mlflow=False)
-    spec["tasks"][1]["finetune"] = {"max_steps": 4}
-    assert run(parse_workflow(spec)).final.baseline == by_hand
-    assert probed == [["vowel"]]
-
-
 def test_resume_after_round_two_gives_the_uninterrupted_weights(tiny_base, tmp_path, monkeypatch):
     import pipeline.strategies.rounds as rounds_mod
 

@@ -42,8 +42,8 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     first, part = 0, "fit" if wf.held_out_fraction else "all"
     if spec.start == "oneshot_merge":  # ATM on validation data: round 0 is the one-shot merge
         round_run = rounds.start_round(0)
-        pending = rounds.submit_experts(base, wf.tasks, 0, round_run, part="fit", probe=True)
-        probe = rounds.submit_probe(base, 0, round_run, along=pending)  # each expert's step probes its task
+        pending = rounds.submit_experts(base, wf.tasks, 0, round_run, part="fit")
+        probe = rounds.submit_probe(base, 0, round_run)  # after the experts: they go first
         experts = rounds.collect_experts(pending)
         merged = rounds.merge(base, experts, 0, round_run)
         merged_eval, expert_evals = rounds.evaluate(merged, experts, 0, round_run, cross_task=False)
@@ -96,12 +96,10 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     for k in range(first_to_run, last + 1):
         scored = rounds.durable(k, last)  # resident workers: only checkpointed rounds are written and scored
         round_run = rounds.start_round(k)
-        probing = probe_pending and scored
-        pending = rounds.submit_experts(current, wf.tasks, k, round_run, per_round=True, part=part, scored=scored,
-                                        probe=probing and current is base)  # (its step probes each expert's task)
+        pending = rounds.submit_experts(current, wf.tasks, k, round_run, per_round=True, part=part, scored=scored)
         probe = None
-        if probing:  # (a step of its own: after the experts, they go first)
-            probe, probe_pending = rounds.submit_probe(base, k, round_run, along=pending), False
+        if probe_pending and scored:  # after the experts: they go first
+            probe, probe_pending = rounds.submit_probe(base, k, round_run), False
         if scoring is not None:
             scoring()
             scoring = None

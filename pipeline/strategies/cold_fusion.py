@@ -76,13 +76,11 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
         contributors = sample_contributors(wf.tasks, k, spec.contributors, spec.contributor_seed, spec.weight_by_size)
         rounds.report(f"round {k}: contributors {', '.join(t.name for t in contributors)}")
         # every expert is scored (a later round's non-contributors are normalised by their latest expert)
-        first_scored = not results and scoring is None and scored
         pending = rounds.submit_experts(shared, contributors, k, round_run, per_round=True,
-                                        part="fit" if wf.held_out_fraction else "all",  # AdaMerging learns on the rest
-                                        probe=first_scored and shared is base)  # (its step probes each expert's task)
+                                        part="fit" if wf.held_out_fraction else "all")  # AdaMerging learns on the rest
         base_probe = None
-        if first_scored:  # a step of its own probes the rest: after the experts, they go first
-            base_probe = rounds.submit_probe(base, k, round_run, along=pending)
+        if not results and scoring is None and scored:  # the first scored round; after the experts: they go first
+            base_probe = rounds.submit_probe(base, k, round_run)
         if scoring is not None:
             scoring()
             scoring = None

@@ -15,9 +15,8 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     round_run = rounds.start_round(0)
     # a searched merge parameter (or AdaMerging's coefficients) is chosen on a slice held out of each train
     # split: experts train on the rest
-    pending = rounds.submit_experts(base, wf.tasks, 0, round_run, part="fit" if wf.merge.needs_validation else "all",
-                                    probe=True)
-    probe = rounds.submit_probe(base, 0, round_run, along=pending)  # each expert's step probes its task
+    pending = rounds.submit_experts(base, wf.tasks, 0, round_run, part="fit" if wf.merge.needs_validation else "all")
+    probe = rounds.submit_probe(base, 0, round_run)  # the baseline fills a slot once the experts have theirs
     experts = rounds.collect_experts(pending)
     merged = rounds.merge(base, experts, 0, round_run)
     merged_eval, expert_evals = rounds.evaluate(merged, experts, 0, round_run)

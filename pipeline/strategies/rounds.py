@@ -99,9 +99,6 @@ class PendingExperts:
     experts: dict[str, ModelRef] = field(default_factory=dict)
     run_ids: dict[str, str] = field(default_factory=dict)
     futures: list = field(default_factory=list)
-    start_key: str = ""
-    probe_run: str | None = None  # the baseline's run, when the experts' steps also probe their start
-    probing: set[str] = field(default_factory=set)  # the tasks whose expert step probes it
 
 
 @dataclass
@@ -240,18 +237,14 @@ class Rounds:
         return settings, expert_key(start, task, settings, data.digest), cost
 
     def submit_experts(self, start: ModelRef, tasks: list[TaskSpec], index: int, round_run: str,
-                       per_round: bool = False, part: str = "all", scored: bool = True,
-                       probe: bool = False) -> PendingExperts:
+                       per_round: bool = False, part: str = "all", scored: bool = True) -> PendingExperts:
         """Start fine-tuning (as :meth:`finetune`) without waiting; collect with :meth:`collect_experts`.
 
         Experts are submitted longest first (by tokens to train: steps × batch × length), so the
         slots are packed like LPT scheduling and the longest expert never starts last, alone.
         With resident workers a round's experts stay in memory (``scored``: scored where they are trained).
-        ``probe``: each expert's step also measures its task's baseline on ``start`` (then pass the
-        pending experts to :meth:`submit_probe` as ``along``): a separate probe step would take a slot of
-        its own, wherever Ray's scheduler fits it, often after the experts and not alongside them.
         """
-        pending = PendingExperts(index, round_run, start_key=start.key)
+        pending = PendingExperts(index, round_run)
         if self.resident and per_round:
             plans = sorted(((task, *self.expert_plan(start, task, index, per_round, part)) for task in tasks),
                            key=lambda t: -t[3])  # stable: ties keep spec order
@@ -271,15 +264,12 @@ class Rounds:
                 self.report(f"round {index}: expert {task.name!r} already in the store, reused ({self.store.uri(path)})")
                 continue
             todo.append((cost, task, settings, key, path))
-        if probe and todo:
-            pending.probe_run = self._child("baseline:linear-probe", "baseline", round_run, index)
-            pending.probing = {task.name for _cost, task, *_ in todo}
         for _cost, task, settings, key, path in sorted(todo, key=lambda t: -t[0]):  # stable: ties keep spec order
             run_id = self._child(f"expert:{task.name}", "expert", round_run, index,
                                  {TAG_TASK: task.name, TAG_STORE_URI: self.store.uri(path)})
             pending.run_ids[task.name] = run_id
             pending.futures.append(self.runtime.submit(
-                finetune_step, self.ctx, task, start, index, run_id, key, settings, part, pending.probe_run,
+                finetune_step, self.ctx, task, start, index, run_id, key, settings, part,
                 name=f"finetune-{task.name}-r{index}", resources=self.resources))
         return pending
 
@@ -473,18 +463,8 @@ class Rounds:
         return Resources(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
                          max_retries=self.resources.max_retries)
 
-    def submit_probe(self, base: ModelRef, index: int, round_run: str, name: str = "baseline:linear-probe",
-                     along: PendingExperts | None = None):
-        """Start a linear probe of ``base``'s body (returns a handle; collect with ``probe_result``).
-
-        ``along``: experts submitted with ``probe=True`` from ``base``: their steps probe their tasks; a
-        probe step runs only for the tasks none of them does (experts reused from the store).
-        """
-        if along is not None and along.probe_run and along.start_key == base.key:
-            rest = [t.name for t in self.wf.tasks if t.name not in along.probing]
-            futs = [self.runtime.submit(probe_step, self.ctx, base, along.probe_run, index, rest,
-                                        name=f"probe-r{index}", resources=self.eval_resources())] if rest else []
-            return along.probe_run, futs, along
+    def submit_probe(self, base: ModelRef, index: int, round_run: str, name: str = "baseline:linear-probe"):
+        """Start a linear probe of ``base``'s body (returns a future; collect with ``probe_result``)."""
         run_id = self._child(name, "baseline", round_run, index)
         if self.resident:  # the resident workers hold every slot: each probes its own tasks, after its experts
             mine: dict[int, list[str]] = {}
@@ -500,13 +480,11 @@ class Rounds:
         return run_id, fut
 
     def probe_result(self, handle) -> dict[str, dict[str, float]]:
-        run_id, futs, *along = handle
+        run_id, futs = handle
         try:
             res = {}
             for fut in futs if isinstance(futs, list) else [futs]:
                 res |= self.runtime.result(fut)
-            for pending in along:  # the experts' steps probed their tasks (collected by then)
-                res |= {t: e.baseline for t, e in pending.experts.items() if t in pending.probing}
             res = {t.name: res[t.name] for t in self.wf.tasks}
         except BaseException as exc:
             self.lineage.end_run(run_id, ended_status(exc))
