@@ -120,6 +120,7 @@ def step_resources(wf: Workflow) -> Resources:
 
 
 def uses_resident_workers(wf: Workflow) -> bool:
+    """Whether ``wf``'s rounds run on resident workers (``rounds.workers: resident``)."""
     return wf.strategy != "oneshot" and wf.rounds.workers == "resident"
 
 
