@@ -460,9 +460,8 @@ class Rounds:
         return merged_eval, {name: {t: s[t] for t in pending.experts if t in s} for name, s in scores.items()}
 
     def eval_resources(self) -> Resources:
-        """What an evaluation step asks of the cluster: the workflow's resources per step."""
-        return Resources(num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
-                         max_retries=self.resources.max_retries)
+        """What an evaluation step asks of the cluster: the workflow's resources per step, as a fine-tune."""
+        return self.resources
 
     def submit_probe(self, base: ModelRef, index: int, round_run: str, name: str = "baseline:linear-probe"):
         """Start a linear probe of ``base``'s body (returns a future; collect with ``probe_result``)."""
