@@ -127,3 +127,29 @@ def test_publishing_twice_keeps_the_first(tmp_path):
     first = (Path(path) / "weights.bin").read_bytes()
     store.publish(_ckpt(tmp_path, "b"), path)
     assert (Path(path) / "weights.bin").read_bytes() == first
+
+
+def test_a_baseline_is_reused_only_for_the_same_model_data_and_settings(tiny_base, tmp_path):
+    """A linear probe's record is found by its content key: anything that changes its numbers changes the key."""
+    import dataclasses
+
+    from pipeline.spec import parse_workflow
+    from pipeline.steps import ModelRef, probe_key
+    from tests.helpers import tiny_workflow_dict
+
+    spec = tiny_workflow_dict(tmp_path, tiny_base)
+    wf = parse_workflow(spec)
+    task = wf.tasks[0]
+    ref = ModelRef("base", "base", "", str(tiny_base), "k1")
+    key = probe_key(ref, task, "digest", wf, "cpu")
+    assert probe_key(ref, task, "digest", parse_workflow(spec), "cpu") == key  # the same: found again
+    assert probe_key(ref, task, "digest", wf, "cuda:0") == probe_key(ref, task, "digest", wf, "cuda:1")
+    changed = {
+        "another model": probe_key(dataclasses.replace(ref, key="k2"), task, "digest", wf, "cpu"),
+        "other rows": probe_key(ref, task, "other", wf, "cpu"),
+        "labels in another order": probe_key(ref, task.model_copy(update={"labels": task.labels[::-1]}), "digest", wf, "cpu"),
+        "another seed": probe_key(ref, task, "digest", parse_workflow({**spec, "finetune": {**spec["finetune"], "seed": 1}}), "cpu"),
+        "longer rows": probe_key(ref, task, "digest", parse_workflow({**spec, "finetune": {**spec["finetune"], "max_length": 16}}), "cpu"),
+        "a GPU": probe_key(ref, task, "digest", wf, "cuda:0"),
+    }
+    assert key not in changed.values() and len(set(changed.values())) == len(changed), changed

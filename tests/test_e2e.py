@@ -140,6 +140,15 @@ def test_rerun_reuses_everything_and_registers_nothing_new(ray_run):
     kinds = sorted(r.data.tags[TAG_KIND] for r in second_runs)
     assert kinds == ["baseline", "evaluation", "evaluation", "evaluation", "round", "workflow"]
     assert {r.info.status for r in second_runs} == {"FINISHED"}, "no run is left RUNNING"
+    # the base's linear probe is not measured again: the same numbers, from the store, naming the run that measured them
+    first_runs = client.search_runs([first.experiment_id], f"tags.`{TAG_WORKFLOW_RUN}` = '{first.run_id}'")
+    (probe1,) = [r for r in first_runs if r.data.tags[TAG_KIND] == "baseline"]
+    (probe2,) = [r for r in second_runs if r.data.tags[TAG_KIND] == "baseline"]
+    for task in ("vowel", "length"):
+        assert probe2.data.tags[f"mergeflow.baseline.{task}.reused_from"] == probe1.info.run_id
+        assert probe2.data.metrics[f"probe/{task}/accuracy"] == probe1.data.metrics[f"probe/{task}/accuracy"]
+        assert f"probe/{task}/seconds" in probe1.data.metrics and f"probe/{task}/seconds" not in probe2.data.metrics
+    assert second.summary()["mean"]["base_probe"] == first.summary()["mean"]["base_probe"]
 
 
 def test_cli_validate_and_run_bad_data_exit_codes(tiny_base, tmp_path):

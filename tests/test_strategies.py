@@ -257,6 +257,12 @@ def test_compare_writes_table_plot_and_mlflow_artifacts(tiny_base, tmp_path):
                 if r.data.tags.get(TAG_PARENT) == data["run_id"]]
     assert sorted(r.data.tags["mergeflow.strategy"] for r in children) == ["atm", "cold_fusion", "oneshot", "oneshot"]
     assert {r.data.tags["mergeflow.seed"] for r in children} == {"0"}  # the spec's own seed
+    # the base's linear probe is measured by the first variant only; the others reuse it from the store
+    probes = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "baseline:linear-probe"]
+    measured = [r for r in probes if not any(k.startswith("mergeflow.baseline.") for k in r.data.tags)]
+    assert len(probes) == 4 and len(measured) == 1, [r.data.tags for r in probes]
+    assert all(r.data.tags[f"mergeflow.baseline.{t}.reused_from"] == measured[0].info.run_id
+               for r in probes if r is not measured[0] for t in ("vowel", "length"))
 
     # --seeds 0,1 (one-shot only, to stay cheap): each seed's runs under one parent; seed 0 is the run above
     # (its experts reused from the store, the same numbers), seed 1 trains its own; the table is their mean ± std
