@@ -23,7 +23,7 @@ from operators.data import TaskData, hold_out, load_task_data
 from pipeline.lineage import TAG_STORE_URI, Lineage
 from pipeline.runtime import where_am_i
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
-from pipeline.store import CheckpointStore, StoreError, StoreFull, content_key, out_of_space, store_full_error
+from pipeline.store import CheckpointStore, StoreFull, content_key, out_of_space, store_full_error
 
 
 @dataclass(frozen=True)
@@ -423,25 +423,32 @@ def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, Mod
 # what a baseline measurement is made with, beside its model, data and settings: bump it when the probe's
 # algorithm changes, so records made by the old one are not reused
 PROBE_VERSION = 1
+PROBE_STEPS, PROBE_LR = 300, 1e-2  # the linear probe's full-batch Adam steps and learning rate
+
+
+def probe_settings(task: TaskSpec, wf: Workflow) -> dict[str, Any]:
+    """What one task's baseline is measured with: ``linear_probe``'s arguments (``evaluate``'s for a causal LM)."""
+    if task.type == "causal_lm":
+        return {"headline": task.headline_metric, "max_length": wf.finetune_for(task).max_length}
+    return {"max_length": wf.finetune.max_length, "seed": wf.finetune.seed, "steps": PROBE_STEPS, "lr": PROBE_LR}
 
 
 def probe_key(model: ModelRef, task: TaskSpec, data_digest: str, wf: Workflow, device: str) -> str:
     """The content key of one task's baseline of ``model``: the model's key, the task's labels and data, the
-    probe's settings, and what changes its numbers (torch's version, the device's kind)."""
+    probe's settings, torch's and transformers' versions and the device's kind. Like an expert's key, it
+    leaves out what only moves float rounding (torch's threads, the CPU's model): a run on one thread
+    reuses what a run on two measured, and the record says where that was."""
     import torch
+    import transformers
 
-    if task.type == "causal_lm":
-        settings: dict[str, Any] = {"headline": task.headline_metric, "max_length": wf.finetune_for(task).max_length}
-    else:
-        settings = {"max_length": wf.finetune.max_length, "seed": wf.finetune.seed}
-    return content_key("probe", PROBE_VERSION, model.key, task.type, task.label_names, data_digest, settings,
-                       torch.__version__, device.split(":")[0])
+    return content_key("probe", PROBE_VERSION, model.key, task.type, task.label_names, data_digest,
+                       probe_settings(task, wf), torch.__version__, transformers.__version__, device.split(":")[0])
 
 
-def probe_path(store: CheckpointStore, task: str, key: str) -> str:
-    """Where a baseline is kept: beside the workflows, shared by every workflow of the store (the key is
-    content: the same model, data and settings give the same numbers)."""
-    return store.path("baselines", f"{task}-{key}.json")
+def probe_path(store: CheckpointStore, wf: Workflow, task: str, key: str) -> str:
+    """Where a baseline is kept: beside the workflow's rounds, so re-runs of it and its ``compare`` variants
+    (which share its name and store) find it, as they find its experts."""
+    return store.path(wf.name, "baselines", f"{task}-{key}.json")
 
 
 def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
@@ -452,51 +459,62 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
     result is kept in the store under its content key (:func:`probe_key`), so a later run of the same
     model, data and settings (a re-run, another merge of the same experts, ``mergeflow compare``) reuses
     it: its run gets the same metrics and a ``mergeflow.baseline.<task>.reused_from`` tag naming the run
-    that measured it.
+    that measured it. A record that cannot be read, or is not this key's, is measured again and rewritten;
+    one that cannot be written costs the next run a measurement, nothing more.
     """
     from operators.evaluate import evaluate, linear_probe
 
     wf, lineage, store = ctx.workflow, ctx.lineage(), ctx.store()
     body = None
-    results, reused = {}, {}
+    results, reused, measured = {}, {}, 0.0
     start = time.perf_counter()
     for task in [t for t in wf.tasks if tasks is None or t.name in tasks]:
         task_start = time.perf_counter()
         data = task_data(task)
         key = probe_key(base, task, data.digest, wf, ctx.device)
-        path = probe_path(store, task.name, key)
+        path = probe_path(store, wf, task.name, key)
         try:
             record = store.read_record(path)
-        except StoreError:
+        except Exception as exc:  # unreadable (not JSON, a store error): measured again
+            say(f"[probe] {store.uri(path)} could not be read ({exc}): measured again")
             record = None
-        if isinstance(record, dict) and record.get("key") == key and isinstance(record.get("metrics"), dict):
-            m = record["metrics"]
-            reused[task.name] = record.get("run_id") or ""
+        metrics = record.get("metrics") if isinstance(record, dict) and record.get("key") == key else None
+        if isinstance(metrics, dict) and isinstance(metrics.get("accuracy"), float | int):
+            m = metrics
+            if record.get("run_id") != run_id:  # not this step's own record, from before a retry
+                reused[task.name] = record.get("run_id") or ""
+            seconds = float(record.get("seconds", 0.0))
         else:
             if record is not None:
                 say(f"[probe] {store.uri(path)} is not a baseline record of this key: measured again, and rewritten")
             body = body or local_dir(ctx, base)
+            settings = probe_settings(task, wf)
             if task.type == "causal_lm":
-                m = evaluate(body, data, headline=task.headline_metric, max_length=wf.finetune_for(task).max_length,
+                m = evaluate(body, data, headline=settings["headline"], max_length=settings["max_length"],
                              device=ctx.device)
             else:
-                m = linear_probe(body, data, max_length=wf.finetune.max_length, seed=wf.finetune.seed,
-                                 device=ctx.device)
-            store.write_record(path, {"key": key, "task": task.name, "metrics": m, "model": base.record(),
-                                      "run_id": run_id, "workflow": wf.name, "data_digest": data.digest,
-                                      "seconds": time.perf_counter() - task_start, "where": where_am_i()})
+                m = linear_probe(body, data, max_length=settings["max_length"], seed=settings["seed"],
+                                 steps=settings["steps"], lr=settings["lr"], device=ctx.device)
+            seconds = time.perf_counter() - task_start
+            try:
+                store.write_record(path, {"key": key, "task": task.name, "metrics": m, "model": base.record(),
+                                          "settings": settings, "run_id": run_id, "workflow": wf.name,
+                                          "data_digest": data.digest, "seconds": seconds, "where": where_am_i()})
+            except Exception as exc:  # a full or read-only store: the measurement stands, the next run repeats it
+                say(f"[probe] could not keep the baseline of {task.name!r} at {store.uri(path)} ({exc})")
+        if task.name not in reused:
+            measured += seconds
         results[task.name] = m
         lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
                             labels=data.targets(data.eval), source=data.source,
                             digest=data.digest, context="evaluation")
-        metrics = {f"probe/{task.name}/{k}": v for k, v in m.items() if k != "n"}
-        if task.name not in reused:
-            metrics[f"probe/{task.name}/seconds"] = time.perf_counter() - task_start
-        lineage.log_metrics(run_id, metrics, step=round_index, dataset=(f"{task.name}-eval", data.digest))
+        lineage.log_metrics(run_id, {**{f"probe/{task.name}/{k}": v for k, v in m.items() if k != "n"},
+                                     **({} if task.name in reused else {f"probe/{task.name}/seconds": seconds})},
+                            step=round_index, dataset=(f"{task.name}-eval", data.digest))
     if reused:
         lineage.set_tags(run_id, {f"mergeflow.baseline.{t}.reused_from": r for t, r in reused.items()})
-    if tasks is None:  # a probe in parts (each worker its tasks) has each task's time only
-        lineage.log_metrics(run_id, {"probe_seconds": time.perf_counter() - start}, step=round_index)
+    if tasks is None and len(reused) < len(results):  # the cost of what was measured (a probe in parts: each task's)
+        lineage.log_metrics(run_id, {"probe_seconds": measured}, step=round_index)
     say(f"[probe] linear probe of the {base.kind} model in {time.perf_counter() - start:.1f}s: "
         + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items())
         + (f" (reused from the store: {', '.join(sorted(reused))})" if reused else ""))

@@ -129,13 +129,13 @@ def test_publishing_twice_keeps_the_first(tmp_path):
     assert (Path(path) / "weights.bin").read_bytes() == first
 
 
-def test_a_baseline_is_reused_only_for_the_same_model_data_and_settings(tiny_base, tmp_path):
+def test_a_baseline_key_changes_with_what_changes_its_numbers(tiny_base, tmp_path):
     """A linear probe's record is found by its content key: anything that changes its numbers changes the key."""
     import dataclasses
 
     from pipeline.spec import parse_workflow
     from pipeline.steps import ModelRef, probe_key
-    from tests.helpers import tiny_workflow_dict
+    from tests.helpers import tiny_lm_workflow_dict, tiny_workflow_dict
 
     spec = tiny_workflow_dict(tmp_path, tiny_base)
     wf = parse_workflow(spec)
@@ -153,3 +153,12 @@ def test_a_baseline_is_reused_only_for_the_same_model_data_and_settings(tiny_bas
         "a GPU": probe_key(ref, task, "digest", wf, "cuda:0"),
     }
     assert key not in changed.values() and len(set(changed.values())) == len(changed), changed
+
+    # a causal LM's baseline is the base's own scores: its headline metric and its task's row length count
+    lm_spec = tiny_lm_workflow_dict(tmp_path / "lm", tiny_base)
+    lm = parse_workflow(lm_spec)
+    lm_task = lm.tasks[0]
+    lm_key = probe_key(ref, lm_task, "digest", lm, "cpu")
+    assert probe_key(ref, lm_task.model_copy(update={"metric": "token_accuracy"}), "digest", lm, "cpu") != lm_key
+    longer = {**lm_spec, "tasks": [{**lm_spec["tasks"][0], "finetune": {"max_length": 32}}, *lm_spec["tasks"][1:]]}
+    assert probe_key(ref, parse_workflow(longer).tasks[0], "digest", parse_workflow(longer), "cpu") != lm_key
