@@ -466,7 +466,7 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
 
     wf, lineage, store = ctx.workflow, ctx.lineage(), ctx.store()
     body = None
-    results, reused, measured = {}, {}, 0.0
+    results, reused = {}, {}
     start = time.perf_counter()
     for task in [t for t in wf.tasks if tasks is None or t.name in tasks]:
         task_start = time.perf_counter()
@@ -502,8 +502,6 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
                                           "data_digest": data.digest, "seconds": seconds, "where": where_am_i()})
             except Exception as exc:  # a full or read-only store: the measurement stands, the next run repeats it
                 say(f"[probe] could not keep the baseline of {task.name!r} at {store.uri(path)} ({exc})")
-        if task.name not in reused:
-            measured += seconds
         results[task.name] = m
         lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
                             labels=data.targets(data.eval), source=data.source,
@@ -513,8 +511,6 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
                             step=round_index, dataset=(f"{task.name}-eval", data.digest))
     if reused:
         lineage.set_tags(run_id, {f"mergeflow.baseline.{t}.reused_from": r for t, r in reused.items()})
-    if tasks is None and len(reused) < len(results):  # the cost of what was measured (a probe in parts: each task's)
-        lineage.log_metrics(run_id, {"probe_seconds": measured}, step=round_index)
     say(f"[probe] linear probe of the {base.kind} model in {time.perf_counter() - start:.1f}s: "
         + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items())
         + (f" (reused from the store: {', '.join(sorted(reused))})" if reused else ""))

@@ -474,18 +474,23 @@ class Rounds:
                 mine.setdefault(w if w is not None else next(spare) % self.pool.size, []).append(task.name)
             return run_id, [self.pool.submit(w, probe_step, self.ctx, base, run_id, index,
                                              tasks if len(mine) > 1 else None, name=f"probe-r{index}-{w}")
-                            for w, tasks in sorted(mine.items())]
+                            for w, tasks in sorted(mine.items())], index
         fut = self.runtime.submit(probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}",
                                   resources=self.eval_resources())
-        return run_id, fut
+        return run_id, fut, index
 
     def probe_result(self, handle) -> dict[str, dict[str, float]]:
-        run_id, futs = handle
+        run_id, futs, index = handle
         try:
             res = {}
             for fut in futs if isinstance(futs, list) else [futs]:
                 res |= self.runtime.result(fut)
             res = {t.name: res[t.name] for t in self.wf.tasks}
+            # the baseline's cost: each task's measuring time (a task reused from the store has none)
+            logged = self.lineage.client.get_run(run_id).data.metrics
+            seconds = [v for k, v in logged.items() if k.startswith("probe/") and k.endswith("/seconds")]
+            if seconds:
+                self.lineage.log_metrics(run_id, {"probe_seconds": sum(seconds)}, step=index)
         except BaseException as exc:
             self.lineage.end_run(run_id, ended_status(exc))
             raise
