@@ -330,7 +330,7 @@ class Lineage:
             self.upload_model_artifacts(model_id, local_dir)
         self._call(self.client.finalize_logged_model, model_id, "READY")
         self._call(self.client.log_outputs, run_id, [LoggedModelOutput(model_id, step)])
-        return self.client.get_logged_model(model_id).artifact_location
+        return self._call(self.client.get_logged_model, model_id).artifact_location  # waits out an outage too
 
     @_retry
     def run_tags(self, run_id: str) -> dict[str, str]:
@@ -517,7 +517,7 @@ class Lineage:
 
     @_retry
     def model_artifact_location(self, model_id: str) -> str:
-        return self.client.get_logged_model(model_id).artifact_location
+        return self._call(self.client.get_logged_model, model_id).artifact_location  # waits out an outage too
 
 
 # The MLflow 3 UI opens in its GenAI view unless told otherwise (a browser's own choice is kept in
