@@ -13,7 +13,7 @@ import functools
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,20 +395,40 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
 
 def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, ModelRef], run_id: str,
                   round_index: int, prefix: str = "eval") -> dict[str, dict[str, float]]:
-    """Score ``model``'s body with each task's head (from ``head_sources``) on those tasks."""
+    """Score ``model``'s body with each task's head (from ``head_sources``) on those tasks.
+
+    Each score is kept in the store under its content key (:func:`evaluation_key`): a later run that
+    scores the same body with the same head on the same data (the experts of a re-run or of another
+    merge of them, an unchanged champion) reuses it, with a ``mergeflow.evaluation.<task>.reused_from``
+    tag naming the run that measured it.
+    """
     from operators.evaluate import evaluate
 
-    wf, lineage = ctx.workflow, ctx.lineage()
-    body = local_dir(ctx, model)
-    adapter_base = adapter_base_dir(ctx, model)
+    wf, lineage, store = ctx.workflow, ctx.lineage(), ctx.store()
+    body: Path | None = None
+    adapter_base: Path | None = None
     results: dict[str, dict[str, float]] = {}
+    reused: dict[str, str] = {}
     for task in (t for t in wf.tasks if t.name in head_sources):
         data = task_data(task)
-        head_dir = None
-        if task.type == "classification":  # causal LMs have no heads: the whole model is scored
-            head_dir = local_dir(ctx, head_sources[task.name])
-        m = evaluate(body, data, head_from=None if head_dir == body else head_dir, adapter_base=adapter_base,
-                     headline=task.headline_metric, max_length=wf.finetune_for(task).max_length, device=ctx.device)
+        head = head_sources[task.name] if task.type == "classification" else None  # causal LMs: the whole model
+        settings = {"headline": task.headline_metric, "max_length": wf.finetune_for(task).max_length}
+
+        def score(task=task, data=data, head=head, settings=settings) -> dict[str, float]:
+            nonlocal body, adapter_base
+            if body is None:
+                body, adapter_base = local_dir(ctx, model), adapter_base_dir(ctx, model)
+            head_dir = local_dir(ctx, head) if head is not None else None
+            return evaluate(body, data, head_from=None if head_dir == body else head_dir, adapter_base=adapter_base,
+                            headline=settings["headline"], max_length=settings["max_length"], device=ctx.device)
+
+        key = evaluation_key(model, head, task, data.digest, settings, ctx.device)
+        m, source, _ = kept_measurement(
+            store, measurement_path(store, wf, "evaluations", task.name, key), key, run_id, "score", score,
+            {"task": task.name, "model": model.record(), "head": head.record() if head else None,
+             "settings": settings, "workflow": wf.name, "data_digest": data.digest})
+        if source is not None:
+            reused[task.name] = source
         results[task.name] = m
         if model.kind != "expert":  # an expert's run already lists its own splits as inputs
             lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
@@ -416,8 +436,71 @@ def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, Mod
                                 digest=data.digest, context="evaluation")
         lineage.log_metrics(run_id, {f"{prefix}/{task.name}/{k}": v for k, v in m.items() if k != "n"},
                             step=round_index, model_id=model.model_id, dataset=(f"{task.name}-eval", data.digest))
-    say(f"[evaluate {model.kind} {model.name}] " + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items()))
+    if reused:
+        lineage.set_tags(run_id, {f"mergeflow.evaluation.{t}.reused_from": r for t, r in reused.items()})
+    say(f"[evaluate {model.kind} {model.name}] " + ", ".join(f"{t}={m['accuracy']:.3f}" for t, m in results.items())
+        + (f" (reused from the store: {', '.join(sorted(reused))})" if reused else ""))
     return results
+
+
+# --- measurements kept in the store (baselines, scores), found again by their content key ------------------
+def measurement_path(store: CheckpointStore, wf: Workflow, kind: str, task: str, key: str) -> str:
+    """Where a measurement is kept: ``<workflow>/<kind>/<task>-<key>.json``, beside the workflow's rounds, so
+    re-runs of it and its ``compare`` variants (which share its name and store) find it, as they find its
+    experts."""
+    return store.path(wf.name, kind, f"{task}-{key}.json")
+
+
+def kept_measurement(store: CheckpointStore, path: str, key: str, run_id: str, what: str,
+                     measure: Callable[[], dict[str, float]], record: dict[str, Any],
+                     ) -> tuple[dict[str, float], str | None, float]:
+    """The metrics kept at ``path`` for ``key``, or ``measure()`` kept there for the next run.
+
+    Returns the metrics, the run that measured them when they were reused (``None``: measured by this
+    call, or by this run before a retry) and the seconds measuring took. A record that cannot be read, or
+    is not this key's, is measured again and rewritten; one that cannot be written costs the next run a
+    measurement, nothing more.
+    """
+    try:
+        kept = store.read_record(path)
+    except Exception as exc:  # unreadable (not JSON, a store error)
+        say(f"[{what}] {store.uri(path)} could not be read ({exc}): measured again")
+        kept = None
+    metrics = kept.get("metrics") if isinstance(kept, dict) and kept.get("key") == key else None
+    if isinstance(metrics, dict) and isinstance(metrics.get("accuracy"), float | int):
+        source = kept.get("run_id") or ""
+        return metrics, None if source == run_id else source, float(kept.get("seconds", 0.0))
+    if kept is not None:
+        say(f"[{what}] {store.uri(path)} is not a record of this key: measured again, and rewritten")
+    start = time.perf_counter()
+    metrics = measure()
+    seconds = time.perf_counter() - start
+    try:
+        store.write_record(path, {**record, "key": key, "metrics": metrics, "run_id": run_id, "seconds": seconds,
+                                  "where": where_am_i()})
+    except Exception as exc:  # a full or read-only store: the measurement stands, the next run repeats it
+        say(f"[{what}] could not keep the measurement at {store.uri(path)} ({exc})")
+    return metrics, None, seconds
+
+
+def _versions(device: str) -> list[str]:
+    """What moves a measurement beyond float rounding: torch's and transformers' versions, CPU or GPU."""
+    import torch
+    import transformers
+
+    return [torch.__version__, transformers.__version__, device.split(":")[0]]
+
+
+def evaluation_key(model: ModelRef, head: ModelRef | None, task: TaskSpec, data_digest: str,
+                   settings: dict[str, Any], device: str) -> str:
+    """The content key of a score: the body's key (and its adapter's start), the head's, the task's labels
+    and data, how it is scored, and :func:`_versions`."""
+    return content_key("evaluation", EVALUATION_VERSION, model.key,
+                       model.adapter_base.key if model.adapter_base else "", head.key if head else "", task.type,
+                       task.label_names, data_digest, settings, *_versions(device))
+
+
+EVALUATION_VERSION = 1  # bump when scoring changes, so scores kept by the old code are not reused
 
 
 # what a baseline measurement is made with, beside its model, data and settings: bump it when the probe's
@@ -435,20 +518,11 @@ def probe_settings(task: TaskSpec, wf: Workflow) -> dict[str, Any]:
 
 def probe_key(model: ModelRef, task: TaskSpec, data_digest: str, wf: Workflow, device: str) -> str:
     """The content key of one task's baseline of ``model``: the model's key, the task's labels and data, the
-    probe's settings, torch's and transformers' versions and the device's kind. Like an expert's key, it
-    leaves out what only moves float rounding (torch's threads, the CPU's model): a run on one thread
-    reuses what a run on two measured, and the record says where that was."""
-    import torch
-    import transformers
-
+    probe's settings, and :func:`_versions`. Like an expert's key, it leaves out what only moves float
+    rounding (torch's threads, the CPU's model): a run on one thread reuses what a run on two measured, and
+    the record says where that was."""
     return content_key("probe", PROBE_VERSION, model.key, task.type, task.label_names, data_digest,
-                       probe_settings(task, wf), torch.__version__, transformers.__version__, device.split(":")[0])
-
-
-def probe_path(store: CheckpointStore, wf: Workflow, task: str, key: str) -> str:
-    """Where a baseline is kept: beside the workflow's rounds, so re-runs of it and its ``compare`` variants
-    (which share its name and store) find it, as they find its experts."""
-    return store.path(wf.name, "baselines", f"{task}-{key}.json")
+                       probe_settings(task, wf), *_versions(device))
 
 
 def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
@@ -456,52 +530,37 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
     """The baseline of every task (or of ``tasks``): a linear probe (head only, body frozen) of the base model.
 
     Causal-LM tasks have no head to probe: their baseline is the base model itself, as it is. Each task's
-    result is kept in the store under its content key (:func:`probe_key`), so a later run of the same
-    model, data and settings (a re-run, another merge of the same experts, ``mergeflow compare``) reuses
-    it: its run gets the same metrics and a ``mergeflow.baseline.<task>.reused_from`` tag naming the run
-    that measured it. A record that cannot be read, or is not this key's, is measured again and rewritten;
-    one that cannot be written costs the next run a measurement, nothing more.
+    result is kept in the store under its content key (:func:`probe_key`, :func:`kept_measurement`), so a
+    later run of the same model, data and settings (a re-run, another merge of the same experts, ``mergeflow
+    compare``) reuses it: its run gets the same metrics and a ``mergeflow.baseline.<task>.reused_from`` tag
+    naming the run that measured it.
     """
     from operators.evaluate import evaluate, linear_probe
 
     wf, lineage, store = ctx.workflow, ctx.lineage(), ctx.store()
-    body = None
+    body: Path | None = None
     results, reused = {}, {}
     start = time.perf_counter()
     for task in [t for t in wf.tasks if tasks is None or t.name in tasks]:
-        task_start = time.perf_counter()
         data = task_data(task)
-        key = probe_key(base, task, data.digest, wf, ctx.device)
-        path = probe_path(store, wf, task.name, key)
-        try:
-            record = store.read_record(path)
-        except Exception as exc:  # unreadable (not JSON, a store error): measured again
-            say(f"[probe] {store.uri(path)} could not be read ({exc}): measured again")
-            record = None
-        metrics = record.get("metrics") if isinstance(record, dict) and record.get("key") == key else None
-        if isinstance(metrics, dict) and isinstance(metrics.get("accuracy"), float | int):
-            m = metrics
-            if record.get("run_id") != run_id:  # not this step's own record, from before a retry
-                reused[task.name] = record.get("run_id") or ""
-            seconds = float(record.get("seconds", 0.0))
-        else:
-            if record is not None:
-                say(f"[probe] {store.uri(path)} is not a baseline record of this key: measured again, and rewritten")
+        settings = probe_settings(task, wf)
+
+        def probe(task=task, data=data, settings=settings) -> dict[str, float]:
+            nonlocal body
             body = body or local_dir(ctx, base)
-            settings = probe_settings(task, wf)
             if task.type == "causal_lm":
-                m = evaluate(body, data, headline=settings["headline"], max_length=settings["max_length"],
-                             device=ctx.device)
-            else:
-                m = linear_probe(body, data, max_length=settings["max_length"], seed=settings["seed"],
-                                 steps=settings["steps"], lr=settings["lr"], device=ctx.device)
-            seconds = time.perf_counter() - task_start
-            try:
-                store.write_record(path, {"key": key, "task": task.name, "metrics": m, "model": base.record(),
-                                          "settings": settings, "run_id": run_id, "workflow": wf.name,
-                                          "data_digest": data.digest, "seconds": seconds, "where": where_am_i()})
-            except Exception as exc:  # a full or read-only store: the measurement stands, the next run repeats it
-                say(f"[probe] could not keep the baseline of {task.name!r} at {store.uri(path)} ({exc})")
+                return evaluate(body, data, headline=settings["headline"], max_length=settings["max_length"],
+                                device=ctx.device)
+            return linear_probe(body, data, max_length=settings["max_length"], seed=settings["seed"],
+                                steps=settings["steps"], lr=settings["lr"], device=ctx.device)
+
+        key = probe_key(base, task, data.digest, wf, ctx.device)
+        m, source, seconds = kept_measurement(
+            store, measurement_path(store, wf, "baselines", task.name, key), key, run_id, "probe", probe,
+            {"task": task.name, "model": base.record(), "settings": settings, "workflow": wf.name,
+             "data_digest": data.digest})
+        if source is not None:
+            reused[task.name] = source
         results[task.name] = m
         lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
                             labels=data.targets(data.eval), source=data.source,

@@ -156,6 +156,12 @@ def test_rerun_reuses_everything_and_registers_nothing_new(ray_run):
     assert "mergeflow.baseline.vowel.reused_from" not in probe2.data.tags and "probe/vowel/seconds" in probe2.data.metrics
     assert json.loads(records["vowel"].read_text())["run_id"] == probe2.info.run_id
     assert probe2.data.metrics["probe/vowel/accuracy"] == pytest.approx(probe1.data.metrics["probe/vowel/accuracy"], abs=0.05)
+    # the scores of the reused merged model and experts are reused too: the same numbers, each task's run tagged
+    for run in (r for r in second_runs if r.data.tags[TAG_KIND] == "evaluation"):
+        sources = {k for k in run.data.tags if k.startswith("mergeflow.evaluation.") and k.endswith(".reused_from")}
+        assert sources and all(run.data.tags[k] in {r.info.run_id for r in first_runs} for k in sources), run.data.tags
+    for task in ("vowel", "length"):
+        assert [second.summary()[task][c] for c in ("expert", "merged")] == [first.summary()[task][c] for c in ("expert", "merged")]
 
 
 def test_cli_validate_and_run_bad_data_exit_codes(tiny_base, tmp_path):
