@@ -337,6 +337,11 @@ class Lineage:
         return dict(self.client.get_run(run_id).data.tags)
 
     @_retry
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        """The run's metrics, each at its latest value."""
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    @_retry
     def fail_pending_models(self, run_id: str) -> int:
         """Mark the LoggedModels ``run_id`` left PENDING as FAILED (an attempt whose worker died); returns how many."""
         from mlflow.entities import LoggedModelStatus
@@ -517,7 +522,7 @@ class Lineage:
 
     @_retry
     def model_artifact_location(self, model_id: str) -> str:
-        return self._call(self.client.get_logged_model, model_id).artifact_location  # waits out an outage too
+        return self.client.get_logged_model(model_id).artifact_location
 
 
 # The MLflow 3 UI opens in its GenAI view unless told otherwise (a browser's own choice is kept in

@@ -487,7 +487,7 @@ class Rounds:
                 res |= self.runtime.result(fut)
             res = {t.name: res[t.name] for t in self.wf.tasks}
             # the baseline's cost: each task's measuring time (a task reused from the store has none)
-            logged = self.lineage.client.get_run(run_id).data.metrics
+            logged = self.lineage.run_metrics(run_id)
             seconds = [v for k, v in logged.items() if k.startswith("probe/") and k.endswith("/seconds")]
             if seconds:
                 self.lineage.log_metrics(run_id, {"probe_seconds": sum(seconds)}, step=index)
