@@ -18,7 +18,7 @@ per task is fine-tuned on the rest with the spec's settings. Then, on the same e
   validation slices.
 
 Each merge is scored with the experts' own heads (the default everywhere); with every head aligned
-to the merged body without labels (``merge.heads: aligned``, ``operators.heads``: each output layer
+to the merged body without labels (``merge.heads: aligned``, ``operators.learn.heads``: each output layer
 refit by ridge least squares to reproduce its expert's logits on 256 of the task's training inputs),
 with per-task scores, interval and cost; and, as its own column, with every head refit on the merged
 body with labels (a fresh linear probe on the experts' training rows, seeded:
@@ -75,15 +75,15 @@ def main() -> None:
 
     import torch
 
-    from operators.adamerging import learn_coefficients
     from operators.checkpoint import quiet_transformers, resolve_model_path
     from operators.data import hold_out, load_task_data
     from operators.evaluate import evaluate, linear_probe
     from operators.finetune import finetune
-    from operators.heads import align_heads
+    from operators.learn.coefficients import learn_coefficients
+    from operators.learn.heads import align_heads
+    from operators.learn.search import search_coefficient
+    from operators.learn.statistics import compute_statistics, sample_rows
     from operators.merge.engine import merge_checkpoints
-    from operators.search import search_coefficient
-    from operators.statistics import compute_statistics, sample_rows
     from pipeline.spec import FinetuneSpec, load_workflow
 
     torch.set_num_threads(args.threads)

@@ -40,7 +40,8 @@ def main() -> None:
     from operators.checkpoint import load_task_model, quiet_transformers, resolve_model_path
     from operators.data import hold_out, load_task_data
     from operators.finetune import finetune
-    from operators.statistics import _fisher_per_example, compute_statistics, open_statistics, sample_rows
+    from operators.learn.statistics import _fisher_per_example, compute_statistics, sample_rows
+    from operators.merge.statistics import open_statistics
     from pipeline.spec import load_workflow
 
     torch.set_num_threads(args.threads)

@@ -491,7 +491,7 @@ def _saved_tensors(model: torch.nn.Module, copy: bool = True) -> dict[str, torch
 class AdapterCheckpoint:
     """A LoRA expert held in memory: its peft adapter (config and ``lora_A``/``lora_B`` tensors, named as
     ``save_pretrained`` names them) and, for classification, its task's head (as in ``StateCheckpoint``).
-    Its full weights are its start checkpoint's plus ``B·A·scaling`` (``operators.merge.lora``)."""
+    Its full weights are its start checkpoint's plus ``B·A·scaling`` (``operators.lora``)."""
 
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor]
@@ -510,8 +510,8 @@ class AdapterCheckpoint:
         return cls(config, tensors, {} if causal_lm else {task: _head_of(peft_model.get_base_model())})
 
     def lora(self, name: str):
-        """The validated :class:`~operators.merge.lora.LoraAdapter` (``name`` stands for its directory in messages)."""
-        from operators.merge.lora import adapter_from_tensors
+        """The validated :class:`~operators.lora.LoraAdapter` (``name`` stands for its directory in messages)."""
+        from operators.lora import adapter_from_tensors
 
         return adapter_from_tensors(self.config, self.tensors, name)
 

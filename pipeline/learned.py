@@ -40,7 +40,7 @@ def statistics_step(ctx: StepContext, task: TaskSpec, expert: ModelRef, kind: st
         ``{"task", "path", "seconds", "finetune_seconds", "fraction_of_finetune"}``.
     """
     from operators.checkpoint import read_provenance
-    from operators.statistics import compute_statistics
+    from operators.learn.statistics import compute_statistics
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     expert_dir = local_dir(ctx, expert)
@@ -75,7 +75,7 @@ def learn_from_inputs(ctx: StepContext, merge: MergeSpec, base: ModelRef, expert
     The entropy curve is logged on the merge run (``adamerging/entropy``, by step) and the learned
     coefficients as its ``adamerging.json`` artifact; returns the :class:`AdaMergingResult`.
     """
-    from operators.adamerging import learn_coefficients
+    from operators.learn.coefficients import learn_coefficients
 
     wf, lineage = ctx.workflow, ctx.lineage()
     inputs = {t.name: task_data(t, "validation", wf.held_out_fraction, t.dataset.split_seed).train.texts
@@ -95,7 +95,7 @@ def learn_from_inputs(ctx: StepContext, merge: MergeSpec, base: ModelRef, expert
 def alignment_inputs(ctx: StepContext, merge: MergeSpec, experts: dict[str, ModelRef]) -> dict[str, list[str]]:
     """``heads: aligned``: per task, a seeded sample of the inputs its expert trained on (never its labels)."""
     from operators.checkpoint import read_provenance
-    from operators.statistics import sample_rows
+    from operators.learn.statistics import sample_rows
 
     wf = ctx.workflow
     inputs = {}
@@ -114,7 +114,7 @@ def align_merged_heads(ctx: StepContext, merge: MergeSpec, adapter_base: ModelRe
     (``heads``) and as ``heads_aligned.json`` on the merge run; returns the metrics for the merge run.
     """
     from operators.checkpoint import read_provenance, write_provenance
-    from operators.heads import align_heads
+    from operators.learn.heads import align_heads
 
     wf, lineage = ctx.workflow, ctx.lineage()
     spec = merge.heads
@@ -149,14 +149,15 @@ def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: d
     Returns:
         ``(params, provenance record, metrics for the merge run)``.
     """
-    from operators.search import search_coefficient
-    from operators.statistics import METHOD_STATISTICS, open_statistics
+    from operators.learn.search import search_coefficient
+    from operators.merge import get_method
+    from operators.merge.statistics import open_statistics
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
     params: dict[str, Any] = dict(merge.params)
     record: dict[str, Any] = {}
     metrics: dict[str, float] = {}
-    kind = METHOD_STATISTICS.get(merge.method)
+    kind = get_method(merge.method).statistics
     if kind is not None:
         local, rows = {}, {}
         for task, path in sorted((statistics or {}).items()):

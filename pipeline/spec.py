@@ -26,12 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from operators.merge import MERGE_METHODS, validate_merge_params
-from operators.search import SearchSpace, split_search
-from operators.statistics import METHOD_STATISTICS
-
-# merge methods that learn their coefficients on unlabeled inputs of every task (the validation slices)
-UNLABELED_INPUT_METHODS = frozenset({"adamerging"})
+from operators.learn.search import SearchSpace, split_search
+from operators.merge import MERGE_METHODS, get_method, validate_merge_params
 
 # The spec accepts every strategy of the design (see Workflow.strategy); only these run today, the
 # others are recognised so that a spec written for them gets a precise "not available yet" error.
@@ -308,7 +304,7 @@ class HeadsSpec(_Frozen):
 
     ``experts``: each task keeps its expert's head as trained. ``aligned``: each head's output layer is
     refit, without labels, so that on the merged body it reproduces its expert's logits on ``examples``
-    of the task's training inputs (ridge-regularised towards the expert's head; ``operators.heads``).
+    of the task's training inputs (ridge-regularised towards the expert's head; ``operators.learn.heads``).
     A string is read as the mode: ``heads: aligned``.
     """
 
@@ -380,7 +376,7 @@ class MergeSpec(_Frozen):
     @property
     def learns_from_inputs(self) -> bool:
         """AdaMerging: its coefficients are learned on unlabeled inputs of every task (the validation slices)."""
-        return self.method in UNLABELED_INPUT_METHODS
+        return get_method(self.method).inputs == "unlabeled"
 
     @property
     def needs_validation(self) -> bool:
@@ -858,7 +854,7 @@ class Workflow(_Frozen):
             raise ValueError(f"rounds.merge.params.{self.rounds.merge.search.param}.search: searches choose the "
                              "one-shot merge's parameter (merge.params); give rounds.merge a value")
         for where, merge in (("merge", self.merge), ("rounds.merge", self.rounds.merge)):
-            kind = METHOD_STATISTICS.get(merge.method)
+            kind = get_method(merge.method).statistics
             if kind is None:
                 continue
             if "statistics" in merge.params:
@@ -882,7 +878,7 @@ class Workflow(_Frozen):
             raise ValueError(f"rounds.workers: resident keeps models across rounds; strategy {self.strategy!r} has one "
                              "round. Use strategy: atm or cold_fusion, or remove rounds.workers")
         m = self.rounds.merge
-        if METHOD_STATISTICS.get(m.method) or m.learns_from_inputs or m.heads.mode != "experts":
+        if get_method(m.method).statistics or m.learns_from_inputs or m.heads.mode != "experts":
             raise ValueError(f"rounds.workers: resident merges in memory with element-wise methods; rounds.merge "
                              f"{m.method!r}{' with heads: aligned' if m.heads.mode != 'experts' else ''} reads the "
                              f"experts' data or statistics: use linear, task_arithmetic, ties, dare_*, breadcrumbs, ... "
@@ -912,7 +908,7 @@ class Workflow(_Frozen):
         if self.recurring.merge.heads.mode != "experts":
             raise ValueError("recurring.merge.heads: aligned heads are not computed in recurring rounds in this version "
                              "(a contribution's rows are not the task's train split); remove it")
-        if (self.recurring.merge.search is not None or METHOD_STATISTICS.get(self.recurring.merge.method)
+        if (self.recurring.merge.search is not None or get_method(self.recurring.merge.method).statistics
                 or self.recurring.merge.learns_from_inputs):
             raise ValueError(f"recurring.merge.method: {self.recurring.merge.method} needs validation data or "
                              "statistics, which recurring rounds do not compute; use linear, task_arithmetic, "

@@ -76,8 +76,8 @@ def inputs(tiny_experts):
 def _entropy_of_checkpoint(ckpt, inputs, max_length=12):
     from transformers import AutoTokenizer
 
-    from operators.adamerging import entropy
     from operators.checkpoint import load_task_model
+    from operators.learn.coefficients import entropy
 
     total = 0.0
     for task, texts in inputs.items():
@@ -92,7 +92,7 @@ def _entropy_of_checkpoint(ckpt, inputs, max_length=12):
 @pytest.mark.parametrize("granularity,ties", [("layer", None), ("task", 0.5)])
 def test_learning_lowers_the_entropy_of_the_checkpoint_the_engine_writes(tiny_base, tiny_experts, inputs,
                                                                          tmp_path, granularity, ties):
-    from operators.adamerging import learn_coefficients
+    from operators.learn.coefficients import learn_coefficients
     from operators.merge.engine import merge_checkpoints
 
     params = {"granularity": granularity, "ties_density": ties, "steps": 15, "learning_rate": 0.05,
@@ -116,7 +116,7 @@ def test_learning_lowers_the_entropy_of_the_checkpoint_the_engine_writes(tiny_ba
 
 
 def test_learning_is_seeded_and_reads_no_labels(tiny_base, tiny_experts, inputs):
-    from operators.adamerging import learn_coefficients
+    from operators.learn.coefficients import learn_coefficients
 
     params = {"granularity": "task", "steps": 6, "learning_rate": 0.05, "batch_size": 4, "seed": 1}
     a = learn_coefficients(tiny_base, tiny_experts, inputs, params, max_length=12)

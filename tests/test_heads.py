@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from operators.heads import HeadAlignmentError, align_heads, fit_head, output_layer
+from operators.learn.heads import HeadAlignmentError, align_heads, fit_head, output_layer
 
 
 def test_fit_head_by_hand():
@@ -73,7 +73,7 @@ def test_aligned_heads_reproduce_their_experts_better_on_the_merged_body(tiny_ex
     from transformers import AutoTokenizer
 
     from operators.checkpoint import load_task_model
-    from operators.heads import _layer_io
+    from operators.learn.heads import _layer_io
 
     texts = {t: _texts(t, tmp_path) for t in tiny_experts}
     before = {t: load_file(str(merged_tiny / "heads" / t / "head.safetensors")) for t in tiny_experts}
@@ -161,8 +161,8 @@ def test_workflow_with_aligned_heads_publishes_records_and_scores_them(tiny_base
 def test_a_search_scores_each_candidate_with_the_heads_aligned_to_it(tiny_base, tiny_experts, tmp_path):
     from operators.data import Split, TaskData
     from operators.evaluate import evaluate
+    from operators.learn.search import search_coefficient
     from operators.merge.engine import merge_checkpoints
-    from operators.search import search_coefficient
     from tests.helpers import word_rows
 
     val, align = {}, {}

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from operators.lora import LoraDeltaReader, is_adapter_dir, read_adapter
 from operators.merge.engine import MergeError, merge_checkpoints
-from operators.merge.lora import LoraDeltaReader, is_adapter_dir, read_adapter
 from operators.tensor_io import CheckpointError, load_state_dict
 
 peft = pytest.importorskip("peft")
@@ -163,7 +163,7 @@ def test_reader_presents_base_plus_hand_computed_delta(llama_base, llama_adapter
 
 
 def test_reader_tiles_large_tensors_independently_of_the_split(llama_base, llama_adapters, monkeypatch):
-    import operators.merge.lora as lora
+    import operators.lora as lora
 
     monkeypatch.setattr(lora, "DELTA_TILE_ELEMENTS", 96)  # 3 rows of 32 per tile
     expected = hand_full_weights(llama_base, llama_adapters["qv"], QV_SCALING)
@@ -550,7 +550,7 @@ def test_bfloat16_base_task_vectors_are_not_rounded_to_bfloat16(root, llama_base
 
 
 def test_module_names_map_to_exactly_one_base_tensor():
-    from operators.merge.lora import LoraAdapter, LoraModule, map_modules
+    from operators.lora import LoraAdapter, LoraModule, map_modules
 
     mod = LoraModule("model.blocks.0.x", torch.zeros(1, 2), torch.zeros(2, 1), 1.0, False)
     adapter = LoraAdapter(Path("ad"), {}, {mod.name: mod}, torch.float32)

@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from operators.merge import TensorContext, get_method
-from operators.merge.engine import merge_checkpoints
-from operators.merge.fisher import fisher_weighted
-from operators.merge.regmean import regmean_linear
-from operators.search import (
+from operators.learn.search import (
     AFFINE_IN_SCALING,
     merge_in_memory,
     parse_search,
     search_coefficient,
     split_search,
 )
-from operators.statistics import StatisticsError, compute_statistics, open_statistics
+from operators.learn.statistics import compute_statistics
+from operators.merge import TensorContext, get_method
+from operators.merge.engine import merge_checkpoints
+from operators.merge.fisher import fisher_weighted
+from operators.merge.regmean import regmean_linear
+from operators.merge.statistics import StatisticsError, open_statistics
 from operators.tensor_io import load_state_dict
 
 # --- RegMean by hand -------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_gram_matrices_match_an_independent_computation(tiny_experts, vowel_data
     from transformers import AutoTokenizer
 
     from operators.checkpoint import load_task_model
-    from operators.statistics import sample_rows
+    from operators.learn.statistics import sample_rows
 
     out, rec, _ = expert_stats
     assert rec.examples == 12
@@ -172,7 +173,7 @@ def test_fisher_diagonal_is_the_mean_squared_gradient_of_the_sampled_log_likelih
     from transformers import AutoTokenizer
 
     from operators.checkpoint import load_task_model
-    from operators.statistics import sample_rows
+    from operators.learn.statistics import sample_rows
 
     out, _, rec = expert_stats
     st = open_statistics(out / "fisher", "fisher", expert=tiny_experts["vowel"])
@@ -200,7 +201,7 @@ def test_batched_fisher_equals_one_backward_pass_per_example(tiny_experts, vowel
     from transformers import AutoTokenizer
 
     from operators.checkpoint import load_task_model
-    from operators.statistics import _fisher_batched, _fisher_per_example
+    from operators.learn.statistics import _fisher_batched, _fisher_per_example
 
     model = load_task_model(tiny_experts["vowel"], "vowel")
     tok = AutoTokenizer.from_pretrained(str(tiny_experts["vowel"]))
@@ -217,7 +218,7 @@ def test_fisher_of_a_body_with_other_parameters_takes_one_backward_pass_per_exam
     from transformers import AutoTokenizer
 
     from operators.checkpoint import load_task_model
-    from operators.statistics import _fisher, _fisher_batched, _fisher_per_example, _NotBatchable
+    from operators.learn.statistics import _fisher, _fisher_batched, _fisher_per_example, _NotBatchable
 
     model = load_task_model(tiny_experts["vowel"], "vowel")
     model.base_model.encoder.register_parameter("scale", torch.nn.Parameter(torch.ones(1)))  # not in a known layer
@@ -299,7 +300,7 @@ def test_search_grammar_and_refusals():
 
 
 def test_golden_section_search_finds_the_peak_of_a_unimodal_score():
-    from operators.search import _golden_points
+    from operators.learn.search import _golden_points
 
     seen = []
 

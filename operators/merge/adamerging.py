@@ -9,7 +9,7 @@ TIES-processed task vector: trimmed to its top ``ties_density`` entries by magni
 model, then kept only where its sign agrees with the elected sign γ = sign(Σ_k τ̂_k); the λ-weighted
 sum of those is TIES' "dis-sum" with learned coefficients.
 
-The λ are learned by :func:`operators.adamerging.learn_coefficients`: Adam on the mean prediction
+The λ are learned by :func:`operators.learn.coefficients.learn_coefficients`: Adam on the mean prediction
 entropy of the merged model, each task's inputs through that task's own head, on **unlabeled**
 inputs of every task (the pipeline uses the validation slices held out of the train splits, never
 the eval split). Paper defaults: λ initialised at 0.3, clamped to [0, 1], Adam with learning rate
@@ -120,6 +120,7 @@ def coefficients_for(params: AdaMergingParams, names: Sequence[str], key: str, c
     paper="https://arxiv.org/abs/2310.02575",
     formula="θ = θ_0 + Σ_k λ_k^l w_k τ̂_k^l, λ learned by entropy minimisation on unlabeled inputs",
     prepare=_prepare,
+    inputs="unlabeled",
     chunkable=True,
 )
 def adamerging(

@@ -41,7 +41,8 @@ from operators.checkpoint import (
     head_names,
     write_provenance,
 )
-from operators.merge.lora import (
+from operators.errors import MergeError
+from operators.lora import (
     LoraAdapter,
     LoraDeltaReader,
     check_same_task_type,
@@ -59,10 +60,6 @@ CHUNK_ELEMENTS = 1024 * 1024
 # config.json keys that do not change the architecture
 _CONFIG_NOISE = {"_name_or_path", "transformers_version", "architectures", "id2label", "label2id",
                  "num_labels", "problem_type", "torch_dtype", "dtype", "finetuning_task"}
-
-
-class MergeError(ValueError):
-    """Inputs that cannot be merged, with what differs and how to fix it."""
 
 
 @dataclass
@@ -201,7 +198,7 @@ def merge_checkpoints(
     """Merge the experts' bodies with ``method``; keep each expert's task head.
 
     An expert may be a peft LoRA adapter directory: it is merged as its full weights, its base's
-    plus ``ΔW = B·A·scaling`` (exactly, row block by row block; see ``operators.merge.lora``).
+    plus ``ΔW = B·A·scaling`` (exactly, row block by row block; see ``operators.lora``).
 
     Args:
         base: The base checkpoint θ_0 (its config and tokenizer are copied to the output).

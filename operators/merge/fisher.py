@@ -3,7 +3,7 @@
     θ* = Σ_i w_i F̃_i ⊙ θ_i / Σ_i w_i F̃_i,     F̃_i = F_i / ‖F_i‖₂ + ε   (normalize, the default)
                                                F̃_i = F_i + ε           (normalize: false)
 
-F_i is expert i's diagonal Fisher (``operators.statistics``, ``fisher``: N = ``examples``
+F_i is expert i's diagonal Fisher (``operators.learn.statistics``, ``fisher``: N = ``examples``
 training inputs of its task, labels drawn from the expert's own predictions), computed beside
 the expert. Defaults follow FusionBench: N = 256, each model's Fisher L2-normalised over the whole
 model (Fisher magnitudes differ between tasks by orders of magnitude), floor ε = 1e-6. With equal
@@ -20,6 +20,7 @@ from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
 from operators.merge.regmean import _open_all
+from operators.merge.statistics import open_statistics
 
 
 class FisherParams(MergeParams):
@@ -50,8 +51,6 @@ def fisher_weighted(experts: Sequence[Tensor], fishers: Sequence[Tensor], coeffi
 
 
 def _prepare(stream, params: FisherParams, names: Sequence[str]):
-    from operators.statistics import open_statistics
-
     return _open_all(params.statistics, names, "fisher", "fisher", open_statistics)
 
 
@@ -62,6 +61,7 @@ def _prepare(stream, params: FisherParams, names: Sequence[str]):
     paper="https://arxiv.org/abs/2111.09832",
     formula="θ = Σ w_i F_i θ_i / Σ w_i F_i (diagonal Fisher)",
     prepare=_prepare,
+    statistics="fisher",
 )
 def fisher(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: FisherParams,

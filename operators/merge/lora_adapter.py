@@ -33,19 +33,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from operators.merge.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraAdapter, LoraModule
+from operators.errors import MergeError
+from operators.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraAdapter, LoraModule
 from operators.merge.registry import MergeMethod, TensorContext
 
 CONCAT_METHODS = ("linear", "task_arithmetic")
 # a tensor no adapter targets must merge to the base up to float32 rounding of the method's
 # arithmetic (a weighted mean of T equal values can be off by an ulp or two)
 UNTARGETED_RTOL = 1e-6
-
-
-def _merge_error(msg: str) -> Exception:
-    from operators.merge.engine import MergeError  # the engine imports this module
-
-    return MergeError(msg)
 
 
 def svd_algorithm(shape: Sequence[int], rank: int) -> str:
@@ -108,7 +103,7 @@ def linear_coefficients(spec: MergeMethod, params: Any, weights: Sequence[float]
             experts is not that linear combination, so stacked factors would not be exact).
     """
     if spec.name not in CONCAT_METHODS:
-        raise _merge_error(
+        raise MergeError(
             f"adapter_factorization: 'concat' is exact only for {' and '.join(CONCAT_METHODS)}, not {spec.name!r} "
             "(its merge is not a weighted sum of the experts' B·A); use adapter_factorization: svd")
     n = len(names)
@@ -169,13 +164,13 @@ class AdapterBuilder:
             for key, mod_name in targets[n].items():
                 entry = self.modules.setdefault(key, (mod_name, []))
                 if entry[0] != mod_name:
-                    raise _merge_error(f"experts {entry[1][0][0]!r} and {n!r} name base tensor {key!r} differently "
+                    raise MergeError(f"experts {entry[1][0][0]!r} and {n!r} name base tensor {key!r} differently "
                                        f"({entry[0]!r} vs {mod_name!r}); their adapters were made on different model "
                                        "classes: merge adapters of one model class")
                 entry[1].append((n, adapters[n].modules[mod_name]))
         fifo = {m.fan_in_fan_out for _, parts in self.modules.values() for _, m in parts}
         if len(fifo) > 1:
-            raise _merge_error("experts disagree on fan_in_fan_out (adapter_config.json); one adapter cannot hold "
+            raise MergeError("experts disagree on fan_in_fan_out (adapter_config.json); one adapter cannot hold "
                                "both layouts: use lora_mode: exact")
         self.fan_in_fan_out = fifo.pop() if fifo else False
         self._pending: dict[str, list[Tensor]] = {}
@@ -193,7 +188,7 @@ class AdapterBuilder:
             m = merged_block.float()
             if not torch.allclose(m, b, rtol=UNTARGETED_RTOL, atol=0.0):
                 diff = float((m - b).abs().max())
-                raise _merge_error(
+                raise MergeError(
                     f"lora_mode 'adapter': method {self.method!r} changes tensor {key!r}, which no adapter targets "
                     f"(max |change| {diff:.3g}), so no single adapter can hold the merge; use lora_mode: exact "
                     "(a full checkpoint), or parameters that leave untouched weights alone")

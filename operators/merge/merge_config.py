@@ -148,7 +148,7 @@ LORA_KEYS = {"mode": ("exact", "adapter"), "rank": None, "factorization": ("svd"
 
 def _lora_settings(raw: Mapping[str, Any], root: Path, plan: MergePlan) -> None:
     """Read the optional ``lora`` block and ``adapter_bases`` into ``plan``."""
-    from operators.merge.lora import is_adapter_dir
+    from operators.lora import is_adapter_dir
 
     lora = raw.get("lora") or {}
     if not isinstance(lora, dict):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import Tensor
@@ -58,6 +58,8 @@ PrepareFn = Callable[[TensorStream, BaseModel, Sequence[str]], Any]
 # large tensor is merged in pieces (a tensor merged whole gets ctx.local None, and the method
 # computes them itself); task_vector(i) reads expert i's τ in float32, one expert at a time
 TensorStatsFn = Callable[[Callable[[int], Tensor], BaseModel, Sequence[str]], Any]
+StatisticsKind = Literal["gram", "fisher"]
+InputsKind = Literal["unlabeled"]
 
 
 class MergeParams(BaseModel):
@@ -137,6 +139,10 @@ class MergeMethod:
     # blocks, so memory does not grow with the largest tensor; chunkable(params) says when
     chunkable: Callable[[BaseModel], bool] | None = None
     tensor_stats: TensorStatsFn | None = None
+    # what a data-driven method needs beside the weights, computed by the pipeline before it merges
+    # (``operators.learn``) and handed to it in its parameters:
+    statistics: StatisticsKind | None = None  # per expert, on its own training inputs: "gram" or "fisher"
+    inputs: InputsKind | None = None  # "unlabeled": every task's validation inputs (its coefficients are learned)
 
     def parse_params(self, raw: dict | None) -> MergeParams:
         """Validate raw parameters, raising ``ValueError`` that names parameter, value and fix."""
@@ -176,8 +182,15 @@ def register(
     prepare: PrepareFn | None = None,
     chunkable: bool | Callable[[BaseModel], bool] = False,
     tensor_stats: TensorStatsFn | None = None,
+    statistics: StatisticsKind | None = None,
+    inputs: InputsKind | None = None,
 ) -> Callable[[TensorMergeFn], TensorMergeFn]:
-    """Register a tensor merge function under ``name`` (decorator)."""
+    """Register a tensor merge function under ``name`` (decorator).
+
+    A data-driven method says what it needs here: ``statistics="gram"`` / ``"fisher"`` (computed beside
+    each expert; its parameters then get ``statistics``: expert → directory) or ``inputs="unlabeled"``
+    (coefficients learned on every task's validation inputs; its parameters get ``coefficients``).
+    """
 
     def deco(fn: TensorMergeFn) -> TensorMergeFn:
         if name in MERGE_METHODS:
@@ -193,6 +206,8 @@ def register(
             prepare=prepare,
             chunkable=chunkable if callable(chunkable) else (lambda _p, c=bool(chunkable): c),
             tensor_stats=tensor_stats,
+            statistics=statistics,
+            inputs=inputs,
         )
         return fn
 

@@ -7,7 +7,7 @@ form over the experts' input Gram matrices G_i = X_iᵀ X_i is
 
 (α shrinks the off-diagonal entries; α = 1 is plain RegMean, α = 0 a per-input-feature weighted
 mean). Every other parameter (embeddings, LayerNorms, biases) is the weighted mean of the experts.
-The Gram matrices come from ``operators.statistics`` (``gram``: N = ``examples`` training inputs
+The Gram matrices come from ``operators.learn.statistics`` (``gram``: N = ``examples`` training inputs
 per task, computed beside each expert). Defaults: α = 0.95, N = 256 (FusionBench's RegMean
 defaults; MergeLM searches α ∈ {0.7, 0.8, 0.9, 1.0}).
 """
@@ -21,6 +21,7 @@ from pydantic import Field
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
+from operators.merge.statistics import open_statistics
 
 
 class RegMeanParams(MergeParams):
@@ -65,8 +66,6 @@ def weighted_mean(experts: Sequence[Tensor], coefficients: Sequence[float]) -> T
 
 
 def _prepare(stream, params: RegMeanParams, names: Sequence[str]):
-    from operators.statistics import open_statistics
-
     return _open_all(params.statistics, names, "gram", "regmean", open_statistics)
 
 
@@ -86,6 +85,7 @@ def _open_all(given: dict[str, str] | None, names: Sequence[str], kind: str, met
     paper="https://arxiv.org/abs/2212.09849",
     formula="θ* = (Σ w_i G̃_i)⁻¹ Σ w_i G̃_i θ_i per linear layer (G̃: shrunk input Grams); weighted mean elsewhere",
     prepare=_prepare,
+    statistics="gram",
 )
 def regmean(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: RegMeanParams,

@@ -218,7 +218,7 @@ def _check_checkpoint(wf: Workflow, spec: TaskSpec, c: Contribution, source: str
             with TensorReader(base) as ref:
                 base_shapes = {k: ref.shape(k) for k in ref.keys()}
             if (local / ADAPTER_CONFIG).is_file():
-                from operators.merge.lora import map_modules, read_adapter
+                from operators.lora import map_modules, read_adapter
 
                 adapter = read_adapter(local)
                 map_modules(adapter, base_shapes, "the workflow's base model")

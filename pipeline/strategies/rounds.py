@@ -359,10 +359,11 @@ class Rounds:
 
         Returns task → store path, or None for methods that need none.
         """
-        from operators.statistics import DEFAULT_EXAMPLES, METHOD_STATISTICS
+        from operators.merge import get_method
+        from operators.merge.statistics import DEFAULT_EXAMPLES
         from pipeline.learned import statistics_key, statistics_path, statistics_step
 
-        kind = METHOD_STATISTICS.get(merge.method)
+        kind = get_method(merge.method).statistics
         if kind is None:
             return None
         examples = int(merge.params.get("examples", DEFAULT_EXAMPLES))

@@ -1,4 +1,5 @@
-"""Statistics that data-driven merges need, computed beside each expert and stored with checksums.
+"""Statistics that data-driven merges need, computed beside each expert (stored by
+:mod:`operators.merge.statistics`, with checksums, where the methods read them).
 
 - ``gram`` (RegMean, Jin et al. 2023): for every ``nn.Linear`` of the body, the Gram matrix of its
   inputs ``G = Σ_x Σ_tokens x xᵀ / N`` over ``N`` training examples of the expert's task (padding
@@ -9,78 +10,24 @@
   per-example gradients come from one batched backward pass (each layer's per-example gradient from
   what it read and the gradient of what it wrote), or one backward pass per example for bodies with
   other layers; both give the same numbers. Only inputs are used, never labels.
-
-A statistics directory holds ``<kind>.safetensors`` (tensors named like the body's parameters) and
-``<kind>.json``: the kind, the number of examples and seed, the SHA-256 of the tensor file and of the
-expert's weights it was computed on, and each tensor's shape. :func:`open_statistics` refuses a
-directory whose file does not match its checksum, or that was computed on another expert (a
-different weights hash), so a merge never silently uses stale statistics.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from operators.data import TaskData
-
-StatisticsKind = Literal["gram", "fisher"]
-KINDS: tuple[str, ...] = ("gram", "fisher")
-# which statistics each data-driven merge method reads
-METHOD_STATISTICS: dict[str, StatisticsKind] = {"regmean": "gram", "fisher": "fisher"}
-DEFAULT_EXAMPLES = 256  # FusionBench's default for both Fisher merging and RegMean
-
-
-class StatisticsError(ValueError):
-    """Statistics that are missing, corrupt, or computed on another model."""
-
-
-def weights_sha256(ckpt: str | Path) -> str:
-    """SHA-256 over a checkpoint's safetensors files (sorted by name): identifies its weights."""
-    h = hashlib.sha256()
-    files = sorted(Path(ckpt).glob("*.safetensors"))
-    if not files:
-        raise StatisticsError(f"{ckpt}: no *.safetensors weights to fingerprint; is this a full checkpoint?")
-    for f in files:
-        h.update(f.name.encode())
-        h.update(_file_sha256(f).encode())
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class StatisticsRecord:
-    """What :func:`compute_statistics` wrote (also in ``<kind>.json``)."""
-
-    kind: str
-    task: str
-    examples: int
-    seed: int
-    seconds: float
-    expert_sha256: str
-    file_sha256: str
-    l2_norm: float
-    shapes: dict[str, list[int]]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "task": self.task, "examples": self.examples, "seed": self.seed,
-                "seconds": self.seconds, "expert_sha256": self.expert_sha256, "file_sha256": self.file_sha256,
-                "l2_norm": self.l2_norm, "shapes": self.shapes}
+from operators.merge.statistics import (
+    DEFAULT_EXAMPLES,
+    KINDS,
+    StatisticsError,
+    StatisticsKind,
+    StatisticsRecord,
+    write_statistics,
+)
 
 
 def sample_rows(n_rows: int, examples: int, seed: int) -> list[int]:
@@ -128,17 +75,8 @@ def compute_statistics(expert: str | Path, data: TaskData, kind: StatisticsKind,
         stats = _grams(model, body, tokenizer, texts, max_length, batch_size, device)
     else:
         stats = _fisher(model, body, tokenizer, texts, max_length, seed, device)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.float().contiguous().cpu() for k, v in sorted(stats.items())}
-    save_file(tensors, str(out / f"{kind}.safetensors"), metadata={"kind": kind, "task": data.name})
-    l2 = float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))
-    record = StatisticsRecord(kind=kind, task=data.name, examples=len(texts), seed=seed,
-                              seconds=time.perf_counter() - start, expert_sha256=weights_sha256(expert),
-                              file_sha256=_file_sha256(out / f"{kind}.safetensors"), l2_norm=l2,
-                              shapes={k: list(v.shape) for k, v in tensors.items()})
-    (out / f"{kind}.json").write_text(json.dumps(record.as_dict(), indent=2, sort_keys=True) + "\n")
-    return record
+    return write_statistics(out_dir, kind, data.name, stats, examples=len(texts), seed=seed,
+                            seconds=time.perf_counter() - start, expert=expert)
 
 
 def _grams(model, body, tokenizer, texts, max_length, batch_size, device) -> dict[str, torch.Tensor]:
@@ -351,62 +289,4 @@ def _word_embeddings(body) -> torch.nn.Embedding | None:
     return emb if isinstance(emb, torch.nn.Embedding) and not emb.sparse else None
 
 
-class Statistics:
-    """One expert's stored statistics, verified, read tensor by tensor."""
-
-    def __init__(self, directory: Path, record: dict[str, Any]):
-        self.directory = directory
-        self.record = record
-        self.kind: str = record["kind"]
-        self._file = safe_open(str(directory / f"{self.kind}.safetensors"), framework="pt")
-        self._keys = set(self._file.keys())
-
-    def get(self, key: str) -> torch.Tensor | None:
-        """The statistic of tensor ``key`` (None when there is none, e.g. no Gram for a bias)."""
-        return self._file.get_tensor(key).float() if key in self._keys else None
-
-    def shape(self, key: str) -> list[int] | None:
-        return self.record["shapes"].get(key)
-
-    @property
-    def l2_norm(self) -> float:
-        return float(self.record["l2_norm"])
-
-
-def open_statistics(directory: str | Path, kind: str, *, expert: str | Path | None = None,
-                    expert_sha256: str | None = None, who: str = "") -> Statistics:
-    """Open and verify a statistics directory.
-
-    Args:
-        directory: Where :func:`compute_statistics` wrote them.
-        kind: The kind the caller needs (``gram`` or ``fisher``).
-        expert: The expert checkpoint they must belong to (its weights are hashed and compared).
-        expert_sha256: Instead of ``expert``, its known weights hash.
-        who: The expert's name, for error messages.
-
-    Raises:
-        StatisticsError: missing files, a checksum mismatch, another kind, or another expert.
-    """
-    d = Path(directory)
-    label = f"expert {who!r}: " if who else ""
-    meta_path, tensor_path = d / f"{kind}.json", d / f"{kind}.safetensors"
-    if not meta_path.is_file() or not tensor_path.is_file():
-        raise StatisticsError(f"{label}no {kind} statistics in {d} ({meta_path.name} and {tensor_path.name} "
-                              "expected); compute them with operators.statistics.compute_statistics or run the "
-                              "workflow, which computes them beside each expert")
-    record = json.loads(meta_path.read_text())
-    if record.get("kind") != kind:
-        raise StatisticsError(f"{label}{d} holds {record.get('kind')!r} statistics, the merge needs {kind!r}")
-    actual = _file_sha256(tensor_path)
-    if actual != record.get("file_sha256"):
-        raise StatisticsError(f"{label}{tensor_path}: checksum {actual[:12]}… does not match the recorded "
-                              f"{str(record.get('file_sha256'))[:12]}…; the file is corrupt: delete {d} to recompute")
-    want = expert_sha256 or (weights_sha256(expert) if expert is not None else None)
-    if want is not None and record.get("expert_sha256") != want:
-        raise StatisticsError(f"{label}{d} was computed on other weights (hash {str(record.get('expert_sha256'))[:12]}…, "
-                              f"expert has {want[:12]}…); recompute the statistics for this expert")
-    return Statistics(d, record)
-
-
-__all__ = ["DEFAULT_EXAMPLES", "KINDS", "METHOD_STATISTICS", "Statistics", "StatisticsError", "StatisticsRecord",
-           "compute_statistics", "open_statistics", "sample_rows", "weights_sha256"]
+__all__ = ["compute_statistics", "sample_rows"]

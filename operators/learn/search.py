@@ -221,11 +221,11 @@ class ValidationScorer:
                  batch_size: int = 256, device: str = "cpu", align: Mapping[str, list[str]] | None = None,
                  ridge: float | None = None):
         """``align``: task → unlabeled inputs; each candidate body is then scored with every head aligned to
-        it on those inputs (``merge.heads: aligned``, :func:`operators.heads.fit_head`), as it would be merged."""
+        it on those inputs (``merge.heads: aligned``, :func:`operators.learn.heads.fit_head`), as it would be merged."""
         from transformers import AutoTokenizer
 
         from operators.checkpoint import load_task_model, quiet_transformers
-        from operators.heads import DEFAULT_RIDGE, layer_io, output_layer
+        from operators.learn.heads import DEFAULT_RIDGE, layer_io, output_layer
 
         quiet_transformers()
         self.device = device
@@ -253,7 +253,7 @@ class ValidationScorer:
     @torch.no_grad()
     def accuracy(self, body_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Validation accuracy per task; with ``body_state``, of that body (else of each expert as loaded)."""
-        from operators.heads import fit_head, layer_io
+        from operators.learn.heads import fit_head, layer_io
 
         out = {}
         for task, model in self.models.items():

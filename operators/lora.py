@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from operators.errors import MergeError
 from operators.tensor_io import INDEX_FILE, SINGLE_FILE, CheckpointError, TensorReader
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -276,12 +277,6 @@ def _modules(config: dict[str, Any], tensors: dict[str, Tensor], weights) -> dic
     return modules
 
 
-def _merge_error(msg: str) -> Exception:
-    from operators.merge.engine import MergeError  # the engine imports this module
-
-    return MergeError(msg)
-
-
 def map_modules(adapter: LoraAdapter, base_keys: Iterable[str], base_name: str = "the base") -> dict[str, str]:
     """Map each adapted module to the base tensor it updates: base tensor name → module name.
 
@@ -305,7 +300,7 @@ def map_modules(adapter: LoraAdapter, base_keys: Iterable[str], base_name: str =
                 break
             matches = sorted(k for k in keys if k.endswith("." + cand))
             if len(matches) > 1:
-                raise _merge_error(
+                raise MergeError(
                     f"adapter {adapter.directory}: module {name!r} fits {len(matches)} tensors of {base_name} "
                     f"({matches[0]!r}, {matches[1]!r}, ...); cannot tell which it adapts. Give the base the adapter "
                     "was trained on, saved with the same model class")
@@ -313,12 +308,12 @@ def map_modules(adapter: LoraAdapter, base_keys: Iterable[str], base_name: str =
                 found = matches[0]
                 break
         if found is None:
-            raise _merge_error(
+            raise MergeError(
                 f"adapter {adapter.directory}: module {name!r} has no weight in {base_name} (no tensor named "
                 f"{parts[-1]}.weight under its path); the adapter was trained on a different architecture. Give the "
                 "base checkpoint it was trained from")
         if found in out:
-            raise _merge_error(f"adapter {adapter.directory}: modules {out[found]!r} and {name!r} both map to "
+            raise MergeError(f"adapter {adapter.directory}: modules {out[found]!r} and {name!r} both map to "
                                f"{found!r} of {base_name}; the adapter does not fit this base")
         out[found] = name
     return out
@@ -360,7 +355,7 @@ class LoraDeltaReader:
                 shape = tuple(self._base.shape(key))
                 if shape != mod.delta_shape or not self._base.dtype(key).is_floating_point:
                     layout = " (fan_in_fan_out: stored (in, out))" if mod.fan_in_fan_out else ""
-                    raise _merge_error(
+                    raise MergeError(
                         f"adapter {self.directory}: module {name!r} has lora_A {list(mod.lora_A.shape)} and lora_B "
                         f"{list(mod.lora_B.shape)}, an update of shape {list(mod.delta_shape)}{layout}, but base "
                         f"tensor {key!r} has shape {list(shape)}; the adapter was trained on a different base. "
@@ -453,7 +448,7 @@ def check_same_task_type(adapters: dict[str, LoraAdapter]) -> None:
         seen.setdefault(ad.task_type, name)
     if len(seen) > 1:
         (t1, n1), (t2, n2) = list(seen.items())[:2]
-        raise _merge_error(
+        raise MergeError(
             f"experts {n1!r} (task_type={t1!r}) and {n2!r} (task_type={t2!r}) are adapters of different peft task "
             "types; merge adapters trained for the same task type (the same model class) together")
 
