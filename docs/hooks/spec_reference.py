@@ -243,7 +243,9 @@ def _yaml(value: Any) -> str:
     if isinstance(value, enum.Enum):
         return _yaml(value.value)
     if isinstance(value, float):
-        text = f"{value:.0e}" if value.is_integer() and abs(value) >= 1e5 else repr(value)
+        if value.is_integer():  # 16.0 -> 16, 1e6 -> 1e6: what one would write in the spec
+            return f"{value:.0e}".replace("e+0", "e") if abs(value) >= 1e5 else str(int(value))
+        text = repr(value)
         if "e" in text:
             mant, exp = text.split("e")
             text = f"{mant}e{int(exp)}"
