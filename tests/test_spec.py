@@ -185,3 +185,52 @@ def test_shipped_workflows_are_valid():
         wf = load_workflow(spec)
         assert spec.read_text().startswith("# Run with:"), f"{spec.name} opens with the command that runs it"
         assert wf.tasks
+
+
+def _models_in(annotation) -> list[type]:
+    """The pydantic models an annotation names, through ``X | None``, ``list[X]``, ``Annotated[X, ...]``."""
+    import typing
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _undocumented_fields(root: type) -> tuple[list[type], list[str]]:
+    """Every model reachable from ``root`` through its fields, and each field of them without a description."""
+    seen: list[type] = []
+    todo = [root]
+    while todo:
+        model = todo.pop(0)
+        if model not in seen:
+            seen.append(model)
+            todo += [m for f in model.model_fields.values() for m in _models_in(f.annotation)]
+    missing = [f"{m.__name__}.{name}" for m in seen for name, f in m.model_fields.items()
+               if not (f.description or "").strip()]
+    return seen, missing
+
+
+def test_every_spec_field_has_a_description():
+    """The spec reference is generated from these descriptions: a field without one is a hole in the docs."""
+    from pydantic import BaseModel, Field
+
+    from pipeline.spec import Workflow
+
+    models, missing = _undocumented_fields(Workflow)
+    assert {m.__name__ for m in models} >= {
+        "Workflow", "TaskSpec", "DatasetSpec", "PromptTemplate", "FinetuneSpec", "LoraSpec", "MergeSpec",
+        "LoraMergeSpec", "HeadsSpec", "RoundsSpec", "ResourcesSpec", "TrackingSpec", "StoreSpec", "RecurringSpec",
+        "ScheduleSpec", "GateSpec"}, "the walk reaches every section"
+    assert missing == [], f"fields without description=...: {missing}"
+
+    # the walk catches a field added without one, however deep
+    class Inner(BaseModel):
+        documented: int = Field(default=0, description="a number")
+        bare: int = 0
+
+    class Outer(BaseModel):
+        inner: list[Inner] | None = Field(default=None, description="inner ones")
+
+    assert _undocumented_fields(Outer)[1] == ["Inner.bare"]

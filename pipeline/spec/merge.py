@@ -60,8 +60,9 @@ class HeadsSpec(_Frozen):
     """
 
     mode: Literal["experts", "aligned"] = Field(
-        default="experts", description="experts (each task keeps its expert's head as trained) or aligned (each "
-        "head's output layer refit without labels to reproduce its expert's logits on the merged body)."
+        default="experts", description="Classification tasks: experts (each task keeps its expert's head as "
+        "trained) or aligned (each head's output layer refit without labels to reproduce its expert's logits on the "
+        "merged body)."
     )
     examples: int = Field(
         default=256, gt=0, description="aligned: training inputs per task (a seeded sample of the rows its expert "

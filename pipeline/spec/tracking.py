@@ -63,8 +63,8 @@ class TrackingSpec(_Frozen):
         default=None, description="Registry name of the merged models; defaults to '<name>-merged'."
     )
     alias: str = Field(
-        default="current", description="Registry alias, moved to the best merged version so far (mean held-out "
-        "accuracy); 'latest' and 'v<N>' are reserved by MLflow."
+        default="current", description="Registry alias (letters, digits, '_', '-'), moved to the best merged "
+        "version so far (mean held-out accuracy); 'latest' and 'v<N>' are reserved by MLflow."
     )
     log_model_artifacts: bool = Field(
         default=True,

@@ -45,21 +45,26 @@ class Workflow(_Frozen):
     )
     description: str = Field(default="", description="Free text; changes nothing that runs.")
     base_model: str = Field(
-        default=DEFAULT_BASE_MODEL, description="packaged:NAME or a local Hugging Face checkpoint directory "
-        "(safetensors only); causal_lm tasks need a causal LM."
+        default=DEFAULT_BASE_MODEL, description="The model every expert starts from: packaged:NAME or a local "
+        "Hugging Face checkpoint directory (safetensors only); causal_lm tasks need a causal LM (e.g. "
+        "packaged:word-llama)."
     )
     tasks: Annotated[list[TaskSpec], Field(min_length=1, description="One expert per task (at least one).")]
     finetune: FinetuneSpec = Field(
         default_factory=FinetuneSpec, description="How every expert is fine-tuned (tasks[].finetune overrides it)."
     )
     merge: MergeSpec = Field(
-        default_factory=MergeSpec, description="The one-shot merge (also round 0 of ATM on validation data)."
+        default_factory=MergeSpec, description="How the experts are merged in one shot (strategy oneshot, and round 0 "
+        "of ATM on validation data); the rounds of atm / cold_fusion use rounds.merge."
     )
     strategy: Literal["oneshot", "atm", "cold_fusion"] = Field(
         default="oneshot", description="oneshot (fine-tune every expert once, merge once), atm (alternating tuning "
         "and merging) or cold_fusion (contributors fine-tune from the shared model each round)."
     )
-    rounds: RoundsSpec = Field(default_factory=RoundsSpec, description="atm / cold_fusion: the rounds.")
+    rounds: RoundsSpec = Field(
+        default_factory=RoundsSpec, description="atm / cold_fusion: how many rounds, each round's budget and merge, "
+        "and where rounds run."
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray resources of each step.")
     tracking: TrackingSpec = Field(
         default_factory=TrackingSpec, description="Where lineage goes (MLflow); not part of the spec hash."
