@@ -73,11 +73,11 @@ def fifo_makespan(durations: list[float], slots: int) -> float:
 
 
 def measure(steps: list[int], address: str, tmp: Path) -> dict:
-    from pipeline.driver import preflight
+    from pipeline.context import StepContext, base_ref
+    from pipeline.driver import WORKER_PRELOAD, preflight
     from pipeline.lineage import Lineage
     from pipeline.runtime import RayRuntime
     from pipeline.spec import parse_workflow
-    from pipeline.steps import StepContext, base_ref
     from pipeline.store import CheckpointStore
     from pipeline.strategies.rounds import Rounds
 
@@ -97,7 +97,7 @@ def measure(steps: list[int], address: str, tmp: Path) -> dict:
     run_id = lineage.start_run(wf.name, kind="workflow")
     ctx = StepContext(wf, wf.tracking.uri, lineage.experiment_id, run_id, wf.base_model)
     out = {}
-    with RayRuntime(address=address) as runtime:
+    with RayRuntime(address=address, preload=WORKER_PRELOAD) as runtime:
         rounds = Rounds(ctx, runtime, lineage, CheckpointStore(wf.store.root), lambda _m: None)
         for index, phase in enumerate(("cold", "warm")):  # round 1: the same experts again, on warm workers
             round_run = rounds.start_round(index)

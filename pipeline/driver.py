@@ -21,15 +21,18 @@ from operators.checkpoint import is_causal_lm_checkpoint, resolve_model_path, va
 from operators.data import DataError
 from operators.tensor_io import CheckpointError, TensorReader
 from pipeline.attempts import Lease, WorkflowBusy, close_dead_attempts, describe_holder, driver_tags
+from pipeline.context import StepContext, base_ref, task_data
 from pipeline.lineage import TAG_SPEC_HASH, Lineage
 from pipeline.lineage_graph import GraphData, GraphRound, draw_lineage
 from pipeline.runtime import make_runtime
 from pipeline.spec import Workflow
-from pipeline.steps import StepContext, base_ref, task_data
 from pipeline.store import CheckpointStore
 from pipeline.strategies import STRATEGY_RUNNERS
-from pipeline.strategies.rounds import RoundResult, Rounds, ended_status, prestart
+from pipeline.strategies.rounds import RoundResult, Rounds, ended_status
+from pipeline.strategies.workers import prestart
 
+# what every step imports first (torch, transformers, MLflow: seconds), imported by each worker as it starts
+WORKER_PRELOAD = ("operators.evaluate", "operators.finetune", "pipeline.steps")
 RUN_LEASE = "run-lease.json"  # <store>/<workflow>/run-lease.json: the driver running that workflow now
 RUN_LEASE_TTL_S = 600.0  # a holder that stops renewing (every TTL/4) is presumed dead after this
 
@@ -176,7 +179,7 @@ def _run_held(wf: Workflow, lease: Lease, store: CheckpointStore, start: float, 
     with ThreadPoolExecutor(1, thread_name_prefix="mergeflow-tracking") as tracking, contextlib.ExitStack() as stack:
         opening = tracking.submit(_open_workflow_run, wf, lease, spec_text, report, parent_run_id)
         try:
-            runtime = stack.enter_context(make_runtime(address, num_cpus=num_cpus))
+            runtime = stack.enter_context(make_runtime(address, num_cpus=num_cpus, preload=WORKER_PRELOAD))
             workers = prestart(runtime, wf)
             failed_to_start = None
         except BaseException as exc:  # (recorded once the run exists)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
+from pipeline.context import ModelRef, StepContext, local_dir, say, task_data
 from pipeline.lineage import TAG_ROUND
 from pipeline.spec import MergeSpec, TaskSpec
-from pipeline.steps import ModelRef, StepContext, local_dir, say, task_data
 from pipeline.store import CheckpointStore, content_key
 
 

@@ -30,13 +30,10 @@ import time
 from typing import Any
 
 from operators.checkpoint import AdapterCheckpoint, StateCheckpoint
-from pipeline.lineage import TAG_STORE_URI
-from pipeline.runtime import WithState
-from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec
-from pipeline.steps import (
+from pipeline.context import (
     ModelRef,
     StepContext,
-    _attempt_tags,
+    attempt_tags,
     base_ref,
     local_dir,
     merged_path,
@@ -46,6 +43,9 @@ from pipeline.steps import (
     task_data,
     train_metrics,
 )
+from pipeline.lineage import TAG_STORE_URI
+from pipeline.runtime import WithState
+from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec
 
 # (base files, task, labels) → (model, tokenizer): this process's models, kept from one round to the next
 _MODELS: dict[tuple[str, str, tuple[str, ...]], tuple[Any, Any]] = {}
@@ -151,7 +151,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         for split, rows, context in (("train", data.train, "training"), ("eval", data.eval, "evaluation")):
             lineage.log_dataset(run_id, name=f"{task.name}-{split}", texts=data.inputs(rows),
                                 labels=data.targets(rows), source=data.source, digest=data.digest, context=context)
-    lineage.set_tags(run_id, {**_attempt_tags(lineage, run_id), "mergeflow.finetune_mode": settings.mode})
+    lineage.set_tags(run_id, {**attempt_tags(lineage, run_id), "mergeflow.finetune_mode": settings.mode})
     t0 = time.perf_counter()
     state = start_state(ctx, start)
     if state is None:  # the base, or a checkpointed round's merged model: read from the store as a task step does
@@ -252,7 +252,7 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
     if durable:
         path = merged_path(store, wf, round_index, key, merge.method)
         uri = store.uri(path)
-        lineage.set_tags(run_id, _attempt_tags(lineage, run_id))  # a retry marks the model its dead attempt left FAILED
+        lineage.set_tags(run_id, attempt_tags(lineage, run_id))  # a retry marks the model its dead attempt left FAILED
         model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags={
             "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": merge.method,
             "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: uri,

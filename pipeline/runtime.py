@@ -147,17 +147,22 @@ class InProcessPool:
         pass
 
 
-def import_step_libraries() -> None:
-    """Every worker's setup hook (``worker_process_setup_hook``): import what every step imports first (torch,
-    transformers, MLflow; seconds) as the worker process starts, so the workers Ray starts with the
-    cluster do it while the driver sets up, not in the first steps. A failure is left to the step that
-    imports the same module, which reports it; here it would only stop the worker from starting."""
-    try:
-        import operators.evaluate  # noqa: F401
-        import operators.finetune  # noqa: F401
-        import pipeline.steps  # noqa: F401
-    except Exception:
-        pass
+PRELOAD_ENV = "MERGEFLOW_PRELOAD"  # the modules every worker imports as it starts (comma-separated)
+
+
+def preload_modules() -> None:
+    """Every worker's setup hook (``worker_process_setup_hook``): import the modules the runtime was told to
+    preload (``RayRuntime(preload=...)``: what every step imports first, torch, transformers and MLflow among
+    them; seconds) as the worker process starts, so the workers Ray starts with the cluster do it while the
+    driver sets up, not in the first steps. A failure is left to the step that imports the same module,
+    which reports it; here it would only stop the worker from starting."""
+    import importlib
+
+    for name in filter(None, os.environ.get(PRELOAD_ENV, "").split(",")):
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass
 
 
 class _Resident:
@@ -225,14 +230,16 @@ class RayRuntime:
         num_gpus: GPUs of a local cluster (default: detected).
         working_dir: Shipped to remote workers as the runtime_env working_dir (for clusters where
             mergeflow is not installed on the nodes).
+        preload: Modules every worker imports as it starts (:func:`preload_modules`).
     """
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-                 working_dir: str | None = None):
+                 working_dir: str | None = None, preload: tuple[str, ...] = ()):
         self.address = address or "local"
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.working_dir = working_dir
+        self.preload = preload
         self._started = False
 
     def __enter__(self) -> RayRuntime:
@@ -240,8 +247,8 @@ class RayRuntime:
 
         if ray.is_initialized():
             return self
-        runtime_env: dict[str, Any] = {"env_vars": dict(WORKER_ENV),
-                                       "worker_process_setup_hook": f"{__name__}.import_step_libraries"}
+        runtime_env: dict[str, Any] = {"env_vars": {**WORKER_ENV, PRELOAD_ENV: ",".join(self.preload)},
+                                       "worker_process_setup_hook": f"{__name__}.preload_modules"}
         if self.working_dir:
             runtime_env["working_dir"] = self.working_dir
         kwargs: dict[str, Any] = {
@@ -340,8 +347,9 @@ def _unwrap(name: str, exc: Exception) -> BaseException:
     return StepFailed(f"step {name!r} failed on a Ray worker: {exc}")
 
 
-def make_runtime(address: str | None, num_cpus: int | None = None, working_dir: str | None = None):
-    """``in-process`` → :class:`InProcessRuntime`; anything else → :class:`RayRuntime`."""
+def make_runtime(address: str | None, num_cpus: int | None = None, working_dir: str | None = None,
+                 preload: tuple[str, ...] = ()):
+    """``in-process`` → :class:`InProcessRuntime`; anything else → :class:`RayRuntime` (``preload``: see there)."""
     if address == "in-process":
         return InProcessRuntime()
-    return RayRuntime(address=address, num_cpus=num_cpus, working_dir=working_dir)
+    return RayRuntime(address=address, num_cpus=num_cpus, working_dir=working_dir, preload=preload)

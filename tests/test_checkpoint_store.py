@@ -133,8 +133,9 @@ def test_a_baseline_key_changes_with_what_changes_its_numbers(tiny_base, tmp_pat
     """A linear probe's record is found by its content key: anything that changes its numbers changes the key."""
     import dataclasses
 
+    from pipeline.context import ModelRef
     from pipeline.spec import parse_workflow
-    from pipeline.steps import ModelRef, probe_key
+    from pipeline.steps import probe_key
     from tests.helpers import tiny_lm_workflow_dict, tiny_workflow_dict
 
     spec = tiny_workflow_dict(tmp_path, tiny_base)

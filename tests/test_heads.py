@@ -125,9 +125,9 @@ def test_workflow_with_aligned_heads_publishes_records_and_scores_them(tiny_base
 
     from operators.checkpoint import read_provenance
     from operators.evaluate import evaluate
+    from pipeline.context import task_data
     from pipeline.driver import run_workflow
     from pipeline.spec import parse_workflow
-    from pipeline.steps import task_data
     from pipeline.store import CheckpointStore
     from tests.helpers import tiny_workflow_dict
 
@@ -220,8 +220,8 @@ def test_lora_experts_heads_are_aligned_to_the_merged_model(tiny_base, tmp_path,
 
 
 def test_the_default_heads_leave_spec_hashes_and_merge_keys_as_they_were(tiny_base, tmp_path):
+    from pipeline.context import ModelRef, merged_key
     from pipeline.spec import parse_workflow
-    from pipeline.steps import ModelRef, merged_key
     from tests.helpers import tiny_workflow_dict
 
     def wf(**merge):

@@ -23,8 +23,8 @@ SEARCH = {"method": "regmean", "params": {"alpha": {"search": [0.5, 1.0]}, "exam
 def test_regmean_with_searched_alpha_through_ray_and_mlflow(tiny_base, tmp_path):
     from mlflow import MlflowClient
 
+    from pipeline.context import task_data
     from pipeline.driver import run_workflow
-    from pipeline.steps import task_data
 
     wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, merge=SEARCH))
     lines: list[str] = []
@@ -84,8 +84,8 @@ def test_adamerging_learns_on_validation_inputs_and_records_it(tiny_base, tmp_pa
 
     from operators.merge import get_method
     from operators.tensor_io import load_state_dict
+    from pipeline.context import task_data
     from pipeline.driver import run_workflow
-    from pipeline.steps import task_data
     from pipeline.store import CheckpointStore
 
     merge = {"method": "adamerging", "params": {"granularity": "task", "steps": 6, "learning_rate": 0.05},

@@ -304,8 +304,8 @@ def test_oneshot_lora_adapter_merge_in_process(tiny_llama, tmp_path):
 def test_atm_lora_causal_lm_rounds_through_ray_and_mlflow(tiny_llama, tmp_path):
     """Two ATM rounds of LoRA experts on a pico Llama through a real Ray cluster and MLflow store."""
     from operators.checkpoint import is_adapter_checkpoint, read_provenance
+    from pipeline.context import base_ref
     from pipeline.driver import run_workflow
-    from pipeline.steps import base_ref
 
     wf = parse_workflow(tiny_lm_workflow_dict(tmp_path, tiny_llama, strategy="atm", rounds={"count": 2},
                                               merge={"method": "task_arithmetic", "params": {"scaling": 0.5}}))

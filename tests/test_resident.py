@@ -362,21 +362,21 @@ def test_a_merge_run_again_after_its_worker_died_marks_the_dead_attempts_model_f
     """Ray runs a merge again when its worker dies. The first attempt had made a PENDING LoggedModel and
     tagged the run with where it ran; the second attempt says it is attempt 2 and marks that model FAILED,
     so no model is left PENDING and the run's READY model is the one with weights (task and resident merges)."""
-    from pipeline import resident, steps
+    from pipeline import context, resident, steps
     from pipeline.lineage import Lineage
 
     wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, strategy="atm", rounds={"count": 2, "workers": "resident"}))
     lineage = Lineage.init(wf.tracking.uri, wf.experiment_name)
-    ctx = steps.StepContext(wf, wf.tracking.uri, lineage.experiment_id, "wf-run", wf.base_model)
-    base = steps.base_ref(wf)
+    ctx = context.StepContext(wf, wf.tracking.uri, lineage.experiment_id, "wf-run", wf.base_model)
+    base = context.base_ref(wf)
     store = ctx.store()
-    experts = {t: steps.ModelRef("expert", t, store.path("experts", t), store.uri(store.path("experts", t)), f"key-{t}")
+    experts = {t: context.ModelRef("expert", t, store.path("experts", t), store.uri(store.path("experts", t)), f"key-{t}")
                for t in tiny_experts}
     for t, p in tiny_experts.items():
         store.publish(p, experts[t].path, move=False)
     for name, step in (("task", lambda run: steps.merge_step(ctx, base, experts, 0, run, "k-task")),
                        ("resident", lambda run: resident.merge_step(
-                           ctx, base, {t: steps.ModelRef("expert", t, "", e.uri, e.key, state=_Held(StateCheckpoint.read(
+                           ctx, base, {t: context.ModelRef("expert", t, "", e.uri, e.key, state=_Held(StateCheckpoint.read(
                                tiny_experts[t], tiny_base))) for t, e in experts.items()}, 0, run, "k-res", wf.rounds.merge,
                            None, durable=True).value)):
         run = lineage.start_run(f"merge-{name}", kind="merge")

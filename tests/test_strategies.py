@@ -132,7 +132,7 @@ def test_cold_fusion_never_averages_heads(tiny_base, tmp_path):
 
 
 def test_resume_after_round_two_gives_the_uninterrupted_weights(tiny_base, tmp_path, monkeypatch):
-    import pipeline.strategies.rounds as rounds_mod
+    import pipeline.strategies.workers as workers_mod
 
     def spec(root):
         return parse_workflow(tiny_workflow_dict(root, tiny_base, strategy="atm",
@@ -141,17 +141,17 @@ def test_resume_after_round_two_gives_the_uninterrupted_weights(tiny_base, tmp_p
     full = run(spec(tmp_path / "uninterrupted")).final.merged
 
     wf = spec(tmp_path / "resumed")
-    real = rounds_mod.finetune_step
+    real = workers_mod.finetune_step
 
     def stop_in_round_three(ctx, task, start, round_index, *args, **kwargs):
         if round_index == 2:
             raise KeyboardInterrupt("stopped after round 2 (simulated)")
         return real(ctx, task, start, round_index, *args, **kwargs)
 
-    monkeypatch.setattr(rounds_mod, "finetune_step", stop_in_round_three)
+    monkeypatch.setattr(workers_mod, "finetune_step", stop_in_round_three)
     with pytest.raises(KeyboardInterrupt):
         run(wf)
-    monkeypatch.setattr(rounds_mod, "finetune_step", real)
+    monkeypatch.setattr(workers_mod, "finetune_step", real)
     lines: list[str] = []
     resumed = run(wf, report=lines.append)
     # rounds 0 and 1 came from the store: 2 experts and 1 merge each
@@ -199,7 +199,7 @@ def test_rounds_score_experts_where_they_were_trained(tiny_base, tmp_path):
     run of its own); the scores equal a separate evaluation of the stored expert, and they are logged
     on the expert's run with its model and dataset, as an evaluation run would log them."""
     from operators.evaluate import evaluate
-    from pipeline.steps import task_data
+    from pipeline.context import task_data
 
     wf = parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, strategy="atm", rounds={"count": 2}))
     result = run(wf)

@@ -179,7 +179,7 @@ def training_rows(wf: Workflow, spec: TaskSpec, source: str, fmt: str | None = N
     Raises:
         DataError: a missing column, a row without text or label, a label outside the task's labels.
     """
-    from pipeline.steps import task_data
+    from pipeline.context import task_data
 
     gate_eval = set(task_data(spec).eval.texts)
     split = table_split(read_table(source, fmt), spec.dataset, spec.label_names, f"{source} (task {spec.name!r})")
@@ -296,7 +296,7 @@ def prepare_replay_task(wf: Workflow, store, task: str, identities: list[str]) -
 
 
 def _publish_task_data(store, path: str, spec: TaskSpec, texts: list[str], labels: list[str]) -> None:
-    from pipeline.steps import task_data
+    from pipeline.context import task_data
 
     gate = task_data(spec).eval
     staging = store.staging_dir()

@@ -29,6 +29,7 @@ from typing import Any
 
 from operators.checkpoint import ADAPTER_CONFIG, HEAD_WEIGHTS, HEADS_DIR
 from pipeline.attempts import TAG_KILLED_REASON, Lease, dead_because, describe_holder, driver_tags
+from pipeline.context import ModelRef, StepContext, base_ref, ref_from_store, task_data
 from pipeline.lineage import TAG_ROUND, TAG_SPEC_HASH, TAG_WORKFLOW_RUN, Lineage
 from pipeline.recurring.contributions import (
     Contribution,
@@ -39,7 +40,7 @@ from pipeline.recurring.contributions import (
 )
 from pipeline.recurring.gate import Verdict, decide, knows_nothing_score
 from pipeline.spec import Workflow, parse_interval
-from pipeline.steps import ModelRef, StepContext, base_ref, evaluate_step, ref_from_store, task_data
+from pipeline.steps import evaluate_step
 from pipeline.store import CheckpointStore, content_key
 
 Reporter = Callable[[str], None]
@@ -320,6 +321,7 @@ def _train_fuse_gate(wf: Workflow, lineage: Lineage, store: CheckpointStore, sta
                      champion: ModelRef,
                      champion_version: str | None, address: str | None, num_cpus: int | None, report: Reporter,
                      scheduled_for: str | None) -> RoundOutcome:
+    from pipeline.driver import WORKER_PRELOAD
     from pipeline.runtime import make_runtime
     from pipeline.strategies.rounds import Rounds, ended_status
 
@@ -342,7 +344,7 @@ def _train_fuse_gate(wf: Workflow, lineage: Lineage, store: CheckpointStore, sta
         tasks += [prepare_replay_task(wf, store, t, ids) for t, ids in sorted(replay.items())]
         if replay:
             lineage.set_tags(run_id, {"mergeflow.replay": ",".join(f"{t}:{len(ids)}" for t, ids in sorted(replay.items()))})
-        with make_runtime(address, num_cpus=num_cpus) as runtime:
+        with make_runtime(address, num_cpus=num_cpus, preload=WORKER_PRELOAD) as runtime:
             steps = Rounds(ctx, runtime, lineage, store, report)
             experts = steps.finetune(champion, tasks, n, run_id)
             for c in (c for c in chosen if c.kind == "checkpoint"):

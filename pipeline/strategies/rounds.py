@@ -8,29 +8,26 @@ MLflow runs its steps log into.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import resident
-from pipeline.lineage import TAG_ROUND, TAG_STORE_URI, TAG_TASK, Lineage
-from pipeline.runtime import PartsHandle, Resources
-from pipeline.spec import MergeSpec, TaskSpec, Workflow
-from pipeline.steps import (
+from pipeline.context import (
     ModelRef,
     StepContext,
-    evaluate_step,
     expert_key,
     expert_path,
-    finetune_step,
-    merge_step,
     merged_key,
     merged_path,
-    probe_step,
     ref_from_store,
     task_data,
 )
+from pipeline.lineage import TAG_ROUND, TAG_STORE_URI, TAG_TASK, Lineage
+from pipeline.runtime import Resources
+from pipeline.spec import MergeSpec, TaskSpec, Workflow
 from pipeline.store import CheckpointStore, CorruptCheckpoint
+from pipeline.strategies.workers import make_workers, step_resources
 
 Reporter = Callable[[str], None]
 
@@ -39,6 +36,17 @@ def ended_status(exc: BaseException) -> str:
     """How a run ends on ``exc``: KILLED when the process was told to stop (Ctrl-C, SIGTERM from
     ``mergeflow stop``, which Ray's driver turns into SystemExit), FAILED otherwise."""
     return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
+@contextlib.contextmanager
+def ending_on_failure(lineage: Lineage, *run_ids: str) -> Iterator[None]:
+    """Runs a step logs into, ended KILLED or FAILED (:func:`ended_status`) when the step does not finish."""
+    try:
+        yield
+    except BaseException as exc:
+        for run_id in run_ids:
+            lineage.end_run(run_id, ended_status(exc))
+        raise
 
 
 @dataclass
@@ -113,24 +121,6 @@ class PendingEvaluation:
     jobs: dict[str, Any] = field(default_factory=dict)  # model → its evaluation step
 
 
-def step_resources(wf: Workflow) -> Resources:
-    """What each fine-tuning (and scoring) step asks of the cluster."""
-    r = wf.resources
-    return Resources(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=r.max_retries)
-
-
-def uses_resident_workers(wf: Workflow) -> bool:
-    """Whether ``wf``'s rounds run on resident workers (``rounds.workers: resident``)."""
-    return wf.strategy != "oneshot" and wf.rounds.workers == "resident"
-
-
-def prestart(runtime: Any, wf: Workflow) -> Any:
-    """Resident workers: start the pool while the driver is still setting up (its MLflow run), so that
-    each worker's process starts and imports the steps' libraries meanwhile; returned for ``Rounds``
-    (None for task workers: Ray starts their processes with the cluster, and they import as they start)."""
-    return runtime.resident_pool(len(wf.tasks), step_resources(wf)) if uses_resident_workers(wf) else None
-
-
 class Rounds:
     """Submit the steps of a round and record them; shared by every strategy."""
 
@@ -143,46 +133,17 @@ class Rounds:
         self.store = store
         self.report = report
         self.resources = step_resources(self.wf)
-        # resident workers (rounds.workers: resident): one long-lived worker per slot keeps each of its tasks'
-        # model across rounds; made on first use (or by ``prestart``: ``pool``), given back by close()
-        self.resident = uses_resident_workers(self.wf)
-        self._pool = pool
-        self._worker_of: dict[str, int] = {}  # task → the worker that trains it, every round (its model stays there)
-        self._load: list[float] = []
-
-    # --- resident workers -----------------------------------------------------------------------
-    @property
-    def pool(self):
-        if self._pool is None:
-            self._pool = self.runtime.resident_pool(len(self.wf.tasks), self.resources)
-        if not self._load:
-            self._load = [0.0] * self._pool.size
-            self.report(f"{self._pool.size} resident worker(s) started; each keeps its tasks' models across rounds")
-        return self._pool
-
-    def worker_for(self, task: str, cost: float = 0.0) -> int:
-        """The worker that keeps ``task``'s model: fixed at its first round, on the least loaded worker then."""
-        if task not in self._worker_of:
-            w = self.least_loaded()
-            self._worker_of[task] = w
-            self._load[w] += cost
-        return self._worker_of[task]
-
-    def least_loaded(self) -> int:
-        """The resident worker with the least work given so far (the first of equals)."""
-        return min(range(self.pool.size), key=lambda i: (self._load[i], i))
+        # where the steps run (task or resident workers; ``pool``: resident workers already started)
+        self.workers = make_workers(self, pool)
 
     def close(self) -> None:
-        """Give the resident workers' slots back."""
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        """Give the workers' slots back (resident workers)."""
+        self.workers.close()
 
     def durable(self, index: int, last: int) -> bool:
         """Whether round ``index`` is checkpointed: written to the store, scored and registered. Always with
         task workers; with resident workers every ``rounds.checkpoint_every`` rounds, and the last."""
-        every = self.wf.rounds.checkpoint_every
-        return not self.resident or index == last or (index + 1) % every == 0
+        return self.workers.durable(index, last)
 
     def end_unscored(self, index: int, round_run: str, merged: ModelRef) -> None:
         """Close a round kept in memory (between checkpoints): its experts' and merge's runs hold its record."""
@@ -246,32 +207,20 @@ class Rounds:
         With resident workers a round's experts stay in memory (``scored``: scored where they are trained).
         """
         pending = PendingExperts(index, round_run)
-        if self.resident and per_round:
-            plans = sorted(((task, *self.expert_plan(start, task, index, per_round, part)) for task in tasks),
-                           key=lambda t: -t[3])  # stable: ties keep spec order
-            for task, settings, key, cost in plans:
-                run_id = self._child(f"expert:{task.name}", "expert", round_run, index, {TAG_TASK: task.name})
-                pending.run_ids[task.name] = run_id
-                pending.futures.append(self.pool.submit(
-                    self.worker_for(task.name, cost), resident.finetune_step, self.ctx, task, start, index, run_id,
-                    key, settings, part, scored, name=f"finetune-{task.name}-r{index}"))
-            return pending
         todo = []
         for task in tasks:
             settings, key, cost = self.expert_plan(start, task, index, per_round, part)
             path = expert_path(self.store, self.wf, index, task.name, key)
-            if self.intact(path, f"expert {task.name!r}", index):
+            if self.workers.stored(path, f"expert {task.name!r}", index):
                 pending.experts[task.name] = ref_from_store(self.store, path, "expert", task.name, key)
                 self.report(f"round {index}: expert {task.name!r} already in the store, reused ({self.store.uri(path)})")
                 continue
             todo.append((cost, task, settings, key, path))
-        for _cost, task, settings, key, path in sorted(todo, key=lambda t: -t[0]):  # stable: ties keep spec order
+        for cost, task, settings, key, path in sorted(todo, key=lambda t: -t[0]):  # stable: ties keep spec order
             run_id = self._child(f"expert:{task.name}", "expert", round_run, index,
-                                 {TAG_TASK: task.name, TAG_STORE_URI: self.store.uri(path)})
+                                 {TAG_TASK: task.name, **self.workers.store_tags(self.store.uri(path))})
             pending.run_ids[task.name] = run_id
-            pending.futures.append(self.runtime.submit(
-                finetune_step, self.ctx, task, start, index, run_id, key, settings, part,
-                name=f"finetune-{task.name}-r{index}", resources=self.resources))
+            pending.futures.append(self.workers.finetune(task, start, index, run_id, key, settings, part, scored, cost))
         return pending
 
     def collect_experts(self, pending: PendingExperts) -> dict[str, ModelRef]:
@@ -306,53 +255,14 @@ class Rounds:
         merge = merge or self.wf.merge
         key = merged_key(base, experts, merge, heads_from)
         path = merged_path(self.store, self.wf, index, key, merge.method)
-        in_memory = any(e.state is not None for e in experts.values())
-        if in_memory and not durable:  # a round between checkpoints: nothing of it is in the store
-            return self._merge_resident(base, experts, index, round_run, merge, heads_from, key, durable)
-        if self.intact(path, "merged model", index):
+        if durable and self.intact(path, "merged model", index):  # (a round between checkpoints is in memory only)
             self.report(f"round {index}: merged model already in the store, reused ({self.store.uri(path)})")
             return ref_from_store(self.store, path, "merged", f"{self.wf.name}-merged", key)
-        if in_memory:  # a checkpointed round: merged in memory, then written
-            return self._merge_resident(base, experts, index, round_run, merge, heads_from, key, durable)
         statistics = self.statistics(experts, merge, index)
         run_id = self._child(f"merge:{merge.method}", "merge", round_run, index,
-                             {TAG_STORE_URI: self.store.uri(path), "mergeflow.method": merge.method})
-        fut = self.runtime.submit(merge_step, self.ctx, base, experts, index, run_id, key, merge, heads_from,
-                                  statistics, name=f"merge-r{index}", resources=Resources(num_cpus=self.resources.num_cpus,
-                                                                              max_retries=self.resources.max_retries))
-        try:
-            ref = self.runtime.result(fut)
-        except BaseException as exc:
-            self.lineage.end_run(run_id, ended_status(exc))
-            raise
-        self.report(f"round {index}: merged {len(experts)} experts with {merge.method}")
-        return ref
-
-    def _merge_resident(self, base: ModelRef, experts: dict[str, ModelRef], index: int, round_run: str,
-                        merge: MergeSpec, heads_from: ModelRef | None, key: str, durable: bool) -> ModelRef:
-        run_id = self._child(f"merge:{merge.method}", "merge", round_run, index, {"mergeflow.method": merge.method})
-        # every worker merges a run of the tensors at once (methods that merge each tensor on its own); the
-        # first also the heads, and writes a checkpointed round whole
-        from operators.merge.registry import get_method
-
-        n = self.pool.size if get_method(merge.method).prepare is None else 1
-        parts = [self.pool.submit(i, resident.merge_part, self.ctx, base, experts, merge, heads_from, (i, n),
-                                  name=f"merge-r{index}-part{i}") for i in range(1, n)]
-        fut = self.pool.submit(0, resident.merge_step, self.ctx, base, experts, index, run_id, key, merge, heads_from,
-                               durable, [p.state for p in parts], name=f"merge-r{index}")
-        try:
-            ref = self.runtime.result(fut)
-            for p in parts:
-                self.runtime.result(p)
-        except BaseException as exc:
-            self.lineage.end_run(run_id, ended_status(exc))
-            raise
-        ref.state = PartsHandle([fut.state, *(p.state for p in parts)]) if parts else fut.state
-        for e in experts.values():  # merged: their weights are read by nothing more (their runs keep their record)
-            e.state = None
-        self.report(f"round {index}: merged {len(experts)} experts with {merge.method} in memory"
-                    + (f" (checkpoint {ref.uri})" if durable else ""))
-        return ref
+                             {**self.workers.store_tags(self.store.uri(path)), "mergeflow.method": merge.method})
+        with ending_on_failure(self.lineage, run_id):
+            return self.workers.merge(base, experts, index, run_id, key, merge, heads_from, statistics, durable)
 
     def statistics(self, experts: dict[str, ModelRef], merge: MergeSpec, index: int) -> dict[str, str] | None:
         """The statistics a data-driven method needs, one Ray task per expert (reused when stored).
@@ -421,36 +331,18 @@ class Rounds:
             if heads:
                 work[name] = (expert, heads)
         pending = PendingEvaluation(index, known, list(experts), merged.run_id)
-        if self.resident:  # each task's score where its model is kept: the merged weights go to its worker
-            if any(name != "merged" for name in work):
-                raise ValueError("resident rounds score each expert on its own task where it is trained (scored=True)")
-            run = merged.run_id if (merged.run_id and not merged.reused) else self._child(
-                "evaluate:merged", "evaluation", round_run, index)
-            for task in tasks:
-                pending.runs[f"merged@{task}"] = run
-                pending.jobs[f"merged@{task}"] = self.pool.submit(
-                    self.worker_for(task), resident.evaluate_step, self.ctx, merged, self.wf.task(task), run, index,
-                    name=f"evaluate-merged-{task}-r{index}")
-            return pending
         for name, (model, heads) in work.items():
             run = model.run_id if (model.run_id and not model.reused) else self._child(
                 f"evaluate:{name}", "evaluation", round_run, index)
             pending.runs[name] = run
-            pending.jobs[name] = self.runtime.submit(evaluate_step, self.ctx, model, heads, run, index,
-                                                     name=f"evaluate-{name}-r{index}", resources=self.eval_resources())
+            pending.jobs |= self.workers.evaluate(name, model, heads, run, index)
         return pending
 
     def collect_evaluation(self, pending: PendingEvaluation
                            ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
         """Wait for the scores of :meth:`submit_evaluation`; ends the evaluation runs (not the merge's)."""
-        results = {}
-        try:
-            for name, fut in pending.jobs.items():
-                results[name] = self.runtime.result(fut)
-        except BaseException as exc:
-            for run in pending.runs.values():
-                self.lineage.end_run(run, ended_status(exc))
-            raise
+        with ending_on_failure(self.lineage, *pending.runs.values()):
+            results = {name: self.runtime.result(fut) for name, fut in pending.jobs.items()}
         # the merge run stays open: record() adds the normalised scores, then closes it
         for run in set(pending.runs.values()) - {pending.merged_run}:
             self.lineage.end_run(run)
@@ -467,24 +359,14 @@ class Rounds:
     def submit_probe(self, base: ModelRef, index: int, round_run: str, name: str = "baseline:linear-probe"):
         """Start a linear probe of ``base``'s body (returns a future; collect with ``probe_result``)."""
         run_id = self._child(name, "baseline", round_run, index)
-        if self.resident:  # the resident workers hold every slot: each probes its own tasks, after its experts
-            mine: dict[int, list[str]] = {}
-            spare = iter(range(len(self.wf.tasks)))  # a task no worker keeps yet (ColD Fusion): spread, not placed
-            for task in self.wf.tasks:
-                w = self._worker_of.get(task.name)
-                mine.setdefault(w if w is not None else next(spare) % self.pool.size, []).append(task.name)
-            return run_id, [self.pool.submit(w, probe_step, self.ctx, base, run_id, index,
-                                             tasks if len(mine) > 1 else None, name=f"probe-r{index}-{w}")
-                            for w, tasks in sorted(mine.items())], index
-        fut = self.runtime.submit(probe_step, self.ctx, base, run_id, index, name=f"probe-r{index}",
-                                  resources=self.eval_resources())
-        return run_id, fut, index
+        return run_id, self.workers.probe(base, run_id, index), index
 
     def probe_result(self, handle) -> dict[str, dict[str, float]]:
+        """Wait for a probe of :meth:`submit_probe`; task → metrics. Logs its cost and ends its run."""
         run_id, futs, index = handle
-        try:
+        with ending_on_failure(self.lineage, run_id):
             res = {}
-            for fut in futs if isinstance(futs, list) else [futs]:
+            for fut in futs:
                 res |= self.runtime.result(fut)
             res = {t.name: res[t.name] for t in self.wf.tasks}
             # the baseline's cost: each task's measuring time (a task reused from the store has none)
@@ -492,9 +374,6 @@ class Rounds:
             seconds = [v for k, v in logged.items() if k.startswith("probe/") and k.endswith("/seconds")]
             if seconds:
                 self.lineage.log_metrics(run_id, {"probe_seconds": sum(seconds)}, step=index)
-        except BaseException as exc:
-            self.lineage.end_run(run_id, ended_status(exc))
-            raise
         self.lineage.end_run(run_id)
         return res
 
