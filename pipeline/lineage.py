@@ -642,3 +642,149 @@ def _dataset_source(source: str):
             return resolve_dataset_source(source)
     except Exception:
         return CodeDatasetSource(tags={"source": source})
+
+
+# --- reading a tracking store for `mergeflow status` and `mergeflow resume` (reads only) ----------------
+
+
+class TrackingStoreError(ValueError):
+    """A tracking store, run or artifact that cannot be read, in one line with what to do instead."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One MLflow run as plain data: what ``mergeflow status`` shows and ``mergeflow resume`` checks."""
+
+    run_id: str
+    run_name: str
+    experiment_id: str
+    status: str
+    start_time: int  # milliseconds since the epoch, as MLflow keeps it
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunTree:
+    """A run and every run of the workflow it belongs to, oldest first (``mergeflow status RUN_ID``)."""
+
+    name: str  # the asked run's name
+    root_id: str  # its workflow run
+    root_status: str
+    runs: list[RunRecord]
+
+
+def _run_record(run) -> RunRecord:
+    return RunRecord(run.info.run_id, run.info.run_name, run.info.experiment_id, run.info.status, run.info.start_time,
+                     dict(run.data.tags), dict(run.data.metrics))
+
+
+def _open_tracking_store(tracking_uri: str):
+    """An MLflow client on an existing tracking store, and the store's experiments.
+
+    Raises:
+        TrackingStoreError: the URI is not one MLflow tracks to, its SQLite file is missing or is not
+            a database, or the store does not answer.
+    """
+    from mlflow import MlflowClient
+
+    from pipeline.spec import check_tracking_uri
+
+    try:
+        check_tracking_uri(tracking_uri)
+    except ValueError as exc:
+        raise TrackingStoreError(f"--tracking-uri: {exc}") from None
+    db = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+    if db is not None and not db.is_file():
+        raise TrackingStoreError(f"no tracking database at {tracking_uri}; run a workflow first or pass --tracking-uri")
+    if db is not None and db.read_bytes()[:16] != b"SQLite format 3\x00":
+        raise TrackingStoreError(f"{db} is not a SQLite database (--tracking-uri {tracking_uri}); pass the file "
+                                 "mergeflow run wrote")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        experiments = client.search_experiments()
+    except Exception as exc:  # a server that does not answer, a database of another program, ...
+        raise TrackingStoreError(f"cannot read the tracking store {tracking_uri}: {type(exc).__name__}: {exc}") from None
+    return client, experiments
+
+
+def _get_run(client, tracking_uri: str, run_id: str):
+    try:
+        return client.get_run(run_id)
+    except Exception:
+        raise TrackingStoreError(f"no run {run_id!r} in {tracking_uri}; list the workflow runs with: mergeflow status "
+                                 f"--tracking-uri {tracking_uri}") from None
+
+
+def workflow_runs(tracking_uri: str, experiment: str | None = None, limit: int = 10) -> list[RunRecord]:
+    """The newest workflow runs in a tracking store, newest first.
+
+    Args:
+        tracking_uri: An existing tracking store.
+        experiment: Only this experiment's runs (``None``: every experiment's).
+        limit: At most this many.
+
+    Raises:
+        TrackingStoreError: the store cannot be read.
+    """
+    client, experiments = _open_tracking_store(tracking_uri)
+    if experiment:
+        experiments = [e for e in experiments if e.name == experiment]
+    runs = client.search_runs([e.experiment_id for e in experiments], f"tags.`{TAG_KIND}` = 'workflow'",
+                              max_results=limit, order_by=["attributes.start_time DESC"])
+    return [_run_record(r) for r in runs]
+
+
+def runs_under(tracking_uri: str, run_id: str) -> RunTree:
+    """``run_id``'s name, its workflow run and every run of that workflow (up to 1000, oldest first).
+
+    Raises:
+        TrackingStoreError: the store cannot be read or has no run ``run_id``.
+    """
+    client, _ = _open_tracking_store(tracking_uri)
+    asked = _get_run(client, tracking_uri, run_id)
+    root = asked.data.tags.get(TAG_WORKFLOW_RUN, run_id)
+    runs = client.search_runs([asked.info.experiment_id], f"tags.`{TAG_WORKFLOW_RUN}` = '{root}'",
+                              order_by=["attributes.start_time ASC"], max_results=1000)
+    return RunTree(asked.info.run_name, root, client.get_run(root).info.status, [_run_record(r) for r in runs])
+
+
+def workflow_root_of(tracking_uri: str, run_id: str) -> RunRecord:
+    """The workflow run that ``run_id`` (itself, or any run under it) belongs to.
+
+    Raises:
+        TrackingStoreError: the store cannot be read, has no run ``run_id``, or the run is not part
+            of a workflow run (a recurring round's, say).
+    """
+    client, _ = _open_tracking_store(tracking_uri)
+    run = _get_run(client, tracking_uri, run_id)
+    root = client.get_run(run.data.tags.get(TAG_WORKFLOW_RUN, run_id))
+    if root.data.tags.get(TAG_KIND) != "workflow":
+        raise TrackingStoreError(f"run {run_id} is not part of a mergeflow workflow run (recurring rounds finish "
+                                 "themselves: mergeflow round SPEC)")
+    return _run_record(root)
+
+
+def workflow_spec_of(tracking_uri: str, run_id: str) -> tuple[str, str | None]:
+    """The spec a workflow run recorded: its ``workflow.json`` text, and its ``workflow.yaml`` text
+    (the spec file as written; ``None`` when the run has none).
+
+    Raises:
+        TrackingStoreError: the run has no readable ``workflow.json``.
+    """
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="mergeflow-resume-") as tmp:
+        try:
+            spec_json = Path(client.download_artifacts(run_id, "workflow.json", tmp)).read_text()
+        except Exception as exc:
+            raise TrackingStoreError(f"run {run_id} has no workflow.json artifact to resume from "
+                                     f"({type(exc).__name__}); run its spec again with mergeflow run SPEC") from None
+        try:
+            spec_text = Path(client.download_artifacts(run_id, "workflow.yaml", tmp)).read_text()
+        except Exception:
+            spec_text = None
+    return spec_json, spec_text
