@@ -21,8 +21,6 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -192,7 +190,7 @@ def submit(wf: Workflow, spec_text: str, address: str, *, excludes: list[str] | 
     # `stop` sends SIGTERM, then SIGKILL after this long: time for the driver to end its runs KILLED
     env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = source.get("RAY_JOB_STOP_WAIT_TIME_S", "30")
     tracking = ' --tracking-uri "$MLFLOW_TRACKING_URI"' if "MLFLOW_TRACKING_URI" in env_vars else ""
-    entrypoint = f"python -m pipeline.jobs {verb} _mergeflow_job/workflow.yaml --address auto{tracking}"
+    entrypoint = f"python -m pipeline.cli.job_entry {verb} _mergeflow_job/workflow.yaml --address auto{tracking}"
     with tempfile.TemporaryDirectory(prefix="mergeflow-job-") as tmp:
         package_project(Path(tmp), spec_text, excludes=excludes)
         deadline = time.monotonic() + AGENT_WAIT_S
@@ -274,19 +272,3 @@ def stop(address: str, job_id: str, wait_s: float = 60.0, sleep: Callable[[float
         sleep(0.5)
     return state
 
-
-def _entry(argv: list[str]) -> None:
-    """The job's entrypoint: ``mergeflow run`` (or ``round``) with SIGTERM (what ``ray job stop`` sends
-    first) turned into KeyboardInterrupt, so the workflow's runs end KILLED instead of staying RUNNING."""
-    from pipeline.cli import main
-
-    def on_term(_sig, _frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    verb = argv.pop(0) if argv and argv[0] in ("run", "round") else "run"
-    main([verb, *argv], prog_name="mergeflow")
-
-
-if __name__ == "__main__":
-    _entry(sys.argv[1:])

@@ -1,0 +1,92 @@
+"""Merging checkpoints outside a workflow: ``mergeflow merge`` (the work is in ``operators.merge``)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from pipeline.cli.common import EXIT_BAD_INPUT, fail, parse_size
+from pipeline.cli.group import main
+
+
+@main.command()
+@click.argument("config", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--shard-size", default="2GB", show_default=True, help="Output shard size (e.g. 200MB, 5GB).")
+@click.option("--threads", type=int, default=None, help="Torch threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (time, peak memory, bytes) on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: bool, quiet: bool) -> None:
+    """Merge the checkpoints CONFIG names into OUT, streaming tensor by tensor.
+
+    CONFIG is a mergeflow merge config (base, experts, method, params) or a mergekit YAML config
+    (merge_method, base_model, models, parameters, dtype), read with mergekit's semantics.
+    """
+    import json
+    import resource
+
+    import torch
+    from tqdm import tqdm
+
+    from operators.merge.engine import MergeError, merge_checkpoints
+    from operators.merge.merge_config import MergeConfigError, load_merge_config
+    from operators.tensor_io import CheckpointError
+    from pipeline.store import fetch_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        shard_bytes = parse_size(shard_size)
+        plan = load_merge_config(config, fetch=fetch_checkpoint)
+    except (MergeConfigError, ValueError) as exc:
+        fail(f"{config}: {exc}", EXIT_BAD_INPUT)
+    bar = None if quiet else tqdm(total=None, unit="tensor", desc=f"{plan.method}", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    start = time.perf_counter()
+    try:
+        report = merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, out,
+                                   max_shard_bytes=shard_bytes, progress=progress, out_dtype=plan.out_dtype,
+                                   provenance={"config": str(Path(config).resolve()), "config_format": plan.source_format},
+                                   adapter_bases=plan.adapter_bases or None, lora_mode=plan.lora_mode,
+                                   adapter_rank=plan.adapter_rank, adapter_factorization=plan.adapter_factorization)
+    except (MergeError, CheckpointError, ValueError) as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = {
+        "output": str(Path(out).resolve()),
+        "method": plan.method,
+        "config_format": plan.source_format,
+        "experts": report.experts,
+        "tensors": report.tensors,
+        "seconds": round(time.perf_counter() - start, 3),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "bytes_read": report.bytes_read,
+        "bytes_written": report.bytes_written,
+        "output_files": report.output_files,
+        "notes": plan.notes,
+        **({"lora_mode": report.lora_mode} if report.lora_mode else {}),
+        **({"adapter_rank": report.adapter_rank, "adapter_error": report.adapter_error,
+            "adapter_worst_module": report.adapter_worst_module,
+            "adapter_worst_module_error": report.adapter_worst_module_error} if report.lora_mode == "adapter" else {}),
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"merged {len(report.experts)} models with {plan.method} into {out}: {report.tensors} tensors, "
+                   f"{report.bytes_written / 1e6:.0f} MB written in {summary['seconds']:.1f} s, "
+                   f"peak RSS {summary['peak_rss_bytes'] / 1e6:.0f} MB")
+        if report.lora_mode == "adapter":
+            click.echo(f"adapter rank {report.adapter_rank}: relative error {report.adapter_error:.3g} "
+                       f"(worst {report.adapter_worst_module}: {report.adapter_worst_module_error:.3g})")
+        for note in plan.notes:
+            click.echo(f"note: {note}")
