@@ -253,16 +253,60 @@ def finetune(
     Returns:
         Steps, losses, tokens, time taken and peak GPU memory.
     """
-    # --- setup --------------------------------------------------------------------------------
     load_start = time.perf_counter()
     quiet_transformers()
     if torch_threads:
         torch.set_num_threads(torch_threads)
     if model is None:  # (a preloaded model was seeded and loaded by its caller: a fresh head drew from the seed)
         torch.manual_seed(settings.seed)  # fixes the fresh head's initialisation, LoRA's A and dropout masks
+    init_ckpt = Path(init_ckpt)
+    run = _set_up(init_ckpt, data, settings, device, model, tokenizer, fresh_head)
+    steps = total_steps(len(data.train), settings)
+    optimizer, scheduler = _optimizer(run, settings, steps)
+    load_seconds = time.perf_counter() - load_start
+    trained = _train(run, data, settings, steps, optimizer, scheduler, device, log)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    save_start = time.perf_counter()
+    _save(run, init_ckpt, data, settings, out_dir)
+    keep = keep_model and (not run.lora or out_dir is None)
+    return FinetuneResult(
+        steps=steps,
+        examples_seen=trained.seen,
+        final_loss=trained.losses[-1][1] if trained.losses else float("nan"),
+        mean_loss=trained.total_loss / max(1, steps),
+        seconds=trained.seconds,
+        losses=trained.losses,
+        head_init="none" if run.lm else ("carried over" if run.has_head else "fresh"),
+        tokens_seen=trained.tokens,
+        trainable_parameters=sum(p.numel() for p in trained.params),
+        precision=run.precision,
+        peak_gpu_bytes=peak,
+        load_seconds=load_seconds,
+        save_seconds=time.perf_counter() - save_start,
+        model=(run.model if run.lora else run.task_model) if keep else None,
+        tokenizer=run.tokenizer if keep else None,
+    )
+
+
+@dataclass
+class _Run:
+    """A model ready to train (:func:`_set_up`)."""
+
+    model: Any  # what trains: the task model, or the peft model wrapping it (LoRA)
+    task_model: Any  # the transformers model (heads and bodies are read from it)
+    tokenizer: Any
+    lm: bool
+    lora: bool
+    has_head: bool  # a classification head carried over from the start (not fresh)
+    precision: str
+    encoded: list[tuple[list[int], list[int]]] | None  # causal LM: every row's ids and loss labels
+
+
+def _set_up(init_ckpt: Path, data: TaskData, settings: FinetuneSettings, device: str, model: Any, tokenizer: Any,
+            fresh_head: bool) -> _Run:
+    """The start model (loaded, or a resident worker's), its tokenizer, LoRA adapters, on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    init_ckpt = Path(init_ckpt)
     lm, lora = data.is_lm, settings.mode == "lora"
     precision = resolve_precision(settings.precision, device)
     if device.startswith("cuda"):
@@ -278,11 +322,10 @@ def finetune(
         has_head = (init_ckpt / HEADS_DIR / data.name / HEAD_WEIGHTS).is_file()
         model = load_task_model(init_ckpt, data.name, label_names=data.label_names)
         tokenizer = AutoTokenizer.from_pretrained(str(init_ckpt))
-    if lm:
-        encoded = encode_lm(tokenizer, data.train, settings.max_length)
+    encoded = encode_lm(tokenizer, data.train, settings.max_length) if lm else None
     if has_head or lm:  # the stream starts again at the seed: a loader's throwaway draws stay out of training
         torch.manual_seed(settings.seed)  # (only a fresh head's draw, made with this seed, goes on into training)
-    task_model = model  # the transformers model (LoRA wraps it; heads and bodies are read from it)
+    task_model = model
     if settings.freeze_embeddings and not lora:
         # the word-embedding table is most of a small model's parameters and of each step's cost
         model.get_input_embeddings().weight.requires_grad_(False)
@@ -292,17 +335,20 @@ def finetune(
         task_model.config.use_cache = False
         task_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
+    return _Run(model, task_model, tokenizer, lm, lora, has_head, precision, encoded)
 
-    body_prefix = task_model.base_model_prefix + "."
-    trainable = [(n, p) for n, p in task_model.named_parameters() if p.requires_grad]
-    head_params = [] if lm else [p for n, p in trainable if not n.startswith(body_prefix) and "lora_" not in n]
+
+def _optimizer(run: _Run, settings: FinetuneSettings, steps: int):
+    """AdamW over what trains (the head at its own learning rate), with linear warm-up then linear decay."""
+    body_prefix = run.task_model.base_model_prefix + "."
+    trainable = [(n, p) for n, p in run.task_model.named_parameters() if p.requires_grad]
+    head_params = [] if run.lm else [p for n, p in trainable if not n.startswith(body_prefix) and "lora_" not in n]
     head_ids = {id(p) for p in head_params}
     body_params = [p for _, p in trainable if id(p) not in head_ids]
     groups = [{"params": body_params, "lr": settings.learning_rate}]
     if head_params:
         groups.append({"params": head_params, "lr": settings.head_learning_rate or settings.learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    steps = total_steps(len(data.train), settings)
     warmup = int(steps * settings.warmup_ratio)
 
     def lr_scale(step: int) -> float:  # linear warm-up, then linear decay to zero
@@ -310,27 +356,43 @@ def finetune(
             return (step + 1) / max(1, warmup)
         return max(0.0, (steps - step) / max(1, steps - warmup))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_scale)
+
+
+@dataclass
+class _Trained:
+    """What :func:`_train` did."""
+
+    losses: list[tuple[int, float]]
+    total_loss: float
+    seen: int
+    tokens: int
+    seconds: float
+    params: list[torch.nn.Parameter]
+
+
+def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, optimizer, scheduler, device: str,
+           log: LogFn | None) -> _Trained:
+    """The loop: ``steps`` seeded batches, the loss averaged over every ``log_every`` steps."""
     generator = torch.Generator().manual_seed(settings.seed)
+    model, tokenizer = run.model, run.tokenizer
 
     def batch_inputs(idx: list[int]) -> dict[str, Any]:
-        if lm:
-            return collate_lm([encoded[i] for i in idx], tokenizer.pad_token_id, device)
+        if run.lm:
+            return collate_lm([run.encoded[i] for i in idx], tokenizer.pad_token_id, device)
         enc = tokenizer([data.train.texts[i] for i in idx], padding=True, truncation=True,
                         max_length=settings.max_length, return_tensors="pt").to(device)
         return {**enc, "labels": torch.tensor([data.train.labels[i] for i in idx], device=device)}
 
-    # --- train --------------------------------------------------------------------------------
     model.train()
     start = time.perf_counter()
-    load_seconds = start - load_start
     losses: list[tuple[int, float]] = []
     window: list[float] = []
     total_loss, seen, tokens = 0.0, 0, 0
     all_params = [p for p in model.parameters() if p.requires_grad]
     for step, idx in enumerate(_batches(data.train, settings.batch_size, steps, generator), start=1):
         batch = batch_inputs(idx)
-        with autocast(precision, device):
+        with autocast(run.precision, device):
             # classification: mean cross-entropy over the batch; causal LM: mean over the response
             # tokens of the batch (transformers' losses, shifted for next-token prediction)
             loss = model(**batch).loss
@@ -352,45 +414,27 @@ def finetune(
             if log is not None:
                 log(step, {"train_loss": avg, "lr": scheduler.get_last_lr()[0]})
             window = []
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+    return _Trained(losses, total_loss, seen, tokens, time.perf_counter() - start, all_params)
 
-    # --- save ---------------------------------------------------------------------------------
-    save_start = time.perf_counter()
-    model.eval()
-    model.to("cpu")
+
+def _save(run: _Run, init_ckpt: Path, data: TaskData, settings: FinetuneSettings, out_dir: str | Path | None) -> None:
+    """The trained model back on the CPU in eval mode; written to ``out_dir`` unless it is None."""
+    run.model.eval()
+    run.model.to("cpu")
     if settings.gradient_checkpointing:
-        task_model.gradient_checkpointing_disable()
-        task_model.config.use_cache = True
-    keep = keep_model and (not lora or out_dir is None)
+        run.task_model.gradient_checkpointing_disable()
+        run.task_model.config.use_cache = True
     if out_dir is None:
-        pass
-    elif lora:
+        return
+    if run.lora:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(out_dir), safe_serialization=True)  # the adapter only, not the base
-        if not lm:
-            save_head(task_model, out_dir, data.name)
+        run.model.save_pretrained(str(out_dir), safe_serialization=True)  # the adapter only, not the base
+        if not run.lm:
+            save_head(run.task_model, out_dir, data.name)
         copy_tokenizer(init_ckpt, out_dir)
-    elif lm:
-        task_model.save_pretrained(str(out_dir))
+    elif run.lm:
+        run.task_model.save_pretrained(str(out_dir))
         copy_tokenizer(init_ckpt, Path(out_dir))
     else:
-        save_task_model(task_model, init_ckpt, out_dir, data.name)
-    return FinetuneResult(
-        steps=steps,
-        examples_seen=seen,
-        final_loss=losses[-1][1] if losses else float("nan"),
-        mean_loss=total_loss / max(1, steps),
-        seconds=seconds,
-        losses=losses,
-        head_init="none" if lm else ("carried over" if has_head else "fresh"),
-        tokens_seen=tokens,
-        trainable_parameters=sum(p.numel() for p in all_params),
-        precision=precision,
-        peak_gpu_bytes=peak,
-        load_seconds=load_seconds,
-        save_seconds=time.perf_counter() - save_start,
-        model=(model if lora else task_model) if keep else None,
-        tokenizer=tokenizer if keep else None,
-    )
+        save_task_model(run.task_model, init_ckpt, out_dir, data.name)

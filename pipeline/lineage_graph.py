@@ -75,6 +75,21 @@ def _short(text: str, width: int = 22) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
+def _draw_curve(ax, data: GraphData) -> None:
+    """The merged model's and the experts' mean accuracy by round, against the base's probe."""
+    xs = [r.index for r in data.rounds]
+    ax.plot(xs, [r.merged_mean for r in data.rounds], marker="o", label="merged model")
+    expert_means = [sum(r.experts.values()) / len(r.experts) if r.experts else float("nan") for r in data.rounds]
+    ax.plot(xs, expert_means, marker=".", linestyle="--", label="experts (own task)")
+    if data.base_mean is not None:
+        ax.axhline(data.base_mean, color="#999999", linestyle=":", label="base (linear probe)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean accuracy")
+    ax.set_xticks(xs if len(xs) <= 16 else xs[:: max(1, len(xs) // 16)])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
 def draw_lineage(data: GraphData, path: str | Path, dpi: int = 110) -> Path:
     """Draw ``data`` as a PNG at ``path``.
 
@@ -144,17 +159,7 @@ def draw_lineage(data: GraphData, path: str | Path, dpi: int = 110) -> Path:
                  "(mean held-out accuracy)", fontsize=9)
 
     if ax_curve is not None:
-        xs = [r.index for r in data.rounds]
-        ax_curve.plot(xs, [r.merged_mean for r in data.rounds], marker="o", label="merged model")
-        expert_means = [sum(r.experts.values()) / len(r.experts) if r.experts else float("nan") for r in data.rounds]
-        ax_curve.plot(xs, expert_means, marker=".", linestyle="--", label="experts (own task)")
-        if data.base_mean is not None:
-            ax_curve.axhline(data.base_mean, color="#999999", linestyle=":", label="base (linear probe)")
-        ax_curve.set_xlabel("round")
-        ax_curve.set_ylabel("mean accuracy")
-        ax_curve.set_xticks(xs if len(xs) <= 16 else xs[:: max(1, len(xs) // 16)])
-        ax_curve.grid(alpha=0.3)
-        ax_curve.legend(fontsize=8, loc="lower right")
+        _draw_curve(ax_curve, data)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

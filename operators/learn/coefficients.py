@@ -84,10 +84,7 @@ def learn_coefficients(base: str | Path, experts: Mapping[str, str | Path], inpu
     Returns:
         An :class:`AdaMergingResult`; its ``coefficients`` go into the merge's params.
     """
-    from transformers import AutoTokenizer
-
-    from operators.checkpoint import load_task_model, quiet_transformers
-    from operators.tensor_io import load_state_dict
+    from operators.checkpoint import quiet_transformers
 
     p = params if isinstance(params, AdaMergingParams) else AdaMergingParams.model_validate(dict(params or {}))
     names = sorted(experts)
@@ -97,63 +94,22 @@ def learn_coefficients(base: str | Path, experts: Mapping[str, str | Path], inpu
                          "each task's inputs (the pipeline uses the validation slice: set merge.validation_fraction)")
     quiet_transformers()
     start = time.perf_counter()
-    base_sd = {k: v.float() for k, v in load_state_dict(base).items() if v.is_floating_point()}
-    expert_sd = {n: {k: v.float() for k, v in load_state_dict(experts[n]).items() if v.is_floating_point()}
-                 for n in names}
-    keys = sorted(base_sd)
-    missing = {n: sorted(set(keys) - set(sd))[:3] for n, sd in expert_sd.items() if set(keys) - set(sd)}
-    if missing:
-        raise ValueError(f"adamerging: experts lack tensors of the base ({missing}); they were not fine-tuned from it")
-    spec = get_method("adamerging")
-    stats = spec.prepare(ModelStream(keys, lambda k: (base_sd[k], [expert_sd[n][k] for n in names])), p, names) \
-        if spec.prepare is not None else None
-    tvs: dict[str, torch.Tensor] = {}
-    fixed = 0
-    for k in keys:
-        tv = task_vectors(base_sd[k], [expert_sd[n][k] for n in names], p, TensorContext(k, stats, tuple(names)))
-        if bool(tv.any()):
-            tvs[k] = tv.to(device)
-        else:
-            fixed += 1
-    expert_sd.clear()  # the task vectors are all that is needed from here on
+    base_sd, keys, tvs, fixed = _task_vectors(base, experts, names, p, device)
     learned = list(tvs)
     base_dev = {k: v.to(device) for k, v in base_sd.items()}
     width = len(learned) if p.granularity == "layer" else 1
     lam = torch.full((len(names), width), float(p.init), device=device, requires_grad=True)
     opt = torch.optim.Adam([lam], lr=p.learning_rate, betas=(0.9, 0.999))
-
-    models, prefixes, tokenizers = {}, {}, {}
-    for n in names:
-        m = load_task_model(experts[n], n).to(device).eval()
-        for q in m.parameters():
-            q.requires_grad_(False)
-        models[n], prefixes[n] = m, m.base_model_prefix
-        tokenizers[n] = AutoTokenizer.from_pretrained(str(experts[n]))
-    gen = torch.Generator().manual_seed(p.seed)
-    orders = {n: [] for n in names}
-
-    def batch(n: str) -> list[str]:
-        texts = inputs[n]
-        out = []
-        while len(out) < min(p.batch_size, len(texts)):
-            if not orders[n]:
-                orders[n] = torch.randperm(len(texts), generator=gen).tolist()
-            out.append(texts[orders[n].pop()])
-        return out
-
+    heads = _Heads(experts, names, device)
+    batches = _Batches(inputs, p.batch_size, p.seed)
     history: list[tuple[int, float]] = []
     for step in range(p.steps + 1):  # step 0 .. steps-1 train; the last pass only measures
         merged = dict(base_dev)
         for i, k in enumerate(learned):
             col = lam[:, i if width > 1 else 0]
             merged[k] = base_dev[k] + torch.tensordot(col, tvs[k], dims=1)
-        total = torch.zeros((), device=device)
-        for n in names:
-            enc = tokenizers[n](batch(n), padding=True, truncation=True, max_length=max_length,
-                                return_tensors="pt").to(device)
-            state = {f"{prefixes[n]}.{k}": v for k, v in merged.items()}
-            logits = torch.func.functional_call(models[n], state, args=(), kwargs=dict(enc), strict=False).logits
-            total = total + entropy(logits)
+        total = sum((entropy(heads.logits(n, merged, batches.next(n), max_length)) for n in names),
+                    torch.zeros((), device=device))
         value = float(total.detach())
         if step % log_every == 0 or step == p.steps:
             history.append((step, value))
@@ -180,5 +136,73 @@ def learn_coefficients(base: str | Path, experts: Mapping[str, str | Path], inpu
                             entropy=history, learned_tensors=len(learned), fixed_tensors=fixed,
                             mean_coefficient={n: float(values[t].mean()) for t, n in enumerate(names)})
 
+
+def _task_vectors(base: str | Path, experts: Mapping[str, str | Path], names: list[str], p: AdaMergingParams,
+                  device: str) -> tuple[dict[str, torch.Tensor], list[str], dict[str, torch.Tensor], int]:
+    """The base's floating-point tensors, their names, the experts' task vectors as the merge prepares them
+    (on ``device``; a tensor no expert changes is left out) and how many were left out."""
+    from operators.tensor_io import load_state_dict
+
+    base_sd = {k: v.float() for k, v in load_state_dict(base).items() if v.is_floating_point()}
+    expert_sd = {n: {k: v.float() for k, v in load_state_dict(experts[n]).items() if v.is_floating_point()}
+                 for n in names}
+    keys = sorted(base_sd)
+    missing = {n: sorted(set(keys) - set(sd))[:3] for n, sd in expert_sd.items() if set(keys) - set(sd)}
+    if missing:
+        raise ValueError(f"adamerging: experts lack tensors of the base ({missing}); they were not fine-tuned from it")
+    spec = get_method("adamerging")
+    stats = spec.prepare(ModelStream(keys, lambda k: (base_sd[k], [expert_sd[n][k] for n in names])), p, names) \
+        if spec.prepare is not None else None
+    tvs: dict[str, torch.Tensor] = {}
+    fixed = 0
+    for k in keys:
+        tv = task_vectors(base_sd[k], [expert_sd[n][k] for n in names], p, TensorContext(k, stats, tuple(names)))
+        if bool(tv.any()):
+            tvs[k] = tv.to(device)
+        else:
+            fixed += 1
+    return base_sd, keys, tvs, fixed
+
+
+class _Heads:
+    """Each expert's model, frozen: its head reads a merged body (``functional_call``) and gives logits."""
+
+    def __init__(self, experts: Mapping[str, str | Path], names: list[str], device: str):
+        from transformers import AutoTokenizer
+
+        from operators.checkpoint import load_task_model
+
+        self.device = device
+        self.models, self.prefixes, self.tokenizers = {}, {}, {}
+        for n in names:
+            m = load_task_model(experts[n], n).to(device).eval()
+            for q in m.parameters():
+                q.requires_grad_(False)
+            self.models[n], self.prefixes[n] = m, m.base_model_prefix
+            self.tokenizers[n] = AutoTokenizer.from_pretrained(str(experts[n]))
+
+    def logits(self, n: str, body: dict[str, torch.Tensor], texts: list[str], max_length: int) -> torch.Tensor:
+        enc = self.tokenizers[n](texts, padding=True, truncation=True, max_length=max_length,
+                                 return_tensors="pt").to(self.device)
+        state = {f"{self.prefixes[n]}.{k}": v for k, v in body.items()}
+        return torch.func.functional_call(self.models[n], state, args=(), kwargs=dict(enc), strict=False).logits
+
+
+class _Batches:
+    """Seeded batches of each task's inputs: every input once per pass, in a fresh order each pass."""
+
+    def __init__(self, inputs: Mapping[str, Sequence[str]], batch_size: int, seed: int):
+        self.inputs, self.batch_size = inputs, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.orders: dict[str, list[int]] = {n: [] for n in inputs}
+
+    def next(self, n: str) -> list[str]:
+        texts = self.inputs[n]
+        out = []
+        while len(out) < min(self.batch_size, len(texts)):
+            if not self.orders[n]:
+                self.orders[n] = torch.randperm(len(texts), generator=self.gen).tolist()
+            out.append(texts[self.orders[n].pop()])
+        return out
 
 __all__ = ["AdaMergingResult", "entropy", "learn_coefficients"]

@@ -50,7 +50,7 @@ from operators.lora import (
     read_adapter,
 )
 from operators.merge.lora_adapter import AdapterBuilder, linear_coefficients
-from operators.merge.registry import ModelStream, TensorContext, get_method, resolve_weights
+from operators.merge.registry import MergeMethod, ModelStream, TensorContext, get_method, resolve_weights
 from operators.tensor_io import ShardedWriter, TensorReader
 
 # element-wise merges of large matrices go in row blocks of about this many elements (4 MiB per input
@@ -259,11 +259,7 @@ def merge_checkpoints(
                              lora_mode=lora_mode if adapters else None)
         lora_record = _lora_provenance(adapters, lora_bases, lora_mode, adapter_factorization) if adapters else {}
         keys = readers["__base__"].keys()
-        stats = None
-        if spec.prepare is not None:  # a first streaming pass for whole-model statistics
-            float_keys = [k for k in keys if readers["__base__"].dtype(k).is_floating_point]
-            stream = ModelStream(float_keys, lambda k: (readers["__base__"].get(k), [readers[n].get(k) for n in names]))
-            stats = spec.prepare(stream, p, names)
+        stats = _prepare(spec, p, keys, readers, names)
         if lora_mode == "adapter":
             builder = AdapterBuilder(adapters, {n: readers[n].targets for n in names}, adapter_factorization,
                                      adapter_rank, coefficients, method)
@@ -271,21 +267,8 @@ def merge_checkpoints(
                                      builder, adapters, paths, heads, heads_from, report, progress, provenance,
                                      lora_record, start)
         with atomic_output_dir(out_dir) as tmp:
-            ref = readers["__base__"]
-            plan = [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
-                    for k in keys]
-            writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes, metadata={"merge_method": method})
-            with _BackgroundWriter(writer) as out:
-                def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
-                    out.write(b.key, merged.to(out_dtype or ref.dtype(b.key)) if merged.is_floating_point() else merged)
-
-                for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements):
-                    report.bytes_read += ref.nbytes(key) * (1 + sum(key in readers[n] for n in names))
-                    report.tensors += 1
-                    if progress is not None:
-                        progress(report.tensors, len(keys))
-            report.output_files = writer.close()
-            report.bytes_written = writer.bytes_written
+            _write_merged(tmp, keys, readers, names, spec, p, weights, stats, chunk_elements, out_dtype,
+                          max_shard_bytes, report, progress)
             _write_config(base / "config.json", tmp / "config.json", out_dtype)
             copy_tokenizer(base, tmp)
             report.heads = _copy_heads(heads, paths, heads_from, tmp)
@@ -304,6 +287,37 @@ def merge_checkpoints(
     finally:
         for r in readers.values():
             r.close()
+
+
+def _prepare(spec: MergeMethod, p: Any, keys: list[str], readers: Mapping[str, Any], names: list[str]) -> Any:
+    """The method's whole-model statistics: a first streaming pass over the floating-point tensors (None for a
+    method without one)."""
+    if spec.prepare is None:
+        return None
+    ref = readers["__base__"]
+    float_keys = [k for k in keys if ref.dtype(k).is_floating_point]
+    return spec.prepare(ModelStream(float_keys, lambda k: (ref.get(k), [readers[n].get(k) for n in names])), p, names)
+
+
+def _write_merged(tmp: Path, keys: list[str], readers: Mapping[str, Any], names: list[str], spec: MergeMethod, p: Any,
+                  weights: list[float], stats: Any, chunk_elements: int, out_dtype: torch.dtype | None,
+                  max_shard_bytes: int, report: MergeReport, progress: Callable[[int, int], None] | None) -> None:
+    """Merge every tensor block by block into sharded safetensors in ``tmp``, written by a background thread."""
+    ref = readers["__base__"]
+    plan = [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
+            for k in keys]
+    writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes, metadata={"merge_method": spec.name})
+    with _BackgroundWriter(writer) as out:
+        def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
+            out.write(b.key, merged.to(out_dtype or ref.dtype(b.key)) if merged.is_floating_point() else merged)
+
+        for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements):
+            report.bytes_read += ref.nbytes(key) * (1 + sum(key in readers[n] for n in names))
+            report.tensors += 1
+            if progress is not None:
+                progress(report.tensors, len(keys))
+    report.output_files = writer.close()
+    report.bytes_written = writer.bytes_written
 
 
 class _StateReader:
@@ -389,18 +403,9 @@ def merge_states(
     if part is not None and spec.prepare is not None and part[1] > 1:
         raise MergeError(f"{method}: its merge of each tensor needs a pass over the whole model first; it cannot be "
                          "merged in parts (merge it whole)")
-    for n in names:  # the checks check_compatible makes of files, on tensors
-        missing = sorted(k for k in keys if k not in readers[n] and ref.dtype(k).is_floating_point)
-        bad = next((k for k in keys if k in readers[n] and (readers[n].shape(k), readers[n].dtype(k))
-                    != (ref.shape(k), ref.dtype(k))), None)
-        if missing or bad or set(readers[n].keys()) - set(keys):
-            raise MergeError(f"expert {n!r} does not have the base's tensors (missing {missing[:3]}, first mismatch "
-                             f"{bad!r}); experts must be fine-tuned from the same base model")
+    _check_states(readers, names, keys)
     report = MergeReport(method=method, params=p.model_dump(mode="json"), experts=names, weights=weights)
-    stats = None
-    if spec.prepare is not None:
-        float_keys = [k for k in keys if ref.dtype(k).is_floating_point]
-        stats = spec.prepare(ModelStream(float_keys, lambda k: (ref.get(k), [readers[n].get(k) for n in names])), p, names)
+    stats = _prepare(spec, p, keys, readers, names)
     pieces: dict[str, list[torch.Tensor]] = {}
 
     def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
@@ -413,19 +418,38 @@ def merge_states(
         parts = pieces.pop(key)
         body[key] = (parts[0] if len(parts) == 1 else torch.cat([t.reshape(-1) for t in parts])).reshape(ref.shape(key))
         report.tensors += 1
+    heads = _state_heads(experts, names, heads_from) if part is None or part[0] == 0 else {}
+    report.heads = sorted(heads)
+    report.lora_mode = "exact" if adapters else None
+    report.seconds = time.perf_counter() - start
+    return StateCheckpoint(base.files, body, heads, causal_lm=base.causal_lm), report
+
+
+def _check_states(readers: Mapping[str, Any], names: list[str], keys: list[str]) -> None:
+    """The checks :func:`check_compatible` makes of files, on tensors held in memory."""
+    ref = readers["__base__"]
+    for n in names:
+        missing = sorted(k for k in keys if k not in readers[n] and ref.dtype(k).is_floating_point)
+        bad = next((k for k in keys if k in readers[n] and (readers[n].shape(k), readers[n].dtype(k))
+                    != (ref.shape(k), ref.dtype(k))), None)
+        if missing or bad or set(readers[n].keys()) - set(keys):
+            raise MergeError(f"expert {n!r} does not have the base's tensors (missing {missing[:3]}, first mismatch "
+                             f"{bad!r}); experts must be fine-tuned from the same base model")
+
+
+def _state_heads(experts: Mapping[str, StateCheckpoint | AdapterCheckpoint], names: list[str],
+                 heads_from: StateCheckpoint | None) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
+    """Each expert's own task's head (or every head it carries), then ``heads_from``'s for the other tasks."""
     heads: dict[str, tuple[dict[str, torch.Tensor], str]] = {}
-    for n in names if part is None or part[0] == 0 else []:
+    for n in names:
         own = [n] if n in experts[n].heads else list(experts[n].heads)
         for task in own:
             if task in heads:
                 raise MergeError(f"two experts carry a head for task {task!r}; name each expert after its task")
             heads[task] = experts[n].heads[task]
-    if heads_from is not None and (part is None or part[0] == 0):
+    if heads_from is not None:
         heads |= {t: h for t, h in heads_from.heads.items() if t not in heads}
-    report.heads = sorted(heads)
-    report.lora_mode = "exact" if adapters else None
-    report.seconds = time.perf_counter() - start
-    return StateCheckpoint(base.files, body, heads, causal_lm=base.causal_lm), report
+    return heads
 
 
 def split_keys(keys: list[str], numels: list[int], parts: int) -> list[list[str]]:

@@ -229,6 +229,30 @@ def _scalar(value: Any, where: str) -> Any:
 
 
 def _from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
+    method, glob = _mergekit_method(raw)
+    allowed = MERGEKIT_METHODS[method]
+    models = raw.get("models") or []
+    if not isinstance(models, list) or not models:
+        raise MergeConfigError("models: a list of {model: PATH, parameters: {...}} entries is required")
+    base_ref = raw.get("base_model")
+    base = _local(base_ref, root, "base_model") if base_ref is not None else None
+    inputs = _mergekit_models(models, root, method, allowed, base)
+    names = _unique_names([ref for ref, _, _ in inputs])
+    plan = MergePlan(base=base or inputs[0][1], experts={n: p for n, (_, p, _) in zip(names, inputs, strict=True)},
+                     method=method, params={}, source_format="mergekit",
+                     out_dtype=_dtype(raw.get("out_dtype") or raw.get("dtype"), "out_dtype" if raw.get("out_dtype") else "dtype"))
+    if method != "linear" and base is None:
+        raise MergeConfigError(f"base_model: required by mergekit's {method}")
+    _MERGEKIT_PARAMS[method](_MergekitParams(method, glob, inputs, names, plan), plan, base)
+    try:
+        get_method(plan.method).parse_params(plan.params)
+    except ValueError as exc:
+        raise MergeConfigError(str(exc)) from None
+    return plan
+
+
+def _mergekit_method(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The config's merge method and its global parameters, checked against what mergeflow reads."""
     for key in raw:
         if key in MERGEKIT_UNSUPPORTED_KEYS:
             raise MergeConfigError(f"{key}: mergekit's {MERGEKIT_UNSUPPORTED_KEYS[key]} is not supported by mergeflow")
@@ -250,12 +274,13 @@ def _from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
             raise MergeConfigError(f"parameters.{k}: not a parameter of mergekit's {method} "
                                    f"(its parameters: {', '.join(sorted(allowed))})")
         glob[k] = _scalar(v, f"parameters.{k}")
+    return method, glob
 
-    models = raw.get("models") or []
-    if not isinstance(models, list) or not models:
-        raise MergeConfigError("models: a list of {model: PATH, parameters: {...}} entries is required")
-    base_ref = raw.get("base_model")
-    base = _local(base_ref, root, "base_model") if base_ref is not None else None
+
+def _mergekit_models(models: list, root: Path, method: str, allowed: Any,
+                     base: Path | None) -> list[tuple[str, Path, dict[str, Any]]]:
+    """Each model entry to merge: its reference, local path and parameters (the base listed among them left out,
+    as mergekit does for every method but linear)."""
     inputs: list[tuple[str, Path, dict[str, Any]]] = []
     for i, entry in enumerate(models):
         if not isinstance(entry, dict) or "model" not in entry:
@@ -273,29 +298,36 @@ def _from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
         if base is not None and path.resolve() == base.resolve() and method != "linear":
             continue  # the base listed among the models: mergekit does not merge it as a non-base input
         inputs.append((str(entry["model"]), path, params))
+    return inputs
 
-    names = _unique_names([ref for ref, _, _ in inputs])
-    plan = MergePlan(base=base or inputs[0][1], experts={n: p for n, (_, p, _) in zip(names, inputs, strict=True)},
-                     method=method, params={}, source_format="mergekit",
-                     out_dtype=_dtype(raw.get("out_dtype") or raw.get("dtype"), "out_dtype" if raw.get("out_dtype") else "dtype"))
 
-    def value(i: int, key: str, default: Any = None, required: bool = False) -> Any:
-        if key in inputs[i][2]:
-            return inputs[i][2][key]
-        if key in glob:
-            return glob[key]
+@dataclass
+class _MergekitParams:
+    """A mergekit config's parameters as mergekit resolves them: per model, else global, else a default."""
+
+    method: str
+    glob: dict[str, Any]
+    inputs: list[tuple[str, Path, dict[str, Any]]]
+    names: list[str]
+    plan: MergePlan
+
+    def value(self, i: int, key: str, default: Any = None, required: bool = False) -> Any:
+        if key in self.inputs[i][2]:
+            return self.inputs[i][2][key]
+        if key in self.glob:
+            return self.glob[key]
         if required:
-            raise MergeConfigError(f"models[{i}].parameters.{key}: required by mergekit's {method} "
+            raise MergeConfigError(f"models[{i}].parameters.{key}: required by mergekit's {self.method} "
                                    f"(give it per model or under parameters)")
         return default
 
-    def shared(key: str, default: Any) -> Any:
-        return glob.get(key, default)
+    def shared(self, key: str, default: Any) -> Any:
+        return self.glob.get(key, default)
 
-    def per_expert(key: str, default: Any = None, required: bool = False) -> dict[str, float]:
+    def per_expert(self, key: str, default: Any = None, required: bool = False) -> dict[str, float]:
         out = {}
-        for i, n in enumerate(names):
-            v = value(i, key, default, required)
+        for i, n in enumerate(self.names):
+            v = self.value(i, key, default, required)
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise MergeConfigError(f"models[{i}].parameters.{key}: a number is needed (got {v!r})")
             if key == "density" and not 0.0 < v <= 1.0:
@@ -304,63 +336,74 @@ def _from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
             out[n] = float(v)
         return out
 
-    def uniform(key: str, default: Any) -> float:
-        vals = set(per_expert(key, default).values())
+    def uniform(self, key: str, default: Any) -> float:
+        vals = set(self.per_expert(key, default).values())
         if len(vals) > 1:
-            raise MergeConfigError(f"{key}: mergeflow's {plan.method} takes one {key} for all models "
+            raise MergeConfigError(f"{key}: mergeflow's {self.plan.method} takes one {key} for all models "
                                    f"(got {sorted(vals)}); use one value")
         return vals.pop()
 
-    needs_base = method not in ("linear",)
-    if needs_base and base is None:
-        raise MergeConfigError(f"base_model: required by mergekit's {method}")
-    if method == "linear":
-        plan.params = {"weights": per_expert("weight", required=True), "normalize": bool(shared("normalize", True))}
-    elif method == "task_arithmetic":
-        plan.params = {"weights": per_expert("weight", required=True), "scaling": float(shared("lambda", 1.0)),
-                       "normalize": bool(shared("normalize", False))}
-    elif method == "ties":
-        plan.params = {"weights": per_expert("weight", required=True), "densities": per_expert("density", 1.0),
-                       "density": 1.0, "scaling": float(shared("lambda", 1.0)), "scope": "tensor",
-                       "divisor": "weights", "merge_func": "mean" if shared("normalize", True) else "sum",
-                       "zero_sign": "positive",
-                       "rescale": "l1" if shared("rescale", False) else "none"}
-    elif method in ("dare_linear", "dare_ties"):
-        plan.params = {"weights": per_expert("weight", required=True), "drop_rate": 1.0 - uniform("density", 1.0),
-                       "scaling": float(shared("lambda", 1.0)), "rescale": "l1" if shared("rescale", True) else "none"}
-        if method == "dare_ties":
-            plan.params.update(merge_func="mean" if shared("normalize", False) else "sum", divisor="weights",
-                               zero_sign="positive")
-        elif shared("normalize", False):
-            raise MergeConfigError("parameters.normalize: true is not supported for dare_linear by mergeflow")
-        plan.notes.append("DARE is random: mergekit and mergeflow draw different masks, so outputs differ")
-    elif method in ("breadcrumbs", "breadcrumbs_ties"):
-        if shared("rescale", False):
-            raise MergeConfigError(f"parameters.rescale: true is not supported for {method} by mergeflow")
-        gamma = uniform("gamma", 0.01)
-        plan.params = {"weights": per_expert("weight", required=True), "densities": per_expert("density", 1.0),
-                       "density": 1.0, "gamma": gamma, "scaling": float(shared("lambda", 1.0)), "scope": "tensor",
-                       "normalize": bool(shared("normalize", False)), "sign_election": method == "breadcrumbs_ties"}
-        if method == "breadcrumbs_ties":
-            plan.params["zero_sign"] = "positive"
-        plan.method = "breadcrumbs"
-    elif method == "slerp":
-        if len(inputs) != 1:
-            raise MergeConfigError(f"models: slerp takes the base_model and exactly one other model (got {len(inputs)} others)")
-        t = shared("t", None)
-        t = value(0, "t", t, required=True)
-        other = names[0]
-        plan.experts = {"base_model": base, other: inputs[0][1]}
-        plan.params = {"t": float(t), "order": ["base_model", other]}
-    elif method == "model_stock":
-        if len(inputs) < 2:
-            raise MergeConfigError(f"models: model_stock needs at least two models besides the base (got {len(inputs)})")
-        plan.params = {"filter_wise": bool(shared("filter_wise", False))}
-    try:
-        get_method(plan.method).parse_params(plan.params)
-    except ValueError as exc:
-        raise MergeConfigError(str(exc)) from None
-    return plan
+
+# mergekit's parameters of each method, as mergeflow's method and parameters (one function per method)
+def _linear(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    plan.params = {"weights": m.per_expert("weight", required=True), "normalize": bool(m.shared("normalize", True))}
+
+
+def _task_arithmetic(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    plan.params = {"weights": m.per_expert("weight", required=True), "scaling": float(m.shared("lambda", 1.0)),
+                   "normalize": bool(m.shared("normalize", False))}
+
+
+def _ties(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    plan.params = {"weights": m.per_expert("weight", required=True), "densities": m.per_expert("density", 1.0),
+                   "density": 1.0, "scaling": float(m.shared("lambda", 1.0)), "scope": "tensor",
+                   "divisor": "weights", "merge_func": "mean" if m.shared("normalize", True) else "sum",
+                   "zero_sign": "positive",
+                   "rescale": "l1" if m.shared("rescale", False) else "none"}
+
+
+def _dare(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    plan.params = {"weights": m.per_expert("weight", required=True), "drop_rate": 1.0 - m.uniform("density", 1.0),
+                   "scaling": float(m.shared("lambda", 1.0)), "rescale": "l1" if m.shared("rescale", True) else "none"}
+    if m.method == "dare_ties":
+        plan.params.update(merge_func="mean" if m.shared("normalize", False) else "sum", divisor="weights",
+                           zero_sign="positive")
+    elif m.shared("normalize", False):
+        raise MergeConfigError("parameters.normalize: true is not supported for dare_linear by mergeflow")
+    plan.notes.append("DARE is random: mergekit and mergeflow draw different masks, so outputs differ")
+
+
+def _breadcrumbs(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    if m.shared("rescale", False):
+        raise MergeConfigError(f"parameters.rescale: true is not supported for {m.method} by mergeflow")
+    gamma = m.uniform("gamma", 0.01)
+    plan.params = {"weights": m.per_expert("weight", required=True), "densities": m.per_expert("density", 1.0),
+                   "density": 1.0, "gamma": gamma, "scaling": float(m.shared("lambda", 1.0)), "scope": "tensor",
+                   "normalize": bool(m.shared("normalize", False)), "sign_election": m.method == "breadcrumbs_ties"}
+    if m.method == "breadcrumbs_ties":
+        plan.params["zero_sign"] = "positive"
+    plan.method = "breadcrumbs"
+
+
+def _slerp(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    if len(m.inputs) != 1:
+        raise MergeConfigError(f"models: slerp takes the base_model and exactly one other model (got {len(m.inputs)} others)")
+    t = m.value(0, "t", m.shared("t", None), required=True)
+    other = m.names[0]
+    plan.experts = {"base_model": base, other: m.inputs[0][1]}
+    plan.params = {"t": float(t), "order": ["base_model", other]}
+
+
+def _model_stock(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    if len(m.inputs) < 2:
+        raise MergeConfigError(f"models: model_stock needs at least two models besides the base (got {len(m.inputs)})")
+    plan.params = {"filter_wise": bool(m.shared("filter_wise", False))}
+
+
+_MERGEKIT_PARAMS: dict[str, Callable[[_MergekitParams, MergePlan, Path | None], None]] = {
+    "linear": _linear, "task_arithmetic": _task_arithmetic, "ties": _ties, "dare_linear": _dare, "dare_ties": _dare,
+    "breadcrumbs": _breadcrumbs, "breadcrumbs_ties": _breadcrumbs, "slerp": _slerp, "model_stock": _model_stock,
+}
 
 
 def _unique_names(refs: list[str]) -> list[str]:

@@ -67,17 +67,14 @@ def trigger_for(wf: Workflow):
     return IntervalTrigger(seconds=s.interval_seconds, timezone=s.timezone)
 
 
-def serve(wf: Workflow, spec_path: str, *, db: str, extra_args: list[str], report: Callable[[str], None] = print,
-          max_firings: int | None = None) -> int:
-    """Run rounds on ``wf``'s schedule until Ctrl-C/SIGTERM (or ``max_firings``); returns the firings run."""
+def _scheduler(wf: Workflow, db: str, report: Callable[[str], None]):
+    """A paused-at-start APScheduler on the SQLite job store ``db``: one round at a time, missed firings
+    coalesced, each firing skipped or missed said out loud."""
     from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
     from apscheduler.executors.pool import ThreadPoolExecutor
     from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    if wf.recurring is None or wf.recurring.schedule is None:
-        raise ValueError(f"{spec_path}: recurring.schedule is not set; add e.g. recurring: {{schedule: "
-                         "{cron: '0 2 * * *', timezone: UTC}}")
     s = wf.recurring.schedule
     Path(db).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
     scheduler = BackgroundScheduler(
@@ -93,9 +90,12 @@ def serve(wf: Workflow, spec_path: str, *, db: str, extra_args: list[str], repor
             report(f"a firing due at {event.scheduled_run_time} was missed by more than the misfire grace: skipped")
 
     scheduler.add_listener(on_event, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
-    _state.update(firings=0, started=0, limit=max_firings)
-    scheduler.start(paused=True)  # loads the stored job (and its next firing) before anything changes it
-    job_id = JOB_PREFIX + wf.name
+    return scheduler
+
+
+def _schedule_job(scheduler, job_id: str, wf: Workflow, spec_path: str, extra_args: list[str], db: str,
+                  report: Callable[[str], None]) -> None:
+    """The stored job, kept when its trigger and arguments are unchanged (its next firing survives restarts)."""
     trigger = trigger_for(wf)
     args = [str(Path(spec_path).resolve()), list(extra_args)]
     job = scheduler.get_job(job_id)
@@ -103,9 +103,22 @@ def serve(wf: Workflow, spec_path: str, *, db: str, extra_args: list[str], repor
     if job is not None and str(job.trigger) == str(trigger) and list(job.args) == args:
         report(f"schedule of {wf.name!r} resumed from {db}: {trigger}; next firing {job.next_run_time}")
     else:
-        job = scheduler.add_job(fire, trigger, id=job_id, name=f"mergeflow round {wf.name}", args=args,
-                                replace_existing=True)
+        scheduler.add_job(fire, trigger, id=job_id, name=f"mergeflow round {wf.name}", args=args,
+                          replace_existing=True)
         report(f"schedule of {wf.name!r} {'changed' if existed else 'created'} in {db}: {trigger}")
+
+
+def serve(wf: Workflow, spec_path: str, *, db: str, extra_args: list[str], report: Callable[[str], None] = print,
+          max_firings: int | None = None) -> int:
+    """Run rounds on ``wf``'s schedule until Ctrl-C/SIGTERM (or ``max_firings``); returns the firings run."""
+    if wf.recurring is None or wf.recurring.schedule is None:
+        raise ValueError(f"{spec_path}: recurring.schedule is not set; add e.g. recurring: {{schedule: "
+                         "{cron: '0 2 * * *', timezone: UTC}}")
+    scheduler = _scheduler(wf, db, report)
+    _state.update(firings=0, started=0, limit=max_firings)
+    scheduler.start(paused=True)  # loads the stored job (and its next firing) before anything changes it
+    job_id = JOB_PREFIX + wf.name
+    _schedule_job(scheduler, job_id, wf, spec_path, extra_args, db, report)
 
     stopping = threading.Event()
     presses = {"n": 0}
