@@ -22,8 +22,9 @@ from operators.data import DataError
 from operators.tensor_io import CheckpointError, TensorReader
 from pipeline.attempts import Lease, WorkflowBusy, close_dead_attempts, describe_holder, driver_tags
 from pipeline.context import StepContext, base_ref, task_data
-from pipeline.lineage import TAG_SPEC_HASH, Lineage
+from pipeline.lineage import TAG_REDACTED, TAG_SPEC_HASH, Lineage
 from pipeline.lineage_graph import GraphData, GraphRound, draw_lineage
+from pipeline.redact import redact_uri, redacted_fields
 from pipeline.runtime import make_runtime
 from pipeline.spec import Workflow
 from pipeline.store import CheckpointStore
@@ -87,7 +88,7 @@ def preflight(wf: Workflow, report: Callable[[str], None] = lambda _m: None) -> 
                     "causal LM, " + ("prompt/response" if data.train.prompts is not None else "plain text")
                     + (", with answers" if data.train.answers is not None else ""))
             report(f"data {task.name}: {len(data.train)} train / {len(data.eval)} eval examples, "
-                   f"{what} ({data.source})")
+                   f"{what} ({redact_uri(data.source)})")
         except DataError as exc:
             problems.append(str(exc))
     problems += local_target_problems(wf)
@@ -228,8 +229,10 @@ def _open_workflow_run(wf: Workflow, lease: Lease, spec_text: str | None, report
     run_id = lineage.start_run(wf.name, kind="workflow", parent=parent_run_id, tags={TAG_SPEC_HASH: wf.spec_hash(),
                                                               "mergeflow.strategy": wf.strategy,
                                                               "mergeflow.store_root": wf.store.root,
+                                                              **_redacted_tag(wf),
                                                               **driver_tags()})
-    report(f"workflow {wf.name!r}: MLflow run {run_id} in experiment {wf.experiment_name!r} ({wf.tracking.uri})")
+    report(f"workflow {wf.name!r}: MLflow run {run_id} in experiment {wf.experiment_name!r} "
+           f"({redact_uri(wf.tracking.uri)})")
     lease.update(run_id=run_id)
     close_dead_attempts(lineage, wf.name, run_id, report)  # a killed driver's runs must not stay RUNNING
     lineage.log_params(run_id, wf.model_dump(mode="json", exclude={"tasks"}) | {
@@ -238,6 +241,13 @@ def _open_workflow_run(wf: Workflow, lease: Lease, spec_text: str | None, report
     if spec_text:
         lineage.log_text(run_id, spec_text, "workflow.yaml")
     return lineage, run_id
+
+
+def _redacted_tag(wf: Workflow) -> dict[str, str]:
+    """The spec's fields that held a password or key: lineage records them masked (``pipeline.redact``), and
+    ``mergeflow resume`` asks for them again."""
+    lost = redacted_fields(wf.model_dump(mode="json"))
+    return {TAG_REDACTED: ",".join(lost)} if lost else {}
 
 
 def graph_data(wf: Workflow, results: list[RoundResult]) -> GraphData:

@@ -44,6 +44,7 @@ from pipeline.context import (
     train_metrics,
 )
 from pipeline.lineage import TAG_STORE_URI
+from pipeline.redact import redact_uri
 from pipeline.runtime import WithState
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec
 
@@ -271,7 +272,7 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
                     "format": "peft-lora-adapter" if e.adapter_base else "full",
                     "adapter_base": e.adapter_base.record() if e.adapter_base else None, "metrics": e.metrics}
                    for t, e in sorted(experts.items())],
-                "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
+                "mlflow": {"tracking_uri": redact_uri(ctx.tracking_uri), "run_id": run_id, "model_id": model_id},
             })
             location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
                                           step=round_index, upload=wf.tracking.log_model_artifacts)

@@ -30,6 +30,7 @@ from pipeline.context import (
 )
 from pipeline.learned import align_merged_heads, alignment_inputs, prepare_merge
 from pipeline.lineage import TAG_STORE_URI
+from pipeline.redact import redact_uri
 from pipeline.runtime import where_am_i
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
 from pipeline.store import CheckpointStore, content_key
@@ -108,10 +109,10 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
             "format": "peft-lora-adapter" if lora else "full", "task_type": task.type,
             "adapter_base": start.record() if lora else None,
             "finetune": settings.model_dump(mode="json"), "head_init": result.head_init, "precision": result.precision,
-            "data": {"source": data.source, "digest": data.digest, "part": part, "train": len(data.train),
+            "data": {"source": redact_uri(data.source), "digest": data.digest, "part": part, "train": len(data.train),
                      "eval": len(data.eval)},
             "metrics": {**metrics, **own_eval},
-            "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
+            "mlflow": {"tracking_uri": redact_uri(ctx.tracking_uri), "run_id": run_id, "model_id": model_id},
         })
         t0, logged = time.perf_counter(), lineage.busy_seconds
         location = publish_checkpoint(store, lineage, ckpt, path, model_id=model_id, run_id=run_id,
@@ -183,7 +184,7 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
                     "adapter_base": e.adapter_base.record() if e.adapter_base else None}
                    for t, e in sorted(experts.items())],
                 "adapter_base": base.record() if adapter_out else None,
-                "mlflow": {"tracking_uri": ctx.tracking_uri, "run_id": run_id, "model_id": model_id},
+                "mlflow": {"tracking_uri": redact_uri(ctx.tracking_uri), "run_id": run_id, "model_id": model_id},
                 **({"learned": learned} if learned else {}),
             },
         )

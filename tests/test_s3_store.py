@@ -132,3 +132,41 @@ def test_workflow_on_s3_through_ray_resume_export_and_merge(s3, tmp_path, tiny_b
     # a URI with nothing complete behind it: one line, exit 2
     res = CliRunner().invoke(main, ["export", f"s3://{BUCKET}/wf/nothing-here", "vowel", str(tmp_path / "x")])
     assert res.exit_code == 2 and "no complete checkpoint there" in res.output
+
+
+@pytest.mark.e2e
+def test_keys_in_the_store_uri_never_reach_the_lineage(s3, tmp_path, tiny_base):
+    """A store URI with S3 keys in it (pyarrow reads them there): the run works, and the secret key is in no
+    byte of the MLflow database, its artifacts, the store's files or the console; resume asks for it again."""
+    from pipeline.cli import main
+    from pipeline.driver import run_workflow
+    from pipeline.lineage import TAG_REDACTED, Lineage
+
+    host, port = s3.endpoint_override if hasattr(s3, "endpoint_override") else os.environ["AWS_ENDPOINT_URL"][7:].split(":")
+    secret = "Z9topSECRETkeyNeverRecorded"
+    root = f"s3://AKIAKEYID:{secret}@{BUCKET}/creds?endpoint_override={host}:{port}&scheme=http"
+    spec = tiny_workflow_dict(tmp_path, tiny_base, store={"root": root})
+    wf = parse_workflow(spec)
+    lines: list[str] = []
+    result = run_workflow(wf, address="in-process", report=lines.append, spec_text=json.dumps(spec))
+    assert result.final.merged.uri.startswith(f"s3://{BUCKET}/creds/"), result.final.merged.uri
+    # every byte written: the tracking database, every artifact next to it, every object in the bucket, the console
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".db") for p in written) and any("mlartifacts" in str(p) for p in written)
+    leaks = [str(p) for p in written if secret.encode() in p.read_bytes()]
+    objects = [i.path for i in s3.get_file_info(pafs.FileSelector(f"{BUCKET}/creds", recursive=True))
+               if i.type == pafs.FileType.File]
+    assert any(o.endswith("mergeflow.json") for o in objects)
+    leaks += [o for o in objects if secret.encode() in s3.open_input_stream(o).read()]
+    leaks += [line for line in lines if secret in line]
+    assert not leaks, leaks
+    lineage = Lineage(wf.tracking.uri, result.experiment_id)
+    tags = lineage.run_tags(result.run_id)
+    assert tags[TAG_REDACTED] == "store.root" and tags["mergeflow.store_root"].startswith(f"s3://***@{BUCKET}/creds?")
+    # resume cannot guess the key: it asks for the store, then goes on from it (everything reused)
+    res = CliRunner().invoke(main, ["resume", result.run_id, "--tracking-uri", wf.tracking.uri, "--address", "in-process"])
+    assert res.exit_code == 2 and "store.root held a password or key" in res.output and "--store" in res.output, res.output
+    res = CliRunner().invoke(main, ["resume", result.run_id, "--tracking-uri", wf.tracking.uri, "--address", "in-process",
+                                    "--store", root])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("already in the store, reused") == 3 and secret not in res.output, res.output

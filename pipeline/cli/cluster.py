@@ -13,6 +13,7 @@ import click
 from pipeline.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, fail, load_spec, one_line
 from pipeline.cli.group import main
 from pipeline.lineage import DEFAULT_UI_URL, ui_links  # stdlib only at import time: MLflow loads lazily
+from pipeline.redact import redact_uri
 
 _ADDRESS = click.option("--address", envvar="RAY_API_SERVER_ADDRESS", default="http://127.0.0.1:8265", show_default=True,
                         help="The cluster's job server (Ray dashboard), http://HEAD:8265; or $RAY_API_SERVER_ADDRESS.")
@@ -35,7 +36,8 @@ def _job_links(tracking_uri: str | None, ui_url: str | None, job_ids: list[str])
     try:
         found = runs_of_jobs(tracking_uri, job_ids)
     except Exception as exc:  # the jobs still list: say why the links are missing
-        click.echo(f"(no MLflow links: {tracking_uri} did not answer: {str(exc).splitlines()[0][:200]})", err=True)
+        click.echo(redact_uri(f"(no MLflow links: {tracking_uri} did not answer: {str(exc).splitlines()[0][:200]})"),
+                   err=True)
         return {}
     return {job: ui_links(ui, exp, run_id=run)["workflow run"] for job, (exp, run) in found.items()}
 
@@ -100,7 +102,8 @@ def submit(spec: str, address: str, excludes: tuple[str, ...], entrypoint_num_cp
     click.echo(f"follow: mergeflow logs {job_id} --follow --address {address}")
     click.echo(f"stop:   mergeflow stop {job_id} --address {address}")
     click.echo(f"MLflow: its run is tagged mergeflow.job_id={job_id} in experiment {wf.experiment_name!r} at "
-               f"{tracking}; `mergeflow jobs --tracking-uri {tracking}` links it once the driver starts")
+               f"{redact_uri(tracking)}; `mergeflow jobs --tracking-uri {redact_uri(tracking)}` links it once the "
+               "driver starts")
 
 
 @main.command("jobs")

@@ -10,6 +10,8 @@ from typing import NoReturn
 
 import click
 
+from pipeline.redact import redact_text
+
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3  # the workflow is already running on that store (another driver holds its lease)
@@ -28,14 +30,14 @@ def timed_reporter(console):
     start = time.perf_counter()
 
     def report(msg: str) -> None:
-        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {msg}")
+        console.print(f"[dim]{time.perf_counter() - start:7.1f}s[/dim] {redact_text(msg)}")
 
     return report
 
 
 def fail(message: str, code: int) -> NoReturn:
     """Print ``error: MESSAGE`` (in one line) on stderr and exit with ``code``."""
-    click.echo(f"error: {one_line(message)}", err=True)
+    click.echo(f"error: {one_line(redact_text(message))}", err=True)  # never a password or key
     sys.exit(code)
 
 
@@ -60,9 +62,9 @@ def load_spec(spec: str, tracking_uri: str | None, store: str | None):
 
 def print_links(links: dict[str, str], header: str) -> None:
     """``header``, then one aligned ``label: url`` line per link."""
-    click.echo(header)
+    click.echo(redact_text(header))
     for label, url in links.items():
-        click.echo(f"  {label + ':':<20}{url}")
+        click.echo(f"  {label + ':':<20}{redact_text(url)}")
 
 
 def parse_size(text: str) -> int:

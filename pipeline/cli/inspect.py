@@ -13,6 +13,7 @@ import click
 from pipeline.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, fail, load_spec, new_console, print_links
 from pipeline.cli.group import main
 from pipeline.lineage import ui_links  # stdlib only at import time: MLflow loads lazily
+from pipeline.redact import redact_uri
 
 
 @main.command()
@@ -32,7 +33,7 @@ def status(run_id: str | None, tracking_uri: str, experiment: str | None, limit:
             runs = workflow_runs(tracking_uri, experiment, limit)
         except TrackingStoreError as exc:
             fail(str(exc), EXIT_BAD_INPUT)
-        table = Table(title=f"workflow runs ({tracking_uri})")
+        table = Table(title=f"workflow runs ({redact_uri(tracking_uri)})")
         for c in ("run id", "workflow", "status", "started", "mean merged acc", "mean normalized"):
             table.add_column(c)
         for r in runs:
@@ -159,14 +160,12 @@ def export(checkpoint: str, task: str, out: str) -> None:
 
     from safetensors import SafetensorError
 
-    from operators.checkpoint import (
-        adapter_base_of,
-        export_task_model,
+    from operators.checkpoint import adapter_base_of, export_task_model, validate_base_checkpoint
+    from operators.checkpoint_files import (
         head_names,
         is_adapter_checkpoint,
         is_causal_lm_adapter,
         is_causal_lm_checkpoint,
-        validate_base_checkpoint,
     )
     from operators.tensor_io import CheckpointError, TensorReader
 

@@ -17,6 +17,7 @@ import click
 
 from pipeline.cli.common import EXIT_BAD_INPUT, EXIT_FAILED, fail, load_spec, new_console, timed_reporter
 from pipeline.cli.group import main
+from pipeline.redact import redact_uri
 
 
 def _recurring_spec(spec: str, tracking_uri: str | None, store: str | None):
@@ -169,7 +170,7 @@ def history(spec: str, tracking_uri: str | None, plot_path: str | None) -> None:
     wf = _recurring_spec(spec, tracking_uri, None)
     rows = rows_of(wf)
     if not rows:
-        click.echo(f"no rounds of {wf.name!r} yet in {wf.tracking.uri}; run: mergeflow round {spec}")
+        click.echo(f"no rounds of {wf.name!r} yet in {redact_uri(wf.tracking.uri)}; run: mergeflow round {spec}")
         return
     click.echo(table(rows), nl=False)
     if plot_path:

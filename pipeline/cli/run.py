@@ -20,6 +20,7 @@ from pipeline.cli.common import (
 )
 from pipeline.cli.group import main
 from pipeline.lineage import DEFAULT_UI_URL, ui_links  # stdlib only at import time: MLflow loads lazily
+from pipeline.redact import redact_uri
 
 
 @main.command()
@@ -128,7 +129,7 @@ def print_summary(console, result, ui_url: str = DEFAULT_UI_URL) -> None:
     links = ui_links(ui_url, result.experiment_id, run_id=result.run_id, model_id=final.merged.model_id,
                      registered_model=result.registered_model, version=result.alias_version or final.registered_version)
     print_links(links, "MLflow UI links:" if served else (
-        f"MLflow UI links (serve them with: mergeflow ui SPEC, or mlflow ui --backend-store-uri {result.tracking_uri}):"))
+        f"MLflow UI links (serve them with: mergeflow ui SPEC, or mlflow ui --backend-store-uri {redact_uri(result.tracking_uri)}):"))
 
 
 @main.command()
@@ -138,19 +139,23 @@ def print_summary(console, result, ui_url: str = DEFAULT_UI_URL) -> None:
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON at the end.")
 @click.option("--ui-url", default=DEFAULT_UI_URL, show_default=True, help="As for run.")
+@click.option("--store", default=None,
+              help="The store root, when the run's own had a password or key (mergeflow never records one).")
 def resume(run_id: str, tracking_uri: str, address: str | None, num_cpus: int | None, as_json: bool,
-           ui_url: str) -> None:
+           ui_url: str, store: str | None) -> None:
     """Finish the workflow that RUN_ID (its workflow run, or any run under it) belongs to.
 
     The spec comes from the run itself (its workflow.json), so nothing but the run id is needed; the
     steps already complete in the store are reused, the rest are run, and the registry gets no
     second version of a model it already has. A run whose driver is still alive here is refused.
+    A password or key in the run's store root or data URIs was not recorded: give the store with --store
+    (or the credentials in the environment), or run the spec again (mergeflow run SPEC reuses every step).
     """
     import json as _json
     import socket
 
     from pipeline.attempts import dead_because
-    from pipeline.lineage import TrackingStoreError, workflow_root_of, workflow_spec_of
+    from pipeline.lineage import TAG_REDACTED, TrackingStoreError, workflow_root_of, workflow_spec_of
     from pipeline.spec import SpecError, parse_workflow
 
     try:
@@ -165,13 +170,22 @@ def resume(run_id: str, tracking_uri: str, address: str | None, num_cpus: int | 
         spec_json, spec_text = workflow_spec_of(tracking_uri, root.run_id)
     except TrackingStoreError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
+    recorded = _json.loads(spec_json)
+    recorded["tracking"] = {**recorded["tracking"], "uri": tracking_uri}
+    if store:
+        recorded["store"] = {**recorded["store"], "root": store}
+    lost = [f for f in root.tags.get(TAG_REDACTED, "").split(",") if f and f != "tracking.uri"
+            and not (store and f == "store.root")]
+    if lost:
+        fail(f"run {root.run_id}: its {', '.join(lost)} held a password or key, which mergeflow does not record; "
+             + ("resume with --store STORE_URI (as given to mergeflow run), or " if "store.root" in lost else "")
+             + "put the credentials in the environment and run the spec again (mergeflow run SPEC reuses every "
+             "finished step)", EXIT_BAD_INPUT)
     try:
-        wf = parse_workflow({**_json.loads(spec_json), "tracking": {**_json.loads(spec_json)["tracking"],
-                                                                    "uri": tracking_uri}},
-                            f"run {root.run_id}: workflow.json")
+        wf = parse_workflow(recorded, f"run {root.run_id}: workflow.json")
     except SpecError as exc:
         fail(f"{exc.source}: {exc.problems[0]} (made by another mergeflow version?)", EXIT_BAD_INPUT)
-    click.echo(f"resuming workflow {wf.name!r} (run {root.run_id}, {root.status}) from store {wf.store.root}")
+    click.echo(f"resuming workflow {wf.name!r} (run {root.run_id}, {root.status}) from store {redact_uri(wf.store.root)}")
     _run_and_print(wf, spec_text, address, num_cpus, as_json, ui_url)
 
 

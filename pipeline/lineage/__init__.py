@@ -43,6 +43,7 @@ from pipeline.lineage.tags import (
     TAG_MODEL_ID,
     TAG_MODEL_VERSIONS,
     TAG_PARENT,
+    TAG_REDACTED,
     TAG_REGISTRATION,
     TAG_ROUND,
     TAG_SPEC_HASH,
@@ -53,7 +54,7 @@ from pipeline.lineage.tags import (
 
 __all__ = [
     "DEFAULT_RETRY_SECONDS", "DEFAULT_UI_URL", "EXPERIMENT_KIND", "TAG_EXPERIMENT_KIND", "TAG_KIND", "TAG_MODEL_ID",
-    "TAG_MODEL_VERSIONS", "TAG_PARENT", "TAG_REGISTRATION", "TAG_ROUND", "TAG_SPEC_HASH", "TAG_STORE_URI", "TAG_TASK",
+    "TAG_MODEL_VERSIONS", "TAG_PARENT", "TAG_REDACTED", "TAG_REGISTRATION", "TAG_ROUND", "TAG_SPEC_HASH", "TAG_STORE_URI", "TAG_TASK",
     "TAG_WORKFLOW_RUN", "UI_VIEW", "Lineage", "RunRecord", "RunTree", "TrackingStoreError", "TrackingUnavailable",
     "default_artifact_location", "flatten_params", "latest_workflow", "runs_of_jobs", "runs_under", "ui_links",
     "workflow_root_of", "workflow_runs", "workflow_spec_of",

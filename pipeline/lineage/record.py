@@ -22,6 +22,7 @@ from pipeline.lineage.tags import (
     TAG_REGISTRATION,
     TAG_WORKFLOW_RUN,
 )
+from pipeline.redact import redact_text, redact_values
 
 
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -47,7 +48,12 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 def flatten_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     _flatten(prefix, d, out)
-    return {k: v[:6000] for k, v in out.items()}
+    return {k: redact_text(v)[:6000] for k, v in out.items()}  # a password or key in a URI is never recorded
+
+
+def _redacted(tags: dict[str, Any]) -> dict[str, str]:
+    """Tag values as strings, with any password or key in a URI masked (``pipeline.redact``)."""
+    return {k: redact_text(str(v)) for k, v in tags.items()}
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,7 @@ class Lineage:
     def start_run(self, name: str, *, kind: str, parent: str | None = None, workflow_run: str | None = None,
                   tags: dict[str, str] | None = None) -> str:
         """Create a run (child of ``parent`` if given) and return its id."""
-        all_tags = {TAG_KIND: kind, **(tags or {})}
+        all_tags = {TAG_KIND: kind, **_redacted(tags or {})}
         if parent:
             all_tags[TAG_PARENT] = parent
         if workflow_run:
@@ -156,7 +162,7 @@ class Lineage:
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _redacted(tags).items()])
 
     @_retry
     def log_artifact(self, run_id: str, path: str | Path) -> None:
@@ -164,11 +170,11 @@ class Lineage:
 
     @_retry
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(run_id, obj, artifact_file)
+        self.client.log_dict(run_id, redact_values(obj), artifact_file)
 
     @_retry
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self.client.log_text(run_id, redact_text(text), artifact_file)
 
     @_retry
     def log_dataset(self, run_id: str, *, name: str, texts: list[str], labels: list[str], source: str,
@@ -179,7 +185,7 @@ class Lineage:
         from mlflow.entities import DatasetInput, InputTag
 
         df = pd.DataFrame({"text": texts, "label": labels})
-        ds = mlflow.data.from_pandas(df, source=_dataset_source(source), name=name, targets="label", digest=digest)
+        ds = mlflow.data.from_pandas(df, source=_dataset_source(redact_text(source)), name=name, targets="label", digest=digest)
         entity = DatasetInput(dataset=ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self.client.log_inputs(run_id, datasets=[entity])
 
@@ -189,7 +195,7 @@ class Lineage:
                      params: dict[str, Any] | None = None) -> str:
         """Create a LoggedModel (status PENDING) produced by ``run_id``; returns its id."""
         model = self.client.create_logged_model(
-            self.experiment_id, name=name, source_run_id=run_id, tags=tags,
+            self.experiment_id, name=name, source_run_id=run_id, tags=_redacted(tags) if tags else tags,
             params=flatten_params(params or {}), model_type="mergeflow-checkpoint",
         )
         return model.model_id
@@ -291,8 +297,9 @@ class Lineage:
         if version is None:
             with _use_tracking_uri(self.tracking_uri):
                 version = str(self.client.create_model_version(
-                    name, source=source or f"models:/{model_id}", run_id=run_id, description=description,
-                    tags={**(tags or {}), TAG_MODEL_ID: model_id, TAG_REGISTRATION: token}, model_id=model_id,
+                    name, source=redact_text(source) if source else f"models:/{model_id}", run_id=run_id,
+                    description=redact_text(description), model_id=model_id,
+                    tags={**_redacted(tags or {}), TAG_MODEL_ID: model_id, TAG_REGISTRATION: token},
                 ).version)
         listed = self.client.get_logged_model(model_id).tags.get(TAG_MODEL_VERSIONS)
         versions = json.loads(listed) if listed else []
@@ -377,7 +384,7 @@ class Lineage:
     @_retry
     def set_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self.client.set_model_version_tag(name, version, k, str(v))
+            self.client.set_model_version_tag(name, version, k, redact_text(str(v)))
 
     def version_tags(self, name: str, version: str) -> dict[str, str]:
         return dict(self.client.get_model_version(name, version).tags or {})
@@ -393,7 +400,7 @@ class Lineage:
             if _transient(exc):  # the server is away: waited for by _retry, never taken for "no version"
                 raise
             return None
-        found = [int(v.version) for v in versions if (v.tags or {}).get(tag) == value]
+        found = [int(v.version) for v in versions if (v.tags or {}).get(tag) == redact_text(value)]
         return str(max(found)) if found else None
 
     @_retry

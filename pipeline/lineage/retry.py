@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from pipeline.redact import redact_text, redact_uri
+
 T = TypeVar("T")
 
 log = logging.getLogger("mergeflow.lineage")
@@ -74,21 +76,21 @@ def _retry(fn: Callable[..., T]) -> Callable[..., T]:
                 text = str(exc).lower()
                 if _transient(exc):
                     bound = getattr(args[0], "retry_seconds", DEFAULT_RETRY_SECONDS) if args else DEFAULT_RETRY_SECONDS
-                    uri = getattr(args[0], "tracking_uri", None) or (args[1] if len(args) > 1 else "?")
+                    uri = redact_uri(getattr(args[0], "tracking_uri", None) or (args[1] if len(args) > 1 else "?"))
                     waited = time.monotonic() - start
                     if waited >= bound:
-                        gave_up = TrackingUnavailable(
+                        gave_up = TrackingUnavailable(redact_text(
                             f"the MLflow tracking server {uri} did not answer for {waited:.0f} s "
                             f"({str(exc).splitlines()[0][:300]}); {_what(fn, args)} was not recorded. The workflow "
                             "stops here and every step already finished is kept in the store: once the server is "
                             "back, run the workflow again (or `mergeflow resume RUN`); it closes this attempt's "
                             "runs left RUNNING as KILLED and goes on from the store. To wait longer, raise "
-                            "tracking.retry_seconds.")
+                            "tracking.retry_seconds."))
                         _down_since[:] = [time.time(), str(gave_up)]
                         raise gave_up from exc
                     if not warned:
                         log.warning("MLflow tracking server %s unreachable (%s); retrying for up to %.0f s",
-                                    uri, str(exc).splitlines()[0][:200], bound)
+                                    uri, redact_text(str(exc).splitlines()[0][:200]), bound)
                         warned = True
                     time.sleep(min(delay * (1 + random.random()), 5.0, max(0.0, bound - waited)))
                     delay = min(delay * 2, 5.0)

@@ -16,3 +16,5 @@ EXPERIMENT_KIND = "custom_model_development"
 # The LoggedModel tag the UI reads to show "Registered" and the model's versions (a JSON list of
 # {name, version}); mlflow.register_model() writes it the same way.
 TAG_MODEL_VERSIONS = "mlflow.modelVersions"
+# the spec's fields whose password or key was masked before recording (``pipeline.redact``), comma-separated
+TAG_REDACTED = "mergeflow.redacted_fields"
