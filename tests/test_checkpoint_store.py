@@ -12,12 +12,11 @@ import torch
 
 from operators.checkpoint import (
     export_task_model,
-    head_names,
     load_task_model,
-    read_provenance,
     resolve_model_path,
     validate_base_checkpoint,
 )
+from operators.checkpoint_files import head_names, read_provenance
 from operators.tensor_io import CheckpointError
 from pipeline.store import COMPLETE_MARKER, CheckpointStore, StoreError
 

@@ -123,7 +123,7 @@ def test_workflow_with_aligned_heads_publishes_records_and_scores_them(tiny_base
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
-    from operators.checkpoint import read_provenance
+    from operators.checkpoint_files import read_provenance
     from operators.evaluate import evaluate
     from pipeline.context import task_data
     from pipeline.driver import run_workflow
@@ -201,7 +201,7 @@ def test_compare_variants_keep_the_specs_heads(tiny_base, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.parametrize("lora_mode", ["exact", "adapter"])
 def test_lora_experts_heads_are_aligned_to_the_merged_model(tiny_base, tmp_path, lora_mode):
-    from operators.checkpoint import read_provenance
+    from operators.checkpoint_files import read_provenance
     from pipeline.driver import run_workflow
     from pipeline.spec import parse_workflow
     from pipeline.store import CheckpointStore

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from operators.checkpoint import read_provenance
+from operators.checkpoint_files import read_provenance
 from operators.data import hold_out
 from pipeline.lineage import TAG_KIND, TAG_WORKFLOW_RUN
 from pipeline.spec import SpecError, parse_workflow

@@ -251,7 +251,7 @@ def _client(wf):
 
 def test_oneshot_lora_adapter_merge_in_process(tiny_llama, tmp_path):
     """One-shot LoRA causal LM, adapter-mode merge: the merged model is one adapter, scored, with its error."""
-    from operators.checkpoint import is_adapter_checkpoint, read_provenance
+    from operators.checkpoint_files import is_adapter_checkpoint, read_provenance
     from pipeline.driver import run_workflow
 
     spec = tiny_lm_workflow_dict(tmp_path, tiny_llama, merge={
@@ -303,7 +303,7 @@ def test_oneshot_lora_adapter_merge_in_process(tiny_llama, tmp_path):
 @pytest.mark.e2e
 def test_atm_lora_causal_lm_rounds_through_ray_and_mlflow(tiny_llama, tmp_path):
     """Two ATM rounds of LoRA experts on a pico Llama through a real Ray cluster and MLflow store."""
-    from operators.checkpoint import is_adapter_checkpoint, read_provenance
+    from operators.checkpoint_files import is_adapter_checkpoint, read_provenance
     from pipeline.context import base_ref
     from pipeline.driver import run_workflow
 
@@ -344,7 +344,7 @@ def test_atm_lora_causal_lm_rounds_through_ray_and_mlflow(tiny_llama, tmp_path):
 
 def test_oneshot_lora_classification_in_process(tiny_base, tmp_path):
     """LoRA classification experts through the pipeline: adapters + heads, cross-task scores, exact merge."""
-    from operators.checkpoint import is_adapter_checkpoint, read_provenance
+    from operators.checkpoint_files import is_adapter_checkpoint, read_provenance
     from pipeline.driver import run_workflow
     from tests.helpers import tiny_workflow_dict
 

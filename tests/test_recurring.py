@@ -225,7 +225,7 @@ def test_a_round_that_keeps_crashing_is_given_up_and_the_service_moves_on(tmp_pa
 def test_an_expert_contributed_as_a_checkpoint_is_fused_as_it_is(tmp_path, pico):
     """A finished expert (a mergeflow expert checkpoint of the task) joins the round unchanged: no training;
     it is copied into the store once (checksummed), and its head is the fused model's head of its task."""
-    from operators.checkpoint import HEAD_WEIGHTS, HEADS_DIR
+    from operators.checkpoint_files import HEAD_WEIGHTS, HEADS_DIR
     from operators.data import load_task_data
     from operators.finetune import finetune
     from pipeline.recurring.round import run_round

@@ -16,8 +16,9 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from operators.checkpoint import StateCheckpoint, head_names
+from operators.checkpoint_files import head_names
 from operators.merge.engine import merge_checkpoints, merge_states
+from operators.state import StateCheckpoint
 from operators.tensor_io import iter_tensors
 from pipeline.lineage import TAG_KIND
 from pipeline.spec import parse_workflow
@@ -145,9 +146,10 @@ def test_lora_expert_in_memory_merges_as_its_adapter_directory(dropout_base, tmp
     merges bit for bit as the adapter directory ``save_pretrained`` writes of it; unloading the adapter gives
     the task model back with its start weights untouched; and what goes to the object store is the adapter,
     not a copy of the model."""
-    from operators.checkpoint import AdapterCheckpoint, save_head
+    from operators.checkpoint_files import save_head
     from operators.data import load_task_data
     from operators.finetune import finetune
+    from operators.state import AdapterCheckpoint
     from pipeline.spec import DatasetSpec, FinetuneSpec, LoraSpec
     from tests.helpers import write_task_file
 
@@ -216,7 +218,7 @@ def test_resident_lora_and_causal_lm_rounds_give_task_workers_weights(dropout_ba
     merged, want = res.final.summary(), tasks.final.summary()
     assert json.dumps({t: r["merged"] for t, r in merged.items()}) == json.dumps({t: r["merged"] for t, r in want.items()})
     assert all(merged[t]["expert"] == pytest.approx(want[t]["expert"], abs=0.05) for t in want)
-    from operators.checkpoint import read_provenance
+    from operators.checkpoint_files import read_provenance
 
     prov = read_provenance(Path(res.final.merged.uri.removeprefix("file://")))
     experts = prov["parents"][1:]

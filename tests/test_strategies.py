@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from operators.checkpoint import HEAD_WEIGHTS, HEADS_DIR, head_names, read_provenance
+from operators.checkpoint_files import HEAD_WEIGHTS, HEADS_DIR, head_names, read_provenance
 from operators.data import load_task_data
 from operators.finetune import finetune
 from operators.merge.engine import merge_checkpoints

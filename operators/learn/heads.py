@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from operators.checkpoint import HEAD_WEIGHTS, HEADS_DIR, head_state_dict, load_model, quiet_transformers
+from operators.checkpoint import load_model, quiet_transformers
+from operators.checkpoint_files import HEAD_WEIGHTS, HEADS_DIR, head_state_dict
 from operators.evaluate import length_batches
 
 DEFAULT_EXAMPLES = 256  # as many inputs as the statistics of Fisher merging and RegMean

@@ -13,53 +13,33 @@ one task vector for per-tensor statistics such as TIES' per-tensor top-k); outpu
 streamed to disk, never buffered.
 The output appears under ``out_dir`` only when complete: it is written to a hidden sibling
 directory and renamed into place; a failure removes the partial directory.
+
+Here: the two entry points, :func:`merge_checkpoints` (files) and :func:`merge_states` (checkpoints held
+in memory), and :class:`MergeReport`. The checks are in ``compat``, the block-by-block merge in
+``blocks``, the output directory and shard writer in ``output``, the task heads in ``heads``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import queue
-import shutil
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from operators.checkpoint import (
-    HEADS_DIR,
-    AdapterCheckpoint,
-    StateCheckpoint,
-    copy_head,
-    copy_tokenizer,
-    head_names,
-    write_provenance,
-)
+from operators.checkpoint_files import HEADS_DIR, copy_tokenizer, write_provenance
 from operators.errors import MergeError
-from operators.lora import (
-    LoraAdapter,
-    LoraDeltaReader,
-    check_same_task_type,
-    is_adapter_dir,
-    read_adapter,
-)
+from operators.lora import LoraAdapter, LoraDeltaReader, check_same_task_type, is_adapter_dir, read_adapter
+from operators.merge.blocks import CHUNK_ELEMENTS, _Block, _merge_blocks, _prepare, _StateReader, split_keys
+from operators.merge.compat import _check_lora_args, _check_states, check_compatible
+from operators.merge.heads import _copy_heads, _plan_heads, _state_heads
 from operators.merge.lora_adapter import AdapterBuilder, linear_coefficients
-from operators.merge.registry import MergeMethod, ModelStream, TensorContext, get_method, resolve_weights
+from operators.merge.output import _BackgroundWriter, _write_config, atomic_output_dir
+from operators.merge.registry import MergeMethod, get_method, resolve_weights
+from operators.state import AdapterCheckpoint, StateCheckpoint
 from operators.tensor_io import ShardedWriter, TensorReader
-
-# element-wise merges of large matrices go in row blocks of about this many elements (4 MiB per input
-# in float32: measured as fast as 16 MiB blocks, with 100 MiB less peak memory on a 134M model)
-CHUNK_ELEMENTS = 1024 * 1024
-
-# config.json keys that do not change the architecture
-_CONFIG_NOISE = {"_name_or_path", "transformers_version", "architectures", "id2label", "label2id",
-                 "num_labels", "problem_type", "torch_dtype", "dtype", "finetuning_task"}
 
 
 @dataclass
@@ -85,96 +65,6 @@ class MergeReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a hidden temporary directory beside ``out_dir``; rename it to ``out_dir`` on success.
-
-    Raises:
-        MergeError: if ``out_dir`` already exists and is not empty (nothing is overwritten).
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise MergeError(f"{out_dir}: output directory exists and is not empty; choose a new path or remove it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _arch(config_path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise MergeError(f"{config_path.parent}: no config.json; is this a Hugging Face checkpoint?") from None
-    except json.JSONDecodeError as exc:
-        raise MergeError(f"{config_path}: not valid JSON ({exc}); re-save the checkpoint's config") from None
-    return {k: v for k, v in cfg.items() if k not in _CONFIG_NOISE}
-
-
-def check_compatible(base: Path, experts: Mapping[str, Path], readers: Mapping[str, TensorReader],
-                     config_dirs: Mapping[str, Path] | None = None) -> None:
-    """Raise :class:`MergeError` naming the first difference between the base and an expert.
-
-    ``config_dirs`` gives, per expert, the directory whose ``config.json`` describes it (a LoRA
-    expert's is its base's; default: the expert's own directory).
-    """
-    base_arch = _arch(base / "config.json")
-    ref = readers["__base__"]
-    ref_keys = set(ref.keys())
-    for name, path in experts.items():
-        arch = _arch((config_dirs or {}).get(name, path) / "config.json")
-        # transformers versions add or drop default keys when saving; compare what both declare
-        # (tensor names, shapes and dtypes are compared one by one below)
-        diff = sorted(k for k in set(base_arch) & set(arch) if base_arch[k] != arch[k])
-        if base_arch.get("model_type") != arch.get("model_type"):
-            diff = ["model_type", *diff]
-        if diff:
-            k = diff[0]
-            raise MergeError(
-                f"expert {name!r} ({path}) has a different architecture from the base: config.json "
-                f"{k}={arch.get(k)!r} vs base {base_arch.get(k)!r} ({len(diff)} keys differ). "
-                "Experts must be fine-tuned from the same base model."
-            )
-        keys = set(readers[name].keys())
-        # integer buffers (e.g. position_ids) are not weights; some transformers versions stop
-        # saving them, so an expert may lack one its base has: the base's copy is used
-        missing = sorted(k for k in ref_keys - keys if ref.dtype(k).is_floating_point)
-        extra = sorted(k for k in keys - ref_keys if readers[name].dtype(k).is_floating_point)
-        if missing or extra:
-            raise MergeError(
-                f"expert {name!r} ({path}) does not have the base's tensors: "
-                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''} ({len(missing)}), "
-                f"extra {extra[:3]}{'...' if len(extra) > 3 else ''} ({len(extra)}). "
-                "Experts must share the base's architecture and parameter names."
-            )
-        for key in sorted(ref_keys & keys):
-            if readers[name].shape(key) != ref.shape(key):
-                raise MergeError(
-                    f"expert {name!r}: tensor {key!r} has shape {list(readers[name].shape(key))}, "
-                    f"base has {list(ref.shape(key))}"
-                )
-            if readers[name].dtype(key) != ref.dtype(key):
-                raise MergeError(
-                    f"expert {name!r}: tensor {key!r} has dtype {readers[name].dtype(key)}, base has "
-                    f"{ref.dtype(key)}. Convert the checkpoints to one dtype first."
-                )
-
-
-def _check_finite(t: torch.Tensor, who: str, key: str) -> None:
-    # fast path: one sum (NaN/Inf make it non-finite); only a non-finite sum, which huge finite
-    # values could also give, pays for the exact element-wise check
-    if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise MergeError(f"{who}: tensor {key!r} has {bad} NaN/Inf values; the checkpoint is broken, re-create it")
 
 
 def merge_checkpoints(
@@ -289,16 +179,6 @@ def merge_checkpoints(
             r.close()
 
 
-def _prepare(spec: MergeMethod, p: Any, keys: list[str], readers: Mapping[str, Any], names: list[str]) -> Any:
-    """The method's whole-model statistics: a first streaming pass over the floating-point tensors (None for a
-    method without one)."""
-    if spec.prepare is None:
-        return None
-    ref = readers["__base__"]
-    float_keys = [k for k in keys if ref.dtype(k).is_floating_point]
-    return spec.prepare(ModelStream(float_keys, lambda k: (ref.get(k), [readers[n].get(k) for n in names])), p, names)
-
-
 def _write_merged(tmp: Path, keys: list[str], readers: Mapping[str, Any], names: list[str], spec: MergeMethod, p: Any,
                   weights: list[float], stats: Any, chunk_elements: int, out_dtype: torch.dtype | None,
                   max_shard_bytes: int, report: MergeReport, progress: Callable[[int, int], None] | None) -> None:
@@ -318,40 +198,6 @@ def _write_merged(tmp: Path, keys: list[str], readers: Mapping[str, Any], names:
                 progress(report.tensors, len(keys))
     report.output_files = writer.close()
     report.bytes_written = writer.bytes_written
-
-
-class _StateReader:
-    """The reader interface of :class:`TensorReader` over tensors held in memory."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self._t = tensors
-
-    def keys(self) -> list[str]:
-        return list(self._t)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._t
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._t[key].dtype
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._t[key].shape)
-
-    def numel(self, key: str) -> int:
-        return self._t[key].numel()
-
-    def nbytes(self, key: str) -> int:
-        return self._t[key].numel() * self._t[key].element_size()
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._t[key].clone()  # a fresh buffer, as a file read gives: methods may work in place
-
-    def get_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self._t[key].reshape(-1)[start:stop].clone()
-
-    def close(self) -> None:
-        pass
 
 
 def merge_states(
@@ -425,78 +271,6 @@ def merge_states(
     return StateCheckpoint(base.files, body, heads, causal_lm=base.causal_lm), report
 
 
-def _check_states(readers: Mapping[str, Any], names: list[str], keys: list[str]) -> None:
-    """The checks :func:`check_compatible` makes of files, on tensors held in memory."""
-    ref = readers["__base__"]
-    for n in names:
-        missing = sorted(k for k in keys if k not in readers[n] and ref.dtype(k).is_floating_point)
-        bad = next((k for k in keys if k in readers[n] and (readers[n].shape(k), readers[n].dtype(k))
-                    != (ref.shape(k), ref.dtype(k))), None)
-        if missing or bad or set(readers[n].keys()) - set(keys):
-            raise MergeError(f"expert {n!r} does not have the base's tensors (missing {missing[:3]}, first mismatch "
-                             f"{bad!r}); experts must be fine-tuned from the same base model")
-
-
-def _state_heads(experts: Mapping[str, StateCheckpoint | AdapterCheckpoint], names: list[str],
-                 heads_from: StateCheckpoint | None) -> dict[str, tuple[dict[str, torch.Tensor], str]]:
-    """Each expert's own task's head (or every head it carries), then ``heads_from``'s for the other tasks."""
-    heads: dict[str, tuple[dict[str, torch.Tensor], str]] = {}
-    for n in names:
-        own = [n] if n in experts[n].heads else list(experts[n].heads)
-        for task in own:
-            if task in heads:
-                raise MergeError(f"two experts carry a head for task {task!r}; name each expert after its task")
-            heads[task] = experts[n].heads[task]
-    if heads_from is not None:
-        heads |= {t: h for t, h in heads_from.heads.items() if t not in heads}
-    return heads
-
-
-def split_keys(keys: list[str], numels: list[int], parts: int) -> list[list[str]]:
-    """``keys`` cut into ``parts`` runs of consecutive tensors of about equal size; a tensor larger than a part
-    leaves the part it spans empty (any part may be empty, the first too: the heads travel with it all the same)."""
-    total, out, acc = sum(numels), [[] for _ in range(parts)], 0
-    for key, n in zip(keys, numels, strict=True):
-        # a tensor goes to the part its middle element falls in
-        out[min(parts - 1, int((acc + n / 2) * parts // max(1, total)))].append(key)
-        acc += n
-    return out
-
-
-def _check_lora_args(base: Path, names: list[str], adapters: Mapping[str, LoraAdapter],
-                     adapter_bases: Mapping[str, str | Path] | None, lora_mode: str, adapter_rank: int | None,
-                     factorization: str, out_dtype: torch.dtype | None) -> dict[str, Path]:
-    """Validate the LoRA arguments; return each adapter expert's base checkpoint."""
-    if lora_mode not in ("exact", "adapter"):
-        raise MergeError(f"lora_mode: {lora_mode!r} is not a LoRA merge mode; use 'exact' (a full checkpoint) or "
-                         "'adapter' (one peft adapter)")
-    if factorization not in ("svd", "concat"):
-        raise MergeError(f"adapter_factorization: {factorization!r} is not known; use 'svd' or 'concat'")
-    if adapter_rank is not None and (isinstance(adapter_rank, bool) or not isinstance(adapter_rank, int)
-                                     or adapter_rank < 1):
-        raise MergeError(f"adapter_rank: {adapter_rank!r} must be a positive integer (or left out: the sum of the "
-                         "experts' ranks)")
-    if adapter_rank is not None and (lora_mode != "adapter" or factorization != "svd"):
-        raise MergeError(f"adapter_rank: {adapter_rank} applies to lora_mode 'adapter' with svd only (concat's rank is "
-                         "the sum of the experts' ranks; exact mode writes full weights); leave it out")
-    unknown = sorted(set(adapter_bases or {}) - set(adapters))
-    if unknown:
-        what = "is not an expert" if unknown[0] not in names else "is not a LoRA adapter directory"
-        raise MergeError(f"adapter_bases: {unknown[0]!r} {what}; give bases for LoRA experts only "
-                         f"(adapters: {', '.join(sorted(adapters)) or 'none'})")
-    if lora_mode == "adapter":
-        full = [n for n in names if n not in adapters]
-        if full:
-            raise MergeError(f"lora_mode 'adapter': expert {full[0]!r} is a full checkpoint, not a LoRA adapter; "
-                             "adapter mode needs every expert to be an adapter (use lora_mode: exact)")
-        if out_dtype is not None:
-            raise MergeError(f"out_dtype {out_dtype}: applies to full checkpoints; an adapter-mode output keeps the "
-                             "adapters' dtype (leave dtype out, or use lora_mode: exact)")
-    if adapters:
-        check_same_task_type(dict(adapters))
-    return {n: Path((adapter_bases or {}).get(n, base)) for n in adapters}
-
-
 def _lora_provenance(adapters: Mapping[str, LoraAdapter], bases: Mapping[str, Path], lora_mode: str,
                      factorization: str) -> dict[str, Any]:
     return {"lora": {
@@ -551,179 +325,6 @@ def _merge_to_adapter(base, keys, readers, names, spec, p, weights, stats, chunk
             **(provenance or {}),
         })
     return report
-
-
-@dataclass(frozen=True)
-class _Block:
-    """A piece of one tensor to merge: elements start:stop of the flattened tensor."""
-
-    key: str
-    start: int
-    stop: int
-    view: tuple[int, ...]
-    first: bool
-    last: bool
-
-
-def _plan_blocks(keys, ref: TensorReader, spec, p, chunk_elements: int) -> list[_Block]:
-    """Whole tensors, except large matrices of element-wise methods: row blocks of ~chunk_elements."""
-    blocks = []
-    for key in keys:
-        shape, numel = ref.shape(key), ref.numel(key)
-        pieces = ref.dtype(key).is_floating_point and len(shape) >= 2 and numel > chunk_elements and spec.chunkable(p)
-        if not pieces:
-            blocks.append(_Block(key, 0, numel, tuple(shape), True, True))
-            continue
-        row = math.prod(shape[1:])
-        step = max(1, chunk_elements // row) * row
-        starts = range(0, numel, step)
-        for j, start in enumerate(starts):
-            blocks.append(_Block(key, start, min(numel, start + step), (-1, *shape[1:]), j == 0, j == len(starts) - 1))
-    return blocks
-
-
-def _read_block(readers, names, b: _Block) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    ref = readers["__base__"]
-    base_t = ref.get_flat(b.key, b.start, b.stop).reshape(b.view)
-    experts = [readers[n].get_flat(b.key, b.start, b.stop).reshape(b.view) if b.key in readers[n] else None
-               for n in names]
-    return base_t, experts
-
-
-def _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements) -> Iterator[str]:
-    """Merge every tensor, block by block; ``emit(block, base_block, merged_block)`` takes each result.
-
-    Yields each tensor's name once all of it has been handed on.
-    """
-    ref = readers["__base__"]
-    blocks = _plan_blocks(keys, ref, spec, p, chunk_elements)
-    # (reading the next block on a second thread while merging this one was measured: no faster on
-    # 2 cores, where torch's own threads already keep both busy, and it holds one more block)
-    ctx, checked = None, set()
-    for b in blocks:
-        base_t, expert_ts = _read_block(readers, names, b)
-        dtype = ref.dtype(b.key)
-        if not dtype.is_floating_point:
-            # integer buffers (e.g. position ids) are not weights: they must agree, and are copied
-            for n, t in zip(names, expert_ts, strict=True):
-                if t is not None and not torch.equal(t, base_t):
-                    raise MergeError(f"expert {n!r}: integer tensor {b.key!r} differs from the base's")
-            emit(b, base_t, base_t)
-            yield b.key
-            continue
-        if b.first:  # per-tensor statistics are needed only when the tensor comes in pieces
-            ctx, checked = _tensor_context(b.key, readers, names, spec, p, stats, whole=b.last)
-        for who, t in (("base", base_t), *zip(names, expert_ts, strict=True)):
-            if who not in checked:
-                _check_finite(t, who, b.key)
-        merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p, ctx)
-        emit(b, base_t, merged)
-        del base_t, expert_ts, merged
-        if b.last:
-            yield b.key
-
-
-def _tensor_context(key, readers, names, spec, p, stats, whole: bool) -> tuple[TensorContext, set[str]]:
-    """The tensor's context, with the method's per-tensor statistics (the inputs they checked).
-
-    A tensor merged whole gets none: the method computes them from the tensors it is given.
-    """
-    ctx = TensorContext(key=key, stats=stats, experts=tuple(names))
-    checked: set[str] = set()  # inputs already checked for NaN/Inf in full
-    if spec.tensor_stats is None or whole:
-        return ctx, checked
-    ref = readers["__base__"]
-    whole_base: list[torch.Tensor] = []
-
-    def task_vector(i: int) -> torch.Tensor:
-        if not whole_base:
-            whole_base.append(ref.get(key).float())
-            _check_finite(whole_base[0], "base", key)
-            checked.add("base")
-        e = readers[names[i]].get(key)  # a fresh buffer: the task vector may be formed in place
-        _check_finite(e, names[i], key)
-        checked.add(names[i])
-        return e.sub_(whole_base[0]) if e.dtype == torch.float32 else e.float() - whole_base[0]
-
-    return replace(ctx, local=spec.tensor_stats(task_vector, p, names)), checked
-
-
-class _BackgroundWriter:
-    """Hands tensors to a :class:`ShardedWriter` on a thread, so disk writes overlap merging."""
-
-    def __init__(self, writer: ShardedWriter, depth: int = 2):
-        self._writer = writer
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="mergeflow-write", daemon=True)
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._writer.write(*item)
-                except BaseException as exc:  # surfaced in the merging thread
-                    self._error = exc
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put((key, tensor))
-
-    def __enter__(self) -> _BackgroundWriter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None and exc[0] is None:
-            raise self._error
-
-
-def _write_config(src: Path, dst: Path, out_dtype: torch.dtype | None) -> None:
-    if out_dtype is None:
-        shutil.copy2(src, dst)
-        return
-    cfg = json.loads(src.read_text())
-    name = str(out_dtype).removeprefix("torch.")
-    for key in ("torch_dtype", "dtype"):
-        if key in cfg or key == "dtype":
-            cfg[key] = name
-    dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _copy_heads(heads: list[tuple[str, str]], paths: Mapping[str, Path], heads_from: str | Path | None,
-                out: Path) -> list[str]:
-    """Copy each planned expert head into ``out``, then ``heads_from``'s heads of the other tasks.
-
-    Returns:
-        The tasks whose heads the output carries, sorted.
-    """
-    for expert_name, task in heads:
-        copy_head(paths[expert_name], out, task)
-    carried = []
-    if heads_from is not None:
-        carried = [t for t in head_names(heads_from) if t not in {task for _, task in heads}]
-        for task in carried:
-            copy_head(Path(heads_from), out, task)
-    return sorted([t for _, t in heads] + carried)
-
-
-def _plan_heads(paths: Mapping[str, Path]) -> list[tuple[str, str]]:
-    """Which head to take from which expert: its own task's head, else all it carries (no clashes)."""
-    plan: dict[str, str] = {}
-    for name, path in paths.items():
-        available = head_names(path)
-        chosen = [name] if name in available else available
-        for task in chosen:
-            if task in plan:
-                raise MergeError(
-                    f"two experts carry a head for task {task!r} ({plan[task]!r} and {name!r}); "
-                    "name each expert after its task"
-                )
-            plan[task] = name
-    return [(expert, task) for task, expert in sorted(plan.items())]
 
 
 __all__ = ["HEADS_DIR", "MergeError", "MergeReport", "atomic_output_dir", "check_compatible", "merge_checkpoints",

@@ -205,7 +205,8 @@ def _check_data(wf: Workflow, spec: TaskSpec, c: Contribution, source: str, fmt:
 
 
 def _check_checkpoint(wf: Workflow, spec: TaskSpec, c: Contribution, source: str) -> Contribution:
-    from operators.checkpoint import ADAPTER_CONFIG, head_names, resolve_model_path
+    from operators.checkpoint import resolve_model_path
+    from operators.checkpoint_files import ADAPTER_CONFIG, head_names
     from operators.tensor_io import TensorReader
 
     local = _local_copy(source)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from operators.checkpoint import ADAPTER_CONFIG, HEAD_WEIGHTS, HEADS_DIR
+from operators.checkpoint_files import ADAPTER_CONFIG, HEAD_WEIGHTS, HEADS_DIR
 from pipeline.attempts import TAG_KILLED_REASON, Lease, dead_because, describe_holder, driver_tags
 from pipeline.context import ModelRef, StepContext, base_ref, ref_from_store, task_data
 from pipeline.lineage import TAG_ROUND, TAG_SPEC_HASH, TAG_WORKFLOW_RUN, Lineage

@@ -22,7 +22,7 @@ import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from operators.checkpoint import read_provenance
+from operators.checkpoint_files import read_provenance
 from pipeline.context import ModelRef
 from pipeline.spec import TaskSpec
 from pipeline.strategies.rounds import PendingEvaluation, RoundResult, Rounds, own_scores
