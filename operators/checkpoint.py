@@ -38,13 +38,7 @@ from operators.checkpoint_files import (  # noqa: E402
     read_provenance,
     save_head,
 )
-
-# re-exported ("X as X"; the pipeline imports them from here): a checkpoint's provenance and the checkpoints
-# held in memory, which live in modules below this one because they load no models
-from operators.checkpoint_files import write_provenance as write_provenance  # noqa: E402
 from operators.packaged_data import PACKAGED_PREFIX  # noqa: E402
-from operators.state import AdapterCheckpoint as AdapterCheckpoint  # noqa: E402
-from operators.state import StateCheckpoint as StateCheckpoint  # noqa: E402
 from operators.tensor_io import CheckpointError  # noqa: E402
 
 PACKAGED_MODELS = {

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from operators.checkpoint import read_provenance, resolve_model_path
+from operators.checkpoint import resolve_model_path
+from operators.checkpoint_files import read_provenance
 from operators.data import TaskData, hold_out, load_task_data
 from pipeline.lineage import Lineage
 from pipeline.runtime import where_am_i

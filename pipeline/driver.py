@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from operators.checkpoint import is_causal_lm_checkpoint, resolve_model_path, validate_base_checkpoint
+from operators.checkpoint import resolve_model_path, validate_base_checkpoint
+from operators.checkpoint_files import is_causal_lm_checkpoint
 from operators.data import DataError
 from operators.tensor_io import CheckpointError, TensorReader
 from pipeline.attempts import Lease, WorkflowBusy, close_dead_attempts, describe_holder, driver_tags

@@ -29,7 +29,7 @@ import dataclasses
 import time
 from typing import Any
 
-from operators.checkpoint import AdapterCheckpoint, StateCheckpoint
+from operators.state import AdapterCheckpoint, StateCheckpoint
 from pipeline.context import (
     ModelRef,
     StepContext,

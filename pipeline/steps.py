@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from operators.checkpoint import write_provenance
+from operators.checkpoint_files import write_provenance
 from pipeline.context import (
     ModelRef,
     StepContext,

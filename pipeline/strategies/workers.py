@@ -15,18 +15,32 @@ picks one from the spec.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from operators.checkpoint import read_provenance
+from operators.checkpoint_files import read_provenance
 from pipeline import resident
-from pipeline.context import ModelRef
+from pipeline.context import ModelRef, StepContext
 from pipeline.lineage import TAG_STORE_URI
 from pipeline.runtime import Future, PartsHandle, Resources
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
 from pipeline.steps import evaluate_step, finetune_step, merge_step, probe_step
+from pipeline.store import CheckpointStore
 
-if TYPE_CHECKING:  # Rounds builds its workers and hands itself to them
-    from pipeline.strategies.rounds import Rounds
+
+class Rounds(Protocol):
+    """What workers use of the rounds that own them (``pipeline.strategies.rounds.Rounds``)."""
+
+    ctx: StepContext
+    wf: Workflow
+    runtime: Any
+    store: CheckpointStore
+    resources: Resources
+    report: Callable[[str], None]
+
+    def intact(self, path: str, what: str, index: int) -> bool: ...
+
+    def eval_resources(self) -> Resources: ...
 
 
 class Workers(Protocol):
