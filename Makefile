@@ -74,8 +74,17 @@ browser:
 		echo "browser: no chromium and no root apt-get; tests/test_ui_browser.py will be skipped"; \
 	fi
 
+# The house rules, where a developer meets them (CI runs this too): ruff (style, imports, at most 50
+# statements a function), import-linter (pyproject's contracts: pipeline above operators, the engine's
+# layers, Ray only in the runtime and jobs modules, MLflow only in pipeline/lineage, no import cycles),
+# and no source file over MAX_LINES lines.
+MAX_LINES ?= 500
 lint: setup
-	$(VENV)/bin/ruff check pipeline operators tests benchmarks
+	$(VENV)/bin/ruff check pipeline operators tests benchmarks docs
+	$(VENV)/bin/lint-imports --no-cache
+	@long=$$(find pipeline operators -name '*.py' -exec wc -l {} + | awk '$$2 != "total" && $$1 > $(MAX_LINES)'); \
+	if [ -n "$$long" ]; then echo "source files over $(MAX_LINES) lines (split each by what it holds):"; echo "$$long"; exit 1; \
+	else echo "no source file over $(MAX_LINES) lines"; fi
 
 clean:
 	rm -rf mergeflow-store mlflow.db mlruns .pytest_cache
