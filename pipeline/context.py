@@ -20,7 +20,7 @@ from typing import Any
 from operators.checkpoint import resolve_model_path
 from operators.checkpoint_files import read_provenance
 from operators.data import TaskData, hold_out, load_task_data
-from pipeline.lineage import Lineage
+from pipeline.lineage import TAG_STORE_URI, Lineage
 from pipeline.runtime import where_am_i
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
 from pipeline.store import CheckpointStore, StoreFull, content_key, out_of_space, store_full_error
@@ -228,3 +228,51 @@ def base_ref(ctx_workflow: Workflow) -> ModelRef:
     cfg = (path / "config.json").read_text()
     weights = sorted(p.name + ":" + str(p.stat().st_size) for p in path.glob("*.safetensors"))
     return ModelRef("base", "base", "", ctx_workflow.base_model, content_key("base", ctx_workflow.base_model, cfg, weights))
+
+
+# --- what a step records, the same whichever worker runs it --------------------------------------------
+def log_split(lineage: Lineage, run_id: str, task: TaskSpec, data: TaskData, split: str) -> None:
+    """Record one of ``task``'s splits (``train`` or ``eval``) as an input of ``run_id``."""
+    rows, context = (data.train, "training") if split == "train" else (data.eval, "evaluation")
+    lineage.log_dataset(run_id, name=f"{task.name}-{split}", texts=data.inputs(rows), labels=data.targets(rows),
+                        source=data.source, digest=data.digest, context=context)
+
+
+def log_expert_start(lineage: Lineage, run_id: str, task: TaskSpec, start: ModelRef, settings: FinetuneSpec,
+                     data: TaskData, part: str, round_index: int, *, datasets: bool = True,
+                     **extra: Any) -> None:
+    """An expert's run, before it trains: what it trains from and with (params), and its splits (inputs)."""
+    lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri, "data_part": part,
+                                "finetune": settings.model_dump(mode="json"), "labels": task.label_names,
+                                "train_examples": len(data.train), "eval_examples": len(data.eval), **extra})
+    if datasets:
+        for split in ("train", "eval"):
+            log_split(lineage, run_id, task, data, split)
+
+
+def own_task_scores(task: TaskSpec, own: dict[str, float]) -> dict[str, float]:
+    """An expert's scores on its own task as its run records them (``eval/<task>/<metric>``; ``n`` is kept in
+    provenance, not logged: :func:`loggable`)."""
+    return {f"eval/{task.name}/{k}": float(v) for k, v in own.items()}
+
+
+def loggable(scores: dict[str, float]) -> dict[str, float]:
+    """Scores without their example counts (``…/n``), which provenance keeps and MLflow does not need."""
+    return {k: v for k, v in scores.items() if not k.endswith("/n")}
+
+
+def step_phases(step_seconds: float, *, load: float, train: float, evaluate: float, write: float,
+                log: float) -> dict[str, float]:
+    """Where a step's time on its worker went, ``phase_other_seconds`` being what the others leave."""
+    phases = {"phase_load_seconds": load, "phase_train_seconds": train, "phase_evaluate_seconds": evaluate,
+              "phase_write_seconds": write, "phase_log_seconds": log}
+    phases["phase_other_seconds"] = max(0.0, step_seconds - sum(phases.values()))
+    return phases
+
+
+def merged_model_tags(wf: Workflow, merge: MergeSpec, experts: dict[str, ModelRef], round_index: int, uri: str,
+                      fmt: str) -> dict[str, str]:
+    """The tags of a merged model's LoggedModel."""
+    return {"mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": merge.method,
+            "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: uri,
+            "mergeflow.format": fmt}

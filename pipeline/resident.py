@@ -36,14 +36,19 @@ from pipeline.context import (
     attempt_tags,
     base_ref,
     local_dir,
+    log_expert_start,
+    log_split,
+    loggable,
+    merged_model_tags,
     merged_path,
+    own_task_scores,
     publish_checkpoint,
     say,
     staged_checkpoint,
+    step_phases,
     task_data,
     train_metrics,
 )
-from pipeline.lineage import TAG_STORE_URI
 from pipeline.redact import redact_uri
 from pipeline.runtime import WithState
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec
@@ -144,14 +149,8 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     step_start = time.perf_counter()
     wf, lineage = ctx.workflow, ctx.lineage()
     data = task_data(task, part, wf.held_out_fraction, task.dataset.split_seed)
-    lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri, "data_part": part,
-                                "finetune": settings.model_dump(mode="json"), "labels": task.label_names,
-                                "train_examples": len(data.train), "eval_examples": len(data.eval),
-                                "workers": "resident"})
-    if scored:
-        for split, rows, context in (("train", data.train, "training"), ("eval", data.eval, "evaluation")):
-            lineage.log_dataset(run_id, name=f"{task.name}-{split}", texts=data.inputs(rows),
-                                labels=data.targets(rows), source=data.source, digest=data.digest, context=context)
+    log_expert_start(lineage, run_id, task, start, settings, data, part, round_index, datasets=scored,
+                     workers="resident")
     lineage.set_tags(run_id, {**attempt_tags(lineage, run_id), "mergeflow.finetune_mode": settings.mode})
     t0 = time.perf_counter()
     state = start_state(ctx, start)
@@ -185,14 +184,12 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     _MODELS[_kept(_files(ctx), task)] = (net, result.tokenizer)  # kept for the next round
     copy_seconds = time.perf_counter() - t0
     metrics = train_metrics(result)
-    own_eval = {f"eval/{task.name}/{k}": float(v) for k, v in own.items()}
+    own_eval = own_task_scores(task, own)
     step_seconds = time.perf_counter() - step_start
-    phases = {"phase_load_seconds": fetch_seconds + result.load_seconds, "phase_train_seconds": result.seconds,
-              "phase_evaluate_seconds": evaluate_seconds, "phase_write_seconds": copy_seconds,
-              "phase_log_seconds": lineage.busy_seconds}
-    phases["phase_other_seconds"] = max(0.0, step_seconds - sum(phases.values()))
-    lineage.log_metrics(run_id, {**metrics, **{k: v for k, v in own_eval.items() if not k.endswith("/n")},
-                                 "step_seconds": step_seconds, **phases}, step=round_index)
+    phases = step_phases(step_seconds, load=fetch_seconds + result.load_seconds, train=result.seconds,
+                         evaluate=evaluate_seconds, write=copy_seconds, log=lineage.busy_seconds)
+    lineage.log_metrics(run_id, {**metrics, **loggable(own_eval), "step_seconds": step_seconds, **phases},
+                        step=round_index)
     say(f"[expert {task.name}] round {round_index}: {result.steps} steps in {result.seconds:.1f}s on a resident "
         f"worker, loss {result.final_loss:.4f}" + (f", eval {task.headline_metric} {own['accuracy']:.3f}" if own else ""))
     ref = ModelRef("expert", task.name, "", memory_uri(ctx, round_index, f"experts/{task.name}", key), key, run_id,
@@ -254,10 +251,9 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         path = merged_path(store, wf, round_index, key, merge.method)
         uri = store.uri(path)
         lineage.set_tags(run_id, attempt_tags(lineage, run_id))  # a retry marks the model its dead attempt left FAILED
-        model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags={
-            "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": merge.method,
-            "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: uri,
-            "mergeflow.format": "full"}, params={"method": merge.method, **merge.params})
+        model_id = lineage.create_model(run_id, f"{wf.name}-merged",
+                                        tags=merged_model_tags(wf, merge, experts, round_index, uri, "full"),
+                                        params={"method": merge.method, **merge.params})
         lineage.log_model_inputs(run_id, [e.model_id for e in experts.values() if e.model_id])
         t0 = time.perf_counter()
         with staged_checkpoint(store, lineage, model_id, f"the merged model ({merge.method})", path) as ckpt:
@@ -298,8 +294,7 @@ def evaluate_step(ctx: StepContext, model: ModelRef, task: TaskSpec, run_id: str
     m = score(net, tokenizer, data, headline=task.headline_metric, max_length=wf.finetune_for(task).max_length,
               device=ctx.device)
     net.to("cpu")  # kept on the CPU between rounds
-    lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval), labels=data.targets(data.eval),
-                        source=data.source, digest=data.digest, context="evaluation")
+    log_split(lineage, run_id, task, data, "eval")
     lineage.log_metrics(run_id, {f"eval/{task.name}/{k}": v for k, v in m.items() if k != "n"}, step=round_index,
                         model_id=model.model_id, dataset=(f"{task.name}-eval", data.digest))
     say(f"[evaluate {model.kind} {model.name}] {task.name}={m['accuracy']:.3f} on a resident worker")

@@ -21,10 +21,16 @@ from pipeline.context import (
     attempt_tags,
     expert_path,
     local_dir,
+    log_expert_start,
+    log_split,
+    loggable,
+    merged_model_tags,
     merged_path,
+    own_task_scores,
     publish_checkpoint,
     say,
     staged_checkpoint,
+    step_phases,
     task_data,
     train_metrics,
 )
@@ -52,15 +58,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     settings = settings or wf.finetune_for(task)
     data = task_data(task, part, wf.held_out_fraction, task.dataset.split_seed)
     path = expert_path(store, wf, round_index, task.name, key)
-    lineage.log_params(run_id, {"task": task.name, "round": round_index, "start_model": start.uri, "data_part": part,
-                                "finetune": settings.model_dump(mode="json"), "labels": task.label_names,
-                                "train_examples": len(data.train), "eval_examples": len(data.eval)})
-    lineage.log_dataset(run_id, name=f"{task.name}-train", texts=data.inputs(data.train),
-                        labels=data.targets(data.train), source=data.source,
-                        digest=data.digest, context="training")
-    lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
-                        labels=data.targets(data.eval), source=data.source,
-                        digest=data.digest, context="evaluation")
+    log_expert_start(lineage, run_id, task, start, settings, data, part, round_index)
     steps = total_steps(len(data.train), settings)
     say(f"[expert {task.name}] round {round_index}: fine-tuning {steps} steps on {len(data.train)} examples")
 
@@ -98,9 +96,9 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         lineage.log_metrics(run_id, metrics, step=round_index)
         # its own task's scores, measured here where the model already is (iterated strategies use them
         # instead of loading the expert again in an evaluation task)
-        own_eval = {f"eval/{task.name}/{k}": float(v) for k, v in own.items()}  # ("n": examples, kept, not logged)
-        lineage.log_metrics(run_id, {k: v for k, v in own_eval.items() if not k.endswith("/n")}, step=round_index,
-                            model_id=model_id, dataset=(f"{task.name}-eval", data.digest))
+        own_eval = own_task_scores(task, own)
+        lineage.log_metrics(run_id, loggable(own_eval), step=round_index, model_id=model_id,
+                            dataset=(f"{task.name}-eval", data.digest))
         lineage.set_tags(run_id, {"mergeflow.precision": result.precision, "mergeflow.finetune_mode": settings.mode})
         write_provenance(ckpt, {
             "kind": "expert", "task": task.name, "round": round_index, "workflow": wf.name,
@@ -121,10 +119,9 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     # the whole step on its worker (load, train, score, write, log): what a slot was busy with, and where
     # it went (the metrics below are logged by the last call, whose own time is not in `log`)
     step_seconds = time.perf_counter() - step_start
-    phases = {"phase_load_seconds": fetch_seconds + result.load_seconds, "phase_train_seconds": result.seconds,
-              "phase_evaluate_seconds": evaluate_seconds, "phase_write_seconds": result.save_seconds + publish_seconds,
-              "phase_log_seconds": lineage.busy_seconds}
-    phases["phase_other_seconds"] = max(0.0, step_seconds - sum(phases.values()))
+    phases = step_phases(step_seconds, load=fetch_seconds + result.load_seconds, train=result.seconds,
+                         evaluate=evaluate_seconds, write=result.save_seconds + publish_seconds,
+                         log=lineage.busy_seconds)
     lineage.log_metrics(run_id, {"step_seconds": step_seconds, **phases}, step=round_index)
     say(f"[expert {task.name}] done in {result.seconds:.1f}s ({result.tokens_per_second:.0f} tokens/s, "
         f"{result.precision}): loss {result.final_loss:.4f}, eval {task.headline_metric} {own['accuracy']:.3f}")
@@ -158,10 +155,8 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
                                 "heads_from": heads_from.uri if heads_from is not None else ""})
     lineage.log_model_inputs(run_id, [e.model_id for e in experts.values() if e.model_id])
     lineage.set_tags(run_id, attempt_tags(lineage, run_id))  # a retry marks the model its dead attempt left FAILED
-    model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags={
-        "mergeflow.kind": "merged", "mergeflow.round": str(round_index), "mergeflow.method": merge.method,
-        "mergeflow.strategy": wf.strategy, "mergeflow.experts": ",".join(sorted(experts)), TAG_STORE_URI: store.uri(path),
-        "mergeflow.format": "peft-lora-adapter" if adapter_out else "full"},
+    model_id = lineage.create_model(run_id, f"{wf.name}-merged", tags=merged_model_tags(
+        wf, merge, experts, round_index, store.uri(path), "peft-lora-adapter" if adapter_out else "full"),
         params={"method": merge.method, **merge.params})
     say(f"[merge] round {round_index}: {merge.method} of {', '.join(sorted(experts))}")
     with staged_checkpoint(store, lineage, model_id, f"the merged model ({merge.method})", path) as ckpt:
@@ -244,9 +239,7 @@ def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, Mod
             reused[task.name] = source
         results[task.name] = m
         if model.kind != "expert":  # an expert's run already lists its own splits as inputs
-            lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
-                                labels=data.targets(data.eval), source=data.source,
-                                digest=data.digest, context="evaluation")
+            log_split(lineage, run_id, task, data, "eval")
         lineage.log_metrics(run_id, {f"{prefix}/{task.name}/{k}": v for k, v in m.items() if k != "n"},
                             step=round_index, model_id=model.model_id, dataset=(f"{task.name}-eval", data.digest))
     if reused:
@@ -375,9 +368,7 @@ def probe_step(ctx: StepContext, base: ModelRef, run_id: str, round_index: int,
         if source is not None:
             reused[task.name] = source
         results[task.name] = m
-        lineage.log_dataset(run_id, name=f"{task.name}-eval", texts=data.inputs(data.eval),
-                            labels=data.targets(data.eval), source=data.source,
-                            digest=data.digest, context="evaluation")
+        log_split(lineage, run_id, task, data, "eval")
         lineage.log_metrics(run_id, {**{f"probe/{task.name}/{k}": v for k, v in m.items() if k != "n"},
                                      **({} if task.name in reused else {f"probe/{task.name}/seconds": seconds})},
                             step=round_index, dataset=(f"{task.name}-eval", data.digest))
