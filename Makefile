@@ -13,7 +13,7 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.mergeflow-installed
 
-.PHONY: setup quickstart test test-fast lint bench-merge clean browser
+.PHONY: setup quickstart test test-fast lint docs bench-merge clean browser
 
 setup: $(STAMP)
 
@@ -86,5 +86,10 @@ lint: setup
 	if [ -n "$$long" ]; then echo "source files over $(MAX_LINES) lines (split each by what it holds):"; echo "$$long"; exit 1; \
 	else echo "no source file over $(MAX_LINES) lines"; fi
 
+# the documentation site (docs/, mkdocs.yml; the spec and CLI references are generated from the code):
+# --strict, so a broken link or anchor fails
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf mergeflow-store mlflow.db mlruns .pytest_cache
+	rm -rf mergeflow-store mlflow.db mlruns .pytest_cache site
