@@ -326,15 +326,7 @@ class Lineage:
     @_retry
     def find_version(self, name: str, model_id: str) -> str | None:
         """The registry version already made for ``model_id`` (so a re-run does not register twice)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            versions = self.client.search_model_versions(f"name = '{name}'")
-        except MlflowException as exc:
-            if _transient(exc):  # the server is away: waited for by _retry, never taken for "no version"
-                raise
-            return None
-        for v in versions:
+        for v in self._versions(name):
             if getattr(v, "model_id", None) == model_id or (v.tags or {}).get(TAG_MODEL_ID) == model_id:
                 return str(v.version)
         return None
@@ -392,16 +384,19 @@ class Lineage:
     @_retry
     def find_version_by_tag(self, name: str, tag: str, value: str) -> str | None:
         """The newest registry version of ``name`` whose tag ``tag`` is ``value`` (``None``: none)."""
+        found = [int(v.version) for v in self._versions(name) if (v.tags or {}).get(tag) == redact_text(value)]
+        return str(max(found)) if found else None
+
+    def _versions(self, name: str) -> list:
+        """Every version of the registered model ``name`` (none when it does not exist)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            versions = self.client.search_model_versions(f"name = '{name}'")
+            return self.client.search_model_versions(f"name = '{name}'")
         except MlflowException as exc:
             if _transient(exc):  # the server is away: waited for by _retry, never taken for "no version"
                 raise
-            return None
-        found = [int(v.version) for v in versions if (v.tags or {}).get(tag) == redact_text(value)]
-        return str(max(found)) if found else None
+            return []
 
     @_retry
     def model_artifact_location(self, model_id: str) -> str:
