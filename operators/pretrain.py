@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import string
@@ -25,6 +24,8 @@ import uuid
 from pathlib import Path
 
 import torch
+
+from operators.packaged_models import cache_root
 
 RECIPE = {
     "architecture": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -40,10 +41,6 @@ EXTRA_CHARS = "àáâäæçèéêëíîïñóôöœßùúûü"
 
 def recipe_hash() -> str:
     return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MERGEFLOW_CACHE") or Path.home() / ".cache" / "mergeflow")
 
 
 def char_tokenizer():
