@@ -29,6 +29,7 @@ the optimiser steps (batch building, scheduler, zero_grad, bookkeeping, callback
 part of the timed runs (on CUDA it synchronises at every phase boundary).
 
     python benchmarks/finetune_speed.py                                  # word-llama, CPU
+    python benchmarks/finetune_speed.py --model smollm2-135m --batch-size 8 --steps 10 --repeats 3   # a real LM
     python benchmarks/finetune_speed.py --model tiny-llama --steps 200
     python benchmarks/finetune_speed.py --device cuda --batch-size 64    # bf16 on both sides, peak GPU memory
     python benchmarks/finetune_speed.py --json > finetune_speed.json
@@ -61,11 +62,12 @@ PROMPT, RESPONSE = "{text} sentiment:", " {label}"
 # --- inputs -------------------------------------------------------------------------------------------
 
 def base_model(name: str, work: Path) -> Path:
-    """The start checkpoint: the packaged word-llama (built once per machine) or a pico Llama built here."""
-    if name == "word-llama":
-        from operators.pretrain import packaged_word_llama
+    """The start checkpoint: a packaged model (smollm2-135m: a real pretrained Llama of 134.5M parameters;
+    word-llama: 0.82M, built once per machine) or a pico Llama built here."""
+    if name in ("word-llama", "smollm2-135m"):
+        from operators.checkpoint import resolve_model_path
 
-        return packaged_word_llama()
+        return resolve_model_path(f"packaged:{name}")
     from tests.helpers import make_tiny_causal_lm
 
     return make_tiny_causal_lm(work / "tiny-llama", arch="llama")
@@ -342,7 +344,7 @@ def table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["word-llama", "tiny-llama"], default="word-llama")
+    p.add_argument("--model", choices=["word-llama", "smollm2-135m", "tiny-llama"], default="word-llama")
     p.add_argument("--steps", type=int, default=20, help="optimiser steps per run (default 20)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each side, alternating (default 5)")

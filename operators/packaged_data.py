@@ -169,6 +169,27 @@ def word_language(per_class: int = 600, top: int = 6000) -> pa.Table:
     return _balanced(rows, per_class)
 
 
+# chatterbot-corpus's English conversations on everyday topics (no code or tech support): general English text
+GENERAL_ENGLISH_TOPICS = ("ai", "botprofile", "computers", "conversations", "emotion", "food", "gossip", "greetings",
+                          "health", "history", "humor", "literature", "money", "movies", "politics", "psychology",
+                          "science", "sports", "trivia")
+
+
+def general_english() -> pa.Table:
+    """Every distinct English sentence of chatterbot-corpus's everyday conversations (``text``; a ``label``
+    column names each one's topic): general text that no task trains on, for a causal LM's perplexity."""
+    import yaml
+
+    rows = []
+    for topic in GENERAL_ENGLISH_TOPICS:
+        data = yaml.safe_load(_package_file("chatterbot_corpus", f"data/english/{topic}.yml").read_text())
+        for conversation in data.get("conversations") or []:
+            rows.extend((str(line).strip(), topic) for line in conversation if str(line).strip())
+    seen: set[str] = set()
+    unique = [(t, topic) for t, topic in rows if not (t in seen or seen.add(t))]
+    return pa.table({"text": [t for t, _ in unique], "label": [topic for _, topic in unique]})
+
+
 PACKAGED_DATASETS: dict[str, tuple[Callable[[], pa.Table], tuple[str, ...], str]] = {
     "vader_sentiment": (vader_sentiment, ("negative", "positive"), "vaderSentiment: vader_lexicon.txt"),
     "nrc_emotion": (nrc_emotion, NRC_EMOTIONS, "nrclex: data/nrc_en.json"),
@@ -176,6 +197,7 @@ PACKAGED_DATASETS: dict[str, tuple[Callable[[], pa.Table], tuple[str, ...], str]
     "word_language": (word_language, WORD_LANGUAGES, "pyspellchecker: resources/{en,es,fr,de}.json.gz"),
     "brill_number": (brill_number, ("plural", "singular"), "textblob: en/en-lexicon.txt"),
     "brill_verb_form": (brill_verb_form, ("gerund", "past", "third_person"), "textblob: en/en-lexicon.txt"),
+    "general_english": (general_english, GENERAL_ENGLISH_TOPICS, "chatterbot-corpus: data/english/*.yml"),
 }
 
 

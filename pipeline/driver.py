@@ -20,6 +20,7 @@ from typing import Any
 from operators.checkpoint import resolve_model_path, validate_base_checkpoint
 from operators.checkpoint_files import is_causal_lm_checkpoint
 from operators.data import DataError
+from operators.packaged_models import origin_of
 from operators.tensor_io import CheckpointError, TensorReader
 from pipeline.attempts import Lease, WorkflowBusy, close_dead_attempts, describe_holder, driver_tags
 from pipeline.context import StepContext, base_ref, task_data
@@ -238,6 +239,9 @@ def _open_workflow_run(wf: Workflow, lease: Lease, spec_text: str | None, report
     close_dead_attempts(lineage, wf.name, run_id, report)  # a killed driver's runs must not stay RUNNING
     lineage.log_params(run_id, wf.model_dump(mode="json", exclude={"tasks"}) | {
         "tasks": ",".join(t.name for t in wf.tasks), "spec_hash": wf.spec_hash()})
+    origin = origin_of(resolve_model_path(wf.base_model))  # a packaged base: its package, file, conversion
+    if origin:
+        lineage.log_params(run_id, {"base_model_origin": origin})
     lineage.log_dict(run_id, wf.model_dump(mode="json"), "workflow.json")
     if spec_text:
         lineage.log_text(run_id, spec_text, "workflow.yaml")
