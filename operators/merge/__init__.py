@@ -9,6 +9,7 @@ from operators.merge import (  # noqa: F401  (registers the methods)
     consensus,
     dare,
     fisher,
+    knots,
     linear,
     lines,
     model_stock,

@@ -58,11 +58,15 @@ def keep_count(density: float, n: int) -> int:
 def topk_threshold(values: Tensor, density: float, inplace: bool = False) -> float:
     """The k-th largest |value| with k = :func:`keep_count`; 0 when density = 1.
 
-    ``inplace`` lets it overwrite ``values`` (a float32 scratch tensor) with their magnitudes.
+    ``inplace`` lets it overwrite ``values`` (a float32 scratch tensor) with their magnitudes. Float64 values
+    are ranked in float64 (KnOTS' aligned coordinates), so the threshold is one of them exactly.
     """
     if density >= 1.0:
         return 0.0
-    flat = values.abs_() if inplace and values.dtype == torch.float32 else values.abs().float()
+    if values.dtype == torch.float64:
+        flat = values.abs()
+    else:
+        flat = values.abs_() if inplace and values.dtype == torch.float32 else values.abs().float()
     return kth_largest(flat.flatten(), keep_count(density, flat.numel()))
 
 
