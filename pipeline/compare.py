@@ -212,6 +212,8 @@ def variant_workflow(wf: Workflow, strategy: str, merge: str, seed: int | None =
     data["strategy"] = strategy
     if strategy == "oneshot":
         data["merge"] = spec
+        # where rounds run applies to rounds: a one-shot variant of a spec with resident rounds runs as one-shot does
+        data["rounds"] |= {"workers": "tasks", "checkpoint_every": 1}
     else:
         data["rounds"]["merge"] = spec
     data["tracking"]["registered_model"] = f"{wf.registered_model_name}-{strategy}-{merge}" + (

@@ -371,3 +371,38 @@ def test_oneshot_lora_classification_in_process(tiny_base, tmp_path):
         expected = base[key] + 0.5 * sum(f[key] - base[key] for f in folded.values())
         assert not torch.equal(expected, base[key])
         torch.testing.assert_close(body[key], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_task_scores_can_be_left_out(tiny_base, tmp_path):
+    """evaluation.cross_task: false: each expert is scored on its own task only (the same own-task scores, the
+    same merge), and the spec keeps its hash (nothing that changes a weight)."""
+    from pipeline.driver import run_workflow
+    from tests.helpers import tiny_workflow_dict
+
+    spec = tiny_workflow_dict(tmp_path, tiny_base)
+    full = run_workflow(parse_workflow(spec), address="in-process", report=lambda _m: None).final
+    lean_spec = parse_workflow(spec | {"evaluation": {"cross_task": False}})
+    assert lean_spec.spec_hash() == parse_workflow(spec).spec_hash()
+    lean = run_workflow(lean_spec, address="in-process", report=lambda _m: None).final
+    for task in ("vowel", "length"):
+        assert set(full.expert_evals[task]) == {"vowel", "length"} and set(lean.expert_evals[task]) == {task}
+        assert lean.expert_evals[task][task] == full.expert_evals[task][task]
+    assert lean.merged.uri == full.merged.uri and lean.merged_eval == full.merged_eval  # reused, the same scores
+
+
+def test_a_one_shot_variant_of_a_spec_with_resident_rounds_runs_one_shot(tiny_base, tmp_path):
+    """mergeflow compare: rounds.workers and checkpoint_every apply to rounds; a one-shot variant of a spec
+    whose rounds are resident is a valid one-shot workflow (the rule against resident one-shot stays)."""
+    from pipeline.compare import variant_workflow
+    from pipeline.spec import SpecError
+    from tests.helpers import tiny_workflow_dict
+
+    spec = tiny_workflow_dict(tmp_path, tiny_base, strategy="atm",
+                              rounds={"count": 4, "workers": "resident", "checkpoint_every": 2})
+    wf = parse_workflow(spec)
+    oneshot = variant_workflow(wf, "oneshot", "ties")
+    assert oneshot.strategy == "oneshot" and oneshot.rounds.workers == "tasks" and oneshot.merge.method == "ties"
+    atm = variant_workflow(wf, "atm", "mean")
+    assert atm.rounds.workers == "resident" and atm.rounds.checkpoint_every == 2
+    with pytest.raises(SpecError, match="rounds.workers: resident keeps models across rounds"):
+        parse_workflow(spec | {"strategy": "oneshot"})

@@ -21,6 +21,7 @@ module          spec keys                                        rules across th
 ``rounds``      ``rounds``                                       resident workers
 ``recurring``   ``recurring`` (``schedule``, ``gate``)           gate tasks, classification, element-wise
 ``resources``   ``resources``                                    —
+``evaluation``  ``evaluation``                                   —
 ``tracking``    ``tracking``, ``store``                          —
 ``workflow``    the top level: ``name``, ``base_model``, ...     the order of all the rules above
 ``load``        ``parse_workflow``, ``load_workflow``            (turns errors into one line per problem)
@@ -38,6 +39,7 @@ from pipeline.spec.common import (
     PACKAGED_ENCODERS,
     SpecError,
 )
+from pipeline.spec.evaluation import EvaluationSpec
 from pipeline.spec.finetune import FinetuneSpec, LoraSpec
 from pipeline.spec.load import load_workflow, parse_workflow
 from pipeline.spec.merge import PER_EXPERT_PARAMS, HeadsSpec, LoraMergeSpec, MergeSpec
@@ -57,7 +59,7 @@ from pipeline.spec.workflow import Workflow
 
 __all__ = [
     "DEFAULT_BASE_MODEL", "DEFAULT_STORE", "DEFAULT_TRACKING_URI", "IMPLEMENTED_STRATEGIES", "PACKAGED_CAUSAL_LM",
-    "PACKAGED_ENCODERS", "PER_EXPERT_PARAMS", "STORE_SCHEMES", "TASK_TYPES", "TRACKING_SCHEMES", "DatasetSpec",
+    "PACKAGED_ENCODERS", "PER_EXPERT_PARAMS", "STORE_SCHEMES", "TASK_TYPES", "TRACKING_SCHEMES", "DatasetSpec", "EvaluationSpec",
     "FinetuneSpec", "GateSpec", "HeadsSpec", "LoraMergeSpec", "LoraSpec", "MergeSpec", "PromptTemplate",
     "RecurringSpec", "ResourcesSpec", "RoundsSpec", "ScheduleSpec", "SpecError", "StoreSpec", "TaskSpec",
     "TrackingSpec", "Workflow", "check_store_root", "check_tracking_uri", "load_workflow", "parse_interval",

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.spec.common import DEFAULT_BASE_MODEL, IMPLEMENTED_STRATEGIES, _Frozen, check_name
+from pipeline.spec.evaluation import EvaluationSpec
 from pipeline.spec.finetune import FinetuneSpec, check_finetune_overrides
 from pipeline.spec.merge import (
     MergeSpec,
@@ -66,6 +67,9 @@ class Workflow(_Frozen):
         "and where rounds run."
     )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Ray resources of each step.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="What is scored beside each task's own score; not part of the "
+        "spec hash.")
     tracking: TrackingSpec = Field(
         default_factory=TrackingSpec, description="Where lineage goes (MLflow); not part of the spec hash."
     )
@@ -156,8 +160,8 @@ class Workflow(_Frozen):
         raise KeyError(f"no task named {name!r}; tasks are: {', '.join(t.name for t in self.tasks)}")
 
     def spec_hash(self) -> str:
-        """A stable hash of everything that changes the weights (not tracking or store settings)."""
-        payload = self.model_dump(mode="json", exclude={"tracking", "store", "description"})
+        """A stable hash of everything that changes the weights (not tracking, store or evaluation settings)."""
+        payload = self.model_dump(mode="json", exclude={"tracking", "store", "description", "evaluation"})
         # where rounds run and how often they are written change no weight (resident rounds are bit for bit
         # those of task workers), so a spec keeps its hash when they change
         payload["rounds"].pop("workers")

@@ -15,7 +15,7 @@ def run(rounds: Rounds, base: ModelRef) -> list[RoundResult]:
     # a searched merge parameter (or AdaMerging's coefficients) is chosen on a slice held out of each train
     # split: experts train on the rest
     return [merge_once(rounds, base, "oneshot", part="fit" if wf.merge.needs_validation else "all",
-                       cross_task=True, refit_heads=wf.merge.refit_heads)]
+                       cross_task=wf.evaluation.cross_task, refit_heads=wf.merge.refit_heads)]
 
 
 def merge_once(rounds: Rounds, base: ModelRef, strategy: str, part: str, cross_task: bool,
