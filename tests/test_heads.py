@@ -228,9 +228,9 @@ def test_the_default_heads_leave_spec_hashes_and_merge_keys_as_they_were(tiny_ba
         return parse_workflow(tiny_workflow_dict(tmp_path, tiny_base, merge={"method": "task_arithmetic", **merge}))
 
     plain, explicit, aligned = wf(), wf(heads="experts"), wf(heads="aligned")
-    # the spec hash and merge key of a spec written before `heads` (and `rounds.workers`, `rounds.checkpoint_every`)
-    # existed: computed without those fields
-    payload = plain.model_dump(mode="json", exclude={"tracking", "store", "description"})
+    # the spec hash and merge key of a spec written before `heads` (and `rounds.workers`, `rounds.checkpoint_every`,
+    # `evaluation`) existed: computed without those fields
+    payload = plain.model_dump(mode="json", exclude={"tracking", "store", "description", "evaluation"})
     for m in (payload["merge"], payload["rounds"]["merge"]):
         m.pop("heads")
     payload["rounds"].pop("workers")
