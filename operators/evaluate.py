@@ -14,7 +14,7 @@ import torch
 
 from operators.checkpoint import load_model, load_task_model, quiet_transformers
 from operators.data import Split, TaskData
-from operators.finetune import IGNORE_INDEX, collate_lm, encode_lm, lm_tokenizer
+from operators.finetune import IGNORE_INDEX, collate_lm, encode_lm, keeps_logits, lm_tokenizer
 
 
 def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> dict[str, float]:
@@ -189,13 +189,15 @@ def choice_logprobs(model, prompts: list[list[int]], answers: list[list[int]], p
     at least one token (it predicts the answer's first).
     """
     model.eval().to(device)
+    # the prompts' forward needs the logits of their last position only (not [batch, width, vocabulary])
+    last_logits_only = {"logits_to_keep": 1} if keeps_logits(model) else {}
     out = torch.zeros(len(prompts), len(answers))
     for i in range(0, len(prompts), batch_size):
         chunk = [p[:max_length] for p in prompts[i:i + batch_size]]
         ids, mask = left_padded(chunk, pad_id, device)
         lengths = mask.sum(-1, keepdim=True)
         first = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                      use_cache=True)
+                      use_cache=True, **last_logits_only)
         prompt_cache, last = first.past_key_values, torch.log_softmax(first.logits[:, -1].float(), -1)
         for j, answer in enumerate(answers):
             # a copy of the prompts' keys and values for this answer to extend (every cache kind copies; not

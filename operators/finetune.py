@@ -22,6 +22,7 @@ bit as one loaded from its checkpoint. Knows nothing of Ray or MLflow: progress 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -169,6 +170,29 @@ def collate_lm(rows: list[tuple[list[int], list[int]]], pad_id: int, device: str
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def keeps_logits(model) -> bool:
+    """Whether the causal LM's forward can compute its logits at chosen positions only (``logits_to_keep``)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], *, keep_logits: bool) -> torch.Tensor:
+    """Mean next-token cross-entropy over the learned tokens (labels not ``IGNORE_INDEX``).
+
+    With ``keep_logits``, the vocabulary projection (for a small LM the largest matmul of a step: SmolLM2's
+    is 576 x 49,152) and the softmax run only at the positions that predict a learned token in some row of
+    the batch (``logits_to_keep``), not at every prompt and padding position. The same mean as
+    transformers' loss over full logits, to float rounding; without it, that loss.
+    """
+    if not keep_logits:
+        return model(**batch).loss
+    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
+    positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=positions).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten(),
+                                             ignore_index=IGNORE_INDEX)
+
+
 # --- LoRA -------------------------------------------------------------------------------------------------
 
 def add_lora(model, settings: LoraSettings, causal_lm: bool):
@@ -292,6 +316,7 @@ class _Run:
     has_head: bool  # a classification head carried over from the start (not fresh)
     precision: str
     encoded: list[tuple[list[int], list[int]]] | None  # causal LM: every row's ids and loss labels
+    keep_logits: bool = False  # causal LM: logits only where a token is learned (:func:`lm_loss`)
 
 
 def _set_up(init_ckpt: Path, data: TaskData, settings: FinetuneSettings, device: str, model: Any, tokenizer: Any,
@@ -327,7 +352,8 @@ def _set_up(init_ckpt: Path, data: TaskData, settings: FinetuneSettings, device:
         task_model.config.use_cache = False
         task_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
-    return _Run(model, task_model, tokenizer, lm, lora, has_head, precision, encoded)
+    return _Run(model, task_model, tokenizer, lm, lora, has_head, precision, encoded,
+                keep_logits=lm and keeps_logits(task_model))
 
 
 def _optimizer(run: _Run, settings: FinetuneSettings, steps: int):
@@ -385,9 +411,9 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
     for step, idx in enumerate(_batches(data.train, settings.batch_size, steps, generator), start=1):
         batch = batch_inputs(idx)
         with autocast(run.precision, device):
-            # classification: mean cross-entropy over the batch; causal LM: mean over the response
-            # tokens of the batch (transformers' losses, shifted for next-token prediction)
-            loss = model(**batch).loss
+            # classification: mean cross-entropy over the batch (transformers' loss); causal LM: mean
+            # over the response tokens of the batch, next-token shifted, logits only where learned
+            loss = lm_loss(model, batch, keep_logits=run.keep_logits) if run.lm else model(**batch).loss
         loss.backward()
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm)

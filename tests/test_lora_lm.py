@@ -142,6 +142,45 @@ def test_lm_metrics_match_a_hand_computation(tiny_llama, tmp_path):
     assert got["choice_accuracy"] == pytest.approx(hits / len(data.eval))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_training_loss_projects_only_positions_that_predict_a_learned_token(arch, tmp_path):
+    """lm_loss: the mean next-token cross-entropy over the learned tokens, worked out here from full logits,
+    equal to transformers' own loss, with the same gradients; its vocabulary projection sees only the
+    positions that predict a learned token in some row (not the prompts' or the padding's)."""
+    from transformers import AutoModelForCausalLM
+
+    from operators.data import Split
+    from operators.finetune import IGNORE_INDEX, collate_lm, encode_lm, keeps_logits, lm_loss, lm_tokenizer
+
+    base = make_tiny_causal_lm(tmp_path / arch, arch)
+    model, tok = AutoModelForCausalLM.from_pretrained(str(base)), lm_tokenizer(base)
+    assert keeps_logits(model)
+    split = Split(texts=[" no", " yes", " maybe"], labels=[], prompts=["a long prompt?", "e?", "mid one?"])
+    batch = collate_lm(encode_lm(tok, split, max_length=64), tok.pad_token_id, "cpu")
+    labels = batch["labels"]
+    seen: list[int] = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-2]))
+    loss = lm_loss(model, batch, keep_logits=True)
+    hook.remove()
+    learned = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    assert seen == [int(learned.sum())] and seen[0] < labels.shape[1] - 1, "only positions that predict"
+    # by hand: log-softmax of the full logits at each learned token's preceding position, averaged
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logp = torch.log_softmax(logits, -1)
+    terms = [-logp[i, t - 1, labels[i, t]] for i in range(3) for t in range(1, labels.shape[1])
+             if labels[i, t] != IGNORE_INDEX]
+    assert len(terms) == sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in split.texts)
+    assert float(loss) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full = lm_loss(model, batch, keep_logits=False)  # transformers' loss over every position's logits
+    full.backward()
+    assert float(full) == pytest.approx(float(loss), rel=1e-5)
+    for a, b in zip(ours, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch,max_length", [("gpt2", 64), ("gpt2", 13), ("llama", 13)])
 def test_choice_logprobs_score_each_answer_after_its_cached_prompt_as_one_sequence(arch, max_length, tmp_path):
     """Each prompt is run once (left-padded, positions from its first token, so GPT-2's absolute positions are
