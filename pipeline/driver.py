@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from pipeline.lineage_graph import GraphData, GraphRound, draw_lineage
 from pipeline.redact import redact_uri, redacted_fields
 from pipeline.runtime import make_runtime
 from pipeline.spec import Workflow
+from pipeline.steps import lm_eval_step
 from pipeline.store import CheckpointStore
 from pipeline.strategies import STRATEGY_RUNNERS
 from pipeline.strategies.rounds import RoundResult, Rounds, ended_status
@@ -61,6 +63,7 @@ class WorkflowResult:
     seconds: float
     registered_model: str = ""
     alias_version: str | None = None  # the registry version the alias points at when the run ended
+    lm_eval: dict[str, dict[str, Any]] | None = None  # evaluation.lm_eval: "merged"/"base" -> the harness' record
 
     @property
     def final(self) -> RoundResult:
@@ -94,8 +97,26 @@ def preflight(wf: Workflow, report: Callable[[str], None] = lambda _m: None) -> 
         except DataError as exc:
             problems.append(str(exc))
     problems += local_target_problems(wf)
+    if wf.evaluation.lm_eval is not None:
+        problems += lm_eval_problems(wf)
     if problems:
         raise PreflightError(problems)
+
+
+def lm_eval_problems(wf: Workflow) -> list[str]:
+    """evaluation.lm_eval: the harness installed, its include_path a folder, every task one it knows."""
+    from operators.harness import LmEvalUnavailable, unknown_tasks
+
+    spec = wf.evaluation.lm_eval
+    try:
+        missing = unknown_tasks(spec.tasks, spec.include_path)
+    except LmEvalUnavailable as exc:
+        return [str(exc)]
+    if missing:
+        where = f" nor in include_path {spec.include_path!r}" if spec.include_path else ""
+        return [f"evaluation.lm_eval.tasks: {missing} are not tasks lm-eval knows{where}; see `lm-eval ls tasks`, "
+                "or put your own task YAML files in a folder and name it in evaluation.lm_eval.include_path"]
+    return []
 
 
 def local_target_problems(wf: Workflow) -> list[str]:
@@ -197,6 +218,7 @@ def _run_held(wf: Workflow, lease: Lease, store: CheckpointStore, start: float, 
                 results = STRATEGY_RUNNERS[wf.strategy](rounds, base_ref(wf))
             finally:
                 rounds.close()  # resident workers give their slots back
+            harness = score_with_lm_eval(rounds, results[-1], run_id) if wf.evaluation.lm_eval else None
         except BaseException as exc:
             status = ended_status(exc)
             try:  # every run of this attempt still open ends with it: a stopped job leaves none RUNNING
@@ -211,9 +233,10 @@ def _run_held(wf: Workflow, lease: Lease, store: CheckpointStore, start: float, 
                            "the next run of this workflow closes it")
             raise
     result = WorkflowResult(wf.name, run_id, lineage.experiment_id, wf.tracking.uri, results, time.perf_counter() - start,
-                            wf.registered_model_name)
+                            wf.registered_model_name, lm_eval=harness)
     summary = result.summary()
-    lineage.log_dict(run_id, {"summary": summary, "rounds": [_round_record(r) for r in results]}, "results.json")
+    lineage.log_dict(run_id, {"summary": summary, "rounds": [_round_record(r) for r in results],
+                              **({"lm_eval": harness} if harness else {})}, "results.json")
     lineage.log_text(run_id, summary_markdown(summary), "results.md")
     # the driver's own time in MLflow calls (runs, rounds, registry): bookkeeping on the rounds' critical path
     lineage.log_metrics(run_id, {"wall_seconds": result.seconds, "driver_mlflow_seconds": lineage.busy_seconds})
@@ -221,6 +244,25 @@ def _run_held(wf: Workflow, lease: Lease, store: CheckpointStore, start: float, 
     _log_lineage_graph(lineage, run_id, wf, results, report)
     lineage.end_run(run_id)
     return result
+
+
+def score_with_lm_eval(rounds: Rounds, final: RoundResult, run_id: str) -> dict[str, dict[str, Any]]:
+    """``evaluation.lm_eval``: the final merged model (and the base) scored by lm-evaluation-harness, side by
+    side. The merged model's scores go to its own run (``lm_eval/<task>/<metric>``); both go to the workflow's
+    run as ``lm_eval/merged/...`` and ``lm_eval/base/...``."""
+    wf = rounds.wf
+    jobs = {}
+    for which in wf.evaluation.lm_eval.models:
+        model, run, prefix = ((final.merged, final.merged.run_id or final.run_id, "lm_eval") if which == "merged"
+                              else (base_ref(wf), run_id, "lm_eval/base"))
+        jobs[which] = rounds.runtime.submit(lm_eval_step, rounds.ctx, model, run, final.index, prefix,
+                                            name=f"lm-eval-{which}", resources=rounds.eval_resources())
+    records = {which: rounds.runtime.result(job) for which, job in jobs.items()}
+    if "merged" in records and (final.merged.run_id or final.run_id) != run_id:
+        rounds.lineage.log_metrics(run_id, {f"lm_eval/merged/{t}/{m}": v
+                                            for t, ms in records["merged"]["scores"].items()
+                                            for m, v in ms.items() if math.isfinite(v)})
+    return records
 
 
 def _open_workflow_run(wf: Workflow, lease: Lease, spec_text: str | None, report: Callable[[str], None],

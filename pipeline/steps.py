@@ -249,6 +249,24 @@ def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, Mod
     return results
 
 
+def lm_eval_step(ctx: StepContext, model: ModelRef, run_id: str, round_index: int,
+                 prefix: str = "lm_eval") -> dict[str, Any]:
+    """Score ``model`` with lm-evaluation-harness (``evaluation.lm_eval``): its metrics go to ``run_id`` as
+    ``<prefix>/<task>/<metric>`` (for the model's LoggedModel too), the harness' record as ``<prefix>.json``."""
+    from operators.harness import lm_eval_scores
+
+    spec, lineage = ctx.workflow.evaluation.lm_eval, ctx.lineage()
+    scores = lm_eval_scores(local_dir(ctx, model), spec.tasks, adapter_base=adapter_base_dir(ctx, model),
+                            include_path=spec.include_path, limit=spec.limit, num_fewshot=spec.num_fewshot,
+                            batch_size=spec.batch_size, device=ctx.device, seed=ctx.workflow.finetune.seed)
+    lineage.log_metrics(run_id, scores.flat(prefix), step=round_index, model_id=model.model_id)
+    lineage.log_dict(run_id, {"model": model.record(), **scores.record()}, f"{prefix.replace('/', '_')}.json")
+    say(f"[lm-eval {model.kind} {model.name}] " + ", ".join(
+        f"{t}: " + " ".join(f"{m}={v:.3f}" for m, v in ms.items() if not m.endswith("_stderr"))
+        for t, ms in scores.scores.items()))
+    return scores.record()
+
+
 # --- measurements kept in the store (baselines, scores), found again by their content key ------------------
 def measurement_path(store: CheckpointStore, wf: Workflow, kind: str, task: str, key: str) -> str:
     """Where a measurement is kept: ``<workflow>/<kind>/<task>-<key>.json``, beside the workflow's rounds, so

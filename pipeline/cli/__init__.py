@@ -5,6 +5,7 @@
     mergeflow status [RUN_ID]                recent workflow runs, or one run's tree and artifacts
     mergeflow resume RUN_ID                  finish a stopped or killed workflow from its run (spec from MLflow)
     mergeflow export CKPT TASK OUT           write a stand-alone HF checkpoint for one task
+    mergeflow lm-eval CKPT --tasks T         score a causal LM with lm-evaluation-harness
     mergeflow merge CONFIG OUT               merge checkpoints (mergeflow or mergekit YAML config)
     mergeflow compare SPEC [--seeds 0,1,2]   strategies × merges at the same budget: table and plot
     mergeflow ui SPEC [--port 5000]          the MLflow UI on SPEC's tracking store, with links to the last run
@@ -20,7 +21,7 @@
 Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, data, model).
 
 One module per verb group, each adding its commands to the group ``main`` (``group.py``):
-``run`` (validate, run, resume, compare), ``inspect`` (status, ui, export), ``merge``, ``cluster``
+``run`` (validate, run, resume, compare), ``inspect`` (status, ui, export), ``score`` (lm-eval), ``merge``, ``cluster``
 (submit, jobs, logs, stop) and ``recurring`` (contribute, round, schedule, history); what they share
 (exit codes, one-line errors, spec loading, console) is in ``common``. A Ray job starts in
 ``job_entry``. No module here imports MLflow: runs are read through ``pipeline.lineage``.
@@ -28,7 +29,7 @@ One module per verb group, each adding its commands to the group ``main`` (``gro
 
 from __future__ import annotations
 
-from pipeline.cli import cluster, inspect, merge, recurring, run  # noqa: F401  (importing one registers its verbs)
+from pipeline.cli import cluster, inspect, merge, recurring, run, score  # noqa: F401  (importing one registers its verbs)
 from pipeline.cli.common import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_FAILED
 from pipeline.cli.group import main
 

@@ -32,7 +32,7 @@ def _describe(err: dict[str, Any], data: Any) -> str:
     kind = err.get("type", "")
     value = err.get("input")
     # validators that check several fields name the exact sub-field at the start of their message
-    sub = re.match(r"^((?:params|merge|tasks|rounds|base_model|finetune)[\w\[\].]*): (.*)$", msg, re.S)
+    sub = re.match(r"^((?:params|merge|tasks|rounds|base_model|finetune|evaluation)[\w\[\].]*): (.*)$", msg, re.S)
     if sub:
         inner, msg = sub.group(1), sub.group(2)
         loc = inner if loc == "(top level)" else f"{loc}.{inner}"

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.spec.common import DEFAULT_BASE_MODEL, IMPLEMENTED_STRATEGIES, _Frozen, check_name
-from pipeline.spec.evaluation import EvaluationSpec
+from pipeline.spec.evaluation import EvaluationSpec, check_lm_eval
 from pipeline.spec.finetune import FinetuneSpec, check_finetune_overrides
 from pipeline.spec.merge import (
     MergeSpec,
@@ -34,6 +34,7 @@ WORKFLOW_RULES: tuple[Callable[[Workflow], None], ...] = (
     check_learned_merges,       # merge: searches, statistics, learned coefficients, aligned heads
     check_resident_workers,     # rounds: what resident workers run
     check_recurring,            # recurring: gate tasks, classification, element-wise fusion
+    check_lm_eval,              # evaluation: lm-eval scores causal LMs
 )
 
 
