@@ -52,6 +52,11 @@ class World:
         path.write_text(text)
         return str(path)
 
+    def write_bytes(self, name: str, data: bytes) -> str:
+        path = self.root / name
+        path.write_bytes(data)
+        return str(path)
+
     def merge_config(self, stem: str, /, **changes) -> str:
         config = {"base": str(self.base), "experts": {"a": str(self.base), "b": str(self.root / "ckpt")},
                   "method": "task_arithmetic", "params": {"scaling": 0.5}}
@@ -127,6 +132,9 @@ def _cases(w: World) -> list[tuple[str, list[str], Pattern]]:
         ("spec-not-yaml", ["validate", w.write("unclosed.yaml", "name: [unclosed\n")],
          "{r}/unclosed.yaml: (file): not valid YAML: while parsing a flow sequence at line 1, column 7; expected ',' "
          "or ']', but got '<stream end>' at line 2, column 1"),
+        ("spec-binary", ["validate", w.write_bytes("model.yaml", b"PK\x03\x04\x14\x00\x08\x08\xff\xfe")],
+         "{r}/model.yaml: (file): not a text file (byte 8 is not UTF-8); a spec is YAML text: check the path "
+         "(shipped specs are in workflows/)"),
         ("spec-list", ["validate", w.write("list.yaml", "- a\n- b\n")],
          "{r}/list.yaml: " + spec_not_mapping.format(kind="list")),
         ("spec-empty-file", ["validate", w.write("empty.yaml", "")],
@@ -330,7 +338,7 @@ def _cases(w: World) -> list[tuple[str, list[str], Pattern]]:
 
 
 CASE_IDS = [
-    "spec-missing", "spec-not-yaml", "spec-list", "spec-empty-file", "spec-no-name", "spec-bad-name", "spec-no-tasks",
+    "spec-missing", "spec-not-yaml", "spec-binary", "spec-list", "spec-empty-file", "spec-no-name", "spec-bad-name", "spec-no-tasks",
     "spec-duplicate-task", "spec-typo-key", "spec-typo-finetune-key", "spec-unknown-method", "spec-negative-scaling",
     "spec-lr-not-number", "spec-unknown-strategy", "spec-one-label", "spec-source-and-train", "spec-zero-cpus",
     "spec-zero-rounds", "spec-alias-latest", "store-unknown-scheme", "run-store-unknown-scheme", "store-no-bucket",

@@ -61,6 +61,10 @@ BAD_SPECS = [
     ("rounds: fractional contributor count",
      lambda d: d.update(strategy="cold_fusion", rounds={"contributors": 2.5}),
      "rounds.contributors: a count must be a whole number (or give a fraction below 1) (got 2.5)."),
+    ("rounds: more contributors than tasks",
+     lambda d: d.update(strategy="cold_fusion", rounds={"contributors": 10}),
+     "rounds.contributors: 10 contributors a round, but this workflow has 2 tasks (one contributor a task); give at "
+     "most 2, a fraction below 1, or remove it (every task contributes)."),
     ("rounds: merge weights name a task that does not exist",
      lambda d: d.update(strategy="atm", rounds={"merge": {"method": "linear", "params": {"weights": {"nope": 1}}}}),
      "rounds.merge.params.weights: names ['nope'], which are not tasks of this workflow; use task names (a, b)."),

@@ -87,7 +87,10 @@ def load_workflow(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     if not path.is_file():
         raise SpecError(str(path), [f"(file): no such spec file {str(path)!r}. Check the path; shipped specs are in workflows/."])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), [f"(file): not a text file (byte {exc.start} is not UTF-8); a spec is YAML text: "
+                                    "check the path (shipped specs are in workflows/)"]) from None
     except yaml.YAMLError as exc:
         raise SpecError(str(path), [f"(file): not valid YAML: {exc}"]) from None
     if overrides and isinstance(data, dict):

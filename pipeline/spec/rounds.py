@@ -101,6 +101,15 @@ class RoundsSpec(_Frozen):
         return v
 
 
+def check_contributors(wf: Workflow) -> None:
+    """ColD Fusion samples its contributors among the tasks: a count above the task count is a mistake."""
+    count = wf.rounds.contributors
+    if count is not None and count >= 1 and count > len(wf.tasks):
+        raise ValueError(f"rounds.contributors: {int(count)} contributors a round, but this workflow has "
+                         f"{len(wf.tasks)} tasks (one contributor a task); give at most {len(wf.tasks)}, a fraction "
+                         "below 1, or remove it (every task contributes)")
+
+
 def check_resident_workers(wf: Workflow) -> None:
     """Resident workers keep each task's model in memory across rounds and merge element-wise, in memory."""
     if wf.rounds.workers != "resident":

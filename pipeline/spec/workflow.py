@@ -20,7 +20,7 @@ from pipeline.spec.merge import (
 )
 from pipeline.spec.recurring import RecurringSpec, check_recurring
 from pipeline.spec.resources import ResourcesSpec
-from pipeline.spec.rounds import RoundsSpec, check_resident_workers
+from pipeline.spec.rounds import RoundsSpec, check_contributors, check_resident_workers
 from pipeline.spec.tasks import TaskSpec, check_task_types
 from pipeline.spec.tracking import StoreSpec, TrackingSpec
 
@@ -33,6 +33,7 @@ WORKFLOW_RULES: tuple[Callable[[Workflow], None], ...] = (
     check_per_expert_params,    # merge: weights, densities, ... name tasks of this workflow
     check_learned_merges,       # merge: searches, statistics, learned coefficients, aligned heads
     check_resident_workers,     # rounds: what resident workers run
+    check_contributors,         # rounds: no more contributors than tasks
     check_recurring,            # recurring: gate tasks, classification, element-wise fusion
     check_lm_eval,              # evaluation: lm-eval scores causal LMs
 )
