@@ -51,7 +51,7 @@ from typing import Any
 
 from pipeline.driver import WorkflowResult, run_workflow
 from pipeline.lineage import Lineage
-from pipeline.spec import Workflow
+from pipeline.spec import Workflow, parse_workflow
 
 MEAN = "mean"  # the uniform average of the round's models (ATM's and ColD Fusion's default)
 TAG_SEED = "mergeflow.seed"
@@ -218,7 +218,9 @@ def variant_workflow(wf: Workflow, strategy: str, merge: str, seed: int | None =
         data["rounds"]["merge"] = spec
     data["tracking"]["registered_model"] = f"{wf.registered_model_name}-{strategy}-{merge}" + (
         "" if seed is None else f"-seed{seed}")
-    return Workflow.model_validate(data)
+    # a variant the spec cannot run (a merge that needs validation data it does not hold out, ...) is a
+    # SpecError naming the field, as `validate` gives it
+    return parse_workflow(data, f"{wf.name} as {strategy} with {merge}")
 
 
 def _params_for(wf: Workflow, strategy: str, method: str) -> dict[str, Any]:
@@ -237,21 +239,23 @@ def run_comparison(wf: Workflow, strategies: list[str], merges: list[str], round
     """
     seeds = list(seeds or [])
     workflows: dict[int | None, Workflow] = {s: seeded_workflow(wf, s) for s in seeds} or {None: wf}
+    kinds = [(s, m) for s in strategies for m in (merges if s == "oneshot" else round_merges)]
+    variants = [Variant(s, m, seed=seed) for seed in workflows for s, m in kinds]
+    # every variant is validated before the first one trains: a bad one costs seconds, not the others' training
+    planned = [variant_workflow(workflows[v.seed], v.strategy, v.merge, seed=v.seed) for v in variants]
     lineage = Lineage.init(wf.tracking.uri, wf.experiment_name, wf.tracking.artifact_location,
                            wf.tracking.retry_seconds)
     tags = {"mergeflow.strategies": ",".join(strategies), "mergeflow.merges": ",".join(merges)}
     if seeds:
         tags["mergeflow.seeds"] = ",".join(map(str, seeds))
     parent = lineage.start_run(f"compare:{wf.name}", kind="comparison", tags=tags)
-    kinds = [(s, m) for s in strategies for m in (merges if s == "oneshot" else round_merges)]
-    variants = [Variant(s, m, seed=seed) for seed in workflows for s, m in kinds]
     try:
-        for i, v in enumerate(variants, 1):
+        for i, (v, variant) in enumerate(zip(variants, planned, strict=True), 1):
             seeded = workflows[v.seed]
             report(f"compare: running {v.label}" + ("" if v.seed is None else
                                                     f" with seed {v.seed} ({i}/{len(variants)})"))
-            v.result = run_workflow(variant_workflow(seeded, v.strategy, v.merge, seed=v.seed), address=address,
-                                    num_cpus=num_cpus, report=report, parent_run_id=parent)
+            v.result = run_workflow(variant, address=address, num_cpus=num_cpus, report=report,
+                                    parent_run_id=parent)
             lineage.set_tags(v.result.run_id, {TAG_SEED: seeded.finetune.seed, TAG_VARIANT: v.label})
         comparison = summarize(parent, variants, seeds)
         comparison.files = write_outputs(comparison, out_dir)

@@ -189,3 +189,20 @@ def test_compare_rejects_bad_seeds(tmp_path, value, expected):
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert expected in result.output
     assert not (tmp_path / "cmp").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_compare_refuses_a_variant_the_spec_cannot_run_before_anything_trains(tmp_path):
+    """A merge that needs held-out inputs the spec does not give (adamerging without merge.validation_fraction)
+    is refused with validate's one-line message before the first variant trains: no run, no store, no table."""
+    from pipeline.cli import EXIT_BAD_INPUT, main
+
+    spec = tmp_path / "wf.yaml"
+    spec.write_text(yaml.safe_dump(tiny_workflow_dict(tmp_path, tmp_path / "no-base-needed", seed_mlflow=False)))
+    result = CliRunner().invoke(main, ["compare", str(spec), "--merges", "task_arithmetic,adamerging",
+                                       "--strategies", "oneshot", "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("error: "))
+    assert "as oneshot with adamerging" in line and "merge" in line and "validation_fraction" in line, line
+    assert "ValidationError" not in result.output and "input_value" not in result.output
+    assert not (tmp_path / "cmp").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "store").exists()

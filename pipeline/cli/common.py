@@ -56,8 +56,12 @@ def load_spec(spec: str, tracking_uri: str | None, store: str | None):
     try:
         return load_workflow(spec, {"tracking.uri": tracking_uri, "store.root": store})
     except SpecError as exc:
-        # one problem, one line; several: a header and one line each
-        fail(f"{exc.source}: {exc.problems[0]}" if len(exc.problems) == 1 else str(exc), EXIT_BAD_INPUT)
+        fail(spec_error_message(exc), EXIT_BAD_INPUT)
+
+
+def spec_error_message(exc) -> str:
+    """A :class:`~pipeline.spec.SpecError` as printed: one problem, one line; several, a header and one line each."""
+    return f"{exc.source}: {exc.problems[0]}" if len(exc.problems) == 1 else str(exc)
 
 
 def print_links(links: dict[str, str], header: str) -> None:

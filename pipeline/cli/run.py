@@ -16,6 +16,7 @@ from pipeline.cli.common import (
     load_spec,
     new_console,
     print_links,
+    spec_error_message,
     timed_reporter,
 )
 from pipeline.cli.group import main
@@ -225,7 +226,7 @@ def compare(spec: str, strategies: str, merges: str, round_merges: str, out_dir:
         table_markdown,
     )
     from pipeline.driver import PreflightError
-    from pipeline.spec import IMPLEMENTED_STRATEGIES
+    from pipeline.spec import IMPLEMENTED_STRATEGIES, SpecError
 
     wf = load_spec(spec, tracking_uri, store)
     strats = [s.strip() for s in strategies.split(",") if s.strip()]
@@ -256,6 +257,8 @@ def compare(spec: str, strategies: str, merges: str, round_merges: str, out_dir:
     try:
         result = run_comparison(wf, strats, ms, rms, Path(out_dir), seeds=seed_list, address=address,
                                 num_cpus=num_cpus, report=report)
+    except SpecError as exc:  # a variant the spec cannot run (every variant is checked before the first runs)
+        fail(spec_error_message(exc), EXIT_BAD_INPUT)
     except PreflightError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     except KeyboardInterrupt:
