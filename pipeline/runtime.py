@@ -241,6 +241,7 @@ class RayRuntime:
         self.working_dir = working_dir
         self.preload = preload
         self._started = False
+        self._watchdog = None  # pipeline.reaper's process, for a local cluster this runtime started
 
     def __enter__(self) -> RayRuntime:
         import ray
@@ -264,6 +265,11 @@ class RayRuntime:
                 kwargs["_temp_dir"] = os.environ["MERGEFLOW_RAY_TMPDIR"]
         ray.init(**kwargs)
         self._started = True
+        if self.address == "local":  # a cluster of our own: it goes when this process goes, however it goes
+            from pipeline.reaper import session_dir, watch
+
+            if (where := session_dir()) is not None:
+                self._watchdog = watch(where)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -272,6 +278,11 @@ class RayRuntime:
         if self._started:
             ray.shutdown()
             self._started = False
+            if self._watchdog is not None:
+                from pipeline.reaper import release
+
+                release(self._watchdog)
+                self._watchdog = None
 
     def device_for(self, resources: Resources) -> str:
         return "cuda" if resources.num_gpus > 0 else "cpu"
