@@ -190,7 +190,8 @@ def submit(wf: Workflow, spec_text: str, address: str, *, excludes: list[str] | 
     # `stop` sends SIGTERM, then SIGKILL after this long: time for the driver to end its runs KILLED
     env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = source.get("RAY_JOB_STOP_WAIT_TIME_S", "30")
     tracking = ' --tracking-uri "$MLFLOW_TRACKING_URI"' if "MLFLOW_TRACKING_URI" in env_vars else ""
-    entrypoint = f"python -m pipeline.cli.job_entry {verb} _mergeflow_job/workflow.yaml --address auto{tracking}"
+    # the cluster's `python` first says, in one line, whether it can run mergeflow at all (pipeline.job_python)
+    entrypoint = f"python -m pipeline.job_python && python -m pipeline.cli.job_entry {verb} _mergeflow_job/workflow.yaml --address auto{tracking}"
     with tempfile.TemporaryDirectory(prefix="mergeflow-job-") as tmp:
         package_project(Path(tmp), spec_text, excludes=excludes)
         deadline = time.monotonic() + AGENT_WAIT_S

@@ -26,17 +26,6 @@ POLL_S = 1.0
 GRACE_S = 5.0
 
 
-def session_dir() -> str | None:
-    """The session directory of the cluster this process started (None where this Ray hides it)."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)  # no public API names it (Ray 2.60)
-    try:
-        return node.get_session_dir_path() if node is not None else None
-    except Exception:
-        return None
-
-
 def watch(session_dir: str) -> subprocess.Popen:
     """Start the watchdog for this process's local cluster at ``session_dir``; :func:`release` it at shutdown."""
     return subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(os.getpid()), session_dir],

@@ -220,6 +220,17 @@ class StepFailed(RuntimeError):
     """A step failed on the cluster; carries the step name and the worker's error text."""
 
 
+def _session_dir() -> str | None:
+    """The session directory of the local cluster this process started (None where this Ray hides it)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # no public API names it (Ray 2.60)
+    try:
+        return node.get_session_dir_path() if node is not None else None
+    except Exception:
+        return None
+
+
 class RayRuntime:
     """Runs steps as Ray tasks.
 
@@ -266,9 +277,9 @@ class RayRuntime:
         ray.init(**kwargs)
         self._started = True
         if self.address == "local":  # a cluster of our own: it goes when this process goes, however it goes
-            from pipeline.reaper import session_dir, watch
+            from pipeline.reaper import watch
 
-            if (where := session_dir()) is not None:
+            if (where := _session_dir()) is not None:
                 self._watchdog = watch(where)
         return self
 

@@ -3,6 +3,7 @@ loopback port), ``mergeflow submit / jobs / logs --follow / stop`` as subprocess
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -39,15 +40,14 @@ def test_upload_leaves_out_stores_and_refuses_above_the_limit(tmp_path):
         package_project(tmp_path / "dest2", "name: w\n", project=project, limit=50)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A head of its own (``ray start --head --block`` in a new session), stopped by signalling that
-    session only: ``ray stop`` would stop every Ray on the machine."""
+@contextlib.contextmanager
+def _head(tmp_path: Path, path: str):
+    """A head of its own (``ray start --head --block`` in a new session) whose processes see ``path`` as
+    PATH, stopped by signalling that session only: ``ray stop`` would stop every Ray on the machine."""
     import signal
 
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
-    # the cluster's `python` is the one with Ray and mergeflow's dependencies, as on a cluster image
-    env = {**os.environ, **auth, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, **auth, "PATH": path}
     for attempt in range(3):  # a port picked free can be taken (by Ray's own randomly placed ports) before use
         port, dashboard, *agents = free_ports(6)
         log_path = tmp_path / f"head-{attempt}.log"
@@ -80,6 +80,13 @@ def ray_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    # the cluster's `python` is the one with Ray and mergeflow's dependencies, as on a cluster image
+    with _head(tmp_path, f"{BIN}{os.pathsep}{os.environ['PATH']}") as head:
+        yield head
 
 
 def _mergeflow(env, *args, timeout=600) -> subprocess.CompletedProcess:
@@ -142,3 +149,34 @@ def test_submit_follow_and_stop_jobs_on_a_real_head(ray_head, tiny_base, tmp_pat
     statuses = {(r.data.tags[TAG_KIND], r.info.status) for r in runs}
     assert {"workflow", "round", "expert"} <= {kind for kind, _ in statuses}
     assert {status for _, status in statuses} == {"KILLED"}, statuses
+
+
+def _python_without_torch() -> str | None:
+    """A Python on this machine that lacks mergeflow's dependencies (the system's), or None."""
+    for candidate in ("/usr/bin/python3", "/bin/python3"):
+        if Path(candidate).exists() and subprocess.run([candidate, "-c", "import torch"],
+                                                       capture_output=True).returncode != 0:
+            return candidate
+    return None
+
+
+@pytest.mark.e2e
+def test_a_cluster_whose_python_cannot_run_mergeflow_fails_the_job_in_one_line(tmp_path, tiny_base):
+    # a head started with the venv's `ray` but not the venv on PATH: the job's `python` is the system's
+    bare_python = _python_without_torch()
+    if bare_python is None:
+        pytest.skip("no Python without torch on this machine to play the cluster's wrong interpreter")
+    bare = tmp_path / "bare-bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(bare_python)
+    spec = tiny_workflow_dict(tmp_path, tiny_base)
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
+    with _head(tmp_path, f"{bare}{os.pathsep}/usr/bin{os.pathsep}/bin") as (address, env):
+        out = _mergeflow(env, "submit", str(tmp_path / "wf.yaml"), "--address", address, "--wait")
+    assert out.returncode == 1, out.stdout + out.stderr
+    job_id = submission_id(parse_workflow(spec))
+    assert out.stdout.rstrip().endswith(f"job {job_id} ended: FAILED"), out.stdout
+    lines = [line for line in out.stdout.splitlines() if line.startswith("mergeflow job:")]
+    assert len(lines) == 1 and "Traceback" not in out.stdout, out.stdout
+    assert f"the cluster's python, {bare / 'python'}" in lines[0] or bare_python in lines[0], lines[0]
+    assert "cannot import torch" in lines[0] and "ray start --head" in lines[0], lines[0]
