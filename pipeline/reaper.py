@@ -11,17 +11,27 @@ directory, or a descendant of one: the raylet's workers and agents); when the pi
 processes of that session are touched: a user's own subprocesses of a notebook driver are not. A driver
 that shuts Ray down itself says ``q`` first, and the watchdog then only reaps what shutdown left.
 
+Where the watchdog died with its driver (an OOM kill of both, a container's ``kill -9 -1``), the next
+local cluster a driver starts first reaps what is left of dead ones (:func:`leftovers`): this user's
+Ray processes of a session whose core (GCS server and raylet) is gone and whose parent is not of that
+session. A session whose core still runs is never touched, whoever started it. Their session
+directories stay: they hold the dead run's logs (``logs/``), Ray's own post-mortem.
+
     python -m pipeline.reaper DRIVER_PID SESSION_DIR     (started by :func:`watch`, not by hand)
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import sys
 import time
 
+# a local cluster's session directory, as Ray's processes name it in their arguments and open log files
+SESSION_RE = re.compile(r"(/[^\s=:]*/session_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_\d+_\d+)")
+CORE = ("gcs_server", "raylet")  # while either runs, the session is alive
 POLL_S = 1.0
 GRACE_S = 5.0
 
@@ -95,6 +105,65 @@ def reap(known: dict[int, float]) -> list[int]:
         except psutil.Error:
             pass
     return [p.pid for p in procs]
+
+
+def _session_of(proc, cmdline: list[str]) -> str | None:
+    for part in cmdline:
+        if m := SESSION_RE.search(part):
+            return m.group(1)
+    if cmdline and cmdline[0].startswith("ray::"):  # an agent or worker renames itself: its log files say
+        for f in proc.open_files():
+            if m := SESSION_RE.search(f.path):
+                return m.group(1)
+    return None
+
+
+def _is_rays(cmdline: list[str]) -> bool:
+    return bool(cmdline) and (cmdline[0].startswith("ray::") or any(f"{os.sep}ray{os.sep}" in c for c in cmdline[:3]))
+
+
+def leftovers() -> dict[int, float]:
+    """This user's Ray processes left by dead local clusters (pid -> start time): a session none of whose
+    core processes runs; of it, the processes whose parent is not of that session (its children follow
+    in :func:`reap`). The watchdogs of this module are not counted: they reap on their own."""
+    import psutil
+
+    me = psutil.Process()
+    user = me.username()
+    by_session: dict[str, dict[int, psutil.Process]] = {}
+    alive: set[str] = set()
+    for p in psutil.process_iter():
+        try:
+            if p.pid == me.pid or p.username() != user:
+                continue
+            cmdline = p.cmdline()
+            if not _is_rays(cmdline) or "pipeline.reaper" in cmdline:
+                continue
+            session = _session_of(p, cmdline)
+            if session is None:
+                continue
+            if os.path.basename(cmdline[0]) in CORE:
+                alive.add(session)
+            by_session.setdefault(session, {})[p.pid] = p
+        except psutil.Error:
+            continue
+    found: dict[int, float] = {}
+    for session, procs in by_session.items():
+        if session in alive:
+            continue
+        for p in procs.values():
+            try:
+                if p.ppid() not in procs:
+                    found[p.pid] = p.create_time()
+            except psutil.Error:
+                pass
+    return found
+
+
+def reap_leftovers() -> list[int]:
+    """Reap :func:`leftovers` (before a driver starts a local cluster); returns the pids signalled."""
+    found = leftovers()
+    return reap(found) if found else []
 
 
 def main(argv: list[str]) -> None:

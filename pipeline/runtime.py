@@ -8,6 +8,7 @@ on a cluster, or in-process for tests and debugging.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -270,6 +271,10 @@ class RayRuntime:
             "logging_level": "WARNING",
         }
         if self.address == "local":
+            from pipeline.reaper import reap_leftovers
+
+            if reaped := reap_leftovers():  # a dead local cluster whose watchdog died with it
+                print(f"stopped {len(reaped)} process(es) left by a dead local Ray cluster: {reaped}", file=sys.stderr)
             kwargs.update(include_dashboard=False, num_cpus=self.num_cpus, num_gpus=self.num_gpus)
             # keep Ray's spill/session files off small /tmp partitions only if the user asks
             if os.environ.get("MERGEFLOW_RAY_TMPDIR"):

@@ -75,6 +75,41 @@ def test_a_local_cluster_goes_with_a_driver_killed_by_sigkill(tiny_base, tmp_pat
     assert not alive, f"still alive 10 s after the driver's SIGKILL: {alive}"
 
 
+@pytest.mark.e2e
+def test_a_driver_that_starts_a_local_cluster_first_reaps_what_a_dead_one_left():
+    """The watchdog died with its driver (both SIGKILLed, as an OOM kill of the two would): Ray's agents of
+    that cluster outlive them. The next driver to start a local cluster stops exactly those first."""
+    from pipeline.reaper import leftovers
+
+    up = "from pipeline.runtime import RayRuntime\nimport time\nwith RayRuntime(num_cpus=1):\n    {}"
+    driver = subprocess.Popen([sys.executable, "-c", up.format("print('up', flush=True); time.sleep(600)")],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert driver.stdout.readline().strip() == "up"
+        deadline = time.time() + 60
+        while not {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= {_cmd(p)[0] for p in _descendants(driver.pid)
+                                                                     if _cmd(p)}:
+            assert time.time() < deadline, "the cluster's agents did not start within 60 s"
+            time.sleep(0.2)
+        watchdog = [p for p in _descendants(driver.pid) if "pipeline.reaper" in _cmd(p)]
+        assert len(watchdog) == 1
+        for p in [*watchdog, psutil.Process(driver.pid)]:
+            p.kill()
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.time() + 20
+    while not (left := leftovers()) and time.time() < deadline:  # the core goes with its driver; agents stay
+        time.sleep(0.5)
+    names = [" ".join(_cmd(psutil.Process(pid)))[:60] for pid in left if psutil.pid_exists(pid)]
+    assert any(n.startswith("ray::DashboardAgent") or n.startswith("ray::RuntimeEnvAgent") for n in names), names
+
+    second = subprocess.run([sys.executable, "-c", up.format("pass")], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "left by a dead local Ray cluster" in second.stderr, second.stderr[-3000:]
+    assert not _alive(left), "the dead cluster's processes are still alive after the next driver started"
+
+
 def _descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
