@@ -6,3 +6,8 @@ from __future__ import annotations
 
 class MergeError(ValueError):
     """Inputs that cannot be merged, with what differs and how to fix it."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A fine-tune whose loss stopped being finite: where it diverged, its last finite loss, what to change.
+    Nothing of that expert is saved."""

@@ -35,6 +35,7 @@ import torch
 from operators.checkpoint import default_lora_targets, load_task_model, quiet_transformers, save_task_model
 from operators.checkpoint_files import HEAD_WEIGHTS, HEADS_DIR, copy_tokenizer, save_head
 from operators.data import Split, TaskData
+from operators.errors import TrainingDiverged
 
 LogFn = Callable[[int, dict[str, float]], None]
 IGNORE_INDEX = -100  # label value the loss skips (prompt and padding positions)
@@ -408,12 +409,19 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
     window: list[float] = []
     total_loss, seen, tokens = 0.0, 0, 0
     all_params = [p for p in model.parameters() if p.requires_grad]
+    last_finite: tuple[int, float] | None = None
     for step, idx in enumerate(_batches(data.train, settings.batch_size, steps, generator), start=1):
         batch = batch_inputs(idx)
         with autocast(run.precision, device):
             # classification: mean cross-entropy over the batch (transformers' loss); causal LM: mean
             # over the response tokens of the batch, next-token shifted, logits only where learned
             loss = lm_loss(model, batch, keep_logits=run.keep_logits) if run.lm else model(**batch).loss
+        value = float(loss.detach())
+        if not math.isfinite(value):  # before the step: no NaN reaches the weights, none is saved
+            if window and log is not None:  # the curve ends at the last finite step
+                log(step - 1, {"train_loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]})
+            raise _diverged(data.name, step, steps, value, last_finite, settings)
+        last_finite = (step, value)
         loss.backward()
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm)
@@ -421,7 +429,6 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients now; no need for this memory
 
-        value = float(loss.detach())
         window.append(value)
         total_loss += value
         seen += len(idx)
@@ -433,6 +440,17 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
                 log(step, {"train_loss": avg, "lr": scheduler.get_last_lr()[0]})
             window = []
     return _Trained(losses, total_loss, seen, tokens, time.perf_counter() - start, all_params)
+
+
+def _diverged(task: str, step: int, steps: int, value: float, last: tuple[int, float] | None,
+              settings: FinetuneSettings) -> TrainingDiverged:
+    before = (f"its last finite value {last[1]:.6g} at step {last[0]}" if last is not None
+              else "not finite from the first step")
+    return TrainingDiverged(
+        f"fine-tuning {task!r} diverged at step {step} of {steps}: the training loss is {value} ({before}); "
+        f"nothing of this expert was saved. Lower finetune.learning_rate (now {settings.learning_rate:g}) or set "
+        f"finetune.max_grad_norm (now {settings.max_grad_norm}), or look for huge or non-finite weights in the "
+        "checkpoint it started from; then run again (finished steps are kept)")
 
 
 def _save(run: _Run, init_ckpt: Path, data: TaskData, settings: FinetuneSettings, out_dir: str | Path | None) -> None:

@@ -34,6 +34,23 @@ def _check_finite(t: torch.Tensor, who: str, key: str) -> None:
         raise MergeError(f"{who}: tensor {key!r} has {bad} NaN/Inf values; the checkpoint is broken, re-create it")
 
 
+def cast_checked(merged: torch.Tensor, dtype: torch.dtype, key: str, method: str) -> torch.Tensor:
+    """``merged`` in the output's ``dtype``, refused if the cast made it overflow (e.g. float16's ±65504)."""
+    out = merged.to(dtype) if merged.is_floating_point() else merged
+    if out is not merged:
+        _check_merged(out, key, method, f" once cast to {str(dtype).removeprefix('torch.')}")
+    return out
+
+
+def _check_merged(t: torch.Tensor, key: str, method: str, where: str = "") -> None:
+    # a merge of finite inputs can still overflow (scaled sums of large values): never publish it
+    if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise MergeError(f"{method}: the merged tensor {key!r} has {bad} NaN/Inf values{where}, from finite inputs; "
+                         "nothing was published. Lower the scaling or weights, or merge into a wider dtype "
+                         "(float32)")
+
+
 def _prepare(spec: MergeMethod, p: Any, keys: list[str], readers: Mapping[str, Any], names: list[str]) -> Any:
     """The method's whole-model statistics: a first streaming pass over the floating-point tensors (None for a
     method without one)."""
@@ -108,6 +125,7 @@ def _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_ele
             if who not in checked:
                 _check_finite(t, who, b.key)
         merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p, ctx)
+        _check_merged(merged, b.key, spec.name)
         emit(b, base_t, merged)
         del base_t, expert_ts, merged
         if b.last:

@@ -32,7 +32,15 @@ import torch
 from operators.checkpoint_files import HEADS_DIR, copy_tokenizer, write_provenance
 from operators.errors import MergeError
 from operators.lora import LoraAdapter, LoraDeltaReader, check_same_task_type, is_adapter_dir, read_adapter
-from operators.merge.blocks import CHUNK_ELEMENTS, _Block, _merge_blocks, _prepare, _StateReader, split_keys
+from operators.merge.blocks import (
+    CHUNK_ELEMENTS,
+    _Block,
+    _merge_blocks,
+    _prepare,
+    _StateReader,
+    cast_checked,
+    split_keys,
+)
 from operators.merge.compat import _check_lora_args, _check_states, check_compatible
 from operators.merge.heads import _copy_heads, _plan_heads, _state_heads
 from operators.merge.lora_adapter import AdapterBuilder, linear_coefficients
@@ -189,7 +197,7 @@ def _write_merged(tmp: Path, keys: list[str], readers: Mapping[str, Any], names:
     writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes, metadata={"merge_method": spec.name})
     with _BackgroundWriter(writer) as out:
         def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
-            out.write(b.key, merged.to(out_dtype or ref.dtype(b.key)) if merged.is_floating_point() else merged)
+            out.write(b.key, cast_checked(merged, out_dtype or ref.dtype(b.key), b.key, spec.name))
 
         for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements):
             report.bytes_read += ref.nbytes(key) * (1 + sum(key in readers[n] for n in names))
@@ -255,7 +263,7 @@ def merge_states(
     pieces: dict[str, list[torch.Tensor]] = {}
 
     def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
-        pieces.setdefault(b.key, []).append(merged.to(ref.dtype(b.key)) if merged.is_floating_point() else merged)
+        pieces.setdefault(b.key, []).append(cast_checked(merged, ref.dtype(b.key), b.key, method))
 
     body = {}
     if part is not None:
