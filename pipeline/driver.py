@@ -186,6 +186,10 @@ def run_workflow(
             "finish, or stop it (`mergeflow stop JOB`, or end that process); the next run reuses every step it "
             "finished.", holder)
     try:
+        removed, size = store.remove_leftovers(wf.name)  # the space a writer killed mid-write left behind
+        if removed:
+            report(f"store: removed {len(removed)} staging or partial folder(s) ({size / 1e6:.1f} MB) that writers "
+                   f"killed mid-write left behind")
         return _run_held(wf, lease, store, start, address, num_cpus, spec_text, report, parent_run_id)
     finally:
         lease.release()

@@ -23,7 +23,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -101,6 +103,36 @@ def _marker_text(manifest: dict[str, dict[str, Any]]) -> str:
     return json.dumps({"manifest_version": 1, "files": manifest}, indent=1, sort_keys=True)
 
 
+def _writer_tag() -> str:
+    """``w~HOST~PID~START~``: who writes a staging or partial directory, so that the next run can tell one
+    whose writer died (a SIGKILLed driver, a worker lost mid-write) from one still being written."""
+    import psutil
+
+    pid = os.getpid()
+    return f"w~{socket.gethostname()}~{pid}~{int(psutil.Process(pid).create_time() * 1000)}~"
+
+
+def _orphaned(name: str) -> bool:
+    """Whether the writer named in ``name`` (a :func:`_writer_tag`) is known to be gone: on this host, its
+    pid is not running, or runs a process started at another time. Another host's writer is unknowable."""
+    import psutil
+
+    m = re.search(r"w~([^~]+)~(\d+)~(\d+)~", name)
+    if m is None or m.group(1) != socket.gethostname():
+        return False
+    try:
+        proc = psutil.Process(int(m.group(2)))
+        return proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() * 1000 - int(m.group(3))) > 1000
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def content_key(*parts: Any) -> str:
     """A short, stable hash of JSON-serialisable parts."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
@@ -158,7 +190,7 @@ class CheckpointStore:
             return path
         if self.is_local:
             target = Path(path)
-            partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+            partial = target.parent / f".{target.name}.partial-{_writer_tag()}{uuid.uuid4().hex[:8]}"
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if move:
@@ -203,7 +235,7 @@ class CheckpointStore:
         if self.is_local:
             target = Path(path)
             if target.exists():
-                doomed = target.parent / f".{target.name}.discarded-{uuid.uuid4().hex[:8]}"
+                doomed = target.parent / f".{target.name}.discarded-{_writer_tag()}{uuid.uuid4().hex[:8]}"
                 os.rename(target, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
         elif self.exists(path):
@@ -259,9 +291,39 @@ class CheckpointStore:
         if self.is_local:
             base = Path(self._root) / ".staging"
             base.mkdir(parents=True, exist_ok=True)
-            return Path(tempfile.mkdtemp(dir=base))
+            return Path(tempfile.mkdtemp(dir=base, prefix=_writer_tag()))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=self.cache_dir, prefix="staging-"))
+        return Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f"staging-{_writer_tag()}"))
+
+    def remove_leftovers(self, under: str = "") -> tuple[list[Path], int]:
+        """Remove what writers that died mid-write left on this host: staging directories, and partial or
+        half-discarded copies beside checkpoints (under ``under``, a key prefix: the workflow's own).
+
+        Each names its writer (host, pid, start time); only those of a writer known to be gone are
+        removed, so a concurrent run's writes are never touched, nor another host's (unknowable from here).
+        Every writer removes its own on failure; these are left by a process killed mid-write.
+
+        Returns:
+            The directories removed and their bytes.
+        """
+        candidates: list[Path] = []
+        if self.is_local:
+            staging = Path(self._root) / ".staging"
+            if staging.is_dir():
+                candidates += [d for d in staging.iterdir() if d.is_dir()]
+            top = Path(self.path(under)) if under else Path(self._root)
+            if top.is_dir():
+                candidates += [d for d in top.rglob(".*") if d.is_dir() and (".partial-w~" in d.name or
+                                                                          ".discarded-w~" in d.name)]
+        if self.cache_dir.is_dir():
+            candidates += [d for d in self.cache_dir.glob("staging-w~*") if d.is_dir()]
+        removed, size = [], 0
+        for d in candidates:
+            if _orphaned(d.name):
+                size += _tree_bytes(d)
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+        return removed, size
 
     # --- small records (JSON documents beside the checkpoints) ---------------------------------
     def write_record(self, path: str, obj: Any) -> None:

@@ -162,3 +162,44 @@ def test_a_baseline_key_changes_with_what_changes_its_numbers(tiny_base, tmp_pat
     assert probe_key(ref, lm_task.model_copy(update={"metric": "token_accuracy"}), "digest", lm, "cpu") != lm_key
     longer = {**lm_spec, "tasks": [{**lm_spec["tasks"][0], "finetune": {"max_length": 32}}, *lm_spec["tasks"][1:]]}
     assert probe_key(ref, parse_workflow(longer).tasks[0], "digest", parse_workflow(longer), "cpu") != lm_key
+
+
+def test_what_a_writer_killed_mid_write_left_is_removed_and_a_live_writers_is_not(tmp_path):
+    """A real process stages a checkpoint and starts publishing it, then is SIGKILLed mid-write: its staging
+    directory and partial copy stay. The next run's ``remove_leftovers`` removes exactly those; this (live)
+    process's staging stays, and so does one of a writer on another host (unknowable from here)."""
+    import signal
+    import subprocess
+    import sys
+
+    root = tmp_path / "store"
+    code = f"""
+import os, signal, shutil
+from pathlib import Path
+from pipeline.store import CheckpointStore, _writer_tag
+store = CheckpointStore({str(root)!r})
+d = store.staging_dir() / "ckpt"
+d.mkdir()
+(d / "model.safetensors").write_bytes(b"x" * 300_000)
+target = Path(store.path("wf", "round-000", "experts", "e-1"))
+target.parent.mkdir(parents=True)
+partial = target.parent / f".{{target.name}}.partial-{{_writer_tag()}}0123abcd"
+shutil.copytree(d, partial)
+print(d.parent, partial, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert dead.returncode == -signal.SIGKILL, dead.stderr
+    store = CheckpointStore(str(root))
+    mine = store.staging_dir()  # a live writer's (this process): never touched
+    (mine / "half.bin").write_bytes(b"y" * 1000)
+    left = {Path(p) for p in dead.stdout.split()}  # its staging directory and its partial copy
+    assert all(p.is_dir() for p in left) and len(left) == 2
+    other_host = root / ".staging" / "w~another-host~1~1~abcd"  # a writer elsewhere: unknowable, kept
+    other_host.mkdir()
+
+    removed, size = store.remove_leftovers("wf")
+    assert set(removed) == left and size == 2 * 300_000
+    assert mine.is_dir() and (mine / "half.bin").is_file() and other_host.is_dir()
+    assert not list((root / "wf" / "round-000" / "experts").iterdir())
+    assert store.remove_leftovers("wf") == ([], 0), "nothing more to remove"

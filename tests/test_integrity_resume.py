@@ -179,6 +179,10 @@ def test_driver_killed_mid_round_then_next_run_closes_its_runs_and_resumes(undis
     # nothing half-written is visible: every checkpoint directory in the store is complete
     for d in (tmp_path / "store" / "tiny").glob("round-*/*/*"):
         assert d.name.startswith(".") or (d / "_COMPLETE").is_file(), d
+    # and nothing the killed driver was writing is left: the resume removed its staging (a line says so)
+    staging = tmp_path / "store" / ".staging"
+    assert not staging.is_dir() or list(staging.iterdir()) == [], list(staging.iterdir())
+    assert not [d for d in (tmp_path / "store").rglob(".*partial-*")], "no partial copy left"
 
 
 def test_resume_finishes_a_workflow_from_its_run_id_alone(tiny_base, tmp_path):
