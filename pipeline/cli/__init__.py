@@ -17,19 +17,20 @@
     mergeflow round SPEC                     run the next recurring round now (idempotent)
     mergeflow schedule SPEC [--emit kubernetes]  rounds on the spec's schedule, or cluster manifests
     mergeflow history SPEC                   every recurring round: contributions, gate verdict, champion
+    mergeflow gc SPEC [--dry-run]            remove old rounds' checkpoints nothing needs (never a registered one)
 
 Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, data, model).
 
 One module per verb group, each adding its commands to the group ``main`` (``group.py``):
 ``run`` (validate, run, resume, compare), ``inspect`` (status, ui, export), ``score`` (lm-eval), ``merge``, ``cluster``
-(submit, jobs, logs, stop) and ``recurring`` (contribute, round, schedule, history); what they share
+(submit, jobs, logs, stop), ``recurring`` (contribute, round, schedule, history) and ``store`` (gc); what they share
 (exit codes, one-line errors, spec loading, console) is in ``common``. A Ray job starts in
 ``job_entry``. No module here imports MLflow: runs are read through ``pipeline.lineage``.
 """
 
 from __future__ import annotations
 
-from pipeline.cli import cluster, inspect, merge, recurring, run, score  # noqa: F401  (importing one registers its verbs)
+from pipeline.cli import cluster, inspect, merge, recurring, run, score, store  # noqa: F401  (importing one registers its verbs)
 from pipeline.cli.common import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_FAILED
 from pipeline.cli.group import main
 

@@ -20,6 +20,7 @@ from pipeline.lineage.tags import (
     TAG_MODEL_VERSIONS,
     TAG_PARENT,
     TAG_REGISTRATION,
+    TAG_STORE_URI,
     TAG_WORKFLOW_RUN,
 )
 from pipeline.redact import redact_text, redact_values
@@ -386,6 +387,19 @@ class Lineage:
         """The newest registry version of ``name`` whose tag ``tag`` is ``value`` (``None``: none)."""
         found = [int(v.version) for v in self._versions(name) if (v.tags or {}).get(tag) == redact_text(value)]
         return str(max(found)) if found else None
+
+    @_retry
+    def registered_store_uris(self, name: str) -> dict[str, list[str]]:
+        """Store URI -> the versions of ``name`` that point at it (their ``mergeflow.store_uri`` tag, or a
+        source outside MLflow): what ``mergeflow gc`` must never remove."""
+        out: dict[str, list[str]] = {}
+        for v in self._versions(name):
+            uri = (v.tags or {}).get(TAG_STORE_URI)
+            if not uri and v.source and not v.source.startswith(("models:/", "runs:/", "mlflow-artifacts:")):
+                uri = v.source
+            if uri:
+                out.setdefault(uri, []).append(str(v.version))
+        return out
 
     def _versions(self, name: str) -> list:
         """Every version of the registered model ``name`` (none when it does not exist)."""
