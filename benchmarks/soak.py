@@ -13,9 +13,12 @@ round starts it samples:
 It prints those at rounds 1, 50, 100, ... and the targets: memory flat (the driver's RSS and the
 largest worker's grow ≤ 5% from round 50 to the last), descriptors flat, and the store growing only
 where the spec says (every round with task workers; every N rounds with resident workers), with the
-bytes each checkpointed round adds. ``--json FILE`` writes every sample.
+bytes each checkpointed round adds. Then ``--recurring`` recurring rounds back to back in the same
+process (each a new data contribution, fused and gated; each its own local Ray cluster): the driver's
+RSS and fds round after round, and whether any process of a round's cluster outlives it.
+``--json FILE`` writes every sample.
 
-    python benchmarks/soak.py                       # 300 rounds, task and resident workers (~1 h on 2 CPUs)
+    python benchmarks/soak.py                       # 300 ATM rounds each way, then 50 recurring (~40 min, 2 CPUs)
     python benchmarks/soak.py --rounds 60 --workers resident
 """
 
@@ -107,6 +110,62 @@ def soak(workers: str, rounds: int, checkpoint_every: int, slots: int) -> dict:
                 "mean_merged": result.summary()["mean"]["merged"]}
 
 
+def soak_recurring(rounds: int, slots: int) -> dict:
+    """``rounds`` recurring rounds back to back in this process (each a new data contribution, fine-tuned
+    and fused into the champion, gated, registered; each its own local Ray cluster): the driver's RSS and
+    fds, and any process of a round's cluster still alive after it (there should be none)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main as cli
+    from pipeline.recurring.round import run_round
+    from pipeline.spec import parse_workflow
+    from tests.helpers import make_tiny_bert, tiny_workflow_dict, write_task_file
+
+    with tempfile.TemporaryDirectory(prefix="mergeflow-soak-recurring-") as d:
+        tmp = Path(d)
+        spec = tiny_workflow_dict(tmp, make_tiny_bert(tmp / "base"))
+        spec["recurring"] = {"contributions": str(tmp / "contributions"), "gate": {"max_task_drop": 0.05}}
+        (tmp / "spec.yaml").write_text(json.dumps(spec))
+        wf = parse_workflow(spec)
+        samples, verdicts, started = [], {}, time.perf_counter()
+        for i in range(1, rounds + 1):
+            task = ("vowel", "length")[i % 2]
+            src = write_task_file(tmp / "incoming" / f"{i}.parquet", task, n=96, seed=100 + i)
+            res = CliRunner().invoke(cli, ["contribute", str(tmp / "spec.yaml"), str(src), "--task", task,
+                                           "--id", f"{i:04d}-{task}"])
+            assert res.exit_code == 0, res.output
+            out = run_round(wf, num_cpus=slots, report=lambda _m: None)
+            verdicts[out.status] = verdicts.get(out.status, 0) + 1
+            time.sleep(1.0)  # the watchdog reaps what shutdown left within a second or so
+            from pipeline.reaper import leftovers
+
+            leftover = {p.pid for p in _workers()} | set(leftovers())  # its workers, or orphans of its cluster
+            samples.append({**sample(i, tmp, started), "leftover_processes": len(leftover)})
+            if i % 10 == 0:
+                x = samples[-1]
+                print(f"  [recurring] round {i}: {x['t']:.0f}s, driver {x['driver_rss'] / MB:.0f} MB, fds "
+                      f"{x['driver_fds']}, {dict(verdicts)}", file=sys.stderr, flush=True)
+        return {"workers": "recurring", "rounds": rounds, "wall_s": time.perf_counter() - started,
+                "samples": samples, "verdicts": verdicts}
+
+
+def summarize_recurring(res: dict) -> list[str]:
+    s, n = res["samples"], res["rounds"]
+    early, late = _at(s, min(20, n // 2)), s[-1]
+    g = late["driver_rss"] / early["driver_rss"] - 1
+    lines = [f"recurring rounds back to back, {n} rounds in one process: {res['wall_s']:.0f} s, "
+             f"{res['wall_s'] / n:.1f} s a round (each its own local Ray cluster), outcomes {res['verdicts']}",
+             f"  {'round':>5} {'driver RSS':>10} {'fds':>4} {'MLflow DB':>9} {'store':>9} {'cluster processes left':>22}"]
+    for r in sorted({1, *range(10, n + 1, 10)}):
+        x = _at(s, r)
+        lines.append(f"  {x['round']:>5} {x['driver_rss'] / MB:>8.0f}MB {x['driver_fds']:>4} {x['mlflow_db'] / MB:>7.1f}MB "
+                     f"{x['store'] / MB:>7.1f}MB {x['leftover_processes']:>22}")
+    lines.append(f"  from round {early['round']} to {late['round']}: driver RSS {g:+.1%} (target ≤ +5%: "
+                 f"{'MET' if g <= 0.05 else 'NOT MET'}); open fds {late['driver_fds'] - early['driver_fds']:+d}; "
+                 f"most processes of a round's cluster alive after it: {max(x['leftover_processes'] for x in s)}")
+    return lines
+
+
 def _at(samples: list[dict], r: int) -> dict:
     return min(samples, key=lambda s: abs(s["round"] - r))
 
@@ -146,15 +205,22 @@ def main() -> None:
     ap.add_argument("--workers", default="tasks,resident")
     ap.add_argument("--checkpoint-every", type=int, default=10, help="resident workers: rounds per checkpoint")
     ap.add_argument("--slots", type=int, default=2, help="CPUs of the local Ray cluster")
+    ap.add_argument("--recurring", type=int, default=50, help="recurring rounds back to back afterwards (0: none)")
     ap.add_argument("--json", type=Path, default=None, help="also write every sample to this file (Ray's workers "
                                                                  "print to stdout)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     results = []
-    for w in args.workers.split(","):
+    for w in [w for w in args.workers.split(",") if w]:
         res = soak(w, args.rounds, args.checkpoint_every, args.slots)
         results.append(res)
         print("\n".join(summarize(res)), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    if args.recurring:
+        res = soak_recurring(args.recurring, args.slots)
+        results.append(res)
+        print("\n".join(summarize_recurring(res)), flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
 
