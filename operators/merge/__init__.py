@@ -9,6 +9,7 @@ from operators.merge import (  # noqa: F401  (registers the methods)
     consensus,
     dare,
     fisher,
+    iso_c,
     knots,
     linear,
     lines,
@@ -17,6 +18,7 @@ from operators.merge import (  # noqa: F401  (registers the methods)
     slerp,
     task_arithmetic,
     ties,
+    tsv_m,
 )
 from operators.merge.registry import (
     MERGE_METHODS,
