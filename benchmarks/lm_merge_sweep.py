@@ -2,7 +2,7 @@
 
 Takes the four one-shot experts that ``benchmarks/lm_merge_quality.py`` (or ``make lm-quickstart``) trained
 into ``--workdir``'s store, merges them in process over a grid (task arithmetic's λ, TIES' density and
-scaling, DARE-TIES, TSV-M and Iso-C), and scores each merged model's choice accuracy per task twice:
+scaling, DARE-TIES, TSV-M, Iso-C and Iso-CTS), and scores each merged model's choice accuracy per task twice:
 
 - on a **validation** slice (the last ``--validation`` rows of each task's train split: the experts drew
   320 of 1,600-1,920 rows, so most of these were never trained on) — the slice a recipe is chosen on;
@@ -47,6 +47,7 @@ GRID: list[tuple[str, dict]] = [
     ("tsv_m", {"scaling": 1.5}),
     ("iso_c", {"scaling": 1.0}),
     ("iso_c", {"scaling": 1.5}),
+    ("iso_cts", {"scaling": 1.0}),
 ]
 
 

@@ -2,6 +2,8 @@
 papers' definitions by another route (eigendecompositions where the methods use SVDs):
 
 - Iso-C (arXiv 2502.04959): θ = θ_0 + α σ̄ U Vᵀ of Σ_t w_t τ_t = U Σ Vᵀ (matrices); the mean task vector else.
+- Iso-CTS (the same paper): the sum's top-k triplets (common) and each task's top (r − k)/T outside them,
+  U and V decorrelated, every singular value their mean.
 - TSV-M (arXiv 2412.00081): each task's top ⌊rank/T⌋ singular triplets, the tasks' U and V decorrelated
   (their polar factors), θ = θ_0 + α U⊥ Σ̂ V⊥ᵀ (matrices); the mean task vector else.
 """
@@ -15,6 +17,7 @@ import torch
 
 from operators.merge.engine import merge_checkpoints
 from operators.merge.iso_c import IsoCParams, iso_c
+from operators.merge.iso_cts import IsoCtsParams, iso_cts, subspace_sizes
 from operators.merge.tsv_m import TsvMParams, tsv_m
 from operators.tensor_io import load_state_dict
 
@@ -64,6 +67,51 @@ def test_iso_c_off_matrices_is_the_mean_task_vector_and_untouched_tensors_stay()
     assert torch.equal(iso_c(w, [w.clone(), w.clone()], [1, 1], IsoCParams()), w)
 
 
+# --- Iso-CTS -------------------------------------------------------------------------------------
+
+def test_iso_cts_gives_each_task_a_subspace_of_its_own_by_hand():
+    # 4×4, T = 2, common_fraction 0.5: k = 2 common directions, 1 of each task's own.
+    # Σ τ = diag(4, 3, 1, 0.9): common e1 (4), e2 (3). τ_1 outside them: diag(0, 0, 1, 0.5) → e3 (1);
+    # τ_2 outside them: diag(0, 0, 0, 0.4) → e4 (0.4). σ̄ = (4 + 3 + 1 + 0.4)/4 = 2.1  →  θ = θ_0 + 2.1 I,
+    # where Iso-C flattens the sum's own spectrum: (4 + 3 + 1 + 0.9)/4 = 2.225
+    experts = [_diag(4, 0, 1, 0.5), _diag(0, 3, 0, 0.4)]
+    out = iso_cts(torch.zeros(4, 4), experts, [1, 1], IsoCtsParams(common_fraction=0.5))
+    assert torch.allclose(out, _diag(2.1, 2.1, 2.1, 2.1), atol=1e-6)
+    assert torch.allclose(iso_c(torch.zeros(4, 4), experts, [1, 1], IsoCParams()), _diag(2.225, 2.225, 2.225, 2.225))
+    # the sizes: k ≈ fraction · rank, the rest equal per task (ViT-B's 768 with 8 tasks at 0.8: 616 + 8 × 19)
+    assert subspace_sizes(4, 2, 0.5) == (2, 1) and subspace_sizes(768, 8, 0.8) == (616, 19)
+    assert subspace_sizes(3, 5, 0.8) == (3, 0), "fewer directions than tasks: the common subspace only"
+
+
+def _svd_by_eigh(m: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    evals, evecs = torch.linalg.eigh(m @ m.T)
+    order = evals.argsort(descending=True)[:k]
+    u, s = evecs[:, order], evals[order].clamp_min(0).sqrt()
+    return u, s, (m.T @ u) / s
+
+
+def _polar_by_eigh(a: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(a.T @ a)
+    return a @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+
+
+def test_iso_cts_matches_its_definition_computed_by_eigendecompositions():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(10, 8, generator=g)
+    experts = [base + torch.randn(10, 8, generator=g) * s for s in (0.3, 0.6, 1.0)]
+    out = iso_cts(base, experts, [1, 1, 1], IsoCtsParams(scaling=1.2, common_fraction=0.5)).double()
+    taus = [e.double() - base.double() for e in experts]
+    k, n = subspace_sizes(8, 3, 0.5)
+    assert (k, n) == (5, 1)
+    uc, sc, vc = _svd_by_eigh(sum(taus), k)
+    us, ss, vs = [uc], [sc], [vc]
+    for tau in taus:
+        u, s, v = _svd_by_eigh(tau - uc @ (uc.T @ tau), n)
+        us, ss, vs = us + [u], ss + [s], vs + [v]
+    want = base.double() + 1.2 * torch.cat(ss).mean() * _polar_by_eigh(torch.cat(us, 1)) @ _polar_by_eigh(torch.cat(vs, 1)).T
+    assert torch.allclose(out, want, atol=1e-4)
+
+
 # --- TSV-M ---------------------------------------------------------------------------------------
 
 def test_tsv_m_keeps_each_tasks_top_singular_directions_by_hand():
@@ -104,7 +152,8 @@ def test_tsv_m_off_matrices_is_the_mean_task_vector():
 
 # --- through the engine ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,fn,params", [("iso_c", iso_c, IsoCParams()), ("tsv_m", tsv_m, TsvMParams())])
+@pytest.mark.parametrize("method,fn,params", [("iso_c", iso_c, IsoCParams()), ("iso_cts", iso_cts, IsoCtsParams()),
+                                              ("tsv_m", tsv_m, TsvMParams())])
 def test_the_engine_merges_a_checkpoint_tensor_by_tensor_as_the_method_defines(tiny_base, tiny_experts, tmp_path,
                                                                                method, fn, params):
     report = merge_checkpoints(tiny_base, tiny_experts, method, {}, tmp_path / "m")

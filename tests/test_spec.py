@@ -29,7 +29,7 @@ def problems(mutate) -> list[str]:
 BAD_SPECS = [
     ("unknown merge method",
      lambda d: d.update(merge={"method": "tie"}),
-     "merge: unknown merge method 'tie'. Known: adamerging, breadcrumbs, consensus, dare_linear, dare_ties, fisher, iso_c, knots, linear, lines, model_stock, regmean, slerp, task_arithmetic, "
+     "merge: unknown merge method 'tie'. Known: adamerging, breadcrumbs, consensus, dare_linear, dare_ties, fisher, iso_c, iso_cts, knots, linear, lines, model_stock, regmean, slerp, task_arithmetic, "
      "ties, tsv_m."),
     ("duplicate task",
      lambda d: d["tasks"].append(copy.deepcopy(d["tasks"][0])),

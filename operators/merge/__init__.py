@@ -10,6 +10,7 @@ from operators.merge import (  # noqa: F401  (registers the methods)
     dare,
     fisher,
     iso_c,
+    iso_cts,
     knots,
     linear,
     lines,
