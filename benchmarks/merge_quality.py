@@ -13,6 +13,7 @@ per task is fine-tuned on the rest with the spec's settings. Then, on the same e
   ``merge.heads: aligned`` publishes it);
 - RegMean, α = 0.95, N = 256 (FusionBench defaults), and α searched on {0.7, 0.8, 0.9, 1.0} (MergeLM);
 - Fisher merging, N = 256, L2-normalised, floor 1e-6 (FusionBench defaults);
+- TSV-M (α = 1, and α searched on {0.1, …, 2.5}), Iso-C and Iso-CTS (common fraction 0.8), α searched likewise;
 - AdaMerging task-wise, layer-wise and AdaMerging++ (TIES k = 20 first), the paper's defaults (λ init
   0.3, clamp [0, 1], Adam lr 1e-3, 500 steps, 16 inputs per task per step), learned on the *unlabeled*
   validation slices.
@@ -68,6 +69,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="remove the workdir first")
     ap.add_argument("--adamerging-steps", type=int, default=500, help="AdaMerging's Adam steps (paper: 500)")
     ap.add_argument("--skip-adamerging", action="store_true")
+    ap.add_argument("--only-subspace", action="store_true",
+                    help="only the subspace merges' rows (TSV-M, Iso-C, Iso-CTS; experts cached), no AdaMerging")
     ap.add_argument("--only-adamerging", action="store_true", help="only the AdaMerging rows (experts cached)")
     ap.add_argument("--adamerging", default="task,layer,layer++", type=lambda s: s.split(","),
                     help="which AdaMerging variants: task, layer, task++, layer++ (++: TIES k = 20 first)")
@@ -218,6 +221,12 @@ def main() -> None:
         score(label, method, chosen)
 
     if not args.only_adamerging:
+        # subspace merges (no data): the papers' α = 1, and α searched on the validation slices as the papers do
+        score("TSV-M α=1", "tsv_m", {"scaling": 1.0})
+        searched("TSV-M, α searched", "tsv_m", {"scaling": {"search": TIES_GRID}})
+        searched("Iso-C, α searched", "iso_c", {"scaling": {"search": TIES_GRID}})
+        searched("Iso-CTS, α searched", "iso_cts", {"common_fraction": 0.8, "scaling": {"search": TIES_GRID}})
+    if not args.only_adamerging and not args.only_subspace:
         score("task arithmetic λ=0.5", "task_arithmetic", {"scaling": 0.5})
         searched("task arithmetic, λ searched", "task_arithmetic", {"scaling": {"search": TA_GRID}})
         searched("TIES, λ searched", "ties", {"density": 0.2, "scaling": {"search": TIES_GRID}})
@@ -241,7 +250,7 @@ def main() -> None:
                         "final_entropy": res.final_entropy, "mean_coefficient": res.mean_coefficient}
         score(label, "adamerging", {**params, "coefficients": res.coefficients})
 
-    if not args.skip_adamerging:
+    if not args.skip_adamerging and not args.only_subspace:
         steps = args.adamerging_steps
         # fewer steps than the paper's 500: the learning rate scales up so λ can travel as far (500 × 1e-3)
         ada = {"steps": steps, "learning_rate": 1e-3 * 500 / steps}
