@@ -32,6 +32,7 @@ against one evaluation pass per candidate.
 
     python benchmarks/merge_quality.py                         # the full quickstart (minutes)
     python benchmarks/merge_quality.py --max-train-examples 400 --epochs-scale 0.5   # a quick look
+    python benchmarks/merge_quality.py --rows ta,ties,subspace --sharpness sam:0.05 --workdir sam   # SAM experts
 
 Work (experts, statistics) is cached under --workdir and reused on a second run with the same flags.
 """
@@ -55,6 +56,7 @@ TA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 TIES_GRID = [round(0.1 * i, 1) for i in range(1, 26)]
 REGMEAN_ALPHA_GRID = [0.7, 0.8, 0.9, 1.0]
 BOOTSTRAP = 1000
+ROW_GROUPS = ("ta", "ties", "aligned", "regmean", "fisher", "subspace", "adamerging")
 
 
 def main() -> None:
@@ -69,8 +71,10 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="remove the workdir first")
     ap.add_argument("--adamerging-steps", type=int, default=500, help="AdaMerging's Adam steps (paper: 500)")
     ap.add_argument("--skip-adamerging", action="store_true")
-    ap.add_argument("--only-subspace", action="store_true",
-                    help="only the subspace merges' rows (TSV-M, Iso-C, Iso-CTS; experts cached), no AdaMerging")
+    ap.add_argument("--rows", default=",".join(ROW_GROUPS), type=lambda s: s.split(","),
+                    help=f"which rows (comma-separated): {', '.join(ROW_GROUPS)}")
+    ap.add_argument("--sharpness", default=None, metavar="METHOD:RHO",
+                    help="train the experts sharpness-aware (finetune.sharpness, e.g. sam:0.05 or asam:0.5)")
     ap.add_argument("--only-adamerging", action="store_true", help="only the AdaMerging rows (experts cached)")
     ap.add_argument("--adamerging", default="task,layer,layer++", type=lambda s: s.split(","),
                     help="which AdaMerging variants: task, layer, task++, layer++ (++: TIES k = 20 first)")
@@ -100,7 +104,12 @@ def main() -> None:
     base = resolve_model_path(wf.base_model)
     cache_file = work / "cache.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    key = json.dumps([args.spec, args.validation_fraction, args.max_train_examples, args.epochs_scale, args.examples])
+    key = json.dumps([args.spec, args.validation_fraction, args.max_train_examples, args.epochs_scale, args.examples]
+                     + ([args.sharpness] if args.sharpness else []))
+    sharpness = None
+    if args.sharpness:
+        method, _, rho = args.sharpness.partition(":")
+        sharpness = {"method": method, "rho": float(rho or 0.05)}
     if cache.get("key") != key:
         cache = {"key": key}
         for d in ("experts", "stats"):
@@ -126,6 +135,8 @@ def main() -> None:
         settings = wf.finetune_for(t)
         if settings.max_steps is None:
             settings = FinetuneSpec.model_validate({**settings.model_dump(), "epochs": settings.epochs * args.epochs_scale})
+        if sharpness:  # the same steps, each sharpness-aware (two passes)
+            settings = FinetuneSpec.model_validate({**settings.model_dump(), "sharpness": sharpness})
         if t.name not in ft_seconds or not out.is_dir():
             shutil.rmtree(out, ignore_errors=True)
             r = finetune(base, fit[t.name], settings, out, torch_threads=args.threads)
@@ -220,25 +231,29 @@ def main() -> None:
                         "curve": {c.value: round(c.score, 4) for c in res.candidates}}
         score(label, method, chosen)
 
-    if not args.only_adamerging:
+    rows_wanted = set() if args.only_adamerging else set(args.rows)
+    if "ta" in rows_wanted:
+        score("task arithmetic λ=0.5", "task_arithmetic", {"scaling": 0.5})
+        searched("task arithmetic, λ searched", "task_arithmetic", {"scaling": {"search": TA_GRID}})
+    if "ties" in rows_wanted:
+        searched("TIES, λ searched", "ties", {"density": 0.2, "scaling": {"search": TIES_GRID}})
+    if "aligned" in rows_wanted:  # the same searches with each candidate scored as merge.heads: aligned publishes it
+        searched("task arithmetic, λ searched with aligned heads", "task_arithmetic", {"scaling": {"search": TA_GRID}},
+                 aligned_heads=True)
+        searched("TIES, λ searched with aligned heads", "ties", {"density": 0.2, "scaling": {"search": TIES_GRID}},
+                 aligned_heads=True)
+    if "regmean" in rows_wanted:
+        score("RegMean α=0.95", "regmean", {"alpha": 0.95, "statistics": stats["gram"]})
+        searched("RegMean, α searched", "regmean", {"alpha": {"search": REGMEAN_ALPHA_GRID},
+                                                    "statistics": stats["gram"]})
+    if "fisher" in rows_wanted:
+        score("Fisher merging", "fisher", {"statistics": stats["fisher"]})
+    if "subspace" in rows_wanted:
         # subspace merges (no data): the papers' α = 1, and α searched on the validation slices as the papers do
         score("TSV-M α=1", "tsv_m", {"scaling": 1.0})
         searched("TSV-M, α searched", "tsv_m", {"scaling": {"search": TIES_GRID}})
         searched("Iso-C, α searched", "iso_c", {"scaling": {"search": TIES_GRID}})
         searched("Iso-CTS, α searched", "iso_cts", {"common_fraction": 0.8, "scaling": {"search": TIES_GRID}})
-    if not args.only_adamerging and not args.only_subspace:
-        score("task arithmetic λ=0.5", "task_arithmetic", {"scaling": 0.5})
-        searched("task arithmetic, λ searched", "task_arithmetic", {"scaling": {"search": TA_GRID}})
-        searched("TIES, λ searched", "ties", {"density": 0.2, "scaling": {"search": TIES_GRID}})
-        # the same searches with each candidate scored as merge.heads: aligned would publish it
-        searched("task arithmetic, λ searched with aligned heads", "task_arithmetic", {"scaling": {"search": TA_GRID}},
-                 aligned_heads=True)
-        searched("TIES, λ searched with aligned heads", "ties", {"density": 0.2, "scaling": {"search": TIES_GRID}},
-                 aligned_heads=True)
-        score("RegMean α=0.95", "regmean", {"alpha": 0.95, "statistics": stats["gram"]})
-        searched("RegMean, α searched", "regmean", {"alpha": {"search": REGMEAN_ALPHA_GRID},
-                                                    "statistics": stats["gram"]})
-        score("Fisher merging", "fisher", {"statistics": stats["fisher"]})
 
     def adamerged(label: str, params: dict) -> None:
         inputs = {n: v.texts for n, v in validation.items()}  # unlabeled: the labels are never read
@@ -250,7 +265,7 @@ def main() -> None:
                         "final_entropy": res.final_entropy, "mean_coefficient": res.mean_coefficient}
         score(label, "adamerging", {**params, "coefficients": res.coefficients})
 
-    if not args.skip_adamerging and not args.only_subspace:
+    if not args.skip_adamerging and "adamerging" in args.rows:
         steps = args.adamerging_steps
         # fewer steps than the paper's 500: the learning rate scales up so λ can travel as far (500 × 1e-3)
         ada = {"steps": steps, "learning_rate": 1e-3 * 500 / steps}

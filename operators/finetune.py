@@ -66,6 +66,7 @@ class FinetuneSettings(Protocol):
     max_grad_norm: float | None
     log_every: int
     freeze_embeddings: bool
+    sharpness: Any  # None, or .method ("sam" | "asam") and .rho
 
 
 @dataclass
@@ -410,12 +411,17 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
     total_loss, seen, tokens = 0.0, 0, 0
     all_params = [p for p in model.parameters() if p.requires_grad]
     last_finite: tuple[int, float] | None = None
-    for step, idx in enumerate(_batches(data.train, settings.batch_size, steps, generator), start=1):
-        batch = batch_inputs(idx)
+    sharpness = getattr(settings, "sharpness", None)
+
+    def forward(batch: dict[str, Any]) -> torch.Tensor:
         with autocast(run.precision, device):
             # classification: mean cross-entropy over the batch (transformers' loss); causal LM: mean
             # over the response tokens of the batch, next-token shifted, logits only where learned
-            loss = lm_loss(model, batch, keep_logits=run.keep_logits) if run.lm else model(**batch).loss
+            return lm_loss(model, batch, keep_logits=run.keep_logits) if run.lm else model(**batch).loss
+
+    for step, idx in enumerate(_batches(data.train, settings.batch_size, steps, generator), start=1):
+        batch = batch_inputs(idx)
+        loss = forward(batch)
         value = float(loss.detach())
         if not math.isfinite(value):  # before the step: no NaN reaches the weights, none is saved
             if window and log is not None:  # the curve ends at the last finite step
@@ -423,6 +429,8 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
             raise _diverged(data.name, step, steps, value, last_finite, settings)
         last_finite = (step, value)
         loss.backward()
+        if sharpness is not None:  # the gradient at the worst weights within ρ replaces this one
+            sharpness_aware_(all_params, lambda b=batch: forward(b), sharpness.method, sharpness.rho)
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm)
         optimizer.step()
@@ -440,6 +448,38 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
                 log(step, {"train_loss": avg, "lr": scheduler.get_last_lr()[0]})
             window = []
     return _Trained(losses, total_loss, seen, tokens, time.perf_counter() - start, all_params)
+
+
+@torch.no_grad()
+def _perturb(params: list[torch.nn.Parameter], method: str, rho: float) -> list[torch.Tensor | None]:
+    """Add SAM's ε (ρ g/‖g‖) or ASAM's (ρ w²g/‖|w| g‖) to the weights; returns their values before, to restore."""
+    adaptive = method == "asam"
+    scaled = [(p.abs() * p.grad if adaptive else p.grad) for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in scaled])) if scaled else 0.0
+    scale = rho / (float(norm) + 1e-12)
+    before: list[torch.Tensor | None] = []
+    for p in params:
+        if p.grad is None:
+            before.append(None)
+            continue
+        before.append(p.detach().clone())
+        p.add_((p * p * p.grad if adaptive else p.grad) * scale)
+    return before
+
+
+def sharpness_aware_(params: list[torch.nn.Parameter], forward: Callable[[], torch.Tensor], method: str,
+                     rho: float) -> None:
+    """SAM's (or ASAM's) second pass, given the first pass's gradients in ``params``: step to the worst weights
+    within ρ (to first order), take the gradient there in place of the first, and restore the weights exactly.
+    The optimizer then moves the original weights along it."""
+    before = _perturb(params, method, rho)
+    for p in params:
+        p.grad = None
+    forward().backward()
+    with torch.no_grad():
+        for p, b in zip(params, before, strict=True):
+            if b is not None:
+                p.copy_(b)
 
 
 def _diverged(task: str, step: int, steps: int, value: float, last: tuple[int, float] | None,

@@ -151,7 +151,9 @@ def say(msg: str) -> None:
 # --- keys and paths (also used by the driver to find finished work) ------------------------------
 
 def expert_key(start: ModelRef, task: TaskSpec, settings: FinetuneSpec, data_digest: str) -> str:
-    return content_key("expert", start.key, task.model_dump(mode="json"), settings.model_dump(mode="json"), data_digest)
+    # fields added later are left out at their default, so experts already in a store keep their keys
+    finetune = settings.model_dump(mode="json", exclude={"sharpness"} if settings.sharpness is None else set())
+    return content_key("expert", start.key, task.model_dump(mode="json"), finetune, data_digest)
 
 
 def expert_path(store: CheckpointStore, workflow: Workflow, round_index: int, task: str, key: str) -> str:

@@ -34,6 +34,18 @@ class LoraSpec(_Frozen):
         return v
 
 
+class SharpnessSpec(_Frozen):
+    """Sharpness-aware training: each step's gradient is taken at the worst nearby weights, so the expert
+    settles in a flat region (where task vectors interfere less when merged)."""
+
+    method: Literal["sam", "asam"] = Field(
+        default="sam", description="sam: ε = ρ g/‖g‖ (Foret et al., ICLR 2021); asam: ε = ρ w²g/‖|w| g‖, the "
+        "radius scaled by each weight's size (Kwon et al., ICML 2021)."
+    )
+    rho: float = Field(default=0.05, gt=0, le=10, description="The radius ρ (SAM's default 0.05; ASAM's papers use "
+                                                               "0.5-2).")
+
+
 class FinetuneSpec(_Frozen):
     """How each expert is fine-tuned from its start model: full fine-tune, or LoRA adapters (peft)."""
 
@@ -74,6 +86,10 @@ class FinetuneSpec(_Frozen):
         default=1.0, gt=0, description="Clip the gradient's global norm to this; none: no clipping."
     )
     log_every: int = Field(default=10, gt=0, description="Log the training loss every N steps.")
+    sharpness: SharpnessSpec | None = Field(
+        default=None, description="Sharpness-aware training (SAM or ASAM): two forward and backward passes a step, "
+        "experts trained to merge; none: plain AdamW steps."
+    )
 
     @model_validator(mode="after")
     def _budget(self) -> FinetuneSpec:

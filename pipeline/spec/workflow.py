@@ -169,6 +169,8 @@ class Workflow(_Frozen):
         payload["rounds"].pop("workers")
         payload["rounds"].pop("checkpoint_every")
         # fields added later are left out at their default, so a spec keeps its hash across versions
+        if payload["finetune"].get("sharpness") is None:
+            payload["finetune"].pop("sharpness", None)
         for merge in (payload["merge"], payload["rounds"]["merge"], (payload.get("recurring") or {}).get("merge")):
             if merge is not None and merge.get("heads", {}).get("mode") == "experts":
                 merge.pop("heads")
