@@ -36,6 +36,7 @@ from operators.checkpoint import default_lora_targets, load_task_model, quiet_tr
 from operators.checkpoint_files import HEAD_WEIGHTS, HEADS_DIR, copy_tokenizer, save_head
 from operators.data import Split, TaskData
 from operators.errors import TrainingDiverged
+from operators.sharpness import sharpness_aware_
 
 LogFn = Callable[[int, dict[str, float]], None]
 IGNORE_INDEX = -100  # label value the loss skips (prompt and padding positions)
@@ -448,38 +449,6 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
                 log(step, {"train_loss": avg, "lr": scheduler.get_last_lr()[0]})
             window = []
     return _Trained(losses, total_loss, seen, tokens, time.perf_counter() - start, all_params)
-
-
-@torch.no_grad()
-def _perturb(params: list[torch.nn.Parameter], method: str, rho: float) -> list[torch.Tensor | None]:
-    """Add SAM's ε (ρ g/‖g‖) or ASAM's (ρ w²g/‖|w| g‖) to the weights; returns their values before, to restore."""
-    adaptive = method == "asam"
-    scaled = [(p.abs() * p.grad if adaptive else p.grad) for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in scaled])) if scaled else 0.0
-    scale = rho / (float(norm) + 1e-12)
-    before: list[torch.Tensor | None] = []
-    for p in params:
-        if p.grad is None:
-            before.append(None)
-            continue
-        before.append(p.detach().clone())
-        p.add_((p * p * p.grad if adaptive else p.grad) * scale)
-    return before
-
-
-def sharpness_aware_(params: list[torch.nn.Parameter], forward: Callable[[], torch.Tensor], method: str,
-                     rho: float) -> None:
-    """SAM's (or ASAM's) second pass, given the first pass's gradients in ``params``: step to the worst weights
-    within ρ (to first order), take the gradient there in place of the first, and restore the weights exactly.
-    The optimizer then moves the original weights along it."""
-    before = _perturb(params, method, rho)
-    for p in params:
-        p.grad = None
-    forward().backward()
-    with torch.no_grad():
-        for p, b in zip(params, before, strict=True):
-            if b is not None:
-                p.copy_(b)
 
 
 def _diverged(task: str, step: int, steps: int, value: float, last: tuple[int, float] | None,

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from operators.finetune import sharpness_aware_
+from operators.sharpness import sharpness_aware_
 
 
 def _quadratic(w0: list[float], a: list[float]):
