@@ -4,8 +4,9 @@ Takes the four one-shot experts that ``benchmarks/lm_merge_quality.py`` (or ``ma
 into ``--workdir``'s store, merges them in process over a grid (task arithmetic's λ, TIES' density and
 scaling, DARE-TIES, TSV-M, Iso-C and Iso-CTS), and scores each merged model's choice accuracy per task twice:
 
-- on a **validation** slice (the last ``--validation`` rows of each task's train split: the experts drew
-  320 of 1,600-1,920 rows, so most of these were never trained on) — the slice a recipe is chosen on;
+- on a **validation** slice (a seeded sample of ``--validation`` rows of each task's train split: the
+  experts drew 320 of its 1,600-1,920 rows, so about one in five of these was trained on) — the slice a
+  recipe is chosen on;
 - on the **eval** split the workflow reports (96 examples a task).
 
 It prints every configuration's mean normalized score (merged / expert, per task, averaged) on both, and
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -69,7 +71,7 @@ def one_shot_experts(store: Path, tasks: list[str], steps: int) -> dict[str, Pat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, required=True, help="lm_merge_quality.py's --workdir (its store)")
-    ap.add_argument("--validation", type=int, default=96, help="validation rows a task (the train split's last)")
+    ap.add_argument("--validation", type=int, default=96, help="validation rows a task (sampled from the train split)")
     ap.add_argument("--methods", default=None, help="only these methods of the grid (comma-separated)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -94,7 +96,9 @@ def main() -> None:
     for t in wf.tasks:
         data = task_data(t)
         n = len(data.train)
-        tail = range(n - args.validation, n)
+        # a seeded sample, not the split's tail: the train splits come grouped by label, and a slice of one
+        # label would let every model choose right (the choices are the slice's distinct answers)
+        tail = sorted(random.Random(0).sample(range(n), args.validation))
         tr = data.train
         splits[t.name] = {
             "validation": Split(texts=[tr.texts[i] for i in tail], labels=[], prompts=[tr.prompts[i] for i in tail],
