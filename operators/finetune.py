@@ -410,9 +410,15 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
     losses: list[tuple[int, float]] = []
     window: list[float] = []
     total_loss, seen, tokens = 0.0, 0, 0
-    all_params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    all_params = [p for _, p in named]
     last_finite: tuple[int, float] | None = None
     sharpness = getattr(settings, "sharpness", None)
+
+    def stop(step: int, what: str) -> TrainingDiverged:
+        if window and log is not None:  # the curve ends at the last step that completed
+            log(step - 1, {"train_loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]})
+        return _diverged(data.name, step, steps, what, last_finite, settings)
 
     def forward(batch: dict[str, Any]) -> torch.Tensor:
         with autocast(run.precision, device):
@@ -425,19 +431,22 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
         loss = forward(batch)
         value = float(loss.detach())
         if not math.isfinite(value):  # before the step: no NaN reaches the weights, none is saved
-            if window and log is not None:  # the curve ends at the last finite step
-                log(step - 1, {"train_loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]})
-            raise _diverged(data.name, step, steps, value, last_finite, settings)
-        last_finite = (step, value)
+            raise stop(step, f"the training loss is {value}")
         loss.backward()
         if sharpness is not None:  # the gradient at the worst weights within ρ replaces this one
-            sharpness_aware_(all_params, lambda b=batch: forward(b), sharpness.method, sharpness.rho)
+            second = sharpness_aware_(all_params, lambda b=batch: forward(b), sharpness.method, sharpness.rho,
+                                      sharpness.eta, scaled=[n.endswith("weight") for n, _ in named])
+            if not math.isfinite(second):
+                raise stop(step, f"the loss at the perturbed weights ({sharpness.method}, rho {sharpness.rho}) is {second}")
         if settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm)
+            norm = float(torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm))
+            if not math.isfinite(norm):  # a gradient that overflowed: stepping would write NaN into the weights
+                raise stop(step, f"the gradient's norm is {norm} (the loss {value:.6g})")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients now; no need for this memory
 
+        last_finite = (step, value)
         window.append(value)
         total_loss += value
         seen += len(idx)
@@ -451,12 +460,12 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
     return _Trained(losses, total_loss, seen, tokens, time.perf_counter() - start, all_params)
 
 
-def _diverged(task: str, step: int, steps: int, value: float, last: tuple[int, float] | None,
+def _diverged(task: str, step: int, steps: int, what: str, last: tuple[int, float] | None,
               settings: FinetuneSettings) -> TrainingDiverged:
     before = (f"its last finite value {last[1]:.6g} at step {last[0]}" if last is not None
-              else "not finite from the first step")
+              else "no step completed before it")
     return TrainingDiverged(
-        f"fine-tuning {task!r} diverged at step {step} of {steps}: the training loss is {value} ({before}); "
+        f"fine-tuning {task!r} diverged at step {step} of {steps}: {what} (the training loss: {before}); "
         f"nothing of this expert was saved. Lower finetune.learning_rate (now {settings.learning_rate:g}) or set "
         f"finetune.max_grad_norm (now {settings.max_grad_norm}), or look for huge or non-finite weights in the "
         "checkpoint it started from; then run again (finished steps are kept)")

@@ -4,12 +4,13 @@ that nothing needs any more, and never one a registry version points at.
 The store keeps every expert and merged model a workflow made (content-addressed, so a re-run or another
 merge reuses them). Over many ATM rounds, or runs, that grows past what anyone needs. What is kept:
 
-- every checkpoint a version of the workflow's registered model points at (its ``mergeflow.store_uri``
-  tag, or a source outside MLflow), with the experts it was merged from and any checkpoint a LoRA
-  adapter among them needs to load (its ``adapter_base``), followed through their provenance: a
-  version never points at nothing, and it keeps its lineage's weights (delete the version in MLflow
-  first to release them);
-- every checkpoint of the last ``keep_rounds`` rounds in the store (what the next run resumes from);
+- every checkpoint a registry version on the workflow's tracking server points at (its
+  ``mergeflow.store_uri`` tag, or a source outside MLflow; any registered model, ``compare``'s variants
+  included): a version never points at nothing (delete the version in MLflow first to release it);
+- every checkpoint of the last ``keep_rounds`` rounds that have a merged model, and of any round after
+  them (what the next run resumes from);
+- and what each kept checkpoint needs, followed through provenance: the experts a merged model was
+  merged from, and the checkpoint a LoRA adapter loads onto (its ``adapter_base``);
 - everything outside ``round-*`` (records, baselines, recurring contributions).
 
 Everything else under the workflow's ``round-*`` folders is removed, marker first (a reader never
@@ -55,6 +56,7 @@ class GcResult:
     removed: list[Checkpoint] = field(default_factory=list)
     leftovers: int = 0
     leftover_bytes: int = 0
+    missing: list[str] = field(default_factory=list)  # versions pointing at checkpoints this store lacks
     dry_run: bool = True
 
     @property
@@ -110,34 +112,71 @@ def _needed_by(prov: dict) -> list[str]:
     return out
 
 
+class GcRefused(ValueError):
+    """gc cannot tell what the registry needs: it removes nothing (one line, with the fix)."""
+
+
 def registered_store_uris(wf: Workflow) -> dict[str, list[str]]:
-    """What the workflow's registry versions point at (none where its SQLite database does not exist yet)."""
+    """Store URI -> the versions (``name vN``) of every registered model on the workflow's tracking server
+    that point at it: ``compare``'s variants register under names of their own.
+
+    Raises:
+        GcRefused: the tracking store is not the one the workflow ran against (no database there, or no
+            experiment of the workflow in it): its registry would pin nothing, and gc would remove all.
+    """
     uri = wf.tracking.uri
+    where = f"tracking.uri {redact_text(uri)!r}"
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        return {}
-    return Lineage(uri, "", retry_seconds=wf.tracking.retry_seconds).registered_store_uris(wf.registered_model_name)
+        raise GcRefused(f"{where}: no MLflow database there, so gc cannot tell which checkpoints registry versions "
+                        "point at; run gc where the workflow's tracking.uri resolves (a relative sqlite path is "
+                        "relative to the current folder), or pass --tracking-uri")
+    lineage = Lineage(uri, "", retry_seconds=wf.tracking.retry_seconds)
+    if not lineage.experiment_exists(wf.experiment_name):
+        raise GcRefused(f"{where}: no experiment {wf.experiment_name!r} there: not the tracking server this workflow "
+                        "ran against, whose registry says what must stay; pass its --tracking-uri")
+    return lineage.store_uris_of_versions()
+
+
+def _round_key(uri: str, workflow: str) -> str | None:
+    """``round-NNN/<kind>/<name>`` of a checkpoint URI of ``workflow`` (however the store's root is written or
+    mounted), or None for one elsewhere."""
+    m = re.search(rf"(?:^|/){re.escape(workflow)}/(round-\d+/[^/]+/[^/]+)/?$", uri)
+    return m.group(1) if m else None
 
 
 def plan(wf: Workflow, store: CheckpointStore, pinned: dict[str, list[str]], keep_rounds: int) -> GcResult:
     """Decide what stays: ``pinned`` maps a store URI to the registry versions pointing at it."""
     found = _checkpoints(store, wf.name)
-    by_uri = {redact_text(c.uri): c for c in found}
-    rounds = sorted({c.round for c in found})
-    recent = set(rounds[-keep_rounds:]) if keep_rounds > 0 else set()
-    name = wf.registered_model_name
-    queue = [(redact_text(uri), f"registered as {name} v{', v'.join(sorted(vs, key=int))}") for uri, vs in pinned.items()]
-    while queue:  # a registered checkpoint, then what it needs, through provenance
-        uri, why = queue.pop()
-        c = by_uri.get(uri)
+    by_key = {_round_key(c.uri, wf.name): c for c in found}
+    # the last keep_rounds rounds that have a merged model (what the next run resumes from), and every round
+    # after them (a run killed before it merged)
+    merged_rounds = sorted({c.round for c in found if "/merged/" in c.uri})
+    cutoff = merged_rounds[-keep_rounds] if keep_rounds and merged_rounds else None
+    if keep_rounds and cutoff is None and found:
+        cutoff = min(c.round for c in found)
+    result = GcResult()
+    queue = []
+    for uri, versions in pinned.items():
+        key = _round_key(redact_text(uri), wf.name)
+        if key is None:
+            continue
+        if key in by_key:
+            queue.append((key, f"registered as {', '.join(sorted(versions))}"))
+        else:
+            result.missing.append(f"{', '.join(sorted(versions))} point(s) at {redact_text(uri)}, not in this store")
+    for c in found:
+        if cutoff is not None and c.round >= cutoff:
+            queue.append((_round_key(c.uri, wf.name), f"round {c.round}: among the last {keep_rounds} merged round(s) "
+                                                       "or after them"))
+    while queue:  # every checkpoint kept, then what it needs, through provenance
+        key, why = queue.pop(0)
+        c = by_key.get(key)
         if c is None or c.why_kept is not None:
             continue
         c.why_kept = why
-        queue += [(redact_text(u), f"needed by {c.uri.rsplit('/', 1)[-1]}, {why}")
+        queue += [(_round_key(redact_text(u), wf.name), f"needed by {c.uri.rsplit('/', 1)[-1]} ({why})")
                   for u in _needed_by(_provenance(store, c.path))]
-    result = GcResult()
     for c in found:
-        if c.why_kept is None and c.round in recent:
-            c.why_kept = f"round {c.round} is among the last {keep_rounds}"
         (result.kept if c.why_kept else result.removed).append(c)
     return result
 
@@ -152,7 +191,7 @@ def collect(wf: Workflow, *, keep_rounds: int = 1, dry_run: bool = True,
     if keep_rounds < 0:
         raise ValueError(f"--keep-rounds: {keep_rounds} is negative; give 0 or more rounds to keep")
     store = CheckpointStore(wf.store.root)
-    lease = Lease(store, store.path(wf.name, RUN_LEASE), RUN_LEASE_TTL_S)
+    lease = Lease(store, store.path(wf.name, RUN_LEASE), RUN_LEASE_TTL_S, heartbeat=True)
     holder = lease.acquire(report, f"gc of workflow {wf.name!r}")
     if holder is not None:
         raise WorkflowBusy(f"workflow {wf.name!r} is running on store {redact_text(wf.store.root)!r} "

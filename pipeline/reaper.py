@@ -108,18 +108,36 @@ def reap(known: dict[int, float]) -> list[int]:
 
 
 def _session_of(proc, cmdline: list[str]) -> str | None:
+    """The session's name (``session_…``, unique per cluster): by name, not path, since a worker's open files
+    give resolved paths (``/private/tmp/ray/…``) where the core's arguments give ``/tmp/ray/…``."""
     for part in cmdline:
         if m := SESSION_RE.search(part):
-            return m.group(1)
+            return os.path.basename(m.group(1))
     if cmdline and cmdline[0].startswith("ray::"):  # an agent or worker renames itself: its log files say
         for f in proc.open_files():
             if m := SESSION_RE.search(f.path):
-                return m.group(1)
+                return os.path.basename(m.group(1))
     return None
 
 
-def _is_rays(cmdline: list[str]) -> bool:
-    return bool(cmdline) and (cmdline[0].startswith("ray::") or any(f"{os.sep}ray{os.sep}" in c for c in cmdline[:3]))
+def _ray_dirs() -> tuple[str, ...]:
+    """Where the installed Ray lives (its scripts and binaries), found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    places = list(spec.submodule_search_locations or []) if spec is not None else []
+    return tuple(os.path.realpath(p) + os.sep for p in places)
+
+
+def _is_rays(cmdline: list[str], ray_dirs: tuple[str, ...]) -> bool:
+    """A process Ray started: a worker or agent (``ray::…``), or a program or script of the Ray package
+    (not, say, ``tail -f`` of a session's log)."""
+    if not cmdline:
+        return False
+    if cmdline[0].startswith("ray::"):
+        return True
+    program = [cmdline[0], *(cmdline[1:3] if os.path.basename(cmdline[0]).startswith("python") else [])]
+    return any(os.path.realpath(c).startswith(ray_dirs) for c in program if c.startswith(os.sep)) if ray_dirs else False
 
 
 def leftovers() -> dict[int, float]:
@@ -132,12 +150,13 @@ def leftovers() -> dict[int, float]:
     user = me.username()
     by_session: dict[str, dict[int, psutil.Process]] = {}
     alive: set[str] = set()
+    ray_dirs = _ray_dirs()
     for p in psutil.process_iter():
         try:
             if p.pid == me.pid or p.username() != user:
                 continue
             cmdline = p.cmdline()
-            if not _is_rays(cmdline) or "pipeline.reaper" in cmdline:
+            if not _is_rays(cmdline, ray_dirs) or "pipeline.reaper" in cmdline:
                 continue
             session = _session_of(p, cmdline)
             if session is None:

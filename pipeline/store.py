@@ -109,7 +109,16 @@ def _writer_tag() -> str:
     import psutil
 
     pid = os.getpid()
-    return f"w~{socket.gethostname()}~{pid}~{int(psutil.Process(pid).create_time() * 1000)}~"
+    return f"w~{_host()}~{pid}~{int(psutil.Process(pid).create_time() * 1000)}~"
+
+
+def _host() -> str:
+    """This host, and its PID namespace where there is one: containers that share a host name (host
+    networking) but not their pids are told apart."""
+    try:
+        return f"{socket.gethostname()}.ns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return socket.gethostname()
 
 
 def _orphaned(name: str) -> bool:
@@ -118,7 +127,7 @@ def _orphaned(name: str) -> bool:
     import psutil
 
     m = re.search(r"w~([^~]+)~(\d+)~(\d+)~", name)
-    if m is None or m.group(1) != socket.gethostname():
+    if m is None or m.group(1) != _host():
         return False
     try:
         proc = psutil.Process(int(m.group(2)))
@@ -130,7 +139,14 @@ def _orphaned(name: str) -> bool:
 
 
 def _tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    total = 0
+    try:
+        for f in path.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                total += f.stat().st_size
+    except OSError:  # removed meanwhile (another run cleaning up the same staging): count what was seen
+        pass
+    return total
 
 
 def content_key(*parts: Any) -> str:

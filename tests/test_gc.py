@@ -86,3 +86,37 @@ def test_gc_keeps_every_round_asked_and_refuses_a_running_workflows_store(tiny_b
     assert gone.exit_code == 0 and _checkpoints(tmp_path / "store") == set(), gone.output
     # records, baselines and evaluations outside the rounds stay (the lease was released: not among them)
     assert others - {RUN_LEASE} <= {p.name for p in (tmp_path / "store" / "tiny").iterdir()}
+
+
+def test_gc_refuses_a_registry_it_cannot_trust_and_honours_every_registered_models_versions(tiny_base, tmp_path):
+    from tests.helpers import seeded_mlflow_db
+
+    spec = tiny_workflow_dict(tmp_path, tiny_base, strategy="atm", rounds={"count": 2})
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(spec))
+    wf = parse_workflow(spec)
+    run_workflow(wf, address="in-process", report=lambda _m: None)
+    store = tmp_path / "store"
+    made = _checkpoints(store)
+    runner = CliRunner()
+    # a tracking URI that is not the workflow's (no database; a database without its experiment): its registry
+    # would pin nothing, so gc removes nothing and says why (exit 2)
+    for other, why in ((tmp_path / "nowhere.db", "no MLflow database there"),
+                       (seeded_mlflow_db(tmp_path / "other.db"), "no experiment 'tiny' there")):
+        out = runner.invoke(main, ["gc", str(tmp_path / "wf.yaml"), "--tracking-uri", f"sqlite:///{other}"])
+        assert out.exit_code == 2 and why in out.output, out.output
+        assert _checkpoints(store) == made
+
+    # the workflow's own versions deleted; a version of another registered model (as `compare` registers its
+    # variants) points at round 0's merge: it stays, with the experts it was merged from
+    client = MlflowClient(tracking_uri=wf.tracking.uri, registry_uri=wf.tracking.uri)
+    for v in client.search_model_versions(f"name = '{wf.registered_model_name}'"):
+        client.delete_model_version(wf.registered_model_name, v.version)
+    merged0 = next(c for c in made if c.startswith("tiny/round-000/merged/"))
+    client.create_registered_model("tiny-merged-atm-variant")
+    client.create_model_version("tiny-merged-atm-variant", source=str(store / merged0),
+                                tags={"mergeflow.store_uri": str(store / merged0)})
+    done = runner.invoke(main, ["gc", str(tmp_path / "wf.yaml")])
+    assert done.exit_code == 0, done.output
+    assert _checkpoints(store) == made, "round 0 is pinned by the variant's version, round 1 is the last round"
+    assert f"{store / merged0}: registered as tiny-merged-atm-variant v1" in done.output
+    assert sum("needed by " + Path(merged0).name in line for line in done.output.splitlines()) == 2

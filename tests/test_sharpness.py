@@ -35,11 +35,21 @@ def test_sam_takes_the_gradient_at_the_worst_point_within_rho_by_hand():
 
 
 def test_asam_scales_the_radius_by_each_weights_size_by_hand():
-    # |w| ⊙ g = (3, 4), norm 5; ε = ρ w² ⊙ g / 5 = 0.1 (3, 8) / 5 = (0.06, 0.16); a ⊙ (w + ε) = (3.18, 2.16)
+    # η = 0: T = |w|, T ⊙ g = (3, 4), norm 5; ε = ρ T² ⊙ g / 5 = 0.1 (3, 8) / 5 = (0.06, 0.16);
+    # a ⊙ (w + ε) = (3.18, 2.16), and the loss there 0.5 (3 · 1.06² + 2.16²)
     w, forward = _quadratic([1.0, 2.0], [3.0, 1.0])
-    sharpness_aware_([w], forward, "asam", 0.1)
+    assert sharpness_aware_([w], forward, "asam", 0.1, eta=0.0) == pytest.approx(0.5 * (3 * 1.06**2 + 2.16**2))
     assert torch.allclose(w.grad, torch.tensor([3.18, 2.16]), atol=1e-6)
     assert torch.equal(w.detach(), torch.tensor([1.0, 2.0]))
+    # with the authors' η = 0.01: T = (1.01, 2.01), T ⊙ g = (3.03, 4.02), ‖·‖ = √25.3413; T² ⊙ g = (3.0603, 8.0802)
+    w, forward = _quadratic([1.0, 2.0], [3.0, 1.0])
+    sharpness_aware_([w], forward, "asam", 0.1, eta=0.01)
+    eps = [0.1 * 3.0603 / math.sqrt(25.3413), 0.1 * 8.0802 / math.sqrt(25.3413)]
+    assert torch.allclose(w.grad, torch.tensor([3 * (1 + eps[0]), 2 + eps[1]]), atol=1e-6)
+    # a parameter ASAM does not scale (a bias, in the authors' code) is perturbed as SAM would
+    w, forward = _quadratic([1.0, 2.0], [3.0, 1.0])
+    sharpness_aware_([w], forward, "asam", 0.1, scaled=[False])
+    assert torch.allclose(w.grad, torch.tensor([3 * (1 + 0.3 / math.sqrt(13)), 2 + 0.2 / math.sqrt(13)]), atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -90,6 +100,6 @@ def test_sharpness_is_recorded_and_left_out_of_keys_and_hashes_when_unset(tiny_b
 
     result = run_workflow(with_sam, address="in-process", report=lambda _m: None)
     for expert in result.final.experts.values():
-        assert read_provenance(expert.uri)["finetune"]["sharpness"] == {"method": "asam", "rho": 0.5}
+        assert read_provenance(expert.uri)["finetune"]["sharpness"] == {"method": "asam", "rho": 0.5, "eta": 0.01}
     with pytest.raises(ValueError, match="rho"):
         FinetuneSpec(max_steps=1, sharpness={"method": "sam", "rho": 0})

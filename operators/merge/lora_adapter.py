@@ -35,6 +35,7 @@ from torch import Tensor
 
 from operators.errors import MergeError
 from operators.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraAdapter, LoraModule
+from operators.merge.blocks import cast_checked
 from operators.merge.registry import MergeMethod, TensorContext
 
 CONCAT_METHODS = ("linear", "task_arithmetic")
@@ -212,7 +213,8 @@ class AdapterBuilder:
             algorithm = svd_algorithm(delta.shape, k)
             self._algorithms[algorithm] = self._algorithms.get(algorithm, 0) + 1
             b, a = factorize_svd(delta, k, algorithm)
-        b, a = b.to(self.dtype).contiguous(), a.to(self.dtype).contiguous()
+        b = cast_checked(b, self.dtype, f"{name}.lora_B.weight", self.method).contiguous()
+        a = cast_checked(a, self.dtype, f"{name}.lora_A.weight", self.method).contiguous()
         err = float(torch.linalg.matrix_norm(delta - b.float() @ a.float())) ** 2
         self._err2[name] = (err, float(torch.linalg.matrix_norm(delta)) ** 2)
         self.factors[name] = (b, a)

@@ -37,6 +37,8 @@ def gc(spec: str, keep_rounds: int, dry_run: bool, tracking_uri: str | None, sto
         click.echo(f"{verb} {c.uri} (round {c.round}, {_mb(c.bytes)})")
     for c in result.kept:
         click.echo(f"kept    {c.uri}: {c.why_kept}")
+    for line in result.missing:
+        click.echo(f"note: {line}")
     extra = "" if dry_run else f"; {result.leftovers} staging folder(s) of killed writers ({_mb(result.leftover_bytes)})"
     click.echo(f"gc {wf.name!r}: {verb} {len(result.removed)} checkpoint(s), {_mb(sum(c.bytes for c in result.removed))}"
                f"{extra}; kept {len(result.kept)} ({_mb(sum(c.bytes for c in result.kept))})")

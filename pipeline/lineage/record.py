@@ -389,17 +389,26 @@ class Lineage:
         return str(max(found)) if found else None
 
     @_retry
-    def registered_store_uris(self, name: str) -> dict[str, list[str]]:
-        """Store URI -> the versions of ``name`` that point at it (their ``mergeflow.store_uri`` tag, or a
-        source outside MLflow): what ``mergeflow gc`` must never remove."""
+    def store_uris_of_versions(self) -> dict[str, list[str]]:
+        """Store URI -> every registry version (``name vN``, of any registered model) that points at it (its
+        ``mergeflow.store_uri`` tag, or a source outside MLflow): what ``mergeflow gc`` must never remove."""
         out: dict[str, list[str]] = {}
-        for v in self._versions(name):
-            uri = (v.tags or {}).get(TAG_STORE_URI)
-            if not uri and v.source and not v.source.startswith(("models:/", "runs:/", "mlflow-artifacts:")):
-                uri = v.source
-            if uri:
-                out.setdefault(uri, []).append(str(v.version))
-        return out
+        token = None
+        while True:
+            page = self.client.search_model_versions(max_results=1000, page_token=token)
+            for v in page:
+                uri = (v.tags or {}).get(TAG_STORE_URI)
+                if not uri and v.source and not v.source.startswith(("models:/", "runs:/", "mlflow-artifacts:")):
+                    uri = v.source
+                if uri:
+                    out.setdefault(uri, []).append(f"{v.name} v{v.version}")
+            token = page.token
+            if not token:
+                return out
+
+    @_retry
+    def experiment_exists(self, name: str) -> bool:
+        return self.client.get_experiment_by_name(name) is not None
 
     def _versions(self, name: str) -> list:
         """Every version of the registered model ``name`` (none when it does not exist)."""

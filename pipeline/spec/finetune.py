@@ -39,11 +39,12 @@ class SharpnessSpec(_Frozen):
     settles in a flat region (where task vectors interfere less when merged)."""
 
     method: Literal["sam", "asam"] = Field(
-        default="sam", description="sam: ε = ρ g/‖g‖ (Foret et al., ICLR 2021); asam: ε = ρ w²g/‖|w| g‖, the "
-        "radius scaled by each weight's size (Kwon et al., ICML 2021)."
+        default="sam", description="sam: ε = ρ g/‖g‖ (Foret et al., ICLR 2021); asam: ε = ρ T²g/‖T g‖ with T = |w| + η on "
+        "weights, the radius scaled by each weight's size (Kwon et al., ICML 2021)."
     )
     rho: float = Field(default=0.05, gt=0, le=10, description="The radius ρ (SAM's default 0.05; ASAM's papers use "
                                                                "0.5-2).")
+    eta: float = Field(default=0.01, ge=0, le=1, description="ASAM: T = |w| + η on weights (its authors' 0.01).")
 
 
 class FinetuneSpec(_Frozen):
