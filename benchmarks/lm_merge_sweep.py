@@ -112,8 +112,9 @@ def main() -> None:
     start = time.perf_counter()
     reference = {}
     for t, d in experts.items():  # each expert on its own task: the normalizer
-        s = scores(load_causal_lm(d, base))
-        reference[t] = {part: s[part][t] for part in s}
+        model = load_causal_lm(d, base)
+        reference[t] = {part: choice_accuracy(model, tokenizer, splits[t][part], max_length=wf.finetune.max_length)
+                        for part in ("validation", "eval")}
     rows = []
     work = Path(tempfile.mkdtemp(prefix="mergeflow-sweep-"))
     try:
