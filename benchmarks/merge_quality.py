@@ -13,7 +13,8 @@ per task is fine-tuned on the rest with the spec's settings. Then, on the same e
   ``merge.heads: aligned`` publishes it);
 - RegMean, α = 0.95, N = 256 (FusionBench defaults), and α searched on {0.7, 0.8, 0.9, 1.0} (MergeLM);
 - Fisher merging, N = 256, L2-normalised, floor 1e-6 (FusionBench defaults);
-- TSV-M (α = 1, and α searched on {0.1, …, 2.5}), Iso-C and Iso-CTS (common fraction 0.8), α searched likewise;
+- TSV-M (α = 1, and α searched on {0.5, 0.7, 0.9, 1.0, 1.2, 1.5}), Iso-C and Iso-CTS (common fraction 0.8), α
+  searched likewise;
 - AdaMerging task-wise, layer-wise and AdaMerging++ (TIES k = 20 first), the paper's defaults (λ init
   0.3, clamp [0, 1], Adam lr 1e-3, 500 steps, 16 inputs per task per step), learned on the *unlabeled*
   validation slices.
@@ -55,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 TA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 TIES_GRID = [round(0.1 * i, 1) for i in range(1, 26)]
 REGMEAN_ALPHA_GRID = [0.7, 0.8, 0.9, 1.0]
+SUBSPACE_GRID = [0.5, 0.7, 0.9, 1.0, 1.2, 1.5]  # α of TSV-M, Iso-C, Iso-CTS (each candidate merges through SVDs)
 BOOTSTRAP = 1000
 ROW_GROUPS = ("ta", "ties", "aligned", "regmean", "fisher", "subspace", "adamerging")
 
@@ -251,9 +253,9 @@ def main() -> None:
     if "subspace" in rows_wanted:
         # subspace merges (no data): the papers' α = 1, and α searched on the validation slices as the papers do
         score("TSV-M α=1", "tsv_m", {"scaling": 1.0})
-        searched("TSV-M, α searched", "tsv_m", {"scaling": {"search": TIES_GRID}})
-        searched("Iso-C, α searched", "iso_c", {"scaling": {"search": TIES_GRID}})
-        searched("Iso-CTS, α searched", "iso_cts", {"common_fraction": 0.8, "scaling": {"search": TIES_GRID}})
+        searched("TSV-M, α searched", "tsv_m", {"scaling": {"search": SUBSPACE_GRID}})
+        searched("Iso-C, α searched", "iso_c", {"scaling": {"search": SUBSPACE_GRID}})
+        searched("Iso-CTS, α searched", "iso_cts", {"common_fraction": 0.8, "scaling": {"search": SUBSPACE_GRID}})
 
     def adamerged(label: str, params: dict) -> None:
         inputs = {n: v.texts for n, v in validation.items()}  # unlabeled: the labels are never read
