@@ -254,6 +254,7 @@ class RayRuntime:
         self.preload = preload
         self._started = False
         self._watchdog = None  # pipeline.reaper's process, for a local cluster this runtime started
+        self._remotes: dict[Callable[..., Any], Any] = {}
 
     def __enter__(self) -> RayRuntime:
         import ray
@@ -306,7 +307,9 @@ class RayRuntime:
     def submit(self, fn: Callable[..., Any], *args: Any, name: str, resources: Resources = Resources(), **kwargs: Any) -> Future:
         import ray
 
-        remote = ray.remote(fn).options(
+        if fn not in self._remotes:  # one remote function per step function (not one per call)
+            self._remotes[fn] = ray.remote(fn)
+        remote = self._remotes[fn].options(
             name=name,
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,

@@ -327,7 +327,9 @@ class Lineage:
     @_retry
     def find_version(self, name: str, model_id: str) -> str | None:
         """The registry version already made for ``model_id`` (so a re-run does not register twice)."""
-        for v in self._versions(name):
+        # by its tag (set at registration), a query of its own: listing every version each round made the
+        # driver's time and memory grow with the registry (benchmarks/soak.py)
+        for v in self._versions(name, TAG_MODEL_ID, model_id):
             if getattr(v, "model_id", None) == model_id or (v.tags or {}).get(TAG_MODEL_ID) == model_id:
                 return str(v.version)
         return None
@@ -385,7 +387,8 @@ class Lineage:
     @_retry
     def find_version_by_tag(self, name: str, tag: str, value: str) -> str | None:
         """The newest registry version of ``name`` whose tag ``tag`` is ``value`` (``None``: none)."""
-        found = [int(v.version) for v in self._versions(name) if (v.tags or {}).get(tag) == redact_text(value)]
+        value = redact_text(value)
+        found = [int(v.version) for v in self._versions(name, tag, value) if (v.tags or {}).get(tag) == value]
         return str(max(found)) if found else None
 
     @_retry
@@ -410,12 +413,16 @@ class Lineage:
     def experiment_exists(self, name: str) -> bool:
         return self.client.get_experiment_by_name(name) is not None
 
-    def _versions(self, name: str) -> list:
-        """Every version of the registered model ``name`` (none when it does not exist)."""
+    def _versions(self, name: str, tag: str | None = None, value: str | None = None) -> list:
+        """The versions of the registered model ``name`` (none when it does not exist); with ``tag``, those
+        whose tag is ``value`` (the registry filters them; every version where ``value`` cannot be quoted)."""
         from mlflow.exceptions import MlflowException
 
+        query = f"name = '{name}'"
+        if tag is not None and value is not None and "'" not in value and "`" not in tag:
+            query += f" and tags.`{tag}` = '{value}'"
         try:
-            return self.client.search_model_versions(f"name = '{name}'")
+            return self.client.search_model_versions(query)
         except MlflowException as exc:
             if _transient(exc):  # the server is away: waited for by _retry, never taken for "no version"
                 raise
