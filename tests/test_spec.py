@@ -50,7 +50,7 @@ BAD_SPECS = [
      lambda d: d.update(strategy="atm", rounds={"finetune": {"epoch": 1}}),
      "rounds.finetune: unknown setting 'epoch'; settings: batch_size, epochs, freeze_embeddings, "
      "gradient_checkpointing, head_learning_rate, learning_rate, log_every, lora, max_grad_norm, max_length, "
-     "max_steps, mode, precision, seed, warmup_ratio, weight_decay."),
+     "max_steps, mode, precision, seed, sharpness, warmup_ratio, weight_decay."),
     ("rounds: ATM on validation data without a validation slice",
      lambda d: d.update(strategy="atm", rounds={"start": "oneshot_merge"}),
      "rounds: start: oneshot_merge (ATM on validation data) and validation_fraction go together: give both, "
@@ -102,7 +102,7 @@ BAD_SPECS = [
      lambda d: d["tasks"][1].update(finetune={"epochz": 3}),
      "tasks[1].finetune.epochz: unknown finetune setting; valid: mode, lora, precision, gradient_checkpointing, freeze_embeddings, epochs, max_steps, "
      "learning_rate, head_learning_rate, weight_decay, warmup_ratio, batch_size, max_length, seed, "
-     "max_grad_norm, log_every (got 3)."),
+     "max_grad_norm, log_every, sharpness (got 3)."),
     ("eval fraction out of range",
      lambda d: d["tasks"][0]["dataset"].update(eval_fraction=1.5),
      "tasks[0].dataset.eval_fraction: Input should be less than 1 (got 1.5)."),
