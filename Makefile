@@ -31,11 +31,11 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(VENV)/bin/mergeflow run workflows/quickstart.yaml
 
-# LoRA experts of a real pretrained causal LM (packaged:smollm2-135m), merged one-shot three ways and with
+# LoRA experts of a real pretrained causal LM (packaged:smollm2-135m), merged one-shot four ways and with
 # ATM at the same compute, side by side (table, plot and MLflow runs in ./lm-quickstart)
 lm-quickstart: setup
 	$(VENV)/bin/mergeflow compare workflows/lm-quickstart.yaml --strategies oneshot,atm \
-		--merges task_arithmetic,ties,dare_ties --round-merges mean --out lm-quickstart
+		--merges task_arithmetic,ties,dare_ties,tsv_m --round-merges mean --out lm-quickstart
 
 # One pytest process by default. TEST_WORKERS=N runs two phases: every test not marked `serial` on N
 # pytest-xdist workers (each file on one worker; tests/conftest.py hands the long files out first),
