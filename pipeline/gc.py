@@ -151,7 +151,7 @@ def plan(wf: Workflow, store: CheckpointStore, pinned: dict[str, list[str]], kee
     # the last keep_rounds rounds that have a merged model (what the next run resumes from), and every round
     # after them (a run killed before it merged)
     merged_rounds = sorted({c.round for c in found if "/merged/" in c.uri})
-    cutoff = merged_rounds[-keep_rounds] if keep_rounds and merged_rounds else None
+    cutoff = merged_rounds[-min(keep_rounds, len(merged_rounds))] if keep_rounds and merged_rounds else None
     if keep_rounds and cutoff is None and found:
         cutoff = min(c.round for c in found)
     result = GcResult()
