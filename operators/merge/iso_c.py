@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
-from operators.merge.task_vectors import stack_task_vectors
+from operators.merge.task_vectors import per_matrix
 
 
 class IsoCParams(MergeParams):
@@ -58,10 +58,6 @@ def iso_c(
         The merged tensor (float32).
     """
     assert base is not None
-    tv = stack_task_vectors(base, experts)
-    if not bool(tv.any()):
-        return base.float()
-    summed = torch.tensordot(torch.tensor(list(weights), dtype=torch.float32), tv, dims=1)
-    if tv.dim() != 3:  # not a matrix: the (weighted) mean of the task vectors
-        return base.float() + params.scaling * summed / len(experts)
-    return base.float() + params.scaling * isotropic(summed)
+    w = torch.tensor(list(weights), dtype=torch.float32)
+    return per_matrix(base, experts, weights, params.scaling,
+                      lambda tv, scaling: scaling * isotropic(torch.tensordot(w, tv, dims=1)))

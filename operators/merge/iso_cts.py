@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
-from operators.merge.task_vectors import stack_task_vectors
+from operators.merge.task_vectors import per_matrix
 from operators.merge.tsv_m import polar
 
 
@@ -88,11 +88,9 @@ def iso_cts(
         The merged tensor (float32).
     """
     assert base is not None
-    tv = stack_task_vectors(base, experts)
-    if not bool(tv.any()):
-        return base.float()
-    if tv.dim() != 3:  # not a matrix: the (weighted) mean of the task vectors
-        w = torch.tensor(list(weights), dtype=torch.float32)
-        return base.float() + params.scaling * torch.tensordot(w, tv, dims=1) / len(experts)
-    u, s, vh = common_and_specific(tv, weights, params.common_fraction)
-    return base.float() + params.scaling * s.mean() * (polar(u) @ polar(vh.T).T)
+
+    def update(tv: Tensor, scaling: float) -> Tensor:
+        u, s, vh = common_and_specific(tv, weights, params.common_fraction)
+        return scaling * s.mean() * (polar(u) @ polar(vh.T).T)
+
+    return per_matrix(base, experts, weights, params.scaling, update)

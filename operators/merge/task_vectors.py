@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -24,6 +24,20 @@ def stack_task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
     for t, e in enumerate(experts):
         torch.sub(e.float(), b, out=out[t])
     return out
+
+
+def per_matrix(base: Tensor, experts: Sequence[Tensor], weights: Sequence[float], scaling: float,
+               update: Callable[[Tensor, float], Tensor]) -> Tensor:
+    """The subspace merges' frame (TSV-M, Iso-C, Iso-CTS): θ_0 + ``update(τ, α)`` (the scaled update) for a
+    matrix (``τ`` stacked, T × d_out × d_in), θ_0 + α · the weighted mean of the task vectors for any other
+    tensor, and the base itself where no expert changed it (float32)."""
+    tv = stack_task_vectors(base, experts)
+    if not bool(tv.any()):
+        return base.float()
+    if tv.dim() != 3:  # not a matrix (a bias, a norm): the (weighted) mean of the task vectors
+        return base.float() + scaling * torch.tensordot(torch.tensor(list(weights), dtype=torch.float32), tv,
+                                                        dims=1) / len(experts)
+    return base.float() + update(tv, scaling)
 
 
 def add_weighted_sum(base: Tensor, tv: Tensor, weights: Sequence[float], scaling: float) -> Tensor:

@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
-from operators.merge.task_vectors import stack_task_vectors
+from operators.merge.task_vectors import per_matrix
 
 
 class TsvMParams(MergeParams):
@@ -76,11 +76,9 @@ def tsv_m(
         The merged tensor (float32).
     """
     assert base is not None
-    tv = stack_task_vectors(base, experts)
-    if not bool(tv.any()):
-        return base.float()
-    if tv.dim() != 3:  # not a matrix: the (weighted) mean of the task vectors
-        w = torch.tensor(list(weights), dtype=torch.float32)
-        return base.float() + params.scaling * torch.tensordot(w, tv, dims=1) / len(experts)
-    u, s, vh = task_singular_vectors(tv, weights)
-    return base.float() + params.scaling * (polar(u) * s) @ polar(vh.T).T
+
+    def update(tv: Tensor, scaling: float) -> Tensor:
+        u, s, vh = task_singular_vectors(tv, weights)
+        return scaling * (polar(u) * s) @ polar(vh.T).T
+
+    return per_matrix(base, experts, weights, params.scaling, update)
