@@ -26,11 +26,16 @@ from operators.tensor_io import TensorReader
 CHUNK_ELEMENTS = 1024 * 1024
 
 
+def _nonfinite(t: torch.Tensor) -> int:
+    """How many NaN/Inf values ``t`` holds. Fast path: one sum (NaN/Inf make it non-finite); only a non-finite
+    sum, which huge finite values could also give, pays for the exact element-wise check."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
 def _check_finite(t: torch.Tensor, who: str, key: str) -> None:
-    # fast path: one sum (NaN/Inf make it non-finite); only a non-finite sum, which huge finite
-    # values could also give, pays for the exact element-wise check
-    if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if bad := _nonfinite(t):
         raise MergeError(f"{who}: tensor {key!r} has {bad} NaN/Inf values; the checkpoint is broken, re-create it")
 
 
@@ -44,8 +49,7 @@ def cast_checked(merged: torch.Tensor, dtype: torch.dtype, key: str, method: str
 
 def _check_merged(t: torch.Tensor, key: str, method: str, where: str = "") -> None:
     # a merge of finite inputs can still overflow (scaled sums of large values): never publish it
-    if t.is_floating_point() and not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
+    if bad := _nonfinite(t):
         raise MergeError(f"{method}: the merged tensor {key!r} has {bad} NaN/Inf values{where}, from finite inputs; "
                          "nothing was published. Lower the scaling or weights, or merge into a wider dtype "
                          "(float32)")
