@@ -12,6 +12,8 @@ with this environment's torch build so no CUDA wheel is pulled), or give --merge
 
     python benchmarks/merge_speed.py                 # full comparison
     python benchmarks/merge_speed.py --skip-mergekit # mergeflow only
+    python benchmarks/merge_speed.py --skip-mergekit --methods task_arithmetic,tsv_m,iso_c,iso_cts
+                                                     # the SVD merges against task arithmetic
 
 After the timed runs the outputs of the two tools are compared tensor by tensor.
 """
@@ -56,6 +58,13 @@ models:
 dtype: float32
 """,
 }
+
+# Methods mergekit does not have (the subspace merges): mergeflow's own config, timed against task arithmetic.
+NATIVE = """base: {base}
+experts: {{e0: {e0}, e1: {e1}, e2: {e2}}}
+method: {method}
+dtype: float32
+"""
 
 
 def build_models(work: Path) -> dict[str, Path]:
@@ -168,11 +177,12 @@ def main() -> None:
     results: dict[str, dict[str, list[tuple[float, int]]]] = {}
     for method in args.methods.split(","):
         cfg = work / f"{method}.yaml"
-        cfg.write_text(CONFIGS[method].format(**{k: str(v) for k, v in models.items()}))
+        template = CONFIGS.get(method, NATIVE)
+        cfg.write_text(template.format(method=method, **{k: str(v) for k, v in models.items()}))
         results[method] = {"mergeflow": [], "mergekit": []}
         for rep in range(args.reps):
             for tool in ("mergeflow", "mergekit"):
-                if tool == "mergekit" and mergekit is None:
+                if tool == "mergekit" and (mergekit is None or method not in CONFIGS):
                     continue
                 out = work / "out" / f"{method}-{tool}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -195,6 +205,9 @@ def main() -> None:
                 continue
             med[tool] = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
             print(f"{method:16s} {tool:9s} {med[tool][0]:9.1f} {med[tool][1] / 2**20:13.0f}")
+        if method != "task_arithmetic" and "task_arithmetic" in results and method not in CONFIGS:
+            ta = statistics.median(r[0] for r in results["task_arithmetic"]["mergeflow"])
+            print(f"{method:16s} {med['mergeflow'][0] / ta:.2f}x task arithmetic's time")
         if "mergekit" in med:
             speed = med["mergekit"][0] / med["mergeflow"][0]
             mem = med["mergeflow"][1] / med["mergekit"][1]

@@ -14,6 +14,7 @@ import torch
 
 from operators.learn.search import (
     AFFINE_IN_SCALING,
+    OFFSET_AT_ZERO,
     merge_in_memory,
     parse_search,
     search_coefficient,
@@ -316,15 +317,20 @@ def test_golden_section_search_finds_the_peak_of_a_unimodal_score():
 
 @pytest.mark.parametrize("method", sorted(AFFINE_IN_SCALING))
 def test_methods_on_the_fast_path_are_affine_in_scaling(method):
-    """The search merges once at λ = 1 for these methods: θ(λ) must equal θ_0 + λ (θ(1) − θ_0)."""
+    """The search merges once at λ = 1 for these methods: θ(λ) must equal θ_0 + λ (θ(1) − θ_0), with θ_0 the
+    method's result at λ = 0 for CART (the experts' average there), the base's for every other."""
     torch.manual_seed(1)
     base = {"w": torch.randn(6, 5), "b": torch.randn(5)}
     experts = {n: {k: v + torch.randn_like(v) for k, v in base.items()} for n in ("a", "b", "c")}
     params = {"density": 0.5} if method in ("ties", "breadcrumbs") else {}
     at_one = merge_in_memory(base, experts, method, {**params, "scaling": 1.0})
     at = merge_in_memory(base, experts, method, {**params, "scaling": 0.37})
+    origin = merge_in_memory(base, experts, method, {**params, "scaling": 0.0}) if method in OFFSET_AT_ZERO else base
     for k in base:
-        assert torch.allclose(at[k], base[k] + 0.37 * (at_one[k] - base[k]), atol=1e-5), (method, k)
+        assert torch.allclose(at[k], origin[k] + 0.37 * (at_one[k] - origin[k]), atol=1e-5), (method, k)
+    if method not in OFFSET_AT_ZERO:
+        at_zero = merge_in_memory(base, experts, method, {**params, "scaling": 0.0})
+        assert all(torch.allclose(at_zero[k], base[k], atol=1e-6) for k in base), method
 
 
 def test_in_memory_merge_equals_the_engine(tiny_base, tiny_experts, tmp_path):

@@ -15,10 +15,12 @@ import math
 import pytest
 import torch
 
+from operators.merge.cart import CartParams, cart
 from operators.merge.engine import merge_checkpoints
 from operators.merge.iso_c import IsoCParams, iso_c
 from operators.merge.iso_cts import IsoCtsParams, iso_cts, subspace_sizes
 from operators.merge.tsv_m import TsvMParams, tsv_m
+from operators.merge.wudi import WudiParams, wudi
 from operators.tensor_io import load_state_dict
 
 
@@ -153,7 +155,8 @@ def test_tsv_m_off_matrices_is_the_mean_task_vector():
 # --- through the engine ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,fn,params", [("iso_c", iso_c, IsoCParams()), ("iso_cts", iso_cts, IsoCtsParams()),
-                                              ("tsv_m", tsv_m, TsvMParams())])
+                                              ("tsv_m", tsv_m, TsvMParams()), ("cart", cart, CartParams()),
+                                              ("wudi", wudi, WudiParams())])
 def test_the_engine_merges_a_checkpoint_tensor_by_tensor_as_the_method_defines(tiny_base, tiny_experts, tmp_path,
                                                                                method, fn, params):
     report = merge_checkpoints(tiny_base, tiny_experts, method, {}, tmp_path / "m")

@@ -60,7 +60,7 @@ def _run(tmp: Path, base: Path, address: str = "in-process", spec: dict | None =
 @pytest.mark.parametrize("method,params", [
     ("linear", {}), ("task_arithmetic", {"scaling": 0.7}), ("ties", {"density": 0.5}), ("dare_ties", {"drop_rate": 0.5}),
     ("breadcrumbs", {}), ("consensus", {}), ("lines", {}), ("model_stock", {}), ("slerp", {}), ("tsv_m", {}),
-    ("iso_c", {}), ("iso_cts", {}),
+    ("iso_c", {}), ("iso_cts", {}), ("cart", {}), ("wudi", {"iterations": 20}),
 ])
 def test_in_memory_merge_is_the_streaming_merge_bit_for_bit(tiny_base, tiny_experts, tmp_path, method, params):
     """``merge_states`` runs the method functions over the same blocks as ``merge_checkpoints`` (here in

@@ -29,8 +29,8 @@ def problems(mutate) -> list[str]:
 BAD_SPECS = [
     ("unknown merge method",
      lambda d: d.update(merge={"method": "tie"}),
-     "merge: unknown merge method 'tie'. Known: adamerging, breadcrumbs, consensus, dare_linear, dare_ties, fisher, iso_c, iso_cts, knots, linear, lines, model_stock, regmean, slerp, task_arithmetic, "
-     "ties, tsv_m."),
+     "merge: unknown merge method 'tie'. Known: adamerging, breadcrumbs, cart, consensus, dare_linear, dare_ties, fisher, iso_c, iso_cts, knots, linear, lines, model_stock, regmean, slerp, task_arithmetic, "
+     "ties, tsv_m, wudi."),
     ("duplicate task",
      lambda d: d["tasks"].append(copy.deepcopy(d["tasks"][0])),
      "tasks: duplicate task name 'a'; task names must be unique."),

@@ -10,8 +10,10 @@ earliest candidate.
 
 Cost: the base and the experts are read once and kept in memory; each candidate is one in-memory
 merge plus one evaluation pass. For ``scaling`` of the methods whose result is affine in it
-(θ_0 + λ·f(τ): task arithmetic, TIES, DARE, breadcrumbs, consensus), the method runs once at λ = 1
-and each candidate is θ_0 + λ·(θ_1 − θ_0), so a candidate costs one evaluation pass and an axpy.
+(θ_0 + λ·f(τ): task arithmetic, TIES, DARE, breadcrumbs, consensus, and the subspace merges TSV-M, Iso-C,
+Iso-CTS, WUDI), the method runs once at λ = 1 and each candidate is θ_0 + λ·(θ_1 − θ_0), so a candidate
+costs one evaluation pass and an axpy. CART's is θ̄ + λ·f(τ), centred on the experts' average: it runs
+at λ = 0 and λ = 1 and each candidate is θ_0' + λ·(θ_1 − θ_0') with θ_0' its result at λ = 0.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from operators.data import Split
 from operators.merge.registry import ModelStream, TensorContext, get_method, resolve_weights
 
 # methods whose merge is θ_0 + scaling · f(task vectors) with f independent of scaling
-AFFINE_IN_SCALING = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "consensus"})
+AFFINE_IN_SCALING = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "consensus",
+                               "tsv_m", "iso_c", "iso_cts", "wudi", "cart"})
+# of those, the methods whose result at scaling 0 is not θ_0 (it is merged too)
+OFFSET_AT_ZERO = frozenset({"cart"})
 MAX_CANDIDATES = 1000
 GOLDEN_DEFAULT_EVALUATIONS = 8
 
@@ -295,6 +300,16 @@ def _golden_points(lo: float, hi: float, n: int, score: Callable[[float], float]
             fd = score(d)
 
 
+def affine_line(base_sd: Mapping[str, torch.Tensor], expert_sd: Mapping[str, Mapping[str, torch.Tensor]], method: str,
+                fixed: Mapping[str, Any]) -> tuple[Mapping[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """θ(0) and θ(1) − θ(0) of a method affine in ``scaling`` (θ(0) = θ_0 but for :data:`OFFSET_AT_ZERO`):
+    the method runs once (twice), and θ(λ) = θ(0) + λ·(θ(1) − θ(0)) for every candidate."""
+    origin = merge_in_memory(base_sd, expert_sd, method, {**fixed, "scaling": 0.0}) if method in OFFSET_AT_ZERO \
+        else base_sd
+    at_one = merge_in_memory(base_sd, expert_sd, method, {**fixed, "scaling": 1.0})
+    return origin, {k: at_one[k] - origin[k] for k in at_one if base_sd[k].is_floating_point()}
+
+
 def search_coefficient(base: str | Path, experts: Mapping[str, str | Path], method: str, params: Mapping[str, Any],
                        validation: Mapping[str, Split], *, max_length: int = 64, device: str = "cpu",
                        on_candidate: Callable[[Candidate], None] | None = None,
@@ -333,10 +348,9 @@ def search_coefficient(base: str | Path, experts: Mapping[str, str | Path], meth
     reference_seconds = time.perf_counter() - t0
     fast = space.param == "scaling" and method in AFFINE_IN_SCALING
     direction = None
-    if fast:  # θ(λ) = θ_0 + λ·(θ(1) − θ_0): the method runs once
-        at_one = merge_in_memory(base_sd, expert_sd, method, {**fixed, "scaling": 1.0})
-        direction = {k: at_one[k] - base_sd[k] for k in at_one if base_sd[k].is_floating_point()}
-        del at_one
+    origin = base_sd
+    if fast:
+        origin, direction = affine_line(base_sd, expert_sd, method, fixed)
         expert_sd = {}  # the experts are no longer needed on the fast path
     candidates: list[Candidate] = []
     seen: dict[float, Candidate] = {}
@@ -346,7 +360,7 @@ def search_coefficient(base: str | Path, experts: Mapping[str, str | Path], meth
             return seen[value].score
         t = time.perf_counter()
         if direction is not None:
-            merged = {k: (base_sd[k] + value * direction[k]) if k in direction else base_sd[k] for k in base_sd}
+            merged = {k: (origin[k] + value * direction[k]) if k in direction else base_sd[k] for k in base_sd}
         else:
             get_method(method).parse_params({**fixed, space.param: value})  # a value out of range fails here
             merged = merge_in_memory(base_sd, expert_sd, method, {**fixed, space.param: value})
@@ -375,5 +389,5 @@ def search_coefficient(base: str | Path, experts: Mapping[str, str | Path], meth
                         heads="aligned" if align is not None else "experts")
 
 
-__all__ = ["AFFINE_IN_SCALING", "Candidate", "SearchResult", "SearchSpace", "ValidationScorer", "merge_in_memory",
+__all__ = ["AFFINE_IN_SCALING", "OFFSET_AT_ZERO", "Candidate", "SearchResult", "SearchSpace", "ValidationScorer", "merge_in_memory",
            "parse_search", "search_coefficient", "split_search"]

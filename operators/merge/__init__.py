@@ -6,6 +6,7 @@ Importing this package registers every method in ``MERGE_METHODS``.
 from operators.merge import (  # noqa: F401  (registers the methods)
     adamerging,
     breadcrumbs,
+    cart,
     consensus,
     dare,
     fisher,
@@ -20,6 +21,7 @@ from operators.merge import (  # noqa: F401  (registers the methods)
     task_arithmetic,
     ties,
     tsv_m,
+    wudi,
 )
 from operators.merge.registry import (
     MERGE_METHODS,
