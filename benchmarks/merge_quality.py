@@ -13,8 +13,8 @@ per task is fine-tuned on the rest with the spec's settings. Then, on the same e
   ``merge.heads: aligned`` publishes it);
 - RegMean, α = 0.95, N = 256 (FusionBench defaults), and α searched on {0.7, 0.8, 0.9, 1.0} (MergeLM);
 - Fisher merging, N = 256, L2-normalised, floor 1e-6 (FusionBench defaults);
-- TSV-M (α = 1, and α searched on {0.3, …, 2.5}), Iso-C and Iso-CTS (common fraction 0.8), α searched
-  likewise; CART (rank ratio 0.12, λ = 2 and λ searched on {0.5, …, 3.0}); WUDI (the paper's Adam, and its
+- TSV-M (α = 1, and α searched on {0.3, …, 4.0}), Iso-C and Iso-CTS (common fraction 0.8), α searched
+  likewise; CART (rank ratio 0.12, λ = 2 and λ searched on {0.5, …, 5.0}); WUDI (the paper's Adam, and its
   exact minimum);
 - AdaMerging task-wise, layer-wise and AdaMerging++ (TIES k = 20 first), the paper's defaults (λ init
   0.3, clamp [0, 1], Adam lr 1e-3, 500 steps, 16 inputs per task per step), learned on the *unlabeled*
@@ -57,8 +57,8 @@ sys.path.insert(0, str(ROOT))
 TA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 TIES_GRID = [round(0.1 * i, 1) for i in range(1, 26)]
 REGMEAN_ALPHA_GRID = [0.7, 0.8, 0.9, 1.0]
-SUBSPACE_GRID = [0.3, 0.5, 0.7, 0.9, 1.0, 1.2, 1.5, 1.8, 2.1, 2.5]  # α of TSV-M, Iso-C, Iso-CTS, WUDI (merged once)
-CART_GRID = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]  # CART's λ (the paper's prior 2.0 for 8 tasks)
+SUBSPACE_GRID = [0.3, 0.5, 0.7, 0.9, 1.0, 1.2, 1.5, 1.8, 2.1, 2.5, 3.0, 3.5, 4.0]  # α of TSV-M, Iso-C, Iso-CTS, WUDI (merged once)
+CART_GRID = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]  # CART's λ (the paper's prior 2.0 for 8 tasks)
 BOOTSTRAP = 1000
 ROW_GROUPS = ("ta", "ties", "aligned", "regmean", "fisher", "subspace", "adamerging")
 

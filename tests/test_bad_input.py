@@ -141,7 +141,7 @@ def _cases(w: World) -> list[tuple[str, list[str], Pattern]]:
          "{r}/empty.yaml: " + spec_not_mapping.format(kind="NoneType")),
         ("spec-no-name", ["validate", w.spec("noname", name=None)], "{r}/noname.yaml: name: required field is missing."),
         ("spec-bad-name", ["validate", w.spec("badname", name="my flow!")],
-         "{r}/badname.yaml: name: the workflow name must be 1-64 characters of letters, digits, '_', '-' or '.', "
+         "{r}/badname.yaml: name: the workflow name must be 1-64 characters of letters, digits, '_' or '-', "
          "starting with a letter or digit (got 'my flow!')."),
         ("spec-no-tasks", ["validate", w.spec("notasks", tasks=[])],
          "{r}/notasks.yaml: tasks: List should have at least 1 item after validation, not 0."),

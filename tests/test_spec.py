@@ -86,8 +86,12 @@ BAD_SPECS = [
      "tasks: List should have at least 1 item after validation, not 0."),
     ("bad workflow name",
      lambda d: d.update(name="my workflow!"),
-     "name: the workflow name must be 1-64 characters of letters, digits, '_', '-' or '.', starting with a "
+     "name: the workflow name must be 1-64 characters of letters, digits, '_' or '-', starting with a "
      "letter or digit (got 'my workflow!')."),
+    ("a '.' in a task name (refused before training, not by MLflow after it)",
+     lambda d: d["tasks"][0].update(name="sst2.v1"),
+     "tasks[0].name: a task name must be 1-64 characters of letters, digits, '_' or '-', starting with a letter or "
+     "digit (got 'sst2.v1'); MLflow's model names cannot hold '.': write '-' or '_' instead."),
     ("zero cpus",
      lambda d: d.update(resources={"num_cpus": 0}),
      "resources.num_cpus: Input should be greater than 0 (got 0)."),

@@ -16,7 +16,7 @@ PACKAGED_CAUSAL_LM = "word-llama"  # a small Llama that mergeflow pre-trains its
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_STORE = "mergeflow-store"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class SpecError(ValueError):
@@ -48,7 +48,8 @@ def check_name(value: str, what: str) -> str:
     """
     if not _NAME_RE.match(value):
         raise ValueError(
-            f"{what} must be 1-64 characters of letters, digits, '_', '-' or '.', starting with a "
-            f"letter or digit (got {value!r})"
+            f"{what} must be 1-64 characters of letters, digits, '_' or '-', starting with a "
+            f"letter or digit (got {value!r})" + ("; MLflow's model names cannot hold '.': write '-' or '_' instead"
+                                                  if "." in value else "")
         )
     return value

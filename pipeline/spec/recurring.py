@@ -121,7 +121,7 @@ class RecurringSpec(_Frozen):
         "again from the champion on that data and joins the fusion (ColD Fusion's returning contributors), so "
         "a round that adds one task does not erase the others; false: only the new contributions are fused.")
     champion_alias: str = Field(
-        default="champion", description="Registry alias of the promoted model (1-64 letters, digits, '_', '-', '.')."
+        default="champion", description="Registry alias of the promoted model (1-64 letters, digits, '_', '-')."
     )
     challenger_alias: str = Field(
         default="challenger", description="Registry alias of the latest round's fused model, promoted or not; "

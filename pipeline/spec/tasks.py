@@ -103,7 +103,7 @@ class TaskSpec(_Frozen):
     """
 
     name: str = Field(
-        description="Unique task name (1-64 letters, digits, '_', '-', '.'); the expert, its head and its metrics "
+        description="Unique task name (1-64 letters, digits, '_', '-'); the expert, its head and its metrics "
         "are named after it."
     )
     type: Literal["classification", "causal_lm"] = Field(

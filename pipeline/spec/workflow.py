@@ -43,7 +43,7 @@ class Workflow(_Frozen):
     """A whole workflow. Load with :func:`load_workflow`; never build half-validated ones by hand."""
 
     name: str = Field(
-        description="Workflow name (1-64 letters, digits, '_', '-', '.'); names the store folder and the MLflow "
+        description="Workflow name (1-64 letters, digits, '_', '-'); names the store folder and the MLflow "
         "experiment."
     )
     description: str = Field(default="", description="Free text; changes nothing that runs.")
