@@ -340,7 +340,7 @@ def main() -> None:
           f"mean accuracy {results[best]['mean']:.3f} vs base probe {mean(probe):.3f}")
     best = max(results, key=lambda k: results[k]["aligned_normalized"])
     print(f"best with heads aligned to the merged body (no labels): {best}: normalized "
-          f"{results[best]['aligned_normalized']:.3f} (target >= 0.85), mean accuracy {results[best]['aligned_mean']:.3f} "
+          f"{results[best]['aligned_normalized']:.3f} (target >= 0.98), mean accuracy {results[best]['aligned_mean']:.3f} "
           f"{results[best]['aligned_ci95']} vs base probe {mean(probe):.3f} (alignment {results[best]['align_seconds']:.1f}s "
           f"for {len(tasks)} heads)")
     best = max(results, key=lambda k: results[k]["refit_normalized"])
