@@ -94,8 +94,8 @@ def edit(**changes):
 
 
 REFUSED = [
-    ("unsupported method", edit(merge_method="della"),
-     "merge_method: 'della' is not supported by mergeflow; supported mergekit methods: breadcrumbs, "),
+    ("unsupported method", edit(merge_method="arcee_fusion"),
+     "merge_method: 'arcee_fusion' is not supported by mergeflow; supported mergekit methods: breadcrumbs, "),
     ("slices", edit(slices=[]), "slices: mergekit's layer slicing (passthrough/frankenmerges) is not supported"),
     ("unknown top-level key", edit(foo=1), "foo: not a mergekit config key mergeflow knows"),
     ("gradient", edit(parameters={"lambda": [0.1, 0.5]}), "parameters.lambda: gradients (a list of values"),
@@ -133,8 +133,8 @@ def test_unsupported_mergekit_configs_are_refused_by_name(cfg, message):
 
 def test_cli_exits_2_on_a_bad_config_and_writes_nothing(tmp_path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("merge_method: della\nmodels: []\n")
+    cfg.write_text("merge_method: arcee_fusion\nmodels: []\n")
     result = CliRunner().invoke(main, ["merge", str(cfg), str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "merge_method: 'della' is not supported by mergeflow" in result.output
+    assert "merge_method: 'arcee_fusion' is not supported by mergeflow" in result.output
     assert not (tmp_path / "out").exists()

@@ -61,6 +61,8 @@ def _run(tmp: Path, base: Path, address: str = "in-process", spec: dict | None =
     ("linear", {}), ("task_arithmetic", {"scaling": 0.7}), ("ties", {"density": 0.5}), ("dare_ties", {"drop_rate": 0.5}),
     ("breadcrumbs", {}), ("consensus", {}), ("lines", {}), ("model_stock", {}), ("slerp", {}), ("tsv_m", {}),
     ("iso_c", {}), ("iso_cts", {}), ("cart", {}), ("wudi", {"iterations": 20}),
+    ("della", {"density": 0.5}), ("della_linear", {"density": 0.5}), ("sce", {"select_topk": 0.5}), ("multislerp", {}),
+    ("karcher", {}),
 ])
 def test_in_memory_merge_is_the_streaming_merge_bit_for_bit(tiny_base, tiny_experts, tmp_path, method, params):
     """``merge_states`` runs the method functions over the same blocks as ``merge_checkpoints`` (here in

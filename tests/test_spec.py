@@ -29,7 +29,7 @@ def problems(mutate) -> list[str]:
 BAD_SPECS = [
     ("unknown merge method",
      lambda d: d.update(merge={"method": "tie"}),
-     "merge: unknown merge method 'tie'. Known: adamerging, breadcrumbs, cart, consensus, dare_linear, dare_ties, fisher, iso_c, iso_cts, knots, linear, lines, model_stock, regmean, slerp, task_arithmetic, "
+     "merge: unknown merge method 'tie'. Known: adamerging, breadcrumbs, cart, consensus, dare_linear, dare_ties, della, della_linear, fisher, iso_c, iso_cts, karcher, knots, linear, lines, model_stock, multislerp, nearswap, nuslerp, regmean, sce, slerp, task_arithmetic, "
      "ties, tsv_m, wudi."),
     ("duplicate task",
      lambda d: d["tasks"].append(copy.deepcopy(d["tasks"][0])),
@@ -92,6 +92,10 @@ BAD_SPECS = [
      lambda d: d["tasks"][0].update(name="sst2.v1"),
      "tasks[0].name: a task name must be 1-64 characters of letters, digits, '_' or '-', starting with a letter or "
      "digit (got 'sst2.v1'); MLflow's model names cannot hold '.': write '-' or '_' instead."),
+    ("a one-model method for more tasks (refused before training, not at the merge)",
+     lambda d: d.update(merge={"method": "nearswap", "params": {"t": 0.01}}),
+     "merge.method: nearswap merges exactly 1 expert (the base aside), not 2; this workflow has 2 tasks: choose a "
+     "method for 2 experts."),
     ("zero cpus",
      lambda d: d.update(resources={"num_cpus": 0}),
      "resources.num_cpus: Input should be greater than 0 (got 0)."),

@@ -134,6 +134,10 @@ def merge_checkpoints(
     p = spec.parse_params(params)
     if not experts:
         raise MergeError("no experts to merge; give at least one expert checkpoint")
+    try:
+        spec.check_expert_count(len(experts))
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
     names = sorted(experts)  # a fixed order: the result must not depend on the caller's order
     weights = resolve_weights(p, names)
     base = Path(base)
@@ -238,6 +242,10 @@ def merge_states(
     p = spec.parse_params(params)
     if not experts:
         raise MergeError("no experts to merge; give at least one expert checkpoint")
+    try:
+        spec.check_expert_count(len(experts))
+    except ValueError as exc:
+        raise MergeError(str(exc)) from None
     names = sorted(experts)
     weights = resolve_weights(p, names)
     adapters = {n: experts[n].lora(f"memory:{n}") for n in names if isinstance(experts[n], AdapterCheckpoint)}

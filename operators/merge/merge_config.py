@@ -48,7 +48,16 @@ MERGEKIT_METHODS: dict[str, set[str]] = {
     "breadcrumbs_ties": {"weight", "density", "gamma", "lambda", "normalize", "rescale", "int8_mask"},
     "slerp": {"t"},
     "model_stock": {"filter_wise"},
+    "della": {"weight", "density", "epsilon", "lambda", "normalize", "rescale", "int8_mask"},
+    "della_linear": {"weight", "density", "epsilon", "lambda", "normalize", "rescale", "int8_mask"},
+    "sce": {"select_topk", "int8_mask"},
+    "nuslerp": {"weight", "nuslerp_flatten", "nuslerp_row_wise"},
+    "multislerp": {"weight", "normalize_weights", "eps"},
+    "karcher": {"max_iter", "tol"},
+    "nearswap": {"t"},
 }
+# mergekit methods whose base_model may be left out (they then merge the models themselves)
+MERGEKIT_BASE_OPTIONAL = {"linear", "nuslerp", "multislerp", "karcher"}
 MERGEKIT_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
                      "name"}
 MERGEKIT_UNSUPPORTED_KEYS = {
@@ -241,7 +250,7 @@ def _from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
     plan = MergePlan(base=base or inputs[0][1], experts={n: p for n, (_, p, _) in zip(names, inputs, strict=True)},
                      method=method, params={}, source_format="mergekit",
                      out_dtype=_dtype(raw.get("out_dtype") or raw.get("dtype"), "out_dtype" if raw.get("out_dtype") else "dtype"))
-    if method != "linear" and base is None:
+    if method not in MERGEKIT_BASE_OPTIONAL and base is None:
         raise MergeConfigError(f"base_model: required by mergekit's {method}")
     _MERGEKIT_PARAMS[method](_MergekitParams(method, glob, inputs, names, plan), plan, base)
     try:
@@ -400,9 +409,47 @@ def _model_stock(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None
     plan.params = {"filter_wise": bool(m.shared("filter_wise", False))}
 
 
+def _della(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    plan.params = {"weights": m.per_expert("weight", required=True), "densities": m.per_expert("density", 1.0),
+                   "density": 1.0, "epsilon": m.uniform("epsilon", 0.15), "scaling": float(m.shared("lambda", 1.0)),
+                   "normalize": bool(m.shared("normalize", m.method == "della")),
+                   "rescale": "l1" if m.shared("rescale", True) else "none"}
+    plan.notes.append("DELLA is random: mergekit draws from torch's global generator, mergeflow seeds each tensor, "
+                      "so the kept entries differ (the probabilities are the same)")
+
+
+def _sce(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    plan.params = {"select_topk": float(m.shared("select_topk", 1.0))}
+
+
+def _spherical(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    plan.params = {"weights": m.per_expert("weight", required=True), "relative_to_base": base is not None}
+    if m.method == "nuslerp":
+        if len(m.inputs) != 2:
+            raise MergeConfigError(f"models: nuslerp interpolates exactly two models besides the base (got {len(m.inputs)})")
+        plan.params |= {"flatten": bool(m.shared("nuslerp_flatten", True)),
+                        "row_wise": bool(m.shared("nuslerp_row_wise", False))}
+    else:
+        plan.params |= {"normalize_weights": bool(m.shared("normalize_weights", True)), "eps": float(m.shared("eps", 1e-8))}
+
+
+def _karcher(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    if base is not None:  # mergekit averages the base_model in as one more model
+        plan.experts["base_model"] = base
+    plan.params = {"max_iter": int(m.shared("max_iter", 10)), "tol": float(m.shared("tol", 1e-5))}
+
+
+def _nearswap(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    if len(m.inputs) != 1:
+        raise MergeConfigError(f"models: nearswap takes the base_model and exactly one other model (got {len(m.inputs)})")
+    plan.params = {"t": float(m.value(0, "t", required=True))}
+
+
 _MERGEKIT_PARAMS: dict[str, Callable[[_MergekitParams, MergePlan, Path | None], None]] = {
     "linear": _linear, "task_arithmetic": _task_arithmetic, "ties": _ties, "dare_linear": _dare, "dare_ties": _dare,
     "breadcrumbs": _breadcrumbs, "breadcrumbs_ties": _breadcrumbs, "slerp": _slerp, "model_stock": _model_stock,
+    "della": _della, "della_linear": _della, "sce": _sce, "nuslerp": _spherical, "multislerp": _spherical,
+    "karcher": _karcher, "nearswap": _nearswap,
 }
 
 

@@ -143,6 +143,15 @@ class MergeMethod:
     # (``operators.learn``) and handed to it in its parameters:
     statistics: StatisticsKind | None = None  # per expert, on its own training inputs: "gram" or "fisher"
     inputs: InputsKind | None = None  # "unlabeled": every task's validation inputs (its coefficients are learned)
+    experts: tuple[int, int | None] = (1, None)  # how many experts it merges: at least, at most (None: any)
+
+    def check_expert_count(self, n: int) -> None:
+        """Raise ``ValueError`` naming the method and the count it takes when ``n`` experts are not that."""
+        low, high = self.experts
+        if n < low or (high is not None and n > high):
+            takes = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+            raise ValueError(f"{self.name} merges {takes} expert{'s' if (high or low) > 1 else ''} "
+                             f"(the base aside), not {n}")
 
     def parse_params(self, raw: dict | None) -> MergeParams:
         """Validate raw parameters, raising ``ValueError`` that names parameter, value and fix."""
@@ -184,12 +193,15 @@ def register(
     tensor_stats: TensorStatsFn | None = None,
     statistics: StatisticsKind | None = None,
     inputs: InputsKind | None = None,
+    experts: tuple[int, int | None] = (1, None),
 ) -> Callable[[TensorMergeFn], TensorMergeFn]:
     """Register a tensor merge function under ``name`` (decorator).
 
     A data-driven method says what it needs here: ``statistics="gram"`` / ``"fisher"`` (computed beside
     each expert; its parameters then get ``statistics``: expert → directory) or ``inputs="unlabeled"``
     (coefficients learned on every task's validation inputs; its parameters get ``coefficients``).
+    ``experts=(low, high)`` bounds how many experts it merges (slerp: exactly two), checked before anything
+    is read or trained.
     """
 
     def deco(fn: TensorMergeFn) -> TensorMergeFn:
@@ -208,6 +220,7 @@ def register(
             tensor_stats=tensor_stats,
             statistics=statistics,
             inputs=inputs,
+            experts=experts,
         )
         return fn
 

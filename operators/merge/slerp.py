@@ -47,6 +47,7 @@ def slerp_tensors(t: float, v0: Tensor, v1: Tensor, eps: float = 1e-8) -> Tensor
     needs_base=False,
     paper="https://dl.acm.org/doi/10.1145/325165.325242",
     formula="θ = [sin((1−t)Ω) θ_a + sin(tΩ) θ_b] / sin Ω",
+    experts=(2, 2),
 )
 def slerp(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: SlerpParams,

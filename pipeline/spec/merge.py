@@ -170,6 +170,26 @@ def check_lora_adapter_merges(wf: Workflow) -> None:
                              "lora.mode: exact for iterated strategies")
 
 
+def check_expert_counts(wf: Workflow) -> None:
+    """A method that merges a set number of experts (slerp: two) gets that many: the tasks, or ColD Fusion's
+    contributors a round, checked before anything trains."""
+    merges = []
+    if wf.strategy == "oneshot" or (wf.strategy == "atm" and wf.rounds.start == "oneshot_merge"):
+        merges.append(("merge", wf.merge, len(wf.tasks)))
+    if wf.strategy in ("atm", "cold_fusion"):
+        count = wf.rounds.contributors if wf.strategy == "cold_fusion" else None
+        n = len(wf.tasks) if count is None else min(len(wf.tasks), int(count) if count >= 1
+                                                       else max(1, round(count * len(wf.tasks))))
+        merges.append(("rounds.merge", wf.rounds.merge, n))
+    for where, merge, n in merges:
+        try:
+            get_method(merge.method).check_expert_count(n)
+        except ValueError as exc:
+            has = f"this workflow has {n} tasks" if where == "merge" or wf.rounds.contributors is None \
+                else f"rounds.contributors gives {n} a round"
+            raise ValueError(f"{where}.method: {exc}; {has}: choose a method for {n} experts") from None
+
+
 def check_per_expert_params(wf: Workflow) -> None:
     """Every per-expert parameter (weights, densities, ...) is keyed by task name."""
     for where, merge in (("merge", wf.merge), ("rounds.merge", wf.rounds.merge)):

@@ -14,6 +14,7 @@ from pipeline.spec.evaluation import EvaluationSpec, check_lm_eval
 from pipeline.spec.finetune import FinetuneSpec, check_finetune_overrides
 from pipeline.spec.merge import (
     MergeSpec,
+    check_expert_counts,
     check_learned_merges,
     check_lora_adapter_merges,
     check_per_expert_params,
@@ -31,6 +32,7 @@ WORKFLOW_RULES: tuple[Callable[[Workflow], None], ...] = (
     check_task_types,           # tasks: one kind of model, and a base model of that kind
     check_lora_adapter_merges,  # merge: lora.mode adapter needs LoRA experts and one merge
     check_per_expert_params,    # merge: weights, densities, ... name tasks of this workflow
+    check_expert_counts,        # merge: methods for a set number of experts (slerp: two) get that many
     check_learned_merges,       # merge: searches, statistics, learned coefficients, aligned heads
     check_resident_workers,     # rounds: what resident workers run
     check_contributors,         # rounds: no more contributors than tasks

@@ -1,0 +1,148 @@
+"""DELLA: drop by magnitude rank, then merge (Deep et al., arXiv 2406.11617; mergekit's ``della`` and
+``della_linear``).
+
+DARE drops every entry of a task vector with the same probability; DELLA's MAGPRUNE keeps the larger
+ones more often. Per expert and tensor, along each row (dimension 1, as mergekit ranks: a matrix's rows; a vector is
+one row), the entries are ranked by |τ| (rank 0 the smallest, n − 1 the largest) and entry i is kept with
+probability
+
+    p_i = (density − ε) + 2ε · rank_i / (n − 1)            (a one-entry row: p = density)
+
+so the mean keep rate is ``density`` and the largest entries are kept with ``density + ε``. Survivors are
+rescaled: by 1/p_i each (``inverse_keep``, the paper's: unbiased), by one factor matching the task vector's
+L1 norm (``l1``, mergekit's ``rescale: true``), or not at all. Then, with per-expert weights w_t:
+
+- ``della``: TIES' sign election over the weighted vectors (a zero sum counts as +, as mergekit does) and
+  the disjoint merge: θ = θ_0 + λ Σ_t w_t δ_t [agree] / Σ_t w_t [agree] (``normalize``; the plain sum
+  without it);
+- ``della_linear``: θ = θ_0 + λ Σ_t w_t δ_t / Σ_t w_t (``normalize``; the plain sum without it).
+
+The draws are seeded per (seed, tensor name, expert name), as DARE's are: the same seed gives the same
+merge whatever order tensors are streamed in, on every machine. mergekit draws from torch's global
+generator in its own order, so for the same config the kept entries differ from mergekit's (the method
+and the probabilities are the same); with ``density: 1`` nothing is dropped and the two agree.
+Ties in |τ| are ranked by position (a stable sort; mergekit's sort is not stable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
+from operators.merge.registry import MergeParams, TensorContext, register
+from operators.merge.task_vectors import (
+    disjoint_merge,
+    elect_sign,
+    rescale_l1,
+    stack_task_vectors,
+    tensor_seed,
+)
+
+
+class DellaParams(MergeParams):
+    density: float = Field(default=0.5, gt=0.0, le=1.0, description="mean share of each task vector kept")
+    densities: dict[str, float] | None = Field(default=None, description="per-expert density (overrides density)")
+    epsilon: float = Field(default=0.15, ge=0.0, lt=0.5,
+                           description="keep probabilities span density ± ε, by magnitude rank within a row")
+    scaling: float = Field(default=1.0, ge=0.0, le=10.0, description="λ, applied to the merged task vector")
+    normalize: bool = Field(default=True, description="divide by the (agreeing) experts' summed weights")
+    rescale: Literal["inverse_keep", "l1", "none"] = Field(
+        default="inverse_keep", description="survivors × 1/p_i (paper), or match each τ's L1 norm (mergekit)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _range(self) -> DellaParams:
+        for name, d in [("density", self.density), *(self.densities or {}).items()]:
+            if d < 1.0 and not (0.0 < d - self.epsilon and d + self.epsilon < 1.0):
+                raise ValueError(f"{'density' if name == 'density' else f'densities.{name}'}: {d} ± epsilon "
+                                 f"{self.epsilon} must stay inside (0, 1); lower epsilon or move the density")
+        return self
+
+
+def keep_probabilities(tv: Tensor, density: float, epsilon: float) -> Tensor:
+    """MAGPRUNE's keep probability of each entry of one task vector (rank by |τ| along the last dimension)."""
+    rows = tv.reshape(1, -1) if tv.dim() < 2 else tv.movedim(1, -1)  # mergekit ranks along dim 1
+    n = rows.shape[-1]
+    if n == 1:
+        return torch.full(tv.shape, density, dtype=torch.float32)
+    order = rows.abs().argsort(dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(n).expand_as(order).contiguous())
+    p = (density - epsilon) + (2.0 * epsilon / (n - 1)) * ranks.to(torch.float32)
+    return p.reshape(tv.shape) if tv.dim() < 2 else p.movedim(-1, 1)
+
+
+def magprune(tv: Tensor, densities: Sequence[float], epsilon: float, seeds: Sequence[int], rescale: str) -> Tensor:
+    """Each task vector of the stack ``(T, ...)`` pruned by MAGPRUNE (a fresh tensor)."""
+    out = tv.clone()
+    for t, (density, seed) in enumerate(zip(densities, seeds, strict=True)):
+        if density >= 1.0:
+            continue
+        p = keep_probabilities(tv[t], density, epsilon)
+        keep = torch.rand(p.shape, generator=torch.Generator().manual_seed(seed)) < p
+        out[t] = torch.where(keep, tv[t] / p if rescale == "inverse_keep" else tv[t], torch.zeros(()))
+    return rescale_l1(tv, out) if rescale == "l1" else out
+
+
+def _pruned(base: Tensor, experts: Sequence[Tensor], weights: Sequence[float], params: DellaParams,
+            ctx: TensorContext | None) -> Tensor:
+    ctx = ctx or TensorContext()
+    names = ctx.experts or tuple(str(i) for i in range(len(experts)))
+    densities = [(params.densities or {}).get(n, params.density) for n in names]
+    seeds = [tensor_seed(params.seed, ctx.key, n) for n in names]
+    tv = magprune(stack_task_vectors(base, experts), densities, params.epsilon, seeds, params.rescale)
+    return tv * torch.tensor(list(weights), dtype=torch.float32).view(-1, *([1] * (tv.dim() - 1)))
+
+
+@register(
+    "della",
+    params=DellaParams,
+    needs_base=True,
+    paper="https://arxiv.org/abs/2406.11617",
+    formula="θ = θ_0 + λ · disjoint_merge(elect(w_t · MAGPRUNE(τ_t))), keep p = density ± ε by magnitude rank",
+)
+def della(
+    base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: DellaParams,
+    ctx: TensorContext | None = None,
+) -> Tensor:
+    """MAGPRUNE each task vector, then TIES' sign election and disjoint merge (see the module docstring).
+
+    Returns:
+        θ_0 + λ τ_m (float32).
+    """
+    assert base is not None
+    tv = _pruned(base, experts, weights, params, ctx)
+    merged = disjoint_merge(tv, elect_sign(tv, "positive"), "mean" if params.normalize else "sum", weights)
+    return base.float() + params.scaling * merged
+
+
+@register(
+    "della_linear",
+    params=DellaParams,
+    needs_base=True,
+    paper="https://arxiv.org/abs/2406.11617",
+    formula="θ = θ_0 + λ Σ_t w_t MAGPRUNE(τ_t) (/ Σ_t w_t with normalize), keep p = density ± ε by magnitude rank",
+    allow_negative_weights=True,
+)
+def della_linear(
+    base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: DellaParams,
+    ctx: TensorContext | None = None,
+) -> Tensor:
+    """MAGPRUNE each task vector, then their weighted sum (see the module docstring).
+
+    Returns:
+        θ_0 + λ τ_m (float32).
+    """
+    assert base is not None
+    merged = _pruned(base, experts, weights, params, ctx).sum(dim=0)
+    if params.normalize:
+        total = sum(weights)
+        merged = merged / (total if abs(total) >= 1e-8 else 1.0)
+    return base.float() + params.scaling * merged
+
+
+__all__ = ["della", "della_linear", "keep_probabilities", "magprune"]

@@ -1,0 +1,84 @@
+"""Karcher mean: the Riemannian (Fréchet) mean of several models on the hypersphere (Karcher 1977;
+mergekit's ``karcher``).
+
+Each tensor of each model is split into its norm r_t and direction u_t = x_t / r_t (whole tensor,
+flattened). The mean direction m minimises Σ_t α_t d(m, u_t)², d the angle; from m = the normalized
+weighted mean of the u_t, up to ``max_iter`` steps of
+
+    g = Σ_t α_t θ_t / sin θ_t · (u_t − cos θ_t m),   θ_t = arccos⟨m, u_t⟩     (terms with θ_t < tol skipped)
+    m ← cos ‖g‖ m + sin ‖g‖ g / ‖g‖,  renormalized                            (stop when ‖g‖ < tol)
+
+and x = (Σ_t α_t r_t) · m, with α_t the weights (normalized; mergekit's are equal). Inputs with a norm
+at or below ``tol`` take no part in the direction; all of them so: zeros. The models themselves are
+averaged (mergekit counts a ``base_model`` as one more input; so does ``mergeflow merge``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from operators.merge.registry import MergeParams, TensorContext, register
+
+
+class KarcherParams(MergeParams):
+    max_iter: int = Field(default=10, ge=1, le=10_000, description="most gradient steps on the sphere")
+    tol: float = Field(default=1e-5, gt=0.0, le=1e-1, description="stops when the tangent's norm is below it")
+
+
+def karcher_mean(xs: Sequence[Tensor], alphas: Sequence[float], max_iter: int, tol: float) -> Tensor:
+    """The Karcher mean direction of the flattened ``xs`` times their weighted mean norm (float32)."""
+    norms = [float(torch.linalg.vector_norm(x)) for x in xs]
+    units = [x / n if n != 0.0 else torch.zeros_like(x) for x, n in zip(xs, norms, strict=True)]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    total = sum(alphas[i] for i in valid)
+    a = [alphas[i] / total for i in valid]
+    u = [units[i] for i in valid]
+    mean = sum(ai * ui for ai, ui in zip(a, u, strict=True))
+    mean_norm = float(torch.linalg.vector_norm(mean))
+    mean = u[0].clone() if mean_norm < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for ai, ui in zip(a, u, strict=True):
+            dot = torch.clamp(torch.dot(mean.flatten(), ui.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += ai * (theta / torch.sin(theta)) * (ui - dot * mean)
+        tnorm = torch.linalg.vector_norm(tangent)
+        if float(tnorm) < tol:
+            break
+        mean = torch.cos(tnorm) * mean + torch.sin(tnorm) * (tangent / tnorm)
+        unorm = torch.linalg.vector_norm(mean)
+        if float(unorm) > tol:
+            mean = mean / unorm
+    return sum(al * n for al, n in zip(alphas, norms, strict=True)) * mean
+
+
+@register(
+    "karcher",
+    params=KarcherParams,
+    needs_base=False,
+    paper="https://doi.org/10.1002/cpa.3160300502",
+    formula="m = argmin Σ α_t arccos⟨m, u_t⟩² on the sphere (Riemannian gradient steps); θ = Σ α_t ‖θ_t‖ · m",
+)
+def karcher(
+    base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: KarcherParams,
+    ctx: TensorContext | None = None,
+) -> Tensor:
+    """The Karcher mean of one tensor's models (see the module docstring).
+
+    Returns:
+        The merged tensor (float32).
+    """
+    total = sum(weights)
+    alphas = [w / total for w in weights]
+    return karcher_mean([e.float() for e in experts], alphas, params.max_iter, params.tol)
+
+
+__all__ = ["karcher", "karcher_mean"]

@@ -1,0 +1,84 @@
+"""SCE: select, calculate, erase (Wan et al., FuseChat, arXiv 2408.07990; mergekit's ``sce``).
+
+Per tensor, with the task vectors τ_t = θ_t − θ_0 stacked:
+
+1. select: keep the entries where the tasks vary most, the top ``select_topk`` share (of the entries
+   whose variance is not zero) by the variance of τ over the tasks (population variance); all when 1;
+2. calculate: each task's weight is the mean of its selected τ's squares, normalized to sum to 1
+   (equal weights when they all vanish);
+3. erase: TIES' sign election on the sum of the selected τ (a zero sum counts as +); an entry of a task
+   whose sign disagrees, or that is zero, is left out;
+
+    θ = θ_0 + λ · Σ_t η_t [agree_t] τ_t / max(Σ_t η_t [agree_t], 1e-6)
+
+(λ = 1 is mergekit's, which has no λ). The weights come from the task vectors; per-expert ``weights``
+are not taken (refused unless all equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from operators.merge.registry import MergeParams, TensorContext, register
+from operators.merge.task_vectors import elect_sign, stack_task_vectors
+
+
+class SceParams(MergeParams):
+    select_topk: float = Field(default=1.0, gt=0.0, le=1.0,
+                               description="share of the entries kept, those that vary most across tasks")
+    scaling: float = Field(default=1.0, ge=0.0, le=10.0, description="λ, applied to the merged task vector")
+
+
+def variance_mask(tv: Tensor, share: float) -> Tensor:
+    """1 where an entry is among the top ⌊share · (entries of non-zero variance)⌋ by variance over tasks."""
+    if share >= 1.0:
+        return torch.ones(tv.shape[1:], dtype=torch.bool)
+    var = tv.var(dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * share)
+    mask = torch.zeros(var.numel(), dtype=torch.bool)
+    if k:
+        mask[torch.topk(var.abs().flatten(), k=k, largest=True).indices] = True
+    return mask.view(var.shape)
+
+
+def energy_weights(tv: Tensor) -> Tensor:
+    """η_t: the mean square of each task vector, normalized to sum to 1 (equal when all are ~0)."""
+    w = tv.square().reshape(tv.shape[0], -1).mean(dim=1)
+    total = float(w.sum())
+    return torch.full_like(w, 1.0 / len(w)) if abs(total) < 1e-6 else w / total
+
+
+@register(
+    "sce",
+    params=SceParams,
+    needs_base=True,
+    paper="https://arxiv.org/abs/2408.07990",
+    formula="select top-k entries by variance over tasks; η_t = mean(τ_t²) normalized; erase sign disagreements; "
+            "θ = θ_0 + λ Σ η_t [agree] τ_t / Σ η_t [agree]",
+)
+def sce(
+    base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: SceParams,
+    ctx: TensorContext | None = None,
+) -> Tensor:
+    """SCE-merge one tensor (see the module docstring).
+
+    Returns:
+        θ_0 + λ τ_m (float32).
+    """
+    assert base is not None
+    if len(set(weights)) > 1:
+        raise ValueError("weights: sce weighs each task by its task vector's energy; per-expert weights are not "
+                         "taken (remove them)")
+    tv = stack_task_vectors(base, experts)
+    tv *= variance_mask(tv, params.select_topk)
+    sign = elect_sign(tv, "positive")
+    eta = energy_weights(tv).view(-1, *([1] * (tv.dim() - 1)))
+    agree = ((tv * sign) > 0).to(torch.float32) * eta
+    return base.float() + params.scaling * (tv * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1e-6)
+
+
+__all__ = ["energy_weights", "sce", "variance_mask"]

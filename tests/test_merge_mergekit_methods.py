@@ -1,0 +1,209 @@
+"""mergekit's remaining methods (DELLA, SCE, NuSLERP, Multi-SLERP, Karcher, Nearswap), checked against
+numbers worked out by hand from their definitions (mergekit 0.1.5's code: ``mergekit/merge_methods/`` and
+``mergekit/sparsify.py``), and their mergekit configs read into the same merges.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from operators.merge.della import DellaParams, della, della_linear, keep_probabilities, magprune
+from operators.merge.karcher import KarcherParams, karcher
+from operators.merge.multislerp import MultislerpParams, multislerp
+from operators.merge.nearswap import NearswapParams, nearswap
+from operators.merge.nuslerp import NuslerpParams, nuslerp
+from operators.merge.registry import TensorContext
+from operators.merge.sce import SceParams, sce
+
+T = torch.tensor
+
+
+# --- DELLA -----------------------------------------------------------------------------------------
+
+def test_della_keep_probabilities_rise_with_magnitude_rank_by_hand():
+    # |τ| ranks 0.1 → 0, 0.2 → 1, 0.3 → 2, 0.4 → 3; p = (0.5 − 0.15) + 0.3 · rank / 3
+    p = keep_probabilities(T([0.1, -0.4, 0.2, 0.3]), 0.5, 0.15)
+    assert torch.allclose(p, T([0.35, 0.65, 0.45, 0.55]))
+    # a matrix is ranked row by row; the mean keep rate of each row is the density
+    p = keep_probabilities(T([[3.0, 1.0, 2.0], [-1.0, -3.0, 0.5]]), 0.5, 0.1)
+    assert torch.allclose(p, T([[0.6, 0.4, 0.5], [0.5, 0.6, 0.4]]))
+    assert torch.allclose(keep_probabilities(T([[2.0], [1.0]]), 0.7, 0.1), T([[0.7], [0.7]])), "one-entry rows"
+
+
+def test_magprune_keeps_each_entry_rescaled_by_its_probability_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    tv = torch.randn(2, 300, 400, generator=g)
+    out = magprune(tv, [0.4, 0.6], 0.2, [11, 12], "inverse_keep")
+    for t, density in enumerate((0.4, 0.6)):
+        kept = out[t] != 0
+        assert abs(kept.float().mean().item() - density) < 0.01, "the keep rate is the density"
+        p = keep_probabilities(tv[t], density, 0.2)
+        assert torch.allclose(out[t][kept], tv[t][kept] / p[kept]), "survivors are τ / p"
+        # the largest tenth of each row is kept at ~density + ε·0.9..1, the smallest tenth at ~density − ε
+        order = tv[t].abs().argsort(dim=1)
+        top, bottom = kept.gather(1, order[:, -40:]).float().mean(), kept.gather(1, order[:, :40]).float().mean()
+        assert top > density + 0.15 and bottom < density - 0.15
+    assert torch.equal(out, magprune(tv, [0.4, 0.6], 0.2, [11, 12], "inverse_keep")), "same seeds, same drops"
+    assert not torch.equal(out, magprune(tv, [0.4, 0.6], 0.2, [11, 13], "inverse_keep"))
+    l1 = magprune(tv, [0.4, 0.6], 0.2, [11, 12], "l1")  # mergekit's rescale: each τ's L1 norm kept
+    assert torch.allclose(l1.abs().sum(dim=(1, 2)), tv.abs().sum(dim=(1, 2)), rtol=1e-4)
+    assert torch.equal((l1 != 0), (out != 0)), "the same entries, rescaled otherwise"
+
+
+def test_della_at_density_one_is_the_sign_elected_disjoint_mean_by_hand():
+    base = T([1.0, 1.0, 1.0])
+    experts = [base + T([1.0, -2.0, 3.0]), base + T([2.0, 1.0, -1.0])]
+    p = DellaParams(density=1.0)
+    # Σ τ = (3, −1, 2): signs +, −, +; agreeing entries' mean: (1 + 2)/2, −2, 3
+    assert torch.allclose(della(base, experts, [1, 1], p), base + T([1.5, -2.0, 3.0]))
+    # weights (2, 1): w τ = (2, −4, 6), (2, 1, −1); (2 + 2)/(2 + 1), −4/2, 6/2
+    assert torch.allclose(della(base, experts, [2, 1], p), base + T([4 / 3, -2.0, 3.0]))
+    assert torch.allclose(della(base, experts, [2, 1], DellaParams(density=1.0, normalize=False, scaling=0.5)),
+                          base + 0.5 * T([4.0, -4.0, 6.0]))
+    # della_linear: the weighted sum, divided by Σ w with normalize
+    assert torch.allclose(della_linear(base, experts, [2, 1], DellaParams(density=1.0)),
+                          base + T([4.0, -3.0, 5.0]) / 3)
+    assert torch.allclose(della_linear(base, experts, [2, 1], DellaParams(density=1.0, normalize=False)),
+                          base + T([4.0, -3.0, 5.0]))
+
+
+def test_della_drops_by_tensor_and_expert_not_by_stream_order():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 30, generator=g)
+    experts = [base + torch.randn(40, 30, generator=g) for _ in range(3)]
+    ctx = TensorContext(key="layers.0.w", experts=("a", "b", "c"))
+    p = DellaParams(density=0.5, epsilon=0.2, seed=3)
+    first = della(base, experts, [1, 1, 1], p, ctx)
+    assert torch.equal(first, della(base, experts, [1, 1, 1], p, ctx))
+    assert not torch.equal(first, della(base, experts, [1, 1, 1], p, TensorContext(key="layers.1.w", experts=ctx.experts)))
+    # the merged update is a TIES merge of the pruned vectors: each entry agrees with the elected sign
+    assert ((first - base) != 0).float().mean() > 0.5
+
+
+def test_della_refuses_probabilities_outside_zero_one():
+    with pytest.raises(ValueError, match=r"density: 0.1 ± epsilon 0.15 must stay inside \(0, 1\)"):
+        DellaParams(density=0.1)
+    with pytest.raises(ValueError, match=r"densities.a: 0.9 ± epsilon 0.15"):
+        DellaParams(densities={"a": 0.9})
+
+
+# --- SCE -------------------------------------------------------------------------------------------
+
+def test_sce_selects_calculates_and_erases_by_hand():
+    base = T([0.5, 0.5, 0.5, 0.5])
+    t1, t2 = T([1.0, 2.0, 0.0, -1.0]), T([3.0, -2.0, 0.0, 1.0])
+    # η = mean(τ²) normalized: 1.5, 3.5 → 0.3, 0.7. Signs of Σ τ = (4, 0, 0, 0): +, + (a zero sum), +, +.
+    # entry 0: (0.3·1 + 0.7·3) / 1; entry 1: only τ_1 agrees → 2; entry 2: nobody → 0; entry 3: only τ_2 → 1
+    out = sce(base, [base + t1, base + t2], [1, 1], SceParams())
+    assert torch.allclose(out, base + T([2.4, 2.0, 0.0, 1.0]))
+    # select_topk 0.5: variances (1, 4, 0, 1); 3 non-zero → k = 1: entry 1 only; η = (0.5, 0.5); + elected → 2
+    out = sce(base, [base + t1, base + t2], [1, 1], SceParams(select_topk=0.5))
+    assert torch.allclose(out, base + T([0.0, 2.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="weights: sce weighs each task"):
+        sce(base, [base + t1, base + t2], [1, 2], SceParams())
+
+
+# --- Nearswap --------------------------------------------------------------------------------------
+
+def test_nearswap_takes_the_other_model_where_it_is_near_by_hand():
+    base, other = T([0.0, 0.0, 0.0]), T([0.5, 2.0, -0.1])
+    # |Δ| = (0.5, 2, 0.1), t = 0.5: w = (1, 0.25, 1 (5 clamped))
+    assert torch.allclose(nearswap(base, [other], [1], NearswapParams(t=0.5)), T([0.5, 0.5, -0.1]))
+    assert torch.equal(nearswap(base, [base.clone()], [1], NearswapParams(t=0.1)), base), "equal: either"
+    with pytest.raises(ValueError, match="exactly one other model"):
+        nearswap(base, [other, other], [1, 1], NearswapParams(t=0.5))
+
+
+# --- NuSLERP, Multi-SLERP, Karcher ------------------------------------------------------------------
+
+def test_nuslerp_interpolates_task_vectors_on_the_sphere_by_hand():
+    base = T([1.0, 1.0])
+    a, b = base + T([1.0, 0.0]), base + T([0.0, 1.0])  # orthogonal task vectors: Ω = π/2
+    h = math.sin(math.pi / 4)
+    assert torch.allclose(nuslerp(base, [a, b], [1, 1], NuslerpParams()), base + T([h, h]))
+    # t = w_1 / (w_0 + w_1) = 0.75: (sin(π/8), sin(3π/8))
+    assert torch.allclose(nuslerp(base, [a, b], [1, 3], NuslerpParams()),
+                          base + T([math.sin(math.pi / 8), math.sin(3 * math.pi / 8)]))
+    # colinear task vectors: the straight line
+    assert torch.allclose(nuslerp(base, [base + T([1.0, 0.0]), base + T([3.0, 0.0])], [1, 1], NuslerpParams()),
+                          base + T([2.0, 0.0]))
+    # the models themselves (no base): θ_a = (2, 1), θ_b = (1, 2)
+    want = (math.sin(0.5 * math.acos(0.8)) / math.sin(math.acos(0.8))) * T([3.0, 3.0])
+    assert torch.allclose(nuslerp(base, [a, b], [1, 1], NuslerpParams(relative_to_base=False)), want, atol=1e-6)
+
+
+def test_nuslerp_row_by_row_and_column_by_column():
+    base = torch.zeros(2, 2)
+    v0, v1 = T([[1.0, 0.0], [1.0, 0.0]]), T([[0.0, 1.0], [2.0, 0.0]])
+    h = math.sin(math.pi / 4)
+    # rows: row 0 orthogonal → (h, h); row 1 colinear → the mean (1.5, 0)
+    assert torch.allclose(nuslerp(base, [v0, v1], [1, 1], NuslerpParams(flatten=False)), T([[h, h], [1.5, 0.0]]))
+    # columns (row_wise, mergekit's naming): column 0 = (1, 1) and (0, 2), column 1 = (0, 0) and (1, 0)
+    c0 = math.acos(2 / (math.sqrt(2) * 2))
+    s = math.sin(0.5 * c0) / math.sin(c0)
+    # column 1: a zero vector counts as orthogonal to anything (its unit vector is 0, cos Ω = 0): sin(π/4) · (1, 0)
+    want = T([[s * 1.0, math.sin(math.pi / 4)], [s * 3.0, 0.0]])
+    assert torch.allclose(nuslerp(base, [v0, v1], [1, 1], NuslerpParams(flatten=False, row_wise=True)), want, atol=1e-6)
+
+
+def test_multislerp_is_the_normalized_mean_direction_times_the_mean_norm_by_hand():
+    base = T([0.5, -0.5])
+    # unit directions (1, 0) and (0, 1), norms 2 and 4, equal weights: m = (h, h), scale (2 + 4)/2
+    h = math.sqrt(0.5)
+    out = multislerp(base, [base + T([2.0, 0.0]), base + T([0.0, 4.0])], [1, 1], MultislerpParams())
+    assert torch.allclose(out, base + 3.0 * T([h, h]), atol=1e-6)
+    # weights (1, 3) → (0.25, 0.75): the tangent of the normalized mean vanishes, so m = (1, 3)/√10, scale 3.5
+    out = multislerp(base, [base + T([2.0, 0.0]), base + T([0.0, 4.0])], [1, 3], MultislerpParams())
+    assert torch.allclose(out, base + 3.5 * T([1.0, 3.0]) / math.sqrt(10), atol=1e-6)
+    with pytest.raises(ValueError, match="cancel out"):
+        multislerp(base, [base + T([1.0, 0.0]), base + T([-1.0, 0.0]), base + T([0.0, 0.0])], [1, 1, 1], MultislerpParams())
+
+
+def test_karcher_mean_is_the_mean_angle_on_the_circle_by_hand():
+    # directions at 0°, 90°, 0°: the Karcher mean is at 30° (the normalized Euclidean mean would be at 26.6°)
+    xs = [T([2.0, 0.0]), T([0.0, 1.0]), T([1.0, 0.0])]
+    out = karcher(None, xs, [1, 1, 1], KarcherParams())
+    want = (4 / 3) * T([math.cos(math.pi / 6), math.sin(math.pi / 6)])  # × the mean norm (2 + 1 + 1)/3
+    assert torch.allclose(out, want, atol=1e-5)
+    h = math.sqrt(0.5)
+    assert torch.allclose(karcher(None, [T([1.0, 0.0]), T([0.0, 3.0])], [1, 1], KarcherParams()), 2 * T([h, h]), atol=1e-6)
+    assert torch.equal(karcher(None, [torch.zeros(2), torch.zeros(2)], [1, 1], KarcherParams()), torch.zeros(2))
+
+
+# --- through the engine ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,params", [("della", {"density": 0.5}), ("della_linear", {"density": 0.6}),
+                                           ("sce", {"select_topk": 0.5}), ("nuslerp", {"flatten": False}),
+                                           ("multislerp", {}), ("karcher", {})])
+def test_the_engine_merges_each_tensor_as_the_method_defines(tiny_base, tiny_experts, tmp_path, method, params):
+    from operators.merge import get_method
+    from operators.merge.engine import merge_checkpoints
+    from operators.tensor_io import load_state_dict
+
+    merge_checkpoints(tiny_base, tiny_experts, method, params, tmp_path / "m")
+    merged, base = load_state_dict(tmp_path / "m"), load_state_dict(tiny_base)
+    experts = {n: load_state_dict(p) for n, p in tiny_experts.items()}
+    names = sorted(experts)
+    spec = get_method(method)
+    p = spec.parse_params(params)
+    changed = 0
+    for key, b in base.items():
+        if not b.is_floating_point() or key not in merged:
+            continue
+        want = spec.fn(b if spec.needs_base else None, [experts[n][key] for n in names], [1.0] * len(names), p,
+                       TensorContext(key=key, experts=tuple(names)))
+        assert torch.allclose(merged[key], want, atol=1e-6), key
+        changed += not torch.equal(merged[key], b)
+    assert changed > 5
+
+
+def test_a_method_for_a_set_number_of_experts_is_refused_before_anything_is_written(tiny_base, tiny_experts, tmp_path):
+    from operators.merge.engine import MergeError, merge_checkpoints
+
+    assert len(tiny_experts) == 2
+    with pytest.raises(MergeError, match=r"nearswap merges exactly 1 expert \(the base aside\), not 2"):
+        merge_checkpoints(tiny_base, tiny_experts, "nearswap", {"t": 0.1}, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
