@@ -16,8 +16,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from operators.errors import MergeError
 from operators.merge.engine import merge_checkpoints
 from operators.merge.merge_config import MergeConfigError, load_merge_config, parse_merge_config
+from operators.merge.passthrough import stack_layers
 from operators.tensor_io import load_state_dict
 from pipeline.cli import main
 
@@ -36,7 +38,10 @@ def filled(cfg: Path, tmp_path: Path) -> Path:
 def test_same_tensors_as_mergekit(cfg, tmp_path):
     plan = load_merge_config(filled(cfg, tmp_path))
     assert plan.source_format == "mergekit"
-    merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, tmp_path / "out", out_dtype=plan.out_dtype)
+    if plan.method == "passthrough":
+        stack_layers(plan.slices, tmp_path / "out", out_dtype=plan.out_dtype)
+    else:
+        merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, tmp_path / "out", out_dtype=plan.out_dtype)
     got = load_state_dict(tmp_path / "out")
     want = load_file(DATA / "expected" / f"{cfg.stem}.safetensors")
     assert sorted(got) == sorted(want)
@@ -96,7 +101,7 @@ def edit(**changes):
 REFUSED = [
     ("unsupported method", edit(merge_method="arcee_fusion"),
      "merge_method: 'arcee_fusion' is not supported by mergeflow; supported mergekit methods: breadcrumbs, "),
-    ("slices", edit(slices=[]), "slices: mergekit's layer slicing (passthrough/frankenmerges) is not supported"),
+    ("slices", edit(slices=[]), "slices: mergeflow stacks slices with merge_method: passthrough only (got 'ties')"),
     ("unknown top-level key", edit(foo=1), "foo: not a mergekit config key mergeflow knows"),
     ("gradient", edit(parameters={"lambda": [0.1, 0.5]}), "parameters.lambda: gradients (a list of values"),
     ("filtered value", edit(parameters={"lambda": {"filter": "mlp", "value": 0.5}}),
@@ -137,4 +142,43 @@ def test_cli_exits_2_on_a_bad_config_and_writes_nothing(tmp_path):
     result = CliRunner().invoke(main, ["merge", str(cfg), str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "merge_method: 'arcee_fusion' is not supported by mergeflow" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_passthrough_stack_loads_with_transformers_and_generates(tmp_path):
+    """Layers 0-1 of e0 then layer 1 of e1: a 3-layer model, its config saying so, loaded by from_pretrained;
+    run through the CLI as a mergekit user would."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = filled(DATA / "configs" / "passthrough_slices.yaml", tmp_path)
+    result = CliRunner().invoke(main, ["merge", str(cfg), str(tmp_path / "out"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["method"] == "passthrough" and summary["tensors"] == 30
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 3
+    e1 = load_state_dict(DATA / "models" / "e1")
+    assert torch.equal(model.model.layers[2].self_attn.q_proj.weight, e1["model.layers.1.self_attn.q_proj.weight"])
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+    prov = json.loads((tmp_path / "out" / "mergeflow.json").read_text())
+    assert prov["method"] == "passthrough" and prov["layers"] == 3
+
+
+@pytest.mark.parametrize("slices,message", [
+    ([{"sources": [{"model": "$e0", "layer_range": [0, 3]}]}], r"slices\[0\].layer_range: \[0, 3\] is not a non-empty "
+                                                              r"range of .*'s 2 layers"),
+    ([{"sources": [{"model": "$e0", "layer_range": [0, 1]}, {"model": "$e1", "layer_range": [0, 1]}]}],
+     r"slices\[0\].sources: passthrough takes slices \(not models too\) of exactly one source each"),
+    ([{"sources": [{"model": "$e0", "layer_range": [0, 1], "parameters": {"weight": 1}}]}],
+     r"slices\[0\].sources\[0\].parameters.weight: not a parameter of mergekit's passthrough"),
+])
+def test_bad_slices_are_refused_by_name_and_nothing_is_written(tmp_path, slices, message):
+    text = json.dumps({"merge_method": "passthrough", "slices": slices, "dtype": "float32"})
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(string.Template(text).substitute({m: str(DATA / "models" / m) for m in MODELS}))
+    with pytest.raises((MergeConfigError, MergeError), match=message):
+        plan = load_merge_config(cfg)
+        stack_layers(plan.slices, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -33,6 +33,7 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
 
     from operators.merge.engine import MergeError, merge_checkpoints
     from operators.merge.merge_config import MergeConfigError, load_merge_config
+    from operators.merge.passthrough import stack_layers
     from operators.tensor_io import CheckpointError
     from pipeline.store import fetch_checkpoint
 
@@ -52,11 +53,16 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
 
     start = time.perf_counter()
     try:
-        report = merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, out,
-                                   max_shard_bytes=shard_bytes, progress=progress, out_dtype=plan.out_dtype,
-                                   provenance={"config": str(Path(config).resolve()), "config_format": plan.source_format},
-                                   adapter_bases=plan.adapter_bases or None, lora_mode=plan.lora_mode,
-                                   adapter_rank=plan.adapter_rank, adapter_factorization=plan.adapter_factorization)
+        made = {"config": str(Path(config).resolve()), "config_format": plan.source_format}
+        if plan.method == "passthrough":  # layers stacked from slices of models: no merge arithmetic
+            report = stack_layers(plan.slices, out, out_dtype=plan.out_dtype, max_shard_bytes=shard_bytes,
+                                  provenance=made, progress=progress)
+        else:
+            report = merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, out,
+                                       max_shard_bytes=shard_bytes, progress=progress, out_dtype=plan.out_dtype,
+                                       provenance=made, adapter_bases=plan.adapter_bases or None,
+                                       lora_mode=plan.lora_mode, adapter_rank=plan.adapter_rank,
+                                       adapter_factorization=plan.adapter_factorization)
     except (MergeError, CheckpointError, ValueError) as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     finally:
