@@ -12,8 +12,10 @@ with this environment's torch build so no CUDA wheel is pulled), or give --merge
 
     python benchmarks/merge_speed.py                 # full comparison
     python benchmarks/merge_speed.py --skip-mergekit # mergeflow only
-    python benchmarks/merge_speed.py --skip-mergekit --methods task_arithmetic,tsv_m,iso_c,iso_cts
+    python benchmarks/merge_speed.py --skip-mergekit --methods task_arithmetic,tsv_m,iso_c,iso_cts,cart
                                                      # the SVD merges against task arithmetic
+    python benchmarks/merge_speed.py --reps 1 --methods della,sce,multislerp,karcher,nuslerp,nearswap,passthrough
+                                                     # mergekit's other methods, both tools
 
 After the timed runs the outputs of the two tools are compared tensor by tensor.
 """
@@ -55,6 +57,71 @@ models:
     parameters: {{weight: 0.3}}
   - model: {e2}
     parameters: {{weight: 0.3}}
+dtype: float32
+""",
+    "della": """merge_method: della
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {e1}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {e2}
+    parameters: {{weight: 1.0, density: 0.5}}
+parameters: {{epsilon: 0.15, lambda: 1.0}}
+dtype: float32
+""",
+    "sce": """merge_method: sce
+base_model: {base}
+models:
+  - model: {e0}
+  - model: {e1}
+  - model: {e2}
+parameters: {{select_topk: 0.5}}
+dtype: float32
+""",
+    "multislerp": """merge_method: multislerp
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: 1.0}}
+  - model: {e1}
+    parameters: {{weight: 1.0}}
+  - model: {e2}
+    parameters: {{weight: 1.0}}
+dtype: float32
+""",
+    "karcher": """merge_method: karcher
+models:
+  - model: {e0}
+  - model: {e1}
+  - model: {e2}
+dtype: float32
+""",
+    "nuslerp": """merge_method: nuslerp
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: 1.0}}
+  - model: {e1}
+    parameters: {{weight: 2.0}}
+dtype: float32
+""",
+    "nearswap": """merge_method: nearswap
+base_model: {base}
+models:
+  - model: {e0}
+parameters: {{t: 0.001}}
+dtype: float32
+""",
+    "passthrough": """merge_method: passthrough
+slices:
+  - sources:
+      - model: {e0}
+        layer_range: [0, 8]
+  - sources:
+      - model: {e1}
+        layer_range: [4, 12]
 dtype: float32
 """,
 }

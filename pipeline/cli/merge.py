@@ -96,3 +96,42 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
                        f"(worst {report.adapter_worst_module}: {report.adapter_worst_module_error:.3g})")
         for note in plan.notes:
             click.echo(f"note: {note}")
+
+
+@main.command("extract-lora")
+@click.argument("finetuned", type=click.Path())
+@click.argument("base", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="One rank for every module.")
+@click.option("--energy", type=float, default=None,
+              help="Per module, the smallest rank keeping this share of ΔW's squared singular values (e.g. 0.99).")
+@click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap on the per-module rank (with --energy).")
+@click.option("--skip-other", is_flag=True,
+              help="Drop changes a LoRA cannot hold (norms, biases, embeddings, the output head); they are listed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (rank and relative error per module) as JSON.")
+def extract_lora(finetuned: str, base: str, out: str, rank: int | None, energy: float | None, max_rank: int | None,
+                 skip_other: bool, as_json: bool) -> None:
+    """Write a peft LoRA adapter of FINETUNED − BASE into OUT (truncated SVD of each linear layer's ΔW).
+
+    The adapter loads with peft's PeftModel.from_pretrained on BASE; each module's relative error
+    ‖ΔW − BA‖ / ‖ΔW‖ is reported and recorded in OUT/mergeflow.json.
+    """
+    import json
+
+    from operators.errors import MergeError
+    from operators.extract_lora import extract_lora as extract
+    from operators.tensor_io import CheckpointError
+
+    try:
+        report = extract(finetuned, base, out, rank=rank, energy=energy, max_rank=max_rank, skip_other=skip_other)
+    except (MergeError, CheckpointError, ValueError) as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    if as_json:
+        click.echo(json.dumps({"output": str(Path(out).resolve()), **report.as_dict()}))
+        return
+    ranks = sorted({m["rank"] for m in report.modules.values()})
+    click.echo(f"extracted a LoRA of {len(report.modules)} modules (rank {ranks[0]}"
+               f"{f'-{ranks[-1]}' if len(ranks) > 1 else ''}) into {out} in {report.seconds:.1f} s: relative error "
+               f"{report.error:.3g} (worst {report.worst_module}: {report.worst_error:.3g})")
+    if report.skipped:
+        click.echo(f"dropped {len(report.skipped)} changed tensors a LoRA cannot hold: {', '.join(report.skipped)}")
