@@ -21,6 +21,7 @@ It prints the issue's targets and whether each is met:
 
     python benchmarks/lm_merge_quality.py                       # ~15 min on 2 CPU cores the first time
     python benchmarks/lm_merge_quality.py --workdir lmq --json  # keep the store; JSON on stdout
+    python benchmarks/lm_merge_quality.py --sharpness sam:0.05 --merges task_arithmetic,ties,tsv_m  # SAM experts
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="store and MLflow database (default: a new temp dir)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--merges", default=",".join(MERGES), help=f"one-shot merges (default: {','.join(MERGES)})")
+    ap.add_argument("--sharpness", default=None, metavar="METHOD:RHO",
+                    help="train the experts sharpness-aware (finetune.sharpness, e.g. sam:0.05), at the same steps")
     args = ap.parse_args()
 
     import numpy as np
@@ -86,9 +90,14 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mergeflow-lm-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    wf = load_workflow(SPEC, {"tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "store.root": str(work / "store")})
+    overrides = {"tracking.uri": f"sqlite:///{work / 'mlflow.db'}", "store.root": str(work / "store")}
+    wf = load_workflow(SPEC, overrides)
+    if args.sharpness:
+        method, _, rho = args.sharpness.partition(":")
+        wf = wf.model_copy(update={"finetune": wf.finetune.model_validate(
+            {**wf.finetune.model_dump(), "sharpness": {"method": method, "rho": float(rho or 0.05)}})})
     start = time.perf_counter()
-    comparison = run_comparison(wf, ["oneshot", "atm"], MERGES, ["mean"], work / "compare",
+    comparison = run_comparison(wf, ["oneshot", "atm"], args.merges.split(","), ["mean"], work / "compare",
                                 num_cpus=args.num_cpus, report=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - start
     base_dir = resolve_model_path(wf.base_model)

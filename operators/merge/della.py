@@ -70,22 +70,34 @@ def keep_probabilities(tv: Tensor, density: float, epsilon: float) -> Tensor:
     if n == 1:
         return torch.full(tv.shape, density, dtype=torch.float32)
     order = rows.abs().argsort(dim=-1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(n).expand_as(order).contiguous())
-    p = (density - epsilon) + (2.0 * epsilon / (n - 1)) * ranks.to(torch.float32)
+    ranks = torch.empty(order.shape, dtype=torch.int32)  # int32 ranks: half the memory of argsort's int64
+    ranks.scatter_(-1, order, torch.arange(n, dtype=torch.int32).expand_as(order).contiguous())
+    del order
+    p = ranks.to(torch.float32).mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
     return p.reshape(tv.shape) if tv.dim() < 2 else p.movedim(-1, 1)
 
 
-def magprune(tv: Tensor, densities: Sequence[float], epsilon: float, seeds: Sequence[int], rescale: str) -> Tensor:
-    """Each task vector of the stack ``(T, ...)`` pruned by MAGPRUNE (a fresh tensor)."""
-    out = tv.clone()
+def magprune(tv: Tensor, densities: Sequence[float], epsilon: float, seeds: Sequence[int], rescale: str,
+             inplace: bool = False) -> Tensor:
+    """Each task vector of the stack ``(T, ...)`` pruned by MAGPRUNE (in place with ``inplace``, where the L1
+    rescale, which needs the originals' norms, reads them first)."""
+    l1 = tv.abs().sum(dim=tuple(range(1, tv.dim()))) if rescale == "l1" else None
+    out = tv if inplace else tv.clone()
     for t, (density, seed) in enumerate(zip(densities, seeds, strict=True)):
         if density >= 1.0:
             continue
-        p = keep_probabilities(tv[t], density, epsilon)
-        keep = torch.rand(p.shape, generator=torch.Generator().manual_seed(seed)) < p
-        out[t] = torch.where(keep, tv[t] / p if rescale == "inverse_keep" else tv[t], torch.zeros(()))
-    return rescale_l1(tv, out) if rescale == "l1" else out
+        p = keep_probabilities(out[t], density, epsilon)
+        drop = torch.rand(p.shape, generator=torch.Generator().manual_seed(seed)) >= p
+        if rescale == "inverse_keep":
+            out[t].div_(p)
+        del p
+        out[t].masked_fill_(drop, 0.0)
+    if l1 is not None:  # mergekit's: each pruned τ scaled back to its original L1 norm (unless either is ~0)
+        after = out.abs().sum(dim=tuple(range(1, out.dim())))
+        ok = (l1 >= 1e-7) & (after >= 1e-7)
+        factor = torch.where(ok, l1 / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after))
+        out.mul_(factor.view(-1, *([1] * (out.dim() - 1))))
+    return out
 
 
 def _pruned(base: Tensor, experts: Sequence[Tensor], weights: Sequence[float], params: DellaParams,
@@ -94,8 +106,8 @@ def _pruned(base: Tensor, experts: Sequence[Tensor], weights: Sequence[float], p
     names = ctx.experts or tuple(str(i) for i in range(len(experts)))
     densities = [(params.densities or {}).get(n, params.density) for n in names]
     seeds = [tensor_seed(params.seed, ctx.key, n) for n in names]
-    tv = magprune(stack_task_vectors(base, experts), densities, params.epsilon, seeds, params.rescale)
-    return tv * torch.tensor(list(weights), dtype=torch.float32).view(-1, *([1] * (tv.dim() - 1)))
+    tv = magprune(stack_task_vectors(base, experts), densities, params.epsilon, seeds, params.rescale, inplace=True)
+    return tv.mul_(torch.tensor(list(weights), dtype=torch.float32).view(-1, *([1] * (tv.dim() - 1))))
 
 
 @register(

@@ -76,9 +76,13 @@ def sce(
     tv = stack_task_vectors(base, experts)
     tv *= variance_mask(tv, params.select_topk)
     sign = elect_sign(tv, "positive")
-    eta = energy_weights(tv).view(-1, *([1] * (tv.dim() - 1)))
-    agree = ((tv * sign) > 0).to(torch.float32) * eta
-    return base.float() + params.scaling * (tv * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1e-6)
+    eta = energy_weights(tv)
+    num, den = torch.zeros_like(sign), torch.zeros_like(sign)
+    for t in range(len(experts)):  # task by task: no stack-sized temporaries
+        agree = (tv[t] * sign > 0).to(torch.float32).mul_(float(eta[t]))
+        den += agree
+        num += agree.mul_(tv[t])
+    return base.float() + params.scaling * num / den.clamp_(min=1e-6)
 
 
 __all__ = ["energy_weights", "sce", "variance_mask"]
