@@ -58,7 +58,7 @@ def test_a_rank_2_fine_tune_comes_back_exactly_and_loads_with_peft(llama_pair, t
     with torch.no_grad():
         assert torch.allclose(peft_model(ids).logits, ft(ids).logits, atol=1e-5)
         merged = peft_model.merge_and_unload()
-        for k, d in deltas.items():
+        for k in deltas:
             w = merged.get_parameter(k)
             assert torch.allclose(w, load_file(root / "ft" / "model.safetensors")[k], atol=1e-6), k
 

@@ -37,7 +37,6 @@ from operators.merge.registry import MergeParams, TensorContext, register
 from operators.merge.task_vectors import (
     disjoint_merge,
     elect_sign,
-    rescale_l1,
     stack_task_vectors,
     tensor_seed,
 )
