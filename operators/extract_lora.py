@@ -10,7 +10,8 @@ capped by ``max_rank``. Scaling is 1 (``lora_alpha`` = r for each module). The r
 
 A LoRA adapter holds linear layers only: a fine-tune that changed anything else (a norm, a bias, the
 embeddings or the output head) is refused, naming the tensor, unless ``skip_other`` drops those changes
-(listed in the report). mergekit keeps embeddings in the adapter's ``modules_to_save`` instead; here they
+(listed in the report). GPT-2's ``Conv1D`` layers (weights stored ``(in, out)``) are factored transposed
+and written with peft's ``fan_in_fan_out``. mergekit keeps embeddings in the adapter's ``modules_to_save`` instead; here they
 are refused or dropped, never silently. Weights are read with safetensors only; the SVD runs in float64.
 """
 
@@ -31,6 +32,8 @@ from operators.merge.output import atomic_output_dir
 from operators.tensor_io import CheckpointError, TensorReader
 
 NON_LINEAR_MARKERS = ("embed", "wte", "wpe", "lm_head", "norm", "ln_")
+# models whose linear layers are GPT-2's Conv1D, weights stored (in, out): their adapter has fan_in_fan_out
+CONV1D_MODEL_TYPES = ("gpt2", "imagegpt", "decision_transformer")
 
 
 @dataclass
@@ -73,7 +76,8 @@ def factor(delta: torch.Tensor, rank: int | None, energy: float | None, max_rank
     return u[:, :r] * root, root[:, None] * vh[:r]
 
 
-def write_adapter(out: Path, tensors: dict[str, torch.Tensor], ranks: dict[str, int], base: str | Path) -> None:
+def write_adapter(out: Path, tensors: dict[str, torch.Tensor], ranks: dict[str, int], base: str | Path,
+                  fan_in_fan_out: bool = False) -> None:
     """``adapter_model.safetensors`` and an ``adapter_config.json`` whose per-module ranks (``rank_pattern``) and
     alphas (``alpha_pattern``, equal: scaling 1) are the factors'."""
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -81,9 +85,22 @@ def write_adapter(out: Path, tensors: dict[str, torch.Tensor], ranks: dict[str, 
     pattern = {m: r for m, r in ranks.items() if r != r0}
     config = {"peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": r0, "rank_pattern": pattern,
               "alpha_pattern": dict(pattern), "target_modules": sorted(ranks), "lora_dropout": 0.0,
-              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
+              "bias": "none", "fan_in_fan_out": fan_in_fan_out, "use_rslora": False, "init_lora_weights": True,
               "inference_mode": True, "modules_to_save": None, "base_model_name_or_path": str(base)}
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _check_request(base: str | Path, out_dir: str | Path, rank: int | None, energy: float | None) -> bool:
+    """Refuse a bad request before any SVD runs; whether the model's linear layers are Conv1D (GPT-2)."""
+    if (rank is None) == (energy is None):
+        raise MergeError("give --rank R (every module) or --energy E (per module, e.g. 0.99), not both or neither")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise MergeError(f"--energy: {energy} must be in (0, 1], the share of ΔW's squared singular values kept")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise MergeError(f"{out}: output directory exists and is not empty; choose a new path or remove it")
+    cfg_file = Path(base) / "config.json"
+    return cfg_file.is_file() and json.loads(cfg_file.read_text()).get("model_type") in CONV1D_MODEL_TYPES
 
 
 def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, *, rank: int | None = None,
@@ -94,10 +111,7 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, *
         MergeError: neither or both of rank and energy, a changed tensor a LoRA cannot hold (without
             ``skip_other``), or nothing changed. CheckpointError: the two checkpoints' tensors differ.
     """
-    if (rank is None) == (energy is None):
-        raise MergeError("give --rank R (every module) or --energy E (per module, e.g. 0.99), not both or neither")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise MergeError(f"--energy: {energy} must be in (0, 1], the share of ΔW's squared singular values kept")
+    conv1d = _check_request(base, out_dir, rank, energy)
     start = time.perf_counter()
     ft, bs = TensorReader(finetuned), TensorReader(base)
     report = ExtractReport()
@@ -123,8 +137,8 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, *
                                      "checkpoint instead")
                 report.skipped.append(key)
                 continue
-            b, a = factor(delta, rank, energy, max_rank)
-            r, err = a.shape[0], float((delta - b @ a).norm())
+            b, a = factor(delta.T if conv1d else delta, rank, energy, max_rank)  # peft's B (out, r), A (r, in)
+            r, err = a.shape[0], float(((delta.T if conv1d else delta) - b @ a).norm())
             module = key.removesuffix(".weight")
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.float().contiguous()
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.float().contiguous()
@@ -138,7 +152,7 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, *
         report.worst_module, worst = max(report.modules.items(), key=lambda kv: kv[1]["error"])
         report.worst_error = worst["error"]
         with atomic_output_dir(out_dir) as tmp:
-            write_adapter(tmp, tensors, ranks, base)
+            write_adapter(tmp, tensors, ranks, base, fan_in_fan_out=conv1d)
             report.seconds = time.perf_counter() - start
             write_provenance(tmp, {"kind": "extracted_lora", "finetuned": str(finetuned), "base": str(base),
                                    "rank": rank, "energy": energy, "max_rank": max_rank, **report.as_dict()})

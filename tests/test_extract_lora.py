@@ -107,3 +107,58 @@ def test_changes_a_lora_cannot_hold_are_refused_by_name_or_dropped_and_listed(ll
         extract_lora(root / "base", root / "base", tmp_path / "none", rank=2)
     with pytest.raises(MergeError, match="give --rank R"):
         extract_lora(root / "ft", root / "base", tmp_path / "x", rank=2, energy=0.9)
+
+
+def test_per_module_ranks_by_energy_load_with_peft(llama_pair, tmp_path):
+    """q_proj moved by a rank-1 update, v_proj by a rank-3 one: --energy gives each its own rank (peft's
+    rank_pattern), and the adapter still reproduces the fine-tune."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, _ = llama_pair
+    sd = load_file(root / "base" / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    ft = {}
+    for k, v in sd.items():
+        r = 1 if k.endswith("q_proj.weight") else 3 if k.endswith("v_proj.weight") else 0
+        ft[k] = v + (torch.randn(v.shape[0], r, generator=g) @ torch.randn(r, v.shape[1], generator=g)) * 0.05 if r else v
+    (tmp_path / "ft").mkdir()
+    save_file({k: v.contiguous() for k, v in ft.items()}, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy2(root / "base" / "config.json", tmp_path / "ft" / "config.json")
+    report = extract_lora(tmp_path / "ft", root / "base", tmp_path / "lora", energy=0.999999)
+    ranks = {m: v["rank"] for m, v in report.modules.items()}
+    assert {r for m, r in ranks.items() if m.endswith("q_proj")} == {1}
+    assert {r for m, r in ranks.items() if m.endswith("v_proj")} == {3}
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert cfg["r"] == 3 and set(cfg["rank_pattern"].values()) == {1} and cfg["alpha_pattern"] == cfg["rank_pattern"]
+    ids = torch.tensor([[2, 4, 6, 8]])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), tmp_path / "lora").eval()
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()(ids).logits
+        assert torch.allclose(model(ids).logits, want, atol=1e-5)
+
+
+def test_gpt2_conv1d_layers_are_factored_transposed_with_fan_in_fan_out(tmp_path):
+    """GPT-2 stores its linear layers as Conv1D, (in, out): the adapter must say fan_in_fan_out and hold
+    B (out, r), A (r, in), or peft applies the transpose of the update."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "base", safe_serialization=True)
+    sd = load_file(tmp_path / "base" / "model.safetensors")
+    g = torch.Generator().manual_seed(2)
+    for k in [k for k in sd if k.endswith(("attn.c_attn.weight", "attn.c_proj.weight"))]:
+        sd[k] = sd[k] + (torch.randn(sd[k].shape[0], 2, generator=g) @ torch.randn(2, sd[k].shape[1], generator=g)) * 0.05
+    (tmp_path / "ft").mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy2(tmp_path / "base" / "config.json", tmp_path / "ft" / "config.json")
+    report = extract_lora(tmp_path / "ft", tmp_path / "base", tmp_path / "lora", rank=2)
+    assert report.error < 1e-6 and len(report.modules) == 4
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "lora").eval()
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "ft").eval()(ids).logits
+        assert torch.allclose(model(ids).logits, want, atol=1e-5)

@@ -79,8 +79,21 @@ def test_della_drops_by_tensor_and_expert_not_by_stream_order():
     first = della(base, experts, [1, 1, 1], p, ctx)
     assert torch.equal(first, della(base, experts, [1, 1, 1], p, ctx))
     assert not torch.equal(first, della(base, experts, [1, 1, 1], p, TensorContext(key="layers.1.w", experts=ctx.experts)))
-    # the merged update is a TIES merge of the pruned vectors: each entry agrees with the elected sign
-    assert ((first - base) != 0).float().mean() > 0.5
+    # the merged update is a TIES merge of the pruned vectors: where it moved, it moved with the elected sign of
+    # the pruned task vectors (the same draws: magprune with the same seeds)
+    from operators.merge.della import magprune
+    from operators.merge.task_vectors import elect_sign, stack_task_vectors, tensor_seed
+
+    pruned = magprune(stack_task_vectors(base, experts), [0.5] * 3, 0.2, [tensor_seed(3, ctx.key, n) for n in ctx.experts],
+                      "inverse_keep")
+    moved = (first - base) != 0
+    assert moved.float().mean() > 0.5
+    assert torch.equal(torch.sign(first - base)[moved], elect_sign(pruned, "positive")[moved])
+    # a density for an expert that is not merged, or outside (0, 1], is refused by name
+    with pytest.raises(ValueError, match=r"params.densities names \['z'\]"):
+        della(base, experts, [1, 1, 1], DellaParams(densities={"z": 0.5}), ctx)
+    with pytest.raises(ValueError, match=r"densities.a: 1.7 must be in \(0, 1\]"):
+        DellaParams(densities={"a": 1.7})
 
 
 def test_della_refuses_probabilities_outside_zero_one():
@@ -207,3 +220,28 @@ def test_a_method_for_a_set_number_of_experts_is_refused_before_anything_is_writ
     with pytest.raises(MergeError, match=r"nearswap merges exactly 1 expert \(the base aside\), not 2"):
         merge_checkpoints(tiny_base, tiny_experts, "nearswap", {"t": 0.1}, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_weights_that_sum_to_zero_are_refused_by_name():
+    x = [T([1.0, 0.0]), T([0.0, 1.0])]
+    with pytest.raises(ValueError, match=r"weights: \[0, 0\] sum to 0"):
+        karcher(None, x, [0, 0], KarcherParams())
+    with pytest.raises(ValueError, match=r"weights: \[1, -1\] sum to 0, so normalize_weights cannot divide"):
+        multislerp(torch.zeros(2), x, [1, -1], MultislerpParams())
+    with pytest.raises(ValueError, match="weights: sce weighs each task"):
+        SceParams(weights={"a": 2.0})
+
+
+def test_the_engine_passes_the_weights_to_nuslerp(tiny_base, tiny_experts, tmp_path):
+    from operators.merge.engine import merge_checkpoints
+    from operators.tensor_io import load_state_dict
+
+    names = sorted(tiny_experts)
+    merge_checkpoints(tiny_base, tiny_experts, "nuslerp", {"weights": {names[0]: 1.0, names[1]: 3.0}}, tmp_path / "m")
+    merged, base = load_state_dict(tmp_path / "m"), load_state_dict(tiny_base)
+    experts = {n: load_state_dict(p) for n, p in tiny_experts.items()}
+    key = next(k for k, v in base.items() if v.dim() == 2 and not torch.equal(experts[names[0]][k], v))
+    v0, v1 = (experts[n][key].double() - base[key].double() for n in names)
+    omega = math.acos(float((v0 * v1).sum() / (v0.norm() * v1.norm())))
+    want = base[key].double() + (math.sin(0.25 * omega) * v0 + math.sin(0.75 * omega) * v1) / math.sin(omega)  # t = 3/4
+    assert torch.allclose(merged[key].double(), want, atol=1e-5)

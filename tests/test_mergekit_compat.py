@@ -182,3 +182,17 @@ def test_bad_slices_are_refused_by_name_and_nothing_is_written(tmp_path, slices,
         plan = load_merge_config(cfg)
         stack_layers(plan.slices, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_slices_of_models_of_different_shapes_are_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from operators.merge.passthrough import LayerSlice
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=2, vocab_size=32)).save_pretrained(tmp_path / "small")
+    slices = [LayerSlice(DATA / "models" / "e0", 0, 2), LayerSlice(tmp_path / "small", 0, 1)]
+    with pytest.raises(MergeError, match=r"slices\[1\]: .*small has hidden_size 8, slices\[0\]'s model 16; layers "
+                                         r"stack only between models of one shape"):
+        stack_layers(slices, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

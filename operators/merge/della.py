@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from operators.merge.registry import MergeParams, TensorContext, register
+from operators.merge.registry import MergeParams, TensorContext, register, resolve_per_expert
 from operators.merge.task_vectors import (
     disjoint_merge,
     elect_sign,
@@ -56,6 +56,9 @@ class DellaParams(MergeParams):
     @model_validator(mode="after")
     def _range(self) -> DellaParams:
         for name, d in [("density", self.density), *(self.densities or {}).items()]:
+            if not 0.0 < d <= 1.0:
+                raise ValueError(f"{'density' if name == 'density' else f'densities.{name}'}: {d} must be in (0, 1], "
+                                 "the mean share of the task vector kept")
             if d < 1.0 and not (0.0 < d - self.epsilon and d + self.epsilon < 1.0):
                 raise ValueError(f"{'density' if name == 'density' else f'densities.{name}'}: {d} ± epsilon "
                                  f"{self.epsilon} must stay inside (0, 1); lower epsilon or move the density")
@@ -103,7 +106,7 @@ def _pruned(base: Tensor, experts: Sequence[Tensor], weights: Sequence[float], p
             ctx: TensorContext | None) -> Tensor:
     ctx = ctx or TensorContext()
     names = ctx.experts or tuple(str(i) for i in range(len(experts)))
-    densities = [(params.densities or {}).get(n, params.density) for n in names]
+    densities = resolve_per_expert(params.densities, params.density, ctx.experts, "densities", len(experts))
     seeds = [tensor_seed(params.seed, ctx.key, n) for n in names]
     tv = magprune(stack_task_vectors(base, experts), densities, params.epsilon, seeds, params.rescale, inplace=True)
     return tv.mul_(torch.tensor(list(weights), dtype=torch.float32).view(-1, *([1] * (tv.dim() - 1))))

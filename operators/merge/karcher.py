@@ -77,6 +77,9 @@ def karcher(
         The merged tensor (float32).
     """
     total = sum(weights)
+    if total <= 0:
+        raise ValueError(f"weights: {list(weights)} sum to {total}; karcher averages with the weights as shares "
+                         "(give positive weights, or leave them out: equal shares)")
     alphas = [w / total for w in weights]
     return karcher_mean([e.float() for e in experts], alphas, params.max_iter, params.tol)
 

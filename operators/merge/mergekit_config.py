@@ -104,7 +104,8 @@ def _passthrough(raw: Mapping[str, Any], root: Path, method: str, glob: dict[str
             raise MergeConfigError(f"{where}.layer_range: [START, END] of whole numbers is needed (got {rng!r})")
         slices.append(LayerSlice(path, rng[0], rng[1], None if scale is None else float(scale)))
     return MergePlan(base=slices[0].model, experts={}, method="passthrough", params={}, source_format="mergekit",
-                     out_dtype=dtype_of(raw.get("out_dtype") or raw.get("dtype"), "dtype"), slices=slices)
+                     out_dtype=dtype_of(raw.get("out_dtype") or raw.get("dtype"),
+                                        "out_dtype" if raw.get("out_dtype") else "dtype"), slices=slices)
 
 
 def _mergekit_method(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -246,6 +247,8 @@ def _slerp(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
         raise MergeConfigError(f"models: slerp takes the base_model and exactly one other model (got {len(m.inputs)} others)")
     t = m.value(0, "t", m.shared("t", None), required=True)
     other = m.names[0]
+    if other == "base_model":
+        raise MergeConfigError("models: a model folder named base_model clashes with slerp's base_model; rename it")
     plan.experts = {"base_model": base, other: m.inputs[0][1]}
     plan.params = {"t": float(t), "order": ["base_model", other]}
 
@@ -282,6 +285,9 @@ def _spherical(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
 
 def _karcher(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
     if base is not None:  # mergekit averages the base_model in as one more model
+        if "base_model" in plan.experts:
+            raise MergeConfigError("models: a model folder named base_model clashes with the base_model karcher "
+                                   "averages in; rename that folder")
         plan.experts["base_model"] = base
     plan.params = {"max_iter": int(m.shared("max_iter", 10)), "tol": float(m.shared("tol", 1e-5))}
 

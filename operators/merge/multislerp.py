@@ -69,6 +69,9 @@ def multislerp(
     x = torch.stack([e.float() - b if params.relative_to_base else e.float() for e in experts]).reshape(len(experts), -1)
     w = torch.tensor(list(weights), dtype=torch.float32)
     if params.normalize_weights:
+        if abs(float(w.sum())) < 1e-8:
+            raise ValueError(f"weights: {list(weights)} sum to 0, so normalize_weights cannot divide by their sum "
+                             "(give weights with a non-zero sum, or set normalize_weights: false)")
         w = w / w.sum()
     out = multislerp_vectors(x, w, params.eps, ctx.key if ctx else "").view(base.shape)
     return b + out if params.relative_to_base else out

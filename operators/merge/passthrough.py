@@ -7,7 +7,9 @@ slice's model when they are embeddings (their names hold ``embed``, ``wte`` or `
 slice's model otherwise (the final norm, the output head), as mergekit takes its "pre" and "post" weights.
 Each slice may scale its tensors (``scale``; embeddings by the first slice's, the rest by the last's).
 The output's config is the first slice's model's with the new layer count (and per-layer lists such as
-``layer_types`` stacked likewise); its tokenizer is that model's too. Tensors are copied as they are
+``layer_types`` stacked likewise; other per-layer settings, such as Qwen2's ``max_window_layers``, are
+copied as they are); its tokenizer is that model's too. The models must share their shape (hidden,
+intermediate and vocabulary sizes, heads). Tensors are copied as they are
 (cast to ``out_dtype`` when given): no arithmetic unless scaled, so the stack is bit-exact.
 
 Layers are found by name, ``….layers.N.…`` (Llama, Mistral, Qwen, Gemma …), ``….h.N.…`` (GPT-2) or
@@ -34,6 +36,8 @@ from operators.tensor_io import ShardedWriter, TensorReader
 LAYER_RE = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|h|layer|blocks)\.)(?P<idx>\d+)(?P<post>\..+)$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 PRE_WEIGHT_MARKERS = ("embed", "wte", "wpe")
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,14 @@ def check_slices(slices: Sequence[LayerSlice]) -> None:
     """Every range inside its model, none empty; raises :class:`MergeError` naming the slice."""
     if not slices:
         raise MergeError("slices: at least one slice is needed")
+    first = json.loads((slices[0].model / "config.json").read_text())
     for i, s in enumerate(slices):
         _, n = layer_count(s.model)
+        cfg = json.loads((s.model / "config.json").read_text())
+        for key in SHAPE_KEYS:
+            if cfg.get(key) != first.get(key):
+                raise MergeError(f"slices[{i}]: {s.model} has {key} {cfg.get(key)!r}, slices[0]'s model "
+                                 f"{first.get(key)!r}; layers stack only between models of one shape")
         if not 0 <= s.start < s.end <= n:
             raise MergeError(f"slices[{i}].layer_range: [{s.start}, {s.end}] is not a non-empty range of "
                              f"{s.model}'s {n} layers (a half-open [start, end), end at most {n})")
@@ -92,9 +102,12 @@ def _config(slices: Sequence[LayerSlice], out_dtype: torch.dtype | None) -> dict
     cfg = json.loads((slices[0].model / "config.json").read_text())
     key, _ = layer_count(slices[0].model)
     cfg[key] = sum(s.end - s.start for s in slices)
-    if isinstance(cfg.get("layer_types"), list):
-        cfg["layer_types"] = [t for s in slices for t in json.loads((s.model / "config.json").read_text())
-                              ["layer_types"][s.start:s.end]]
+    if isinstance(cfg.get("layer_types"), list):  # per-layer kinds (sliding or full attention) move with their layers
+        kinds = [json.loads((s.model / "config.json").read_text()).get("layer_types") for s in slices]
+        if any(not isinstance(k, list) for k in kinds):
+            raise MergeError("slices: some of the models' configs list layer_types and some do not; stack models "
+                             "of one kind")
+        cfg["layer_types"] = [t for s, k in zip(slices, kinds, strict=True) for t in k[s.start:s.end]]
     if out_dtype is not None:
         cfg["torch_dtype"] = cfg["dtype"] = str(out_dtype).removeprefix("torch.")
     return cfg

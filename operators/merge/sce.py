@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
@@ -31,6 +31,13 @@ class SceParams(MergeParams):
     select_topk: float = Field(default=1.0, gt=0.0, le=1.0,
                                description="share of the entries kept, those that vary most across tasks")
     scaling: float = Field(default=1.0, ge=0.0, le=10.0, description="λ, applied to the merged task vector")
+
+    @model_validator(mode="after")
+    def _no_weights(self) -> SceParams:
+        if self.weights and len(set(self.weights.values()) | {1.0}) > 1:
+            raise ValueError("weights: sce weighs each task by its task vector's energy; per-expert weights are "
+                             "not taken (remove them)")
+        return self
 
 
 def variance_mask(tv: Tensor, share: float) -> Tensor:

@@ -181,6 +181,10 @@ def check_expert_counts(wf: Workflow) -> None:
         n = len(wf.tasks) if count is None else min(len(wf.tasks), int(count) if count >= 1
                                                        else max(1, round(count * len(wf.tasks))))
         merges.append(("rounds.merge", wf.rounds.merge, n))
+    if wf.recurring is not None and get_method(wf.recurring.merge.method).experts[1] is not None:
+        raise ValueError(f"recurring.merge.method: {wf.recurring.merge.method} merges a set number of experts, and a "
+                         "recurring round merges however many contributions arrive; choose a method for any number "
+                         "(linear, task_arithmetic, ties, ...)")
     for where, merge, n in merges:
         try:
             get_method(merge.method).check_expert_count(n)
