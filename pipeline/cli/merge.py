@@ -135,3 +135,25 @@ def extract_lora(finetuned: str, base: str, out: str, rank: int | None, energy: 
                f"{report.error:.3g} (worst {report.worst_module}: {report.worst_error:.3g})")
     if report.skipped:
         click.echo(f"dropped {len(report.skipped)} changed tensors a LoRA cannot hold: {', '.join(report.skipped)}")
+
+
+@main.command("moe")
+@click.argument("config", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--shard-size", default="2GB", show_default=True, help="Output shard size (e.g. 200MB, 5GB).")
+def moe(config: str, out: str, shard_size: str) -> None:
+    """Build a Mixtral mixture of experts from dense experts (a mergekit-moe YAML CONFIG) into OUT.
+
+    Attention, norms and embeddings come from base_model; each layer's experts are the experts' MLPs; the
+    routers come from the prompts' hidden states (gate_mode hidden), their embeddings, or are random.
+    """
+    from operators.errors import MergeError
+    from operators.moe import build_moe
+    from operators.tensor_io import CheckpointError
+
+    try:
+        summary = build_moe(config, out, max_shard_bytes=parse_size(shard_size))
+    except (MergeError, CheckpointError, ValueError) as exc:
+        fail(f"{config}: {exc}" if not str(exc).startswith(str(config)) else str(exc), EXIT_BAD_INPUT)
+    click.echo(f"built a Mixtral MoE of {len(summary['experts'])} experts ({summary['experts_per_token']} per token, "
+               f"gates: {summary['gate_mode']}) into {out}")
