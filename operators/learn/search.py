@@ -10,7 +10,7 @@ earliest candidate.
 
 Cost: the base and the experts are read once and kept in memory; each candidate is one in-memory
 merge plus one evaluation pass. For ``scaling`` of the methods whose result is affine in it
-(θ_0 + λ·f(τ): task arithmetic, TIES, DARE, breadcrumbs, consensus, and the subspace merges TSV-M, Iso-C,
+(θ_0 + λ·f(τ): task arithmetic, TIES, DARE, DELLA, SCE, breadcrumbs, consensus, and the subspace merges TSV-M, Iso-C,
 Iso-CTS, WUDI), the method runs once at λ = 1 and each candidate is θ_0 + λ·(θ_1 − θ_0), so a candidate
 costs one evaluation pass and an axpy. CART's is θ̄ + λ·f(τ), centred on the experts' average: it runs
 at λ = 0 and λ = 1 and each candidate is θ_0' + λ·(θ_1 − θ_0') with θ_0' its result at λ = 0.
@@ -33,7 +33,7 @@ from operators.merge.registry import ModelStream, TensorContext, get_method, res
 
 # methods whose merge is θ_0 + scaling · f(task vectors) with f independent of scaling
 AFFINE_IN_SCALING = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "consensus",
-                               "tsv_m", "iso_c", "iso_cts", "wudi", "cart"})
+                               "tsv_m", "iso_c", "iso_cts", "wudi", "cart", "della", "della_linear", "sce"})
 # of those, the methods whose result at scaling 0 is not θ_0 (it is merged too)
 OFFSET_AT_ZERO = frozenset({"cart"})
 MAX_CANDIDATES = 1000
