@@ -15,6 +15,7 @@ averaged (mergekit counts a ``base_model`` as one more input; so does ``mergeflo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,34 +31,45 @@ class KarcherParams(MergeParams):
 
 
 def karcher_mean(xs: Sequence[Tensor], alphas: Sequence[float], max_iter: int, tol: float) -> Tensor:
-    """The Karcher mean direction of the flattened ``xs`` times their weighted mean norm (float32)."""
-    norms = [float(torch.linalg.vector_norm(x)) for x in xs]
-    units = [x / n if n != 0.0 else torch.zeros_like(x) for x, n in zip(xs, norms, strict=True)]
+    """The Karcher mean direction of the flattened ``xs`` times their weighted mean norm (float32).
+
+    The mean stays in the span of the unit vectors u_t at every step (it starts as their combination and
+    each step adds a combination of them), so the iteration runs on its coefficients c (m = Σ c_t u_t)
+    with the units' Gram matrix (T × T; the steps in float64): the same steps as mergekit's over whole tensors, each
+    a few T × T products instead of passes over the tensors.
+    """
+    norms = [float(torch.linalg.vector_norm(x.float())) for x in xs]
     valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
         return torch.zeros_like(xs[0])
     total = sum(alphas[i] for i in valid)
-    a = [alphas[i] / total for i in valid]
-    u = [units[i] for i in valid]
-    mean = sum(ai * ui for ai, ui in zip(a, u, strict=True))
-    mean_norm = float(torch.linalg.vector_norm(mean))
-    mean = u[0].clone() if mean_norm < tol else mean / mean_norm
+    a = torch.tensor([alphas[i] / total for i in valid], dtype=torch.float64)
+    units = torch.stack([xs[i].flatten().float() / norms[i] for i in valid])
+    gram = (units @ units.T).double()
+
+    def norm(c: Tensor) -> float:
+        return float(c @ gram @ c) ** 0.5
+
+    c = a.clone()
+    if norm(c) < tol:
+        c = torch.zeros_like(a)
+        c[0] = 1.0
+    else:
+        c = c / norm(c)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for ai, ui in zip(a, u, strict=True):
-            dot = torch.clamp(torch.dot(mean.flatten(), ui.flatten()), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
-                continue
-            tangent += ai * (theta / torch.sin(theta)) * (ui - dot * mean)
-        tnorm = torch.linalg.vector_norm(tangent)
-        if float(tnorm) < tol:
+        dots = (gram @ c).clamp(-1.0, 1.0)
+        theta = torch.arccos(dots)
+        w = torch.where(theta < tol, torch.zeros_like(theta), a * theta / torch.sin(theta))
+        tangent = w - (w * dots).sum() * c  # Σ_t w_t (u_t − ⟨m, u_t⟩ m), as coefficients
+        tnorm = norm(tangent)
+        if tnorm < tol:
             break
-        mean = torch.cos(tnorm) * mean + torch.sin(tnorm) * (tangent / tnorm)
-        unorm = torch.linalg.vector_norm(mean)
-        if float(unorm) > tol:
-            mean = mean / unorm
-    return sum(al * n for al, n in zip(alphas, norms, strict=True)) * mean
+        c = math.cos(tnorm) * c + math.sin(tnorm) * tangent / tnorm
+        unorm = norm(c)
+        if unorm > tol:
+            c = c / unorm
+    scale = sum(al * n for al, n in zip(alphas, norms, strict=True))
+    return (scale * (c.float() @ units)).view(xs[0].shape)
 
 
 @register(
