@@ -62,6 +62,7 @@ def _run(tmp: Path, base: Path, address: str = "in-process", spec: dict | None =
     ("breadcrumbs", {}), ("consensus", {}), ("lines", {}), ("model_stock", {}), ("slerp", {}), ("tsv_m", {}),
     ("iso_c", {}), ("iso_cts", {}), ("cart", {}), ("wudi", {"iterations": 20}),
     ("della", {"density": 0.5}), ("della_linear", {"density": 0.5}), ("sce", {"select_topk": 0.5}), ("multislerp", {}),
+    ("nuslerp", {}), ("nuslerp", {"flatten": False}),
     ("karcher", {}),
 ])
 def test_in_memory_merge_is_the_streaming_merge_bit_for_bit(tiny_base, tiny_experts, tmp_path, method, params):

@@ -7,12 +7,18 @@ x_t; with weights w_t (normalized to sum 1 with ``normalize_weights``):
     g = Σ w_t (u_t − ⟨u_t, m⟩ m);   ‖g‖' = ‖g‖ + ε                     (the mean tangent at m)
     x = (m cos ‖g‖' + g sin ‖g‖' / ‖g‖') · Σ w_t ‖x_t‖                  (one step along the sphere)
 
-and θ = θ_0 + x (or x). When the weighted unit vectors cancel (‖Σ w_t u_t‖ < ε) two inputs fall back to
+and θ = θ_0 + x (or x). Every vector here is a combination of the inputs, so the steps run on their Gram
+matrix and the result is Σ_t k_t x_t: a large tensor is merged in row blocks after one pass that forms the
+Gram matrix two task vectors at a time (the same result as mergekit's, within float rounding). The
+tangent of the normalized mean vanishes (Σ w_t u_t is parallel to m), so the step leaves m in place up
+to rounding: the result is the normalized weighted mean direction times the mean norm, mergekit's
+definition kept as it is. When the weighted unit vectors cancel (‖Σ w_t u_t‖ < ε) two inputs fall back to
 their weighted sum; more are refused, naming the tensor.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,22 +34,38 @@ class MultislerpParams(MergeParams):
     relative_to_base: bool = Field(default=True, description="average the task vectors (θ_t − θ_0), not the models")
 
 
-def multislerp_vectors(x: Tensor, weights: Tensor, eps: float, key: str = "") -> Tensor:
-    """The spherical weighted mean of the rows of ``x`` (T × n), scaled by the weighted mean norm."""
-    norms = torch.norm(x, dim=-1, keepdim=True)
-    units = x / (norms + eps)
-    mean = (units * weights.view(-1, 1)).sum(0)
-    mean_norm = torch.norm(mean)
+def gram_stats(task_vector, params: MultislerpParams, names: Sequence[str]) -> Tensor | None:
+    """The task vectors' Gram matrix over one whole tensor (T × T, float64), two task vectors at a time, so a
+    large tensor can then be merged in row blocks."""
+    if not params.relative_to_base:
+        return None
+    n = len(names)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        ti = task_vector(i).flatten()
+        gram[i, i] = float(ti @ ti)
+        for j in range(i + 1, n):
+            gram[i, j] = gram[j, i] = float(ti @ task_vector(j).flatten())
+    return gram
+
+
+def coefficients(gram: Tensor, weights: Tensor, eps: float, key: str = "") -> Tensor:
+    """Each input's coefficient in the result, Σ_t k_t x_t: the steps of the module docstring on the inputs'
+    Gram matrix (every vector involved is a combination of the inputs)."""
+    w = weights.double()
+    d = gram.diagonal().clamp(min=0).sqrt() + eps  # ‖x_t‖ + ε
+    g_u = gram / (d[:, None] * d[None, :])  # the unit vectors' Gram matrix
+    mean_norm = float(w @ g_u @ w) ** 0.5
     if mean_norm < eps:
-        if x.shape[0] == 2:
-            return x[0] * weights[0] + x[1] * weights[1]
+        if len(w) == 2:
+            return w
         raise ValueError(f"{key or 'a tensor'}: the weighted unit vectors of the inputs cancel out; multislerp "
                          "has no direction to go (change the weights)")
-    mean = mean / mean_norm
-    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * weights.view(-1, 1)).sum(0)
-    tnorm = torch.norm(tangent) + eps
-    out = mean * torch.cos(tnorm) + tangent * (torch.sin(tnorm) / tnorm)
-    return out * (norms.squeeze(-1) * weights).sum()
+    c = w / mean_norm  # m = Σ c_t u_t
+    tangent = w - float(w @ (g_u @ c)) * c  # Σ w_t (u_t − ⟨u_t, m⟩ m)
+    tnorm = float(tangent @ g_u @ tangent) ** 0.5 + eps
+    unit = c * math.cos(tnorm) + tangent * (math.sin(tnorm) / tnorm)
+    return unit * float(w @ (d - eps)) / d
 
 
 @register(
@@ -52,6 +74,8 @@ def multislerp_vectors(x: Tensor, weights: Tensor, eps: float, key: str = "") ->
     needs_base=True,
     paper="https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/multislerp.py",
     formula="m = normalized Σ w_t u_t; one geodesic step along the mean tangent; × Σ w_t ‖x_t‖; θ = θ_0 + x",
+    chunkable=lambda p: p.relative_to_base,
+    tensor_stats=gram_stats,
 )
 def multislerp(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: MultislerpParams,
@@ -67,14 +91,15 @@ def multislerp(
     if len(experts) == 1:
         return experts[0].float()
     x = torch.stack([e.float() - b if params.relative_to_base else e.float() for e in experts]).reshape(len(experts), -1)
-    w = torch.tensor(list(weights), dtype=torch.float32)
+    w = torch.tensor(list(weights), dtype=torch.float64)
     if params.normalize_weights:
         if abs(float(w.sum())) < 1e-8:
             raise ValueError(f"weights: {list(weights)} sum to 0, so normalize_weights cannot divide by their sum "
                              "(give weights with a non-zero sum, or set normalize_weights: false)")
         w = w / w.sum()
-    out = multislerp_vectors(x, w, params.eps, ctx.key if ctx else "").view(base.shape)
+    gram = ctx.local if ctx is not None and ctx.local is not None else (x @ x.T).double()  # whole, or a block's
+    out = torch.tensordot(coefficients(gram, w, params.eps, ctx.key if ctx else "").float(), x, dims=1).view(base.shape)
     return b + out if params.relative_to_base else out
 
 
-__all__ = ["multislerp", "multislerp_vectors"]
+__all__ = ["coefficients", "gram_stats", "multislerp"]

@@ -9,11 +9,14 @@ with (1 − t) v_0 + t v_1 where the two are colinear (1 − cos²Ω ≤ 1e-16).
 (mergekit's, when the config has a ``base_model``) v_i are the task vectors and θ = θ_0 + v; without,
 v_i are the models. ``flatten`` treats the whole tensor as one vector; otherwise each row is slerped
 (the last dimension), or each column with ``row_wise`` (mergekit's naming: vectors along dimension 0).
-Unlike ``slerp``, its t comes from the weights, it works on task vectors, and row by row.
+Unlike ``slerp``, its t comes from the weights, it works on task vectors, and row by row. Flattened
+task vectors are slerped through their norms and dot product, a pass over the whole tensor, so a large
+tensor is merged in row blocks after it (the same result as mergekit's, within float rounding).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -50,6 +53,28 @@ def nuslerp_tensors(t: float, v0: Tensor, v1: Tensor, dim: int = -1, flatten: bo
     return out.reshape(shape)
 
 
+def _flat_gram(task_vector, params: NuslerpParams, names: Sequence[str]) -> tuple[float, float, float] | None:
+    """‖τ_0‖², ‖τ_1‖², ⟨τ_0, τ_1⟩ over one whole tensor (flatten), so it can be merged in row blocks."""
+    if not (params.flatten and params.relative_to_base) or len(names) != 2:
+        return None
+    t0 = task_vector(0).flatten()
+    t1 = task_vector(1).flatten()
+    return float(t0 @ t0), float(t1 @ t1), float(t0 @ t1)
+
+
+def flat_coefficients(t: float, n00: float, n11: float, n01: float, eps: float = 1e-8) -> tuple[float, float]:
+    """(a, b) with slerp_t(v_0, v_1) = a v_0 + b v_1 for whole flattened vectors, from their norms and dot."""
+    cos = max(-1.0, min(1.0, n01 / (max(n00 ** 0.5, 1e-7) * max(n11 ** 0.5, 1e-7))))
+    if 1 - cos * cos <= eps**2:
+        return 1 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def _chunkable(p: NuslerpParams) -> bool:
+    return (p.flatten and p.relative_to_base) or (not p.flatten and not p.row_wise)  # whole rows stay in a block
+
+
 @register(
     "nuslerp",
     params=NuslerpParams,
@@ -58,6 +83,8 @@ def nuslerp_tensors(t: float, v0: Tensor, v1: Tensor, dim: int = -1, flatten: bo
     formula="t = w_1 / (w_0 + w_1); θ = θ_0 + slerp_t(τ_0, τ_1) (or slerp_t(θ_0', θ_1') of the models), "
             "whole tensor or row by row",
     experts=(2, 2),
+    chunkable=_chunkable,
+    tensor_stats=_flat_gram,
 )
 def nuslerp(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: NuslerpParams,
@@ -76,7 +103,13 @@ def nuslerp(
     dim = 0 if params.row_wise else -1
     if params.relative_to_base:
         b = base.float()
-        return b + nuslerp_tensors(t, experts[0].float() - b, experts[1].float() - b, dim, params.flatten)
+        v0, v1 = experts[0].float() - b, experts[1].float() - b
+        if params.flatten:  # through the norms and the dot: the same whole or in row blocks (ctx.local)
+            n = ctx.local if ctx is not None and ctx.local is not None else \
+                (float((v0 * v0).sum()), float((v1 * v1).sum()), float((v0 * v1).sum()))
+            a, c = flat_coefficients(t, *n)
+            return b + a * v0 + c * v1
+        return b + nuslerp_tensors(t, v0, v1, dim, params.flatten)
     return nuslerp_tensors(t, experts[0].float(), experts[1].float(), dim, params.flatten)
 
 
