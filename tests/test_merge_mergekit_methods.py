@@ -245,3 +245,22 @@ def test_the_engine_passes_the_weights_to_nuslerp(tiny_base, tiny_experts, tmp_p
     omega = math.acos(float((v0 * v1).sum() / (v0.norm() * v1.norm())))
     want = base[key].double() + (math.sin(0.25 * omega) * v0 + math.sin(0.75 * omega) * v1) / math.sin(omega)  # t = 3/4
     assert torch.allclose(merged[key].double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,params", [("della", {"density": 0.5}), ("della_linear", {"density": 0.4, "rescale": "l1"}),
+                                           ("della", {"density": 0.6, "rescale": "l1", "epsilon": 0.3})])
+def test_della_in_row_blocks_draws_and_merges_what_it_does_whole(tiny_base, tiny_experts, tmp_path, method, params):
+    """Each element's draw hashes its index, and the L1 factors come from a pass over the whole tensor: a merge in
+    blocks of 64 elements is bit for bit the whole-tensor merge."""
+    from operators.merge.della import uniforms
+    from operators.merge.engine import merge_checkpoints
+    from operators.tensor_io import load_state_dict
+
+    merge_checkpoints(tiny_base, tiny_experts, method, params, tmp_path / "whole")
+    merge_checkpoints(tiny_base, tiny_experts, method, params, tmp_path / "blocks", chunk_elements=64)
+    whole, blocks = load_state_dict(tmp_path / "whole"), load_state_dict(tmp_path / "blocks")
+    assert all(torch.equal(whole[k], blocks[k]) for k in whole)
+    u = uniforms(7, 0, 100_000)
+    assert torch.equal(u[500:900], uniforms(7, 500, 400)) and 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float((u < 0.3).float().mean()) - 0.3) < 0.005
+    assert not torch.equal(u, uniforms(8, 0, 100_000))

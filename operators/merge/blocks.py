@@ -128,7 +128,8 @@ def _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_ele
         for who, t in (("base", base_t), *zip(names, expert_ts, strict=True)):
             if who not in checked:
                 _check_finite(t, who, b.key)
-        merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p, ctx)
+        merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p,
+                         replace(ctx, start=b.start) if b.start else ctx)
         _check_merged(merged, b.key, spec.name)
         emit(b, base_t, merged)
         del base_t, expert_ts, merged
@@ -158,7 +159,7 @@ def _tensor_context(key, readers, names, spec, p, stats, whole: bool) -> tuple[T
         checked.add(names[i])
         return e.sub_(whole_base[0]) if e.dtype == torch.float32 else e.float() - whole_base[0]
 
-    return replace(ctx, local=spec.tensor_stats(task_vector, p, names)), checked
+    return replace(ctx, local=spec.tensor_stats(task_vector, p, names, key)), checked
 
 
 class _StateReader:

@@ -17,8 +17,10 @@ L1 norm (``l1``, mergekit's ``rescale: true``), or not at all. Then, with per-ex
   without it);
 - ``della_linear``: θ = θ_0 + λ Σ_t w_t δ_t / Σ_t w_t (``normalize``; the plain sum without it).
 
-The draws are seeded per (seed, tensor name, expert name), as DARE's are: the same seed gives the same
-merge whatever order tensors are streamed in, on every machine. mergekit draws from torch's global
+The draws are seeded per (seed, tensor name, expert name), as DARE's are, and each element's draw is a
+hash of that seed and its index in the tensor: the same seed gives the same merge whatever order tensors
+are streamed in, on every machine, and a large tensor merged in row blocks draws what it would whole
+(with ``l1``, a first pass over the whole tensor finds each expert's factor). mergekit draws from torch's global
 generator in its own order, so for the same config the kept entries differ from mergekit's (the method
 and the probabilities are the same); with ``density: 1`` nothing is dropped and the two agree.
 Ties in |τ| are ranked by position (a stable sort; mergekit's sort is not stable).
@@ -79,27 +81,66 @@ def keep_probabilities(tv: Tensor, density: float, epsilon: float) -> Tensor:
     return p.reshape(tv.shape) if tv.dim() < 2 else p.movedim(-1, 1)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def uniforms(seed: int, start: int, n: int) -> Tensor:
+    """n uniform draws in [0, 1) for elements ``start … start + n − 1`` of a tensor: a counter-based hash of
+    (seed, element index), so a row block draws exactly what the whole tensor draws for its elements.
+    (A 32-bit integer hash, 0x45d9f3b twice, in int64 arithmetic that cannot overflow; 24 bits kept.)"""
+    offset = (((seed ^ (seed >> 32)) & _M32) * 0x9E3779B1) & _M32  # the seed folded to 32 bits, spread
+    x = (torch.arange(start, start + n, dtype=torch.int64) + offset) & _M32
+    for _ in range(2):
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & _M32
+    x = x ^ (x >> 16)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def l1_factor(before: float, after: float) -> float:
+    """mergekit's rescale: scale a pruned τ back to its original L1 norm, unless either is ~0."""
+    return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+
+
+def prune_one(tv: Tensor, density: float, epsilon: float, seed: int, rescale: str, start: int = 0) -> Tensor:
+    """One task vector (or a row block of it, starting at element ``start``) pruned by MAGPRUNE, in place;
+    survivors × 1/p_i with ``inverse_keep`` (the L1 rescale is the caller's: it needs the whole tensor)."""
+    if density >= 1.0:
+        return tv
+    p = keep_probabilities(tv, density, epsilon)
+    drop = uniforms(seed, start, tv.numel()).view(tv.shape) >= p
+    if rescale == "inverse_keep":
+        tv.div_(p)
+    return tv.masked_fill_(drop, 0.0)
+
+
 def magprune(tv: Tensor, densities: Sequence[float], epsilon: float, seeds: Sequence[int], rescale: str,
-             inplace: bool = False) -> Tensor:
-    """Each task vector of the stack ``(T, ...)`` pruned by MAGPRUNE (in place with ``inplace``, where the L1
-    rescale, which needs the originals' norms, reads them first)."""
-    l1 = tv.abs().sum(dim=tuple(range(1, tv.dim()))) if rescale == "l1" else None
+             inplace: bool = False, start: int = 0, factors: Sequence[float] | None = None) -> Tensor:
+    """Each task vector of the stack ``(T, ...)`` pruned by MAGPRUNE (in place with ``inplace``). With ``l1``, each
+    is scaled back to its original L1 norm: by ``factors`` (computed over the whole tensor) for a row block."""
+    before = [float(t.abs().sum()) for t in tv] if rescale == "l1" and factors is None else None
     out = tv if inplace else tv.clone()
     for t, (density, seed) in enumerate(zip(densities, seeds, strict=True)):
-        if density >= 1.0:
-            continue
-        p = keep_probabilities(out[t], density, epsilon)
-        drop = torch.rand(p.shape, generator=torch.Generator().manual_seed(seed)) >= p
-        if rescale == "inverse_keep":
-            out[t].div_(p)
-        del p
-        out[t].masked_fill_(drop, 0.0)
-    if l1 is not None:  # mergekit's: each pruned τ scaled back to its original L1 norm (unless either is ~0)
-        after = out.abs().sum(dim=tuple(range(1, out.dim())))
-        ok = (l1 >= 1e-7) & (after >= 1e-7)
-        factor = torch.where(ok, l1 / torch.where(ok, after, torch.ones_like(after)), torch.ones_like(after))
-        out.mul_(factor.view(-1, *([1] * (out.dim() - 1))))
+        prune_one(out[t], density, epsilon, seed, rescale, start)
+    if rescale == "l1":
+        scale = factors if factors is not None else [l1_factor(b, float(o.abs().sum())) for b, o in zip(before, out,
+                                                                                                       strict=True)]
+        out.mul_(torch.tensor(list(scale), dtype=out.dtype).view(-1, *([1] * (out.dim() - 1))))
     return out
+
+
+def _l1_factors(task_vector, params: DellaParams, names: Sequence[str], key: str = "") -> list[float] | None:
+    """``rescale: l1`` over a tensor merged in row blocks: each expert's factor, from its whole pruned τ (the
+    same draws as the blocks make), one task vector at a time."""
+    if params.rescale != "l1":
+        return None
+    factors = []
+    densities = resolve_per_expert(params.densities, params.density, names, "densities")
+    for i, (n, d) in enumerate(zip(names, densities, strict=True)):
+        tv = task_vector(i)
+        before = float(tv.abs().sum())
+        after = float(prune_one(tv, d, params.epsilon, tensor_seed(params.seed, key, n), "l1").abs().sum())
+        factors.append(l1_factor(before, after))
+    return factors
 
 
 def _pruned(base: Tensor, experts: Sequence[Tensor], weights: Sequence[float], params: DellaParams,
@@ -108,7 +149,8 @@ def _pruned(base: Tensor, experts: Sequence[Tensor], weights: Sequence[float], p
     names = ctx.experts or tuple(str(i) for i in range(len(experts)))
     densities = resolve_per_expert(params.densities, params.density, ctx.experts, "densities", len(experts))
     seeds = [tensor_seed(params.seed, ctx.key, n) for n in names]
-    tv = magprune(stack_task_vectors(base, experts), densities, params.epsilon, seeds, params.rescale, inplace=True)
+    tv = magprune(stack_task_vectors(base, experts), densities, params.epsilon, seeds, params.rescale, inplace=True,
+                  start=ctx.start, factors=ctx.local)
     return tv.mul_(torch.tensor(list(weights), dtype=torch.float32).view(-1, *([1] * (tv.dim() - 1))))
 
 
@@ -118,6 +160,8 @@ def _pruned(base: Tensor, experts: Sequence[Tensor], weights: Sequence[float], p
     needs_base=True,
     paper="https://arxiv.org/abs/2406.11617",
     formula="θ = θ_0 + λ · disjoint_merge(elect(w_t · MAGPRUNE(τ_t))), keep p = density ± ε by magnitude rank",
+    chunkable=True,
+    tensor_stats=_l1_factors,
 )
 def della(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: DellaParams,
@@ -141,6 +185,8 @@ def della(
     paper="https://arxiv.org/abs/2406.11617",
     formula="θ = θ_0 + λ Σ_t w_t MAGPRUNE(τ_t) (/ Σ_t w_t with normalize), keep p = density ± ε by magnitude rank",
     allow_negative_weights=True,
+    chunkable=True,
+    tensor_stats=_l1_factors,
 )
 def della_linear(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: DellaParams,
@@ -159,4 +205,4 @@ def della_linear(
     return base.float() + params.scaling * merged
 
 
-__all__ = ["della", "della_linear", "keep_probabilities", "magprune"]
+__all__ = ["della", "della_linear", "keep_probabilities", "l1_factor", "magprune", "prune_one", "uniforms"]

@@ -34,7 +34,7 @@ class MultislerpParams(MergeParams):
     relative_to_base: bool = Field(default=True, description="average the task vectors (θ_t − θ_0), not the models")
 
 
-def gram_stats(task_vector, params: MultislerpParams, names: Sequence[str]) -> Tensor | None:
+def gram_stats(task_vector, params: MultislerpParams, names: Sequence[str], key: str = "") -> Tensor | None:
     """The task vectors' Gram matrix over one whole tensor (T × T, float64), two task vectors at a time, so a
     large tensor can then be merged in row blocks."""
     if not params.relative_to_base:

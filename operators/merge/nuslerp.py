@@ -53,7 +53,8 @@ def nuslerp_tensors(t: float, v0: Tensor, v1: Tensor, dim: int = -1, flatten: bo
     return out.reshape(shape)
 
 
-def _flat_gram(task_vector, params: NuslerpParams, names: Sequence[str]) -> tuple[float, float, float] | None:
+def _flat_gram(task_vector, params: NuslerpParams, names: Sequence[str], key: str = ""
+               ) -> tuple[float, float, float] | None:
     """‖τ_0‖², ‖τ_1‖², ⟨τ_0, τ_1⟩ over one whole tensor (flatten), so it can be merged in row blocks."""
     if not (params.flatten and params.relative_to_base) or len(names) != 2:
         return None

@@ -33,6 +33,7 @@ class TensorContext:
     stats: Any = None
     experts: tuple[str, ...] = ()  # the experts' names, in the order their tensors are given
     local: Any = None  # what the method's ``tensor_stats`` computed over this whole tensor
+    start: int = 0  # where the block being merged starts in the flattened tensor (0 for a whole tensor)
 
 
 TensorMergeFn = Callable[[Tensor | None, Sequence[Tensor], Sequence[float], BaseModel, TensorContext], Tensor]
@@ -54,10 +55,10 @@ class ModelStream:
 # prepare(stream, params, names): before merging, a method may read the whole model, tensor by
 # tensor, as often as it needs (each stream() call starts a fresh pass), and return its statistics
 PrepareFn = Callable[[TensorStream, BaseModel, Sequence[str]], Any]
-# tensor_stats(task_vector, params, names): statistics over one whole tensor, computed before a
-# large tensor is merged in pieces (a tensor merged whole gets ctx.local None, and the method
-# computes them itself); task_vector(i) reads expert i's τ in float32, one expert at a time
-TensorStatsFn = Callable[[Callable[[int], Tensor], BaseModel, Sequence[str]], Any]
+# tensor_stats(task_vector, params, names, key): statistics over one whole tensor (named key), computed
+# before a large tensor is merged in pieces (a tensor merged whole gets ctx.local None, and the method
+# computes them itself); task_vector(i) reads expert i's τ in float32, a fresh tensor each call
+TensorStatsFn = Callable[[Callable[[int], Tensor], BaseModel, Sequence[str], str], Any]
 StatisticsKind = Literal["gram", "fisher"]
 InputsKind = Literal["unlabeled"]
 

@@ -55,7 +55,7 @@ def _prepare(stream, params: TiesParams, names: Sequence[str]):
     return None
 
 
-def _tensor_thresholds(task_vector, params: TiesParams, names: Sequence[str]):
+def _tensor_thresholds(task_vector, params: TiesParams, names: Sequence[str], key: str = ""):
     """``scope: tensor``: each expert's magnitude threshold over the whole tensor (one τ at a time)."""
     if params.scope != "tensor":
         return None
