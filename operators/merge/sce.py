@@ -12,7 +12,10 @@ Per tensor, with the task vectors τ_t = θ_t − θ_0 stacked:
     θ = θ_0 + λ · Σ_t η_t [agree_t] τ_t / max(Σ_t η_t [agree_t], 1e-6)
 
 (λ = 1 is mergekit's, which has no λ). The weights come from the task vectors; per-expert ``weights``
-are not taken (refused unless all equal).
+are not taken (refused unless all equal). A large tensor is merged in row blocks after passes over the
+whole tensor, one task vector at a time, for the variance threshold and the η: the selection there keeps
+every entry whose variance reaches the k-th largest (mergekit's top-k keeps exactly k; they differ only
+where variances tie at the threshold).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
-from operators.merge.task_vectors import elect_sign, stack_task_vectors
+from operators.merge.task_vectors import elect_sign, kth_largest, stack_task_vectors
 
 
 class SceParams(MergeParams):
@@ -59,6 +62,37 @@ def energy_weights(tv: Tensor) -> Tensor:
     return torch.full_like(w, 1.0 / len(w)) if abs(total) < 1e-6 else w / total
 
 
+def population_variance(task_vector, n: int) -> Tensor:
+    """The variance over tasks of each entry (population), from ``task_vector(i)`` fresh tensors one at a time,
+    in a fixed order of operations: a row block computes exactly what the whole tensor's pass did."""
+    mean = task_vector(0).div_(n)
+    for i in range(1, n):
+        mean.add_(task_vector(i).div_(n))
+    var = torch.zeros_like(mean)
+    for i in range(n):
+        var.add_(task_vector(i).sub_(mean).square_())
+    return var.div_(n)
+
+
+def sce_stats(task_vector, params: SceParams, names: Sequence[str], key: str = "") -> tuple[float | None, Tensor]:
+    """For a tensor merged in row blocks: the variance threshold of the top ``select_topk`` share (None: all kept)
+    and each task's η over the whole tensor, one task vector at a time (mean, then variance, then η)."""
+    n = len(names)
+    threshold = None
+    if params.select_topk < 1.0:
+        var = population_variance(task_vector, n)
+        k = int(int(torch.count_nonzero(var)) * params.select_topk)
+        threshold = kth_largest(var.flatten(), k) if k else float("inf")
+    energy = torch.zeros(n, dtype=torch.float32)
+    for i in range(n):
+        tv = task_vector(i)
+        if threshold is not None:
+            tv.masked_fill_(var < threshold, 0.0)
+        energy[i] = tv.square().mean()
+    total = float(energy.sum())
+    return threshold, (torch.full_like(energy, 1.0 / n) if abs(total) < 1e-6 else energy / total)
+
+
 @register(
     "sce",
     params=SceParams,
@@ -66,6 +100,8 @@ def energy_weights(tv: Tensor) -> Tensor:
     paper="https://arxiv.org/abs/2408.07990",
     formula="select top-k entries by variance over tasks; η_t = mean(τ_t²) normalized; erase sign disagreements; "
             "θ = θ_0 + λ Σ η_t [agree] τ_t / Σ η_t [agree]",
+    chunkable=True,
+    tensor_stats=sce_stats,
 )
 def sce(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: SceParams,
@@ -81,9 +117,14 @@ def sce(
         raise ValueError("weights: sce weighs each task by its task vector's energy; per-expert weights are not "
                          "taken (remove them)")
     tv = stack_task_vectors(base, experts)
-    tv *= variance_mask(tv, params.select_topk)
+    if ctx is not None and ctx.local is not None:  # a row block: the whole tensor's threshold and η
+        threshold, eta = ctx.local
+        if threshold is not None:
+            tv *= population_variance(lambda i: tv[i].clone(), len(experts)) >= threshold
+    else:
+        tv *= variance_mask(tv, params.select_topk)
+        eta = energy_weights(tv)
     sign = elect_sign(tv, "positive")
-    eta = energy_weights(tv)
     num, den = torch.zeros_like(sign), torch.zeros_like(sign)
     for t in range(len(experts)):  # task by task: no stack-sized temporaries
         agree = (tv[t] * sign > 0).to(torch.float32).mul_(float(eta[t]))
@@ -92,4 +133,4 @@ def sce(
     return base.float() + params.scaling * num / den.clamp_(min=1e-6)
 
 
-__all__ = ["energy_weights", "sce", "variance_mask"]
+__all__ = ["energy_weights", "sce", "sce_stats", "variance_mask"]
