@@ -82,6 +82,7 @@ def keep_probabilities(tv: Tensor, density: float, epsilon: float) -> Tensor:
 
 
 _M32 = 0xFFFFFFFF
+STATS_BLOCK = 1 << 20  # elements per piece of the L1 pass over a whole tensor
 
 
 def uniforms(seed: int, start: int, n: int) -> Tensor:
@@ -137,8 +138,15 @@ def _l1_factors(task_vector, params: DellaParams, names: Sequence[str], key: str
     densities = resolve_per_expert(params.densities, params.density, names, "densities")
     for i, (n, d) in enumerate(zip(names, densities, strict=True)):
         tv = task_vector(i)
-        before = float(tv.abs().sum())
-        after = float(prune_one(tv, d, params.epsilon, tensor_seed(params.seed, key, n), "l1").abs().sum())
+        rows = tv.reshape(1, -1) if tv.dim() < 2 else tv
+        step = max(1, STATS_BLOCK // max(1, rows[0].numel()))  # whole rows, ~1M elements: bounded scratch memory
+        before = after = 0.0
+        for r in range(0, rows.shape[0], step):
+            block = rows[r:r + step]
+            before += float(block.abs().sum())
+            start = r * rows[0].numel()
+            pruned = prune_one(block.clone(), d, params.epsilon, tensor_seed(params.seed, key, n), "l1", start)
+            after += float(pruned.abs().sum())
         factors.append(l1_factor(before, after))
     return factors
 
