@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
+from operators.merge.task_vectors import dot64, gram64
 
 
 class MultislerpParams(MergeParams):
@@ -42,10 +43,10 @@ def gram_stats(task_vector, params: MultislerpParams, names: Sequence[str], key:
     n = len(names)
     gram = torch.zeros(n, n, dtype=torch.float64)
     for i in range(n):
-        ti = task_vector(i).flatten()
-        gram[i, i] = float(ti @ ti)
+        ti = task_vector(i)
+        gram[i, i] = dot64(ti, ti)
         for j in range(i + 1, n):
-            gram[i, j] = gram[j, i] = float(ti @ task_vector(j).flatten())
+            gram[i, j] = gram[j, i] = dot64(ti, task_vector(j))
     return gram
 
 
@@ -97,7 +98,7 @@ def multislerp(
             raise ValueError(f"weights: {list(weights)} sum to 0, so normalize_weights cannot divide by their sum "
                              "(give weights with a non-zero sum, or set normalize_weights: false)")
         w = w / w.sum()
-    gram = ctx.local if ctx is not None and ctx.local is not None else (x @ x.T).double()  # whole, or a block's
+    gram = ctx.local if ctx is not None and ctx.local is not None else gram64(list(x))  # whole, or a block's
     out = torch.tensordot(coefficients(gram, w, params.eps, ctx.key if ctx else "").float(), x, dims=1).view(base.shape)
     return b + out if params.relative_to_base else out
 

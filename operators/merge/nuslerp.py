@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import Tensor
 
 from operators.merge.registry import MergeParams, TensorContext, register
+from operators.merge.task_vectors import dot64
 
 
 class NuslerpParams(MergeParams):
@@ -58,9 +59,8 @@ def _flat_gram(task_vector, params: NuslerpParams, names: Sequence[str], key: st
     """‖τ_0‖², ‖τ_1‖², ⟨τ_0, τ_1⟩ over one whole tensor (flatten), so it can be merged in row blocks."""
     if not (params.flatten and params.relative_to_base) or len(names) != 2:
         return None
-    t0 = task_vector(0).flatten()
-    t1 = task_vector(1).flatten()
-    return float(t0 @ t0), float(t1 @ t1), float(t0 @ t1)
+    t0, t1 = task_vector(0), task_vector(1)
+    return dot64(t0, t0), dot64(t1, t1), dot64(t0, t1)
 
 
 def flat_coefficients(t: float, n00: float, n11: float, n01: float, eps: float = 1e-8) -> tuple[float, float]:
@@ -107,7 +107,7 @@ def nuslerp(
         v0, v1 = experts[0].float() - b, experts[1].float() - b
         if params.flatten:  # through the norms and the dot: the same whole or in row blocks (ctx.local)
             n = ctx.local if ctx is not None and ctx.local is not None else \
-                (float((v0 * v0).sum()), float((v1 * v1).sum()), float((v0 * v1).sum()))
+                (dot64(v0, v0), dot64(v1, v1), dot64(v0, v1))
             a, c = flat_coefficients(t, *n)
             return b + a * v0 + c * v1
         return b + nuslerp_tensors(t, v0, v1, dim, params.flatten)
