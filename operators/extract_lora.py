@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from operators.checkpoint_files import write_provenance
 from operators.errors import MergeError
 from operators.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from operators.merge.output import atomic_output_dir
+from operators.merge.output import atomic_output_dir, check_output_dir
 from operators.tensor_io import CheckpointError, TensorReader
 
 NON_LINEAR_MARKERS = ("embed", "wte", "wpe", "lm_head", "norm", "ln_")
@@ -96,9 +96,7 @@ def _check_request(base: str | Path, out_dir: str | Path, rank: int | None, ener
         raise MergeError("give --rank R (every module) or --energy E (per module, e.g. 0.99), not both or neither")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise MergeError(f"--energy: {energy} must be in (0, 1], the share of ΔW's squared singular values kept")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise MergeError(f"{out}: output directory exists and is not empty; choose a new path or remove it")
+    check_output_dir(out_dir)  # before any SVD runs
     cfg_file = Path(base) / "config.json"
     return cfg_file.is_file() and json.loads(cfg_file.read_text()).get("model_type") in CONV1D_MODEL_TYPES
 

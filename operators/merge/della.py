@@ -39,6 +39,7 @@ from operators.merge.registry import MergeParams, TensorContext, register, resol
 from operators.merge.task_vectors import (
     disjoint_merge,
     elect_sign,
+    magnitude_ranks,
     stack_task_vectors,
     tensor_seed,
 )
@@ -73,10 +74,7 @@ def keep_probabilities(tv: Tensor, density: float, epsilon: float) -> Tensor:
     n = rows.shape[-1]
     if n == 1:
         return torch.full(tv.shape, density, dtype=torch.float32)
-    order = rows.abs().argsort(dim=-1, stable=True)
-    ranks = torch.empty(order.shape, dtype=torch.int32)  # int32 ranks: half the memory of argsort's int64
-    ranks.scatter_(-1, order, torch.arange(n, dtype=torch.int32).expand_as(order).contiguous())
-    del order
+    ranks = magnitude_ranks(rows, dtype=torch.int32)  # int32 ranks: half the memory of argsort's int64
     p = ranks.to(torch.float32).mul_(2.0 * epsilon / (n - 1)).add_(density - epsilon)
     return p.reshape(tv.shape) if tv.dim() < 2 else p.movedim(-1, 1)
 

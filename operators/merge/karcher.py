@@ -39,13 +39,14 @@ def karcher_mean(xs: Sequence[Tensor], alphas: Sequence[float], max_iter: int, t
     with the units' Gram matrix (T × T; the steps in float64): the same steps as mergekit's over whole tensors, each
     a few T × T products instead of passes over the tensors.
     """
-    norms = [dot64(x.float(), x.float()) ** 0.5 for x in xs]
+    xs = [x.float() for x in xs]
+    norms = [dot64(x, x) ** 0.5 for x in xs]
     valid = [i for i, n in enumerate(norms) if n > tol]
     if not valid:
         return torch.zeros_like(xs[0])
     total = sum(alphas[i] for i in valid)
     a = torch.tensor([alphas[i] / total for i in valid], dtype=torch.float64)
-    units = torch.stack([xs[i].flatten().float() / norms[i] for i in valid])
+    units = torch.stack([xs[i].flatten() / norms[i] for i in valid])
     gram = gram64(list(units))
 
     def norm(c: Tensor) -> float:

@@ -19,6 +19,14 @@ from operators.errors import MergeError
 from operators.tensor_io import ShardedWriter
 
 
+def check_output_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a path, refused (``MergeError``) if it exists and is not empty: nothing is overwritten."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise MergeError(f"{out_dir}: output directory exists and is not empty; choose a new path or remove it")
+    return out_dir
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary directory beside ``out_dir``; rename it to ``out_dir`` on success.
@@ -26,9 +34,7 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     Raises:
         MergeError: if ``out_dir`` already exists and is not empty (nothing is overwritten).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise MergeError(f"{out_dir}: output directory exists and is not empty; choose a new path or remove it")
+    out_dir = check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -55,11 +55,15 @@ def variance_mask(tv: Tensor, share: float) -> Tensor:
     return mask.view(var.shape)
 
 
+def energy_shares(energy: Tensor) -> Tensor:
+    """Each task's mean square over their sum (equal shares when all are ~0)."""
+    total = float(energy.sum())
+    return torch.full_like(energy, 1.0 / len(energy)) if abs(total) < 1e-6 else energy / total
+
+
 def energy_weights(tv: Tensor) -> Tensor:
     """η_t: the mean square of each task vector, normalized to sum to 1 (equal when all are ~0)."""
-    w = tv.square().reshape(tv.shape[0], -1).mean(dim=1)
-    total = float(w.sum())
-    return torch.full_like(w, 1.0 / len(w)) if abs(total) < 1e-6 else w / total
+    return energy_shares(tv.square().reshape(tv.shape[0], -1).mean(dim=1))
 
 
 def population_variance(task_vector, n: int) -> Tensor:
@@ -89,8 +93,7 @@ def sce_stats(task_vector, params: SceParams, names: Sequence[str], key: str = "
         if threshold is not None:
             tv.masked_fill_(var < threshold, 0.0)
         energy[i] = tv.square().mean()
-    total = float(energy.sum())
-    return threshold, (torch.full_like(energy, 1.0 / n) if abs(total) < 1e-6 else energy / total)
+    return threshold, energy_shares(energy)
 
 
 @register(

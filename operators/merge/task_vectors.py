@@ -143,6 +143,15 @@ def rescale_l1(original: Tensor, sparsified: Tensor, eps: float = 1e-7) -> Tenso
     return sparsified * factor.view(-1, *([1] * (original.dim() - 1)))
 
 
+def magnitude_ranks(x: Tensor, descending: bool = False, dtype: torch.dtype = torch.int64) -> Tensor:
+    """Each entry's rank by |x| along the last dimension (0 the smallest, or the largest with ``descending``);
+    ties ranked by position (a stable sort)."""
+    order = x.abs().argsort(dim=-1, descending=descending, stable=True)
+    ranks = torch.empty(order.shape, dtype=dtype)
+    ranks.scatter_(-1, order, torch.arange(x.shape[-1], dtype=dtype).expand_as(order).contiguous())
+    return ranks
+
+
 def middle_band(tv: Tensor, density: float, gamma: float, scope: str) -> Tensor:
     """Model breadcrumbs' mask: drop the top-γ outliers by |τ|, keep the next top-``density`` entries.
 
@@ -157,9 +166,7 @@ def middle_band(tv: Tensor, density: float, gamma: float, scope: str) -> Tensor:
     n = flat.shape[-1]
     keep = int(density * n)
     top = min(int(gamma * n), n - keep)
-    order = flat.abs().argsort(dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(n).expand_as(order).contiguous())
+    ranks = magnitude_ranks(flat, descending=True)
     mask = (ranks >= top) & (ranks < top + keep)
     return (flat * mask).reshape(tv.shape)
 

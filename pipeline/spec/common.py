@@ -53,3 +53,11 @@ def check_name(value: str, what: str) -> str:
                                                   if "." in value else "")
         )
     return value
+
+
+def contributor_count(count: float | None, n_tasks: int) -> int:
+    """How many tasks contribute to a ColD Fusion round: all (``count`` None), a count, or a fraction of them
+    (at least one), never more than there are tasks."""
+    if count is None:
+        return n_tasks
+    return min(n_tasks, int(count) if count >= 1 else max(1, round(count * n_tasks)))

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from operators.learn.search import SearchSpace, split_search
 from operators.merge import MERGE_METHODS, get_method, validate_merge_params
-from pipeline.spec.common import _Frozen
+from pipeline.spec.common import _Frozen, contributor_count
 
 if TYPE_CHECKING:
     from pipeline.spec.workflow import Workflow
@@ -177,9 +177,7 @@ def check_expert_counts(wf: Workflow) -> None:
     if wf.strategy == "oneshot" or (wf.strategy == "atm" and wf.rounds.start == "oneshot_merge"):
         merges.append(("merge", wf.merge, len(wf.tasks)))
     if wf.strategy in ("atm", "cold_fusion"):
-        count = wf.rounds.contributors if wf.strategy == "cold_fusion" else None
-        n = len(wf.tasks) if count is None else min(len(wf.tasks), int(count) if count >= 1
-                                                       else max(1, round(count * len(wf.tasks))))
+        n = contributor_count(wf.rounds.contributors if wf.strategy == "cold_fusion" else None, len(wf.tasks))
         merges.append(("rounds.merge", wf.rounds.merge, n))
     if wf.recurring is not None and get_method(wf.recurring.merge.method).experts[1] is not None:
         raise ValueError(f"recurring.merge.method: {wf.recurring.merge.method} merges a set number of experts, and a "

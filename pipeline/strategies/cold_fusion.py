@@ -23,6 +23,7 @@ import random
 
 from pipeline.context import ModelRef, task_data
 from pipeline.spec import TaskSpec
+from pipeline.spec.common import contributor_count
 from pipeline.strategies.loop import RoundLoop
 from pipeline.strategies.rounds import RoundResult, Rounds
 
@@ -51,8 +52,7 @@ def sample_contributors(tasks: list[TaskSpec], round_index: int, count: float | 
     """The round's contributors: reproducible from (seed, round); all tasks when ``count`` is None."""
     if count is None:
         return list(tasks)
-    n = int(count) if count >= 1 else max(1, round(count * len(tasks)))
-    n = min(n, len(tasks))
+    n = contributor_count(count, len(tasks))
     rng = random.Random(f"{seed}/{round_index}")
     pool = list(tasks)
     chosen: list[TaskSpec] = []
