@@ -1,4 +1,4 @@
-"""mergekit's remaining methods (DELLA, SCE, NuSLERP, Multi-SLERP, Karcher, Nearswap), checked against
+"""mergekit's remaining methods (DELLA, SCE, NuSLERP, Multi-SLERP, Karcher, Nearswap, Arcee Fusion), checked against
 numbers worked out by hand from their definitions (mergekit 0.1.5's code: ``mergekit/merge_methods/`` and
 ``mergekit/sparsify.py``), and their mergekit configs read into the same merges.
 """
@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from operators.merge.arcee_fusion import ArceeFusionParams, arcee_fusion, fence, importance
 from operators.merge.della import DellaParams, della, della_linear, keep_probabilities, magprune
 from operators.merge.karcher import KarcherParams, karcher
 from operators.merge.multislerp import MultislerpParams, multislerp
@@ -264,3 +265,35 @@ def test_della_in_row_blocks_draws_and_merges_what_it_does_whole(tiny_base, tiny
     assert torch.equal(u[500:900], uniforms(7, 500, 400)) and 0.0 <= float(u.min()) and float(u.max()) < 1.0
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float((u < 0.3).float().mean()) - 0.3) < 0.005
     assert not torch.equal(u, uniforms(8, 0, 100_000))
+
+
+# --- Arcee Fusion ------------------------------------------------------------------------------------
+
+def test_arcee_fusion_fence_is_median_plus_one_and_a_half_iqr_of_order_statistics_by_hand():
+    # ten scores 0..9: indices ⌊q·9⌋ = 2, 4, 6 → q25 2, median 4, q75 6 → fence 4 + 1.5·4 = 10
+    assert float(fence(torch.arange(10.0).flip(0))) == 10.0
+    # eleven, with an outlier: ⌊q·10⌋ = 2, 5, 7 → 2, 5, 7 → fence 5 + 7.5 = 12.5
+    assert float(fence(torch.cat([torch.arange(10.0), T([100.0])]))) == 12.5
+
+
+def test_arcee_fusion_keeps_only_the_changes_past_the_fence():
+    # importance of a row that did not move is 0; KL of softmax([2, 0]) from softmax([0, 0]) worked out:
+    p = torch.softmax(T([2.0, 0.0]), 0)
+    kl = float((p * torch.log(p / 0.5)).sum())
+    base = torch.zeros(6, 2)
+    other = base.clone()
+    other[0] = T([2.0, 0.0])  # the one row that moves: |Δ| = [2, 0] times its KL
+    scores = importance(base, other)
+    assert torch.allclose(scores[0], T([2.0 * kl, 0.0]), atol=1e-6) and float(scores[1:].abs().max()) == 0.0
+    # 12 scores, 11 of them 0: every quantile 0, fence 0 → every entry "reaches" it and is kept (mergekit's ≥)
+    assert torch.equal(arcee_fusion(base, [other], [1.0], ArceeFusionParams()), other)
+    # spread scores (12 moving rows; the second column never moves, so 12 of the 24 scores are 0): the order
+    # statistics at ⌊q·23⌋ = 5, 11, 17 are 0, 0 and the 6th moving row's score, so the fence is 1.5 times that
+    other = torch.tensor([[0.1 * i, 0.0] for i in range(1, 12)] + [[5.0, 0.0]])
+    base = torch.zeros_like(other)
+    got = arcee_fusion(base, [other], [1.0], ArceeFusionParams())
+    s = importance(base, other)
+    assert torch.equal(torch.sort(s.reshape(-1)).values[17], s[5, 0])
+    kept = got[:, 0] != 0
+    assert kept.tolist() == (s[:, 0] >= 1.5 * s[5, 0]).tolist()
+    assert not kept[:6].any() and kept[-1] and torch.equal(got[kept], other[kept])

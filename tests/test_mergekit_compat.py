@@ -24,7 +24,7 @@ from operators.tensor_io import load_state_dict
 from pipeline.cli import main
 
 DATA = Path(__file__).parent / "data" / "mergekit"
-MODELS = ("base", "e0", "e1", "e2")
+MODELS = ("base", "e0", "e1", "e2", "d_base", "d0", "d1", "d2")  # d_*: five layers, for gradients
 CONFIGS = sorted((DATA / "configs").glob("*.yaml"))
 
 
@@ -41,7 +41,8 @@ def test_same_tensors_as_mergekit(cfg, tmp_path):
     if plan.method == "passthrough":
         stack_layers(plan.slices, tmp_path / "out", out_dtype=plan.out_dtype)
     else:
-        merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, tmp_path / "out", out_dtype=plan.out_dtype)
+        merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, tmp_path / "out", out_dtype=plan.out_dtype,
+                          tensor_params=plan.tensor_params)
     got = load_state_dict(tmp_path / "out")
     want = load_file(DATA / "expected" / f"{cfg.stem}.safetensors")
     assert sorted(got) == sorted(want)
@@ -50,7 +51,7 @@ def test_same_tensors_as_mergekit(cfg, tmp_path):
         diff = float((got[k].float() - want[k].float()).abs().max())
         assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), f"{cfg.stem}: {k} differs by {diff}"
     # and the merge really changed something (not a copy of an input)
-    base = load_state_dict(DATA / "models" / "base")
+    base = load_state_dict(DATA / "models" / ("d_base" if "$d" in cfg.read_text() else "base"))
     assert any(not torch.equal(got[k], base[k]) for k in base)
 
 
@@ -99,13 +100,19 @@ def edit(**changes):
 
 
 REFUSED = [
-    ("unsupported method", edit(merge_method="arcee_fusion"),
-     "merge_method: 'arcee_fusion' is not supported by mergeflow; supported mergekit methods: breadcrumbs, "),
-    ("slices", edit(slices=[]), "slices: mergeflow stacks slices with merge_method: passthrough only (got 'ties')"),
+    ("unsupported method", edit(merge_method="ram"),
+     "merge_method: 'ram' is not supported by mergeflow; supported mergekit methods: arcee_fusion, breadcrumbs, "),
+    ("no slice", edit(slices=[]), "slices: mergeflow merges one slice that covers every source's whole model (got 0 "),
+    ("part of the layers", {**edit(models=None), "slices": [{"sources": [
+        {"model": str(DATA / "models" / m), "layer_range": [0, 1], "parameters": {"weight": 1.0}} for m in ("e0", "e1")]}]},
+     "slices[0].sources[0].layer_range: [0, 1] is not the model's whole range [0, 2]; mergeflow merges whole models"),
     ("unknown top-level key", edit(foo=1), "foo: not a mergekit config key mergeflow knows"),
-    ("gradient", edit(parameters={"lambda": [0.1, 0.5]}), "parameters.lambda: gradients (a list of values"),
-    ("filtered value", edit(parameters={"lambda": {"filter": "mlp", "value": 0.5}}),
-     "parameters.lambda: filtered (per-tensor) parameter values are not supported"),
+    ("filter entry without value", edit(parameters={"lambda": [{"filter": "mlp"}, {"value": 0.5}]}),
+     "parameters.lambda[0]: {'filter': 'mlp'} is not a {filter: NAME_PART, value: …} entry"),
+    ("empty gradient", edit(parameters={"lambda": []}), "parameters.lambda: [] is not a value, a gradient"),
+    ("a density gradient leaving (0, 1]", edit(models=[{"model": str(DATA / "models" / "e0"),
+                                                       "parameters": {"weight": 1.0, "density": [1.0, 0.0]}}]),
+     "tensor 'model.layers.1.input_layernorm.weight': models[0].parameters.density: must be in (0, 1]"),
     ("parameter of another method", edit(parameters={"gamma": 0.1}),
      "parameters.gamma: not a parameter of mergekit's ties (its parameters: density, int8_mask, lambda, normalize, "
      "rescale, weight)"),
@@ -138,10 +145,10 @@ def test_unsupported_mergekit_configs_are_refused_by_name(cfg, message):
 
 def test_cli_exits_2_on_a_bad_config_and_writes_nothing(tmp_path):
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("merge_method: arcee_fusion\nmodels: []\n")
+    cfg.write_text("merge_method: ram\nmodels: []\n")
     result = CliRunner().invoke(main, ["merge", str(cfg), str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "merge_method: 'arcee_fusion' is not supported by mergeflow" in result.output
+    assert "merge_method: 'ram' is not supported by mergeflow" in result.output
     assert not (tmp_path / "out").exists()
 
 

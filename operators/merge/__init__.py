@@ -5,6 +5,7 @@ Importing this package registers every method in ``MERGE_METHODS``.
 
 from operators.merge import (  # noqa: F401  (registers the methods)
     adamerging,
+    arcee_fusion,
     breadcrumbs,
     cart,
     consensus,

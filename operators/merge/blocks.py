@@ -77,12 +77,13 @@ class _Block:
     last: bool
 
 
-def _plan_blocks(keys, ref: TensorReader, spec, p, chunk_elements: int) -> list[_Block]:
+def _plan_blocks(keys, ref: TensorReader, spec, p, chunk_elements: int, per_tensor=None) -> list[_Block]:
     """Whole tensors, except large matrices of element-wise methods: row blocks of ~chunk_elements."""
     blocks = []
     for key in keys:
         shape, numel = ref.shape(key), ref.numel(key)
-        pieces = ref.dtype(key).is_floating_point and len(shape) >= 2 and numel > chunk_elements and spec.chunkable(p)
+        pk = per_tensor[key][0] if per_tensor else p
+        pieces = ref.dtype(key).is_floating_point and len(shape) >= 2 and numel > chunk_elements and spec.chunkable(pk)
         if not pieces:
             blocks.append(_Block(key, 0, numel, tuple(shape), True, True))
             continue
@@ -102,13 +103,17 @@ def _read_block(readers, names, b: _Block) -> tuple[torch.Tensor, list[torch.Ten
     return base_t, experts
 
 
-def _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements) -> Iterator[str]:
+def _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements,
+                  per_tensor: Mapping[str, tuple[Any, list[float]]] | None = None) -> Iterator[str]:
     """Merge every tensor, block by block; ``emit(block, base_block, merged_block)`` takes each result.
 
+    ``per_tensor``: tensor name → its own (parameters, weights), where they vary by tensor (mergekit's
+    gradients and filters); else every tensor has ``p`` and ``weights``.
     Yields each tensor's name once all of it has been handed on.
     """
     ref = readers["__base__"]
-    blocks = _plan_blocks(keys, ref, spec, p, chunk_elements)
+    blocks = _plan_blocks(keys, ref, spec, p, chunk_elements, per_tensor)
+    pk, wk = p, weights
     # (reading the next block on a second thread while merging this one was measured: no faster on
     # 2 cores, where torch's own threads already keep both busy, and it holds one more block)
     ctx, checked = None, set()
@@ -124,11 +129,12 @@ def _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_ele
             yield b.key
             continue
         if b.first:  # per-tensor statistics are needed only when the tensor comes in pieces
-            ctx, checked = _tensor_context(b.key, readers, names, spec, p, stats, whole=b.last)
+            pk, wk = per_tensor[b.key] if per_tensor else (p, weights)
+            ctx, checked = _tensor_context(b.key, readers, names, spec, pk, stats, whole=b.last)
         for who, t in (("base", base_t), *zip(names, expert_ts, strict=True)):
             if who not in checked:
                 _check_finite(t, who, b.key)
-        merged = spec.fn(base_t if spec.needs_base else None, expert_ts, weights, p,
+        merged = spec.fn(base_t if spec.needs_base else None, expert_ts, wk, pk,
                          replace(ctx, start=b.start) if b.start else ctx)
         _check_merged(merged, b.key, spec.name)
         emit(b, base_t, merged)

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from operators.merge.passthrough import LayerSlice
+if TYPE_CHECKING:
+    from operators.merge.passthrough import LayerSlice
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,6 +38,8 @@ class MergePlan:
     adapter_rank: int | None = None
     adapter_factorization: str = "svd"
     adapter_bases: dict[str, Path] = field(default_factory=dict)
+    # parameters that vary by tensor (a mergekit config's gradients and filters): tensor name → parameters
+    tensor_params: Callable[[str], dict[str, Any]] | None = None
 
 
 # How a model given as a URI (s3://…, gs://…) becomes a local directory: set by the caller (the CLI

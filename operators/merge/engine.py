@@ -21,6 +21,7 @@ in memory), and :class:`MergeReport`. The checks are in ``compat``, the block-by
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,7 @@ def merge_checkpoints(
     lora_mode: Literal["exact", "adapter"] = "exact",
     adapter_rank: int | None = None,
     adapter_factorization: Literal["svd", "concat"] = "svd",
+    tensor_params: Callable[[str], Mapping[str, Any]] | None = None,
 ) -> MergeReport:
     """Merge the experts' bodies with ``method``; keep each expert's task head.
 
@@ -120,6 +122,10 @@ def merge_checkpoints(
             experts' ranks, capped by the matrix dimensions).
         adapter_factorization: Adapter mode: ``svd`` (any method; error measured and reported) or
             ``concat`` (the experts' factors stacked: exact, for linear and task_arithmetic only).
+        tensor_params: Tensor name → that tensor's parameters, where they vary by tensor (a mergekit
+            config's gradients and filters, see ``operators.merge.schedule``); ``params`` is then the
+            parameters reported for the merge as a whole. Every tensor's are checked before anything
+            is written; the provenance lists each distinct set with its tensors.
 
     Returns:
         A :class:`MergeReport`.
@@ -145,6 +151,9 @@ def merge_checkpoints(
     adapters = {n: read_adapter(paths[n]) for n in names if is_adapter_dir(paths[n])}
     lora_bases = _check_lora_args(base, names, adapters, adapter_bases, lora_mode, adapter_rank,
                                   adapter_factorization, out_dtype)
+    if tensor_params is not None and lora_mode == "adapter":
+        raise MergeError(f"{method}: parameters that vary by tensor (gradients, filters) need lora mode exact; "
+                         "give one value per parameter")
     coefficients = None
     if lora_mode == "adapter" and adapter_factorization == "concat":
         coefficients = linear_coefficients(spec, p, weights, names)
@@ -161,7 +170,12 @@ def merge_checkpoints(
                              lora_mode=lora_mode if adapters else None)
         lora_record = _lora_provenance(adapters, lora_bases, lora_mode, adapter_factorization) if adapters else {}
         keys = readers["__base__"].keys()
+        per_tensor = _per_tensor_params(spec, tensor_params, keys, names) if tensor_params is not None else None
         stats = _prepare(spec, p, keys, readers, names)
+        if per_tensor is not None and stats is not None:
+            raise MergeError(f"{method}: these parameters need a pass over the whole model before merging, which "
+                             "parameters that vary by tensor (gradients, filters) cannot have; give one value per "
+                             "parameter")
         if lora_mode == "adapter":
             builder = AdapterBuilder(adapters, {n: readers[n].targets for n in names}, adapter_factorization,
                                      adapter_rank, coefficients, method)
@@ -170,7 +184,7 @@ def merge_checkpoints(
                                      lora_record, start)
         with atomic_output_dir(out_dir) as tmp:
             _write_merged(tmp, keys, readers, names, spec, p, weights, stats, chunk_elements, out_dtype,
-                          max_shard_bytes, report, progress)
+                          max_shard_bytes, report, progress, per_tensor)
             _write_config(base / "config.json", tmp / "config.json", out_dtype)
             copy_tokenizer(base, tmp)
             report.heads = _copy_heads(heads, paths, heads_from, tmp)
@@ -183,6 +197,7 @@ def merge_checkpoints(
                 "base": str(base),
                 "experts": {n: str(paths[n]) for n in names},
                 **lora_record,
+                **({"tensor_params": _params_record(per_tensor)} if per_tensor is not None else {}),
                 **(provenance or {}),
             })
         return report
@@ -193,7 +208,8 @@ def merge_checkpoints(
 
 def _write_merged(tmp: Path, keys: list[str], readers: Mapping[str, Any], names: list[str], spec: MergeMethod, p: Any,
                   weights: list[float], stats: Any, chunk_elements: int, out_dtype: torch.dtype | None,
-                  max_shard_bytes: int, report: MergeReport, progress: Callable[[int, int], None] | None) -> None:
+                  max_shard_bytes: int, report: MergeReport, progress: Callable[[int, int], None] | None,
+                  per_tensor: Mapping[str, tuple[Any, list[float]]] | None = None) -> None:
     """Merge every tensor block by block into sharded safetensors in ``tmp``, written by a background thread."""
     ref = readers["__base__"]
     plan = [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
@@ -203,13 +219,40 @@ def _write_merged(tmp: Path, keys: list[str], readers: Mapping[str, Any], names:
         def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
             out.write(b.key, cast_checked(merged, out_dtype or ref.dtype(b.key), b.key, spec.name))
 
-        for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements):
+        for key in _merge_blocks(keys, readers, names, spec, p, weights, stats, emit, chunk_elements, per_tensor):
             report.bytes_read += ref.nbytes(key) * (1 + sum(key in readers[n] for n in names))
             report.tensors += 1
             if progress is not None:
                 progress(report.tensors, len(keys))
     report.output_files = writer.close()
     report.bytes_written = writer.bytes_written
+
+
+def _per_tensor_params(spec: MergeMethod, tensor_params: Callable[[str], Mapping[str, Any]], keys: list[str],
+                       names: list[str]) -> dict[str, tuple[Any, list[float]]]:
+    """Each tensor's parsed parameters and weights (one parse per distinct set), all checked up front."""
+    parsed: dict[str, tuple[Any, list[float]]] = {}
+    out = {}
+    for key in keys:
+        raw = dict(tensor_params(key))
+        sig = json.dumps(raw, sort_keys=True, default=str)
+        if sig not in parsed:
+            try:
+                pk = spec.parse_params(raw)
+                parsed[sig] = (pk, resolve_weights(pk, names))
+            except ValueError as exc:
+                raise MergeError(f"tensor {key!r}: its parameters {raw} are not valid for {spec.name}: {exc}") from None
+        out[key] = parsed[sig]
+    return out
+
+
+def _params_record(per_tensor: Mapping[str, tuple[Any, list[float]]]) -> list[dict[str, Any]]:
+    """The provenance of parameters that vary by tensor: each distinct set, with the tensors that had it."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, (pk, _) in per_tensor.items():
+        dumped = pk.model_dump(mode="json")
+        groups.setdefault(json.dumps(dumped, sort_keys=True), {"params": dumped, "tensors": []})["tensors"].append(key)
+    return list(groups.values())
 
 
 def merge_states(

@@ -17,8 +17,9 @@ An expert may be a peft LoRA adapter directory (merged exactly as base + B·A·s
 A mergekit config (``merge_method``, ``base_model``, ``models[].parameters``, ``parameters``,
 ``dtype``, ``out_dtype``, ``tokenizer_source: base``) is a drop-in: it is translated to the registered
 method with mergekit 0.1.5's semantics (its defaults, per-tensor sparsification, its ``normalize``
-divisor, L1 ``rescale``), so deterministic methods give mergekit's tensors. Keys, parameter forms and
-methods that mergeflow does not implement are refused by name rather than ignored.
+divisor, L1 ``rescale``, its gradients and filters of parameter values: ``operators.merge.schedule``),
+so deterministic methods give mergekit's tensors. Keys and methods that mergeflow does not implement
+are refused by name rather than ignored.
 """
 
 from __future__ import annotations

@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from operators.merge.config_common import MergeConfigError, MergePlan, dtype_of, local_path, scalar
+from operators.errors import MergeError
+from operators.merge.config_common import MergeConfigError, MergePlan, dtype_of, local_path
 from operators.merge.passthrough import LayerSlice, layer_count
 from operators.merge.registry import get_method
+from operators.merge.schedule import check_setting, layer_position, resolve, varies
+from operators.tensor_io import TensorReader
 
 # mergekit methods mergeflow reproduces, and the mergekit keys each accepts (global or per model)
 MERGEKIT_METHODS: dict[str, set[str]] = {
@@ -31,6 +35,7 @@ MERGEKIT_METHODS: dict[str, set[str]] = {
     "karcher": {"max_iter", "tol"},
     "nearswap": {"t"},
     "passthrough": {"scale"},
+    "arcee_fusion": set(),
 }
 # mergekit methods whose base_model may be left out (they then merge the models themselves)
 MERGEKIT_BASE_OPTIONAL = {"linear", "nuslerp", "multislerp", "karcher"}
@@ -44,6 +49,8 @@ MERGEKIT_UNSUPPORTED_KEYS = {
 
 
 def from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
+    if "slices" in raw and raw.get("merge_method") != "passthrough":
+        raw = _whole_model_slice(raw, root)
     method, glob = _mergekit_method(raw)
     if method == "passthrough" or "slices" in raw:
         return _passthrough(raw, root, method, glob)
@@ -60,12 +67,128 @@ def from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
                      out_dtype=dtype_of(raw.get("out_dtype") or raw.get("dtype"), "out_dtype" if raw.get("out_dtype") else "dtype"))
     if method not in MERGEKIT_BASE_OPTIONAL and base is None:
         raise MergeConfigError(f"base_model: required by mergekit's {method}")
-    _MERGEKIT_PARAMS[method](_MergekitParams(method, glob, inputs, names, plan), plan, base)
+    if not any(varies(v) for v in [*glob.values(), *(v for _, _, ps in inputs for v in ps.values())]):
+        _MERGEKIT_PARAMS[method](_MergekitParams(method, glob, inputs, names, plan), plan, base)
+    else:
+        schedule = MergekitSchedule(method, glob, inputs, names, plan, base)
+        schedule.structure(plan)
+        schedule.check(plan.method)
+        plan.tensor_params = schedule
+        plan.notes.append(f"parameters vary by tensor (gradients or filters): {schedule.distinct} distinct sets "
+                          f"over {len(schedule.keys)} tensors")
+        return plan
     try:
         get_method(plan.method).parse_params(plan.params)
     except ValueError as exc:
         raise MergeConfigError(str(exc)) from None
     return plan
+
+
+class MergekitSchedule:
+    """A mergekit config whose parameters vary by tensor, as mergeflow parameters for each tensor.
+
+    Each tensor's settings are resolved to values (``operators.merge.schedule``: the tensor's name for the
+    filters, its layer's position for the gradients) and then translated exactly as a config of those
+    values would be; every tensor of the base is checked when the config is read.
+    """
+
+    def __init__(self, method: str, glob: dict[str, Any], inputs: list[tuple[str, Path, dict[str, Any]]],
+                 names: list[str], plan: MergePlan, base: Path | None):
+        self.method, self.glob, self.inputs, self.names, self.base = method, glob, inputs, names, base
+        self._template = replace(plan, experts=dict(plan.experts), params={}, notes=[])
+        reader = TensorReader(plan.base)
+        try:
+            self.keys = reader.keys()
+        finally:
+            reader.close()
+        try:
+            self.num_layers = layer_count(plan.base)[1]
+        except MergeError as exc:
+            raise MergeConfigError(f"parameters given as gradients: {exc}") from None
+        self._cache: dict[str, dict[str, Any]] = {}
+
+    def check(self, method: str) -> None:
+        """Every tensor's parameters, checked for ``method`` before any merge work."""
+        for key in self.keys:
+            try:
+                get_method(method).parse_params(self(key))
+            except ValueError as exc:
+                raise MergeConfigError(f"tensor {key!r}: {exc}") from None
+
+    @property
+    def distinct(self) -> int:
+        return len(self._cache)
+
+    def _resolved(self, key: str) -> tuple[dict[str, Any], list[tuple[str, Path, dict[str, Any]]]]:
+        t = layer_position(key, self.num_layers)
+        return resolve(self.glob, key, t), [(ref, path, resolve(ps, key, t)) for ref, path, ps in self.inputs]
+
+    def structure(self, plan: MergePlan) -> None:
+        """Fill ``plan`` (its method, experts, notes, and the parameters of the first tensor, reported as the
+        merge's) as the translation of the first tensor's values does."""
+        glob, inputs = self._resolved(self.keys[0])
+        _MERGEKIT_PARAMS[self.method](_MergekitParams(self.method, glob, inputs, self.names, plan), plan, self.base)
+
+    def __call__(self, key: str) -> dict[str, Any]:
+        glob, inputs = self._resolved(key)
+        sig = json.dumps([glob, [ps for _, _, ps in inputs]], sort_keys=True)
+        if sig not in self._cache:
+            plan = replace(self._template, experts=dict(self._template.experts), params={}, notes=[])
+            try:
+                _MERGEKIT_PARAMS[self.method](_MergekitParams(self.method, glob, inputs, self.names, plan), plan,
+                                              self.base)
+            except MergeConfigError as exc:
+                raise MergeConfigError(f"tensor {key!r}: {exc}") from None
+            self._cache[sig] = plan.params
+        return dict(self._cache[sig])
+
+
+def _whole_model_slice(raw: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """A config that merges one slice of every source's whole layer range, as the same merge given by
+    ``models`` (mergekit turns ``models`` into exactly that slice); slice parameters come before the
+    config's for each tensor, as in mergekit."""
+    slices = raw["slices"]
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        raise MergeConfigError("slices: mergeflow merges one slice that covers every source's whole model "
+                               f"(got {len(slices) if isinstance(slices, list) else slices!r} slices); merging "
+                               "parts of models layer range by layer range is not supported (stack whole layers "
+                               "with merge_method: passthrough)")
+    sl = slices[0]
+    extra = sorted(set(sl) - {"sources", "parameters"})
+    if extra:
+        raise MergeConfigError(f"slices[0].{extra[0]}: not supported by mergeflow; a slice has sources and parameters")
+    if "models" in raw:
+        raise MergeConfigError("slices: give models or slices, not both")
+    sources = sl.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise MergeConfigError("slices[0].sources: a list of {model: PATH, layer_range: [0, N]} is needed")
+    models = []
+    for j, src in enumerate(sources):
+        where = f"slices[0].sources[{j}]"
+        if not isinstance(src, dict) or "model" not in src or set(src) - {"model", "layer_range", "parameters"}:
+            raise MergeConfigError(f"{where}: {{model: PATH, layer_range: [0, N], parameters: {{…}}}} is needed")
+        n = layer_count(local_path(src["model"], root, f"{where}.model"))[1]
+        if src.get("layer_range") != [0, n]:
+            raise MergeConfigError(f"{where}.layer_range: {src.get('layer_range')!r} is not the model's whole range "
+                                   f"[0, {n}]; mergeflow merges whole models (merging layer ranges of models is "
+                                   "not supported; stack layers with merge_method: passthrough)")
+        models.append({"model": src["model"], **({"parameters": src["parameters"]} if src.get("parameters") else {})})
+    params = dict(raw.get("parameters") or {})
+    for k, v in (sl.get("parameters") or {}).items():
+        params[k] = _first_then(v, params[k]) if k in params else v
+    out = {k: v for k, v in raw.items() if k != "slices"}
+    return out | {"models": models, **({"parameters": params} if params else {})}
+
+
+def _first_then(first: Any, then: Any) -> list[dict[str, Any]]:
+    """One filter list that asks ``first`` and, where it gives nothing for a tensor, ``then``."""
+    def conds(v: Any) -> list[dict[str, Any]]:
+        if isinstance(v, dict):
+            return [v]
+        if isinstance(v, list) and v and all(isinstance(c, dict) for c in v):
+            return list(v)
+        return [{"value": v}]
+    return conds(first) + conds(then)
 
 
 def _passthrough(raw: Mapping[str, Any], root: Path, method: str, glob: dict[str, Any]) -> MergePlan:
@@ -92,17 +215,22 @@ def _passthrough(raw: Mapping[str, Any], root: Path, method: str, glob: dict[str
         if not isinstance(src, dict) or "model" not in src:
             raise MergeConfigError(f"{where}: each source needs model: PATH")
         path = local_path(src["model"], root, f"{where}.model")
-        params = {**glob, **slice_params, **(src.get("parameters") or {})}
-        unknown = sorted(set(params) - {"scale"})
-        if unknown:
-            raise MergeConfigError(f"{where}.parameters.{unknown[0]}: not a parameter of mergekit's passthrough (scale)")
-        scale = scalar(params.get("scale"), f"{where}.parameters.scale")
+        scopes = [(f"{where}.parameters", src.get("parameters") or {}), (f"{where[:where.rfind('.')]}.parameters",
+                                                                        slice_params), ("parameters", glob)]
+        scale = None  # the source's, then the slice's, then the config's, each asked where the one before gives none
+        for scope, params in reversed(scopes):
+            unknown = sorted(set(params) - {"scale"})
+            if unknown:
+                raise MergeConfigError(f"{scope}.{unknown[0]}: not a parameter of mergekit's passthrough (scale)")
+            if "scale" in params:
+                value = check_setting(params["scale"], f"{scope}.scale")
+                scale = value if scale is None else _first_then(value, scale)
         rng = src.get("layer_range")
         if rng is None and "slices" not in raw:
             rng = [0, layer_count(path)[1]]
         if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, int) for v in rng)):
             raise MergeConfigError(f"{where}.layer_range: [START, END] of whole numbers is needed (got {rng!r})")
-        slices.append(LayerSlice(path, rng[0], rng[1], None if scale is None else float(scale)))
+        slices.append(LayerSlice(path, rng[0], rng[1], scale))
     return MergePlan(base=slices[0].model, experts={}, method="passthrough", params={}, source_format="mergekit",
                      out_dtype=dtype_of(raw.get("out_dtype") or raw.get("dtype"),
                                         "out_dtype" if raw.get("out_dtype") else "dtype"), slices=slices)
@@ -129,8 +257,8 @@ def _mergekit_method(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     for k, v in glob.items():
         if k not in allowed:
             raise MergeConfigError(f"parameters.{k}: not a parameter of mergekit's {method} "
-                                   f"(its parameters: {', '.join(sorted(allowed))})")
-        glob[k] = scalar(v, f"parameters.{k}")
+                                   f"({_its_parameters(allowed)})")
+        glob[k] = check_setting(v, f"parameters.{k}")
     return method, glob
 
 
@@ -150,8 +278,8 @@ def _mergekit_models(models: list, root: Path, method: str, allowed: Any,
         for k, v in (entry.get("parameters") or {}).items():
             if k not in allowed:
                 raise MergeConfigError(f"models[{i}].parameters.{k}: not a parameter of mergekit's {method} "
-                                       f"(its parameters: {', '.join(sorted(allowed))})")
-            params[k] = scalar(v, f"models[{i}].parameters.{k}")
+                                       f"({_its_parameters(allowed)})")
+            params[k] = check_setting(v, f"models[{i}].parameters.{k}")
         if base is not None and path.resolve() == base.resolve() and method != "linear":
             continue  # the base listed among the models: mergekit does not merge it as a non-base input
         inputs.append((str(entry["model"]), path, params))
@@ -292,6 +420,15 @@ def _karcher(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
     plan.params = {"max_iter": int(m.shared("max_iter", 10)), "tol": float(m.shared("tol", 1e-5))}
 
 
+def _arcee_fusion(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
+    if len(m.inputs) != 1:
+        raise MergeConfigError(f"models: arcee_fusion takes the base_model and exactly one other model "
+                               f"(got {len(m.inputs)} others)")
+    plan.params = {}
+    plan.notes.append("arcee_fusion: quantiles taken exactly; mergekit samples 10^6 entries of larger tensors at "
+                      "random, so those tensors may differ slightly")
+
+
 def _nearswap(m: _MergekitParams, plan: MergePlan, base: Path | None) -> None:
     if len(m.inputs) != 1:
         raise MergeConfigError(f"models: nearswap takes the base_model and exactly one other model (got {len(m.inputs)})")
@@ -302,8 +439,12 @@ _MERGEKIT_PARAMS: dict[str, Callable[[_MergekitParams, MergePlan, Path | None], 
     "linear": _linear, "task_arithmetic": _task_arithmetic, "ties": _ties, "dare_linear": _dare, "dare_ties": _dare,
     "breadcrumbs": _breadcrumbs, "breadcrumbs_ties": _breadcrumbs, "slerp": _slerp, "model_stock": _model_stock,
     "della": _della, "della_linear": _della, "sce": _sce, "nuslerp": _spherical, "multislerp": _spherical,
-    "karcher": _karcher, "nearswap": _nearswap,
+    "karcher": _karcher, "nearswap": _nearswap, "arcee_fusion": _arcee_fusion,
 }
+
+
+def _its_parameters(allowed: set[str]) -> str:
+    return f"its parameters: {', '.join(sorted(allowed))}" if allowed else "it takes none"
 
 
 def _unique_names(refs: list[str]) -> list[str]:

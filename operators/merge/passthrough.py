@@ -19,22 +19,22 @@ Layers are found by name, ``….layers.N.…`` (Llama, Mistral, Qwen, Gemma …)
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from operators.checkpoint_files import copy_tokenizer, write_provenance
 from operators.errors import MergeError
 from operators.merge.engine import MergeReport
+from operators.merge.layers import LAYER_RE, layer_count
 from operators.merge.output import _BackgroundWriter, atomic_output_dir
+from operators.merge.schedule import evaluate
 from operators.tensor_io import ShardedWriter, TensorReader
 
-LAYER_RE = re.compile(r"^(?P<pre>(?:.*\.)?(?:layers|h|layer|blocks)\.)(?P<idx>\d+)(?P<post>\..+)$")
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 PRE_WEIGHT_MARKERS = ("embed", "wte", "wpe")
 SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
               "head_dim", "vocab_size")
@@ -42,21 +42,21 @@ SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_h
 
 @dataclass(frozen=True)
 class LayerSlice:
-    """Layers ``[start, end)`` of ``model``, each tensor times ``scale`` when given."""
+    """Layers ``[start, end)`` of ``model``, each tensor times ``scale`` when given: one number, or a setting
+    that varies by tensor (a gradient over the slice's layers, filters on the tensors' names;
+    ``operators.merge.schedule``)."""
 
     model: Path
     start: int
     end: int
-    scale: float | None = None
+    scale: Any = None
 
 
-def layer_count(model: Path) -> tuple[str, int]:
-    """The config key that holds ``model``'s layer count, and the count."""
-    cfg = json.loads((model / "config.json").read_text())
-    for key in LAYER_COUNT_KEYS:
-        if isinstance(cfg.get(key), int):
-            return key, cfg[key]
-    raise MergeError(f"{model}/config.json: no layer count ({', '.join(LAYER_COUNT_KEYS)}); passthrough needs one")
+def _scale(s: LayerSlice, key: str, t: float) -> float | None:
+    value = None if s.scale is None else evaluate(s.scale, key, t)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise MergeError(f"scale: {value!r} for tensor {key!r} is not a number")
+    return None if value is None else float(value)
 
 
 def check_slices(slices: Sequence[LayerSlice]) -> None:
@@ -81,7 +81,7 @@ def _plan(slices: Sequence[LayerSlice], readers: Sequence[TensorReader]) -> list
     first, last = readers[0], readers[-1]
     pre = [k for k in first.keys() if not LAYER_RE.match(k) and any(m in k for m in PRE_WEIGHT_MARKERS)]
     post = [k for k in last.keys() if not LAYER_RE.match(k) and not any(m in k for m in PRE_WEIGHT_MARKERS)]
-    plan = [(k, 0, k, slices[0].scale) for k in pre]
+    plan = [(k, 0, k, _scale(slices[0], k, 0.0)) for k in pre]
     out_layer = 0
     for i, (s, r) in enumerate(zip(slices, readers, strict=True)):
         by_layer: dict[int, list[tuple[str, str]]] = {}
@@ -92,9 +92,10 @@ def _plan(slices: Sequence[LayerSlice], readers: Sequence[TensorReader]) -> list
         for layer in range(s.start, s.end):
             if layer not in by_layer:
                 raise MergeError(f"slices[{i}]: {s.model} has no tensors of layer {layer}")
-            plan += [(pattern.format(out_layer), i, k, s.scale) for k, pattern in by_layer[layer]]
+            t = (layer - s.start) / (s.end - s.start - 1) if s.end - s.start > 1 else 1.0  # mergekit's position
+            plan += [(pattern.format(out_layer), i, k, _scale(s, k, t)) for k, pattern in by_layer[layer]]
             out_layer += 1
-    plan += [(k, len(slices) - 1, k, slices[-1].scale) for k in post]
+    plan += [(k, len(slices) - 1, k, _scale(slices[-1], k, 0.0)) for k in post]
     return plan
 
 

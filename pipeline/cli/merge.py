@@ -62,7 +62,8 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
                                        max_shard_bytes=shard_bytes, progress=progress, out_dtype=plan.out_dtype,
                                        provenance=made, adapter_bases=plan.adapter_bases or None,
                                        lora_mode=plan.lora_mode, adapter_rank=plan.adapter_rank,
-                                       adapter_factorization=plan.adapter_factorization)
+                                       adapter_factorization=plan.adapter_factorization,
+                                       tensor_params=plan.tensor_params)
     except (MergeError, CheckpointError, ValueError) as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     finally:

@@ -23,24 +23,27 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("base", "e0", "e1", "e2")
+# five layers, for parameters given as gradients over the layers (t = 0, 1/4, 1/2, 3/4, 1)
+DEEP_MODELS = ("d_base", "d0", "d1", "d2")
 
 
-def build_models() -> None:
+def build_models(names: tuple[str, ...] = MODELS, layers: int = 2, seed: int = 0) -> None:
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
                       num_key_value_heads=2, vocab_size=32, tie_word_embeddings=False, max_position_embeddings=64)
-    base = HERE / "models" / "base"
-    shutil.rmtree(HERE / "models", ignore_errors=True)
+    base = HERE / "models" / names[0]
+    for name in names:
+        shutil.rmtree(HERE / "models" / name, ignore_errors=True)
     LlamaForCausalLM(cfg).save_pretrained(base, safe_serialization=True)
     for f in base.iterdir():
         if f.name not in ("config.json", "model.safetensors"):
             f.unlink()
     sd = load_file(base / "model.safetensors")
-    for i, name in enumerate(MODELS[1:]):
+    for i, name in enumerate(names[1:]):
         g = torch.Generator().manual_seed(10 + i)
         out = HERE / "models" / name
         out.mkdir()
@@ -50,7 +53,7 @@ def build_models() -> None:
 
 
 def config_text(path: Path, models_root: Path) -> str:
-    return string.Template(path.read_text()).substitute({m: str(models_root / m) for m in MODELS})
+    return string.Template(path.read_text()).substitute({m: str(models_root / m) for m in MODELS + DEEP_MODELS})
 
 
 def main() -> None:
@@ -60,6 +63,8 @@ def main() -> None:
     args = ap.parse_args()
     if not args.keep_models:
         build_models()
+    if not args.keep_models or not (HERE / "models" / DEEP_MODELS[0]).exists():
+        build_models(DEEP_MODELS, layers=5, seed=1)
     expected = HERE / "expected"
     shutil.rmtree(expected, ignore_errors=True)
     expected.mkdir()

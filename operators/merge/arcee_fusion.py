@@ -1,0 +1,76 @@
+"""Arcee Fusion: take the other model's changes only where they matter most (mergekit's ``arcee_fusion``).
+
+For the base θ_0 and one other model θ_1, each entry's importance is its change times how far the
+row's output distribution moved::
+
+    I = |θ_1 − θ_0| · KL(softmax(θ_1) ‖ softmax(θ_0))        (softmax and KL over each row, ε = 1e-8)
+
+An entry keeps its change where its importance reaches the tensor's outlier fence, the median plus
+1.5 inter-quartile ranges of I (Tukey's upper fence); elsewhere it stays at the base::
+
+    θ = θ_0 + (θ_1 − θ_0) · [I ≥ q_50 + 1.5 (q_75 − q_25)]
+
+The quantiles are the order statistics ``sorted(I)[⌊q · (n − 1)⌋]`` of the whole tensor, as mergekit
+takes them. mergekit estimates them from a random sample of 10⁶ entries (with replacement, from torch's
+global generator) when a tensor has more; mergeflow always takes them exactly, so tensors of up to 10⁶
+entries equal mergekit's and larger ones differ only where mergekit's sampled fence moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from operators.merge.registry import MergeParams, TensorContext, register
+
+QUANTILES = (0.25, 0.5, 0.75)
+
+
+class ArceeFusionParams(MergeParams):
+    """No parameters: the fence is the tensor's own."""
+
+
+def importance(base: Tensor, other: Tensor) -> Tensor:
+    """|θ_1 − θ_0| times the KL divergence of each row's softmax from the base's (ε 1e-8, as mergekit)."""
+    p = F.softmax(other, dim=-1) + 1e-8
+    q = F.softmax(base, dim=-1) + 1e-8
+    return (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def fence(scores: Tensor) -> Tensor:
+    """Median + 1.5 IQR of ``scores``, each quantile the order statistic at ⌊q · (n − 1)⌋ (float32 index)."""
+    flat = scores.reshape(-1)
+    idx = (torch.tensor(QUANTILES) * (flat.numel() - 1)).long()
+    q1, median, q3 = (flat.kthvalue(int(i) + 1).values for i in idx)
+    return median + 1.5 * (q3 - q1)
+
+
+@register(
+    "arcee_fusion",
+    params=ArceeFusionParams,
+    needs_base=True,
+    paper="https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/arcee_fusion.py",
+    formula="θ = θ_0 + Δ · [|Δ|·KL(softmax θ_1 ‖ softmax θ_0) ≥ median + 1.5 IQR]",
+    experts=(1, 1),
+)
+def arcee_fusion(
+    base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: ArceeFusionParams,
+    ctx: TensorContext | None = None,
+) -> Tensor:
+    """Arcee Fusion of one tensor (see the module docstring).
+
+    Returns:
+        The merged tensor (float32).
+    """
+    assert base is not None
+    if len(experts) != 1:
+        raise ValueError(f"arcee_fusion takes the base and exactly one other model (got {len(experts)} experts)")
+    a, b = base.float(), experts[0].float()
+    scores = importance(a, b)
+    return a + (b - a) * (scores >= fence(scores)).float()
+
+
+__all__ = ["arcee_fusion", "fence", "importance"]
