@@ -142,7 +142,8 @@ def split_search(params: Mapping[str, Any]) -> tuple[dict[str, Any], SearchSpace
 # --- merging in memory ---------------------------------------------------------------------------
 
 def merge_in_memory(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str, torch.Tensor]],
-                    method: str, params: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+                    method: str, params: Mapping[str, Any] | None,
+                    tensor_params: Callable[[str], Mapping[str, Any]] | None = None) -> dict[str, torch.Tensor]:
     """Merge whole state dicts (float32) with a registered method: the engine's maths without files.
 
     Args:
@@ -150,11 +151,25 @@ def merge_in_memory(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapp
         experts: Expert name → state dict with the base's names.
         method: A registered merge method.
         params: Its parameters.
+        tensor_params: Tensor name → that tensor's parameters, where they vary by tensor (a method without a
+            whole-model pass).
     """
     spec = get_method(method)
     p = spec.parse_params(dict(params or {}))
     names = sorted(experts)
     weights = resolve_weights(p, names)
+    parsed: dict[str, tuple[Any, list[float]]] = {}
+
+    def params_of(key: str) -> tuple[Any, list[float]]:
+        if tensor_params is None:
+            return p, weights
+        raw = dict(tensor_params(key))
+        sig = repr(sorted(raw.items()))
+        if sig not in parsed:
+            pk = spec.parse_params(raw)
+            parsed[sig] = (pk, resolve_weights(pk, names))
+        return parsed[sig]
+
     keys = [k for k in base if base[k].is_floating_point()]
     stats = None
     if spec.prepare is not None:
@@ -165,7 +180,8 @@ def merge_in_memory(base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapp
             out[k] = b
             continue
         ctx = TensorContext(key=k, stats=stats, experts=tuple(names))
-        out[k] = spec.fn(b if spec.needs_base else None, [experts[n][k] for n in names], weights, p, ctx).float()
+        pk, wk = params_of(k)
+        out[k] = spec.fn(b if spec.needs_base else None, [experts[n][k] for n in names], wk, pk, ctx).float()
     return out
 
 
