@@ -165,7 +165,7 @@ def merged_key(base: ModelRef, experts: dict[str, ModelRef], merge: MergeSpec, h
     # (refit_heads only scores the merge: it never changes the merged checkpoint)
     spec = merge.model_dump(mode="json", exclude={"refit_heads"} | (
         {"validation_fraction"} if merge.validation_fraction is None else set()) | (
-        {"heads"} if merge.heads.mode == "experts" else set()))
+        {"heads"} if merge.heads.mode == "experts" else set()) | ({"recipe"} if merge.recipe is None else set()))
     return content_key("merged", base.key, {t: e.key for t, e in sorted(experts.items())}, spec,
                        heads_from.key if heads_from is not None else "")
 

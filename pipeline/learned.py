@@ -10,12 +10,16 @@
 - :func:`prepare_merge` (inside the merge step): verifies those statistics against the experts
   (checksum, weights hash) and hands them to the method; runs a coefficient search on the held-out
   validation slices, one nested MLflow run per candidate, and merges with the chosen value, which
-  is recorded on the merge run and in the merged checkpoint's provenance.
+  is recorded on the merge run and in the merged checkpoint's provenance; or merges with the recipe a
+  recipe search chose.
+- :func:`recipe_candidate_step` (a Ray task per candidate of a recipe search, driven by the strategy):
+  one mergekit recipe merged in memory and scored on the validation slices, as its own nested run.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Any
 
 from pipeline.context import ModelRef, StepContext, local_dir, say, task_data
@@ -139,16 +143,100 @@ def align_merged_heads(ctx: StepContext, merge: MergeSpec, adapter_base: ModelRe
     return metrics
 
 
-def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: dict[str, ModelRef],
-                  statistics: dict[str, str] | None, run_id: str, round_index: int,
-                  align_inputs: dict[str, list[str]] | None = None,
-                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
-    """The parameters to merge with: statistics filled in and verified, a searched parameter chosen
-    (with ``align_inputs``, ``heads: aligned``: each candidate scored with its heads aligned on them).
+def recipe_refs(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef]) -> tuple[str, dict[str, str]]:
+    """How a recipe names the base and the experts: the base's local folder (a packaged or local model) or its
+    store URI, and each expert's store URI (``mergeflow merge`` fetches URIs from the store)."""
+    return (str(local_dir(ctx, base)) if base.kind == "base" and not base.path else base.uri,
+            {t: e.uri for t, e in sorted(experts.items())})
+
+
+def local_recipe(ctx: StepContext, config: dict[str, Any], base: ModelRef, experts: dict[str, ModelRef]):
+    """A recipe's merge plan on this machine: its references replaced by local folders, experts named by task."""
+    from operators.learn.recipe import recipe_plan
+
+    base_ref, refs = recipe_refs(ctx, base, experts)
+    local = {base_ref: str(local_dir(ctx, base)), **{refs[t]: str(local_dir(ctx, e)) for t, e in experts.items()}}
+    cfg = {**config, "base_model": local[config["base_model"]],
+           "models": [{**m, "model": local[m["model"]]} for m in config["models"]]}
+    return recipe_plan(cfg, {t: local_dir(ctx, e) for t, e in experts.items()})
+
+
+_SCORERS: dict[str, Any] = {}  # one recipe search's loaded models, kept by each worker process between candidates
+
+
+def _recipe_scorer(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef]):
+    """The base, experts and validation slices of a recipe search, loaded once per worker process."""
+    from operators.learn.recipe import RecipeScorer
+
+    key = content_key("recipe-scorer", base.key, {t: e.key for t, e in sorted(experts.items())}, ctx.workflow.spec_hash())
+    if key not in _SCORERS:
+        wf = ctx.workflow
+        val = {t.name: task_data(t, "validation", wf.held_out_fraction, t.dataset.split_seed).train
+               for t in wf.tasks if t.name in experts}
+        _SCORERS.clear()  # one search at a time: the last one's models go
+        _SCORERS[key] = RecipeScorer(local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()}, val,
+                                     max_length=max(wf.finetune_for(t).max_length for t in wf.tasks),
+                                     device=ctx.device)
+    return _SCORERS[key]
+
+
+def recipe_candidate_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], config: dict[str, Any],
+                          number: int, generation: int, run_id: str, round_index: int) -> dict[str, Any]:
+    """Score one recipe (a mergekit config) on the validation slices; it is its own run under the merge's.
 
     Returns:
-        ``(params, provenance record, metrics for the merge run)``.
+        ``{"score", "accuracy", "normalized", "seconds", "run_id"}``.
     """
+    from operators.learn.search import merge_in_memory
+
+    lineage = ctx.lineage()
+    scorer = _recipe_scorer(ctx, base, experts)
+    plan = local_recipe(ctx, config, base, experts)
+    t = time.perf_counter()
+    merged = merge_in_memory(scorer.base_sd, {n: scorer.expert_sd[n] for n in plan.experts}, plan.method,
+                             plan.params, tensor_params=plan.tensor_params)
+    acc = scorer.scorer.accuracy(merged)
+    norm = {k: acc[k] / scorer.reference[k] if scorer.reference[k] > 0 else float("nan") for k in acc}
+    score = sum(norm.values()) / len(norm)
+    seconds = time.perf_counter() - t
+    cid = lineage.start_run(f"recipe:{number}", kind="search_candidate", parent=run_id,
+                            workflow_run=ctx.workflow_run_id, tags={TAG_ROUND: str(round_index),
+                                                                    "mergeflow.recipe.generation": str(generation)})
+    lineage.log_params(cid, {"method": config["merge_method"], "candidate": number, "generation": generation,
+                             **recipe_params(config, experts)})
+    lineage.log_metrics(cid, {"validation/mean/normalized_accuracy": score,
+                              **{f"validation/{t}/accuracy": a for t, a in acc.items()},
+                              **{f"validation/{t}/normalized_accuracy": a for t, a in norm.items()},
+                              "seconds": seconds}, step=round_index)
+    lineage.log_dict(cid, config, "recipe.yaml")
+    lineage.end_run(cid)
+    return {"score": score, "accuracy": acc, "normalized": norm, "seconds": seconds, "run_id": cid}
+
+
+def recipe_params(config: dict[str, Any], experts: dict[str, ModelRef]) -> dict[str, Any]:
+    """A recipe's values by task (``weight.sentiment``, ``density.emotion``, ``lambda``) for MLflow's params."""
+    task_of = {e.uri: t for t, e in experts.items()}
+    out: dict[str, Any] = {}
+    for m in config["models"]:
+        for k, v in (m.get("parameters") or {}).items():
+            out[f"{k}.{task_of.get(m['model'], m['model'])}"] = v
+    return {**out, **(config.get("parameters") or {})}
+
+
+def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: dict[str, ModelRef],
+                  statistics: dict[str, str] | None, run_id: str, round_index: int,
+                  align_inputs: dict[str, list[str]] | None = None, recipe: dict[str, Any] | None = None,
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float], Any]:
+    """The parameters to merge with: statistics filled in and verified, a searched parameter chosen
+    (with ``align_inputs``, ``heads: aligned``: each candidate scored with its heads aligned on them), or
+    those of the ``recipe`` a recipe search chose (``{"config": mergekit config, "search": summary}``).
+
+    Returns:
+        ``(params, provenance record, metrics for the merge run, per-tensor parameters or None)``.
+    """
+    if recipe is not None:
+        plan = local_recipe(ctx, recipe["config"], base, experts)
+        return plan.params, {"recipe": recipe}, {}, plan.tensor_params
     from operators.learn.search import search_coefficient
     from operators.merge import get_method
     from operators.merge.statistics import open_statistics
@@ -212,4 +300,4 @@ def prepare_merge(ctx: StepContext, merge: MergeSpec, base: ModelRef, experts: d
                     f"search_chosen_{res.param}": res.chosen}
         say(f"[search] chose {res.param}={res.chosen:g} (validation {res.best_score:.4f}) in {res.seconds:.1f}s: "
             f"{res.cost_ratio:.2f}x one evaluation pass per candidate")
-    return params, record, metrics
+    return params, record, metrics, None

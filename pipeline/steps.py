@@ -134,13 +134,14 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
 
 def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str, key: str,
                merge: MergeSpec | None = None, heads_from: ModelRef | None = None,
-               statistics: dict[str, str] | None = None) -> ModelRef:
+               statistics: dict[str, str] | None = None, recipe: dict[str, Any] | None = None) -> ModelRef:
     """Merge the experts' bodies (keeping each task's head) and publish the merged checkpoint.
 
     ``merge`` defaults to the workflow's; ``heads_from`` supplies the heads of tasks no expert
     brings (ColD Fusion's non-contributors keep their latest head). ``statistics``: task → store
     path of its expert's statistics (data-driven methods); a searched parameter is chosen on the
-    validation slices first (``pipeline.learned``).
+    validation slices first (``pipeline.learned``); ``recipe``: the recipe a recipe search chose (a mergekit
+    config and the search's summary), merged with its per-tensor parameters.
     """
     from operators.merge.engine import merge_checkpoints
 
@@ -162,14 +163,14 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
     with staged_checkpoint(store, lineage, model_id, f"the merged model ({merge.method})", path) as ckpt:
         # heads: aligned: the inputs each head is aligned on (by a search's candidates, then by the merge)
         align_inputs = alignment_inputs(ctx, merge, experts) if merge.heads.mode == "aligned" else None
-        params, learned, learned_metrics = prepare_merge(ctx, merge, base, experts, statistics, run_id, round_index,
-                                                         align_inputs)
+        params, learned, learned_metrics, tensor_params = prepare_merge(ctx, merge, base, experts, statistics, run_id,
+                                                                        round_index, align_inputs, recipe)
         report = merge_checkpoints(
             local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
             merge.method, params, ckpt,
             heads_from=local_dir(ctx, heads_from) if heads_from is not None and heads_from.path else None,
             adapter_bases=adapter_bases or None, lora_mode=merge.lora.mode, adapter_rank=merge.lora.rank,
-            adapter_factorization=merge.lora.factorization,
+            adapter_factorization=merge.lora.factorization, tensor_params=tensor_params,
             provenance={
                 "round": round_index, "workflow": wf.name, "strategy": wf.strategy, "spec_hash": wf.spec_hash(),
                 "key": key, "heads_from": heads_from.uri if heads_from is not None else None,

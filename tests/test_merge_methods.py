@@ -81,7 +81,7 @@ def test_every_method_is_documented():
 
 
 def test_unknown_method_lists_known_ones():
-    with pytest.raises(ValueError, match=r"unknown merge method 'tie'\. Known: adamerging, breadcrumbs, cart, consensus, dare_linear, dare_ties, della, della_linear, fisher, iso_c, iso_cts, karcher, knots, linear, "
+    with pytest.raises(ValueError, match=r"unknown merge method 'tie'\. Known: adamerging, arcee_fusion, breadcrumbs, cart, consensus, dare_linear, dare_ties, della, della_linear, fisher, iso_c, iso_cts, karcher, knots, linear, "
                        r"lines, model_stock, multislerp, nearswap, nuslerp, regmean, sce, slerp, task_arithmetic, ties, tsv_m, wudi"):
         get_method("tie")
 

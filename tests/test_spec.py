@@ -29,7 +29,7 @@ def problems(mutate) -> list[str]:
 BAD_SPECS = [
     ("unknown merge method",
      lambda d: d.update(merge={"method": "tie"}),
-     "merge: unknown merge method 'tie'. Known: adamerging, breadcrumbs, cart, consensus, dare_linear, dare_ties, della, della_linear, fisher, iso_c, iso_cts, karcher, knots, linear, lines, model_stock, multislerp, nearswap, nuslerp, regmean, sce, slerp, task_arithmetic, "
+     "merge: unknown merge method 'tie'. Known: adamerging, arcee_fusion, breadcrumbs, cart, consensus, dare_linear, dare_ties, della, della_linear, fisher, iso_c, iso_cts, karcher, knots, linear, lines, model_stock, multislerp, nearswap, nuslerp, regmean, sce, slerp, task_arithmetic, "
      "ties, tsv_m, wudi."),
     ("duplicate task",
      lambda d: d["tasks"].append(copy.deepcopy(d["tasks"][0])),

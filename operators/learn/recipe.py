@@ -123,6 +123,7 @@ class RecipeCandidate:
     accuracy: dict[str, float] = field(default_factory=dict)
     normalized: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    run_id: str | None = None  # where the candidate was recorded (the pipeline's nested run)
 
 
 @dataclass
@@ -171,7 +172,7 @@ def cma_search(space: RecipeSpace, base: str | Path, models: Mapping[str, str | 
         for x, cfg, s in zip(xs, configs, evaluate(configs), strict=True):
             c = s if isinstance(s, RecipeCandidate) else RecipeCandidate(
                 index=0, generation=0, x=[], config=cfg, score=float(s["score"]), accuracy=dict(s.get("accuracy", {})),
-                normalized=dict(s.get("normalized", {})), seconds=float(s.get("seconds", 0.0)))
+                normalized=dict(s.get("normalized", {})), seconds=float(s.get("seconds", 0.0)), run_id=s.get("run_id"))
             c.index, c.generation, c.x, c.config = len(candidates), generation, [float(v) for v in x], cfg
             candidates.append(c)
             batch.append(c)

@@ -42,7 +42,7 @@ from pipeline.spec.common import (
 from pipeline.spec.evaluation import EvaluationSpec, LmEvalSpec
 from pipeline.spec.finetune import FinetuneSpec, LoraSpec
 from pipeline.spec.load import load_workflow, parse_workflow
-from pipeline.spec.merge import PER_EXPERT_PARAMS, HeadsSpec, LoraMergeSpec, MergeSpec
+from pipeline.spec.merge import PER_EXPERT_PARAMS, HeadsSpec, LoraMergeSpec, MergeSpec, RecipeSpec
 from pipeline.spec.recurring import GateSpec, RecurringSpec, ScheduleSpec, parse_interval
 from pipeline.spec.resources import ResourcesSpec
 from pipeline.spec.rounds import RoundsSpec
@@ -60,7 +60,7 @@ from pipeline.spec.workflow import Workflow
 __all__ = [
     "DEFAULT_BASE_MODEL", "DEFAULT_STORE", "DEFAULT_TRACKING_URI", "IMPLEMENTED_STRATEGIES", "PACKAGED_CAUSAL_LM",
     "PACKAGED_ENCODERS", "PER_EXPERT_PARAMS", "STORE_SCHEMES", "TASK_TYPES", "TRACKING_SCHEMES", "DatasetSpec", "EvaluationSpec",
-    "FinetuneSpec", "GateSpec", "HeadsSpec", "LmEvalSpec", "LoraMergeSpec", "LoraSpec", "MergeSpec", "PromptTemplate",
+    "FinetuneSpec", "GateSpec", "HeadsSpec", "LmEvalSpec", "LoraMergeSpec", "LoraSpec", "MergeSpec", "PromptTemplate", "RecipeSpec",
     "RecurringSpec", "ResourcesSpec", "RoundsSpec", "ScheduleSpec", "SpecError", "StoreSpec", "TaskSpec",
     "TrackingSpec", "Workflow", "check_store_root", "check_tracking_uri", "load_workflow", "parse_interval",
     "parse_workflow",

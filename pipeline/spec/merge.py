@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
+from operators.learn.recipe import RECIPE_PARAMS, RecipeSpace
 from operators.learn.search import SearchSpace, split_search
 from operators.merge import MERGE_METHODS, get_method, validate_merge_params
 from pipeline.spec.common import _Frozen, contributor_count
@@ -92,6 +93,30 @@ class HeadsSpec(_Frozen):
         return self
 
 
+class RecipeSpec(_Frozen):
+    """A merge recipe searched on validation data by CMA-ES (mergekit-evolve's idea, in the workflow): the
+    method's per-model ``weight`` and ``density`` and its ``lambda``, as mergekit names them, optionally as
+    per-layer gradients; every candidate a mergekit config, scored in parallel, the best written as YAML."""
+
+    search: list[Literal["weight", "density", "lambda"]] = Field(
+        default_factory=lambda: ["weight", "density", "lambda"],
+        description="The mergekit parameters searched (those the method takes): weight and density per task, "
+                    "lambda for the merge.")
+    layers: int = Field(default=1, ge=1, le=8, description="Knots of each searched parameter over the layers: 1 "
+                        "is one value for every layer; K > 1 a K-point gradient (mergekit's form).")
+    evaluations: int = Field(default=32, ge=2, le=1000, description="Candidates scored in all (the first is the "
+                             "method's usual values).")
+    population: int | None = Field(default=None, ge=2, le=256, description="Candidates per CMA-ES generation, "
+                                   "scored in parallel (default: CMA-ES's 4 + 3 ln d for d searched numbers).")
+    bounds: dict[Literal["weight", "density", "lambda"], tuple[float, float]] = Field(
+        default_factory=dict, description="Per parameter [low, high] (default weight [0, 1], density [0.1, 1], "
+        "lambda [0.1, 3]).")
+    seed: int = Field(default=0, description="Seeds CMA-ES.")
+
+    def space(self, method: str) -> RecipeSpace:
+        return RecipeSpace(method, tuple(self.search), self.layers, dict(self.bounds))
+
+
 class MergeSpec(_Frozen):
     """Which merge method combines the experts' bodies, and its parameters."""
 
@@ -115,6 +140,11 @@ class MergeSpec(_Frozen):
         default_factory=HeadsSpec, description="Which head each task has in the merged model: experts (default) or "
         "aligned; a string is read as the mode."
     )
+    recipe: RecipeSpec | None = Field(
+        default=None, description="One-shot: search the merge's recipe (per-task weight and density, lambda, "
+        "optionally per layer) by CMA-ES on the validation slices, candidates scored in parallel; the method is "
+        f"mergekit's of the same name ({', '.join(RECIPE_PARAMS)}); params stays empty."
+    )
     refit_heads: bool = Field(
         default=False,
         description="One-shot: also score the merged body with every head refit on it (a seeded linear probe on "
@@ -132,6 +162,14 @@ class MergeSpec(_Frozen):
         # Raises ValueError naming the parameter, the value and the valid range.
         for value in (space.probe_values() if space else [None]):
             validate_merge_params(self.method, fixed if space is None else {**fixed, space.param: value})
+        if self.recipe is not None:
+            try:
+                self.recipe.space(self.method)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (merge.method {self.method!r})") from None
+            if self.params:
+                raise ValueError(f"params: the recipe search chooses the parameters (got {sorted(self.params)}); "
+                                 "leave params out, or search only what you do not fix: recipe.search")
         if self.lora.factorization == "concat" and self.method not in ("linear", "task_arithmetic"):
             raise ValueError(f"lora: factorization concat is exact only for linear and task_arithmetic (got method "
                              f"{self.method!r}); use factorization: svd")
@@ -149,8 +187,8 @@ class MergeSpec(_Frozen):
 
     @property
     def needs_validation(self) -> bool:
-        """A searched parameter or a method that learns from inputs: a validation slice must be held out."""
-        return self.search is not None or self.learns_from_inputs
+        """A searched parameter or recipe, or a method that learns from inputs: a validation slice is held out."""
+        return self.search is not None or self.recipe is not None or self.learns_from_inputs
 
 
 # --- rules across the workflow ---------------------------------------------------------------------
@@ -217,6 +255,10 @@ def _not_full_classification(wf: Workflow) -> list[str]:
 
 def check_validation_data(wf: Workflow) -> None:
     """A search needs held-out validation data, and held-out data needs something that uses it."""
+    if wf.merge.recipe is not None and wf.merge.validation_fraction is None:
+        raise ValueError("merge.recipe: a recipe search scores candidates on validation data, and there is none; "
+                         "set merge.validation_fraction (e.g. 0.1: that share of each train split is held out from "
+                         "the experts and scores the candidates)")
     search = wf.merge.search
     if search is not None and wf.merge.validation_fraction is None and not _atm_on_validation(wf):
         raise ValueError(f"merge.params.{search.param}.search: a search needs validation data, and there is "
@@ -262,11 +304,16 @@ def check_one_validation_slice(wf: Workflow) -> None:
 def check_search_experts(wf: Workflow) -> None:
     """A search scores candidates with the experts' heads: full classification experts only."""
     search = wf.merge.search
-    if search is not None:
-        lm = _not_full_classification(wf)
-        if lm:
-            raise ValueError(f"merge.params.{search.param}.search: scores full classification experts with their "
-                             f"heads (task {lm[0]!r} is a causal LM or LoRA expert); give a value instead")
+    lm = _not_full_classification(wf)
+    if search is not None and lm:
+        raise ValueError(f"merge.params.{search.param}.search: scores full classification experts with their "
+                         f"heads (task {lm[0]!r} is a causal LM or LoRA expert); give a value instead")
+    if wf.merge.recipe is not None and lm:
+        raise ValueError(f"merge.recipe: scores full classification experts with their heads (task {lm[0]!r} is a "
+                         "causal LM or LoRA expert); give the method's parameters instead")
+    if wf.merge.recipe is not None and (wf.strategy != "oneshot" or wf.merge.heads.mode != "experts"):
+        raise ValueError("merge.recipe: searches a one-shot merge scored with the experts' heads; use strategy: "
+                         "oneshot and heads: experts")
 
 
 def check_aligned_heads(wf: Workflow) -> None:
@@ -283,6 +330,9 @@ def check_round_merge(wf: Workflow) -> None:
     if wf.rounds.merge.refit_heads:
         raise ValueError("rounds.merge.refit_heads: refits heads after the one-shot merge only (merge.refit_heads); "
                          "remove it")
+    if wf.rounds.merge.recipe is not None:
+        raise ValueError("rounds.merge.recipe: a recipe search chooses the one-shot merge's recipe (merge.recipe); "
+                         "give rounds.merge its parameters")
     if wf.rounds.merge.search is not None:
         raise ValueError(f"rounds.merge.params.{wf.rounds.merge.search.param}.search: searches choose the "
                          "one-shot merge's parameter (merge.params); give rounds.merge a value")

@@ -27,6 +27,7 @@ from pipeline.lineage import TAG_ROUND, TAG_STORE_URI, TAG_TASK, Lineage
 from pipeline.runtime import Resources
 from pipeline.spec import MergeSpec, TaskSpec, Workflow
 from pipeline.store import CheckpointStore, CorruptCheckpoint
+from pipeline.strategies.recipe import search_recipe
 from pipeline.strategies.workers import make_workers, step_resources
 
 Reporter = Callable[[str], None]
@@ -262,7 +263,9 @@ class Rounds:
         run_id = self._child(f"merge:{merge.method}", "merge", round_run, index,
                              {**self.workers.store_tags(self.store.uri(path)), "mergeflow.method": merge.method})
         with ending_on_failure(self.lineage, run_id):
-            return self.workers.merge(base, experts, index, run_id, key, merge, heads_from, statistics, durable)
+            recipe = search_recipe(self, base, experts, merge, index, run_id) if merge.recipe is not None else None
+            return self.workers.merge(base, experts, index, run_id, key, merge, heads_from, statistics, durable,
+                                      recipe)
 
     def statistics(self, experts: dict[str, ModelRef], merge: MergeSpec, index: int) -> dict[str, str] | None:
         """The statistics a data-driven method needs, one Ray task per expert (reused when stored).

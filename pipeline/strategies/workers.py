@@ -65,8 +65,8 @@ class Workers(Protocol):
 
     def merge(self, base: ModelRef, experts: dict[str, ModelRef], index: int, run_id: str, key: str,
               merge: MergeSpec, heads_from: ModelRef | None, statistics: dict[str, str] | None,
-              durable: bool) -> ModelRef:
-        """Merge the experts (the merge's run exists) and wait for it."""
+              durable: bool, recipe: dict[str, Any] | None = None) -> ModelRef:
+        """Merge the experts (the merge's run exists) and wait for it (with the recipe a search chose, if any)."""
 
     def evaluate(self, name: str, model: ModelRef, heads: dict[str, ModelRef], run_id: str,
                  index: int) -> dict[str, Future]:
@@ -128,10 +128,10 @@ class TaskWorkers:
 
     def merge(self, base: ModelRef, experts: dict[str, ModelRef], index: int, run_id: str, key: str,
               merge: MergeSpec, heads_from: ModelRef | None, statistics: dict[str, str] | None,
-              durable: bool) -> ModelRef:
+              durable: bool, recipe: dict[str, Any] | None = None) -> ModelRef:
         r = self.rounds
         fut = r.runtime.submit(merge_step, r.ctx, base, experts, index, run_id, key, merge, heads_from, statistics,
-                               name=f"merge-r{index}", resources=Resources(num_cpus=r.resources.num_cpus,
+                               recipe, name=f"merge-r{index}", resources=Resources(num_cpus=r.resources.num_cpus,
                                                                            max_retries=r.resources.max_retries))
         ref = r.runtime.result(fut)
         r.report(f"round {index}: merged {len(experts)} experts with {merge.method}")
@@ -212,7 +212,7 @@ class ResidentWorkers:
 
     def merge(self, base: ModelRef, experts: dict[str, ModelRef], index: int, run_id: str, key: str,
               merge: MergeSpec, heads_from: ModelRef | None, statistics: dict[str, str] | None,
-              durable: bool) -> ModelRef:
+              durable: bool, recipe: dict[str, Any] | None = None) -> ModelRef:
         from operators.merge.registry import get_method
 
         r = self.rounds
