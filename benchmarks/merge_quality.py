@@ -16,6 +16,9 @@ per task is fine-tuned on the rest with the spec's settings. Then, on the same e
 - TSV-M (α = 1, and α searched on {0.3, …, 4.0}), Iso-C and Iso-CTS (common fraction 0.8), α searched
   likewise; CART (rank ratio 0.12, λ = 2 and λ searched on {0.5, …, 5.0}); WUDI (the paper's Adam, and its
   exact minimum);
+- recipe search (``merge.recipe``: CMA-ES over mergekit's TIES per-task weight and density and λ, one value
+  per parameter and as 3-knot gradients over the layers; mergekit's task arithmetic, weight and λ), against
+  a grid over λ alone with the same number of evaluations (``--recipe-evaluations``, default: the grids');
 - AdaMerging task-wise, layer-wise and AdaMerging++ (TIES k = 20 first), the paper's defaults (λ init
   0.3, clamp [0, 1], Adam lr 1e-3, 500 steps, 16 inputs per task per step), learned on the *unlabeled*
   validation slices.
@@ -60,7 +63,9 @@ REGMEAN_ALPHA_GRID = [0.7, 0.8, 0.9, 1.0]
 SUBSPACE_GRID = [0.3, 0.5, 0.7, 0.9, 1.0, 1.2, 1.5, 1.8, 2.1, 2.5, 3.0, 3.5, 4.0]  # α of TSV-M, Iso-C, Iso-CTS, WUDI (merged once)
 CART_GRID = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]  # CART's λ (the paper's prior 2.0 for 8 tasks)
 BOOTSTRAP = 1000
-ROW_GROUPS = ("ta", "ties", "aligned", "regmean", "fisher", "subspace", "adamerging")
+ROW_GROUPS = ("ta", "ties", "aligned", "regmean", "fisher", "subspace", "recipe", "adamerging")
+# mergeflow's TIES as mergekit's ties computes it (per-tensor top-k, weights divisor, positive sign on ties)
+MERGEKIT_TIES = {"density": 0.5, "scope": "tensor", "divisor": "weights", "zero_sign": "positive"}
 
 
 def main() -> None:
@@ -79,6 +84,8 @@ def main() -> None:
                     help=f"which rows (comma-separated): {', '.join(ROW_GROUPS)}")
     ap.add_argument("--sharpness", default=None, metavar="METHOD:RHO",
                     help="train the experts sharpness-aware (finetune.sharpness, e.g. sam:0.05 or asam:0.5)")
+    ap.add_argument("--recipe-evaluations", type=int, default=None,
+                    help="candidates of each recipe search (default: as many as the λ grid it is compared with)")
     ap.add_argument("--only-adamerging", action="store_true", help="only the AdaMerging rows (experts cached)")
     ap.add_argument("--adamerging", default="task,layer,layer++", type=lambda s: s.split(","),
                     help="which AdaMerging variants: task, layer, task++, layer++ (++: TIES k = 20 first)")
@@ -198,11 +205,11 @@ def main() -> None:
         return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
     costs: dict[str, dict] = {}
 
-    def score(label: str, method: str, params: dict) -> None:
+    def score(label: str, method: str, params: dict, tensor_params=None) -> None:
         out = work / "merged" / label.replace(" ", "_")
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        merge_checkpoints(base, experts, method, params, out)
+        merge_checkpoints(base, experts, method, params, out, tensor_params=tensor_params)
         merge_s = time.perf_counter() - t0
         correct[label] = {n: correctness(out, n) for n in fit}
         rows[label] = {n: float(correct[label][n].mean()) for n in fit}
@@ -263,6 +270,36 @@ def main() -> None:
         score("WUDI (Adam, 300 steps)", "wudi", {})
         score("WUDI exact", "wudi", {"solver": "exact"})
         searched("WUDI exact, α searched", "wudi", {"solver": "exact", "scaling": {"search": SUBSPACE_GRID}})
+
+    recipe_scorer = []
+
+    def recipe(label: str, method: str, search: tuple[str, ...], evaluations: int, layers: int = 1) -> None:
+        from operators.learn.recipe import RecipeScorer, RecipeSpace, cma_search, recipe_plan
+
+        if not recipe_scorer:
+            recipe_scorer.append(RecipeScorer(base, experts, validation, max_length=max_length))
+        scorer = recipe_scorer[0]
+        res = cma_search(RecipeSpace(method, search, layers), base, experts,
+                         lambda configs: [scorer.score(c) for c in configs], evaluations=evaluations, seed=0)
+        print(f"{label}: best of {len(res.candidates)} candidates ({res.generations} generations of {res.population}, "
+              f"{res.dimension} numbers) validation {res.best.score:.4f} (the usual values {res.candidates[0].score:.4f}) "
+              f"in {res.seconds:.0f}s", flush=True)
+        costs[label] = {"recipe": res.best.config, "candidates": len(res.candidates), "search_seconds": res.seconds,
+                        "validation_score": res.best.score, "start_validation_score": res.candidates[0].score,
+                        "generations": res.generations, "population": res.population}
+        plan = recipe_plan(res.best.config, experts)
+        score(label, plan.method, plan.params, plan.tensor_params)
+
+    if "recipe" in rows_wanted:  # against λ grids of the same size, on the same validation slices
+        n_ties, n_ta = args.recipe_evaluations or len(TIES_GRID), args.recipe_evaluations or len(TA_GRID)
+        grid = TIES_GRID[:n_ties] if n_ties <= len(TIES_GRID) else \
+            [round(2.5 * (i + 1) / n_ties, 4) for i in range(n_ties)]  # as many λ as candidates, over (0, 2.5]
+        searched(f"TIES (mergekit's), λ searched ({len(grid)} values)", "ties", {**MERGEKIT_TIES, "scaling": {"search": grid}})
+        recipe(f"TIES (mergekit's), recipe searched ({n_ties} candidates)", "ties", ("weight", "density", "lambda"),
+               n_ties)
+        recipe(f"TIES (mergekit's), per-layer recipe searched ({n_ties} candidates)", "ties",
+               ("weight", "density", "lambda"), n_ties, layers=3)
+        recipe(f"task arithmetic, recipe searched ({n_ta} candidates)", "task_arithmetic", ("weight", "lambda"), n_ta)
 
     def adamerged(label: str, params: dict) -> None:
         inputs = {n: v.texts for n, v in validation.items()}  # unlabeled: the labels are never read
@@ -330,6 +367,12 @@ def main() -> None:
             print(f"  {label}: {c['candidates']} candidates in {c['search_seconds']:.1f}s, one evaluation pass "
                   f"{c['eval_pass_seconds']:.2f}s, {c['cost_ratio']:.2f}x the evaluation passes alone"
                   f"{' (affine fast path)' if c['fast_path'] else ''}; validation curve {c['curve']}")
+    for label, c in costs.items():
+        if "recipe" in c:
+            print(f"  {label}: {c['candidates']} candidates ({c['generations']} generations of {c['population']}) in "
+                  f"{c['search_seconds']:.1f}s; validation {c['validation_score']:.4f} (the usual values "
+                  f"{c['start_validation_score']:.4f}); recipe {json.dumps(c['recipe']['models'])} "
+                  f"{c['recipe'].get('parameters')}")
     for label, c in costs.items():
         if "learn_seconds" in c:
             print(f"  {label}: {c['steps']} Adam steps in {c['learn_seconds']:.1f}s; entropy "

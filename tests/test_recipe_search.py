@@ -104,3 +104,13 @@ def test_the_scorer_scores_a_recipe_as_the_coefficient_search_scores_its_merge(t
     ref = search_coefficient(tiny_base, tiny_experts, "task_arithmetic", {"scaling": {"search": [0.5]}}, val,
                              max_length=12)
     assert got["score"] == pytest.approx(ref.best_score) and got["accuracy"] == pytest.approx(ref.candidates[0].accuracy)
+
+
+def test_one_searched_number_is_searched_on_an_even_grid(tmp_path):
+    space = RecipeSpace("linear", ("weight",))
+    res = cma_search(space, tmp_path / "base", {"a": tmp_path / "a"},
+                     lambda cfgs: [{"score": -abs(c["models"][0]["parameters"]["weight"] - 0.6)} for c in cfgs],
+                     evaluations=6)
+    weights = [c.config["models"][0]["parameters"]["weight"] for c in res.candidates]
+    assert weights == [1.0, 0.0, 0.25, 0.5, 0.75, 1.0]  # the start point, then 5 even steps over [0, 1]
+    assert res.best.config["models"][0]["parameters"]["weight"] == 0.5

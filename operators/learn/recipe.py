@@ -51,6 +51,7 @@ class RecipeSpace:
     params: tuple[str, ...]
     layers: int = 1
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    initial: Mapping[str, float] = field(default_factory=dict)  # where CMA-ES starts (default: :data:`START`)
 
     def __post_init__(self) -> None:
         if self.method not in RECIPE_PARAMS:
@@ -83,7 +84,7 @@ class RecipeSpace:
         out = []
         for p, _, _ in self.slots(models):
             lo, hi = self.bound(p)
-            out.append(min(1.0, max(0.0, (START[p] - lo) / (hi - lo))))
+            out.append(min(1.0, max(0.0, (self.initial.get(p, START[p]) - lo) / (hi - lo))))
         return np.asarray(out)
 
     def config(self, x: Sequence[float], base: str | Path, models: Mapping[str, str | Path]) -> dict[str, Any]:
@@ -148,7 +149,8 @@ def cma_search(space: RecipeSpace, base: str | Path, models: Mapping[str, str | 
     """CMA-ES over ``space``: ``evaluate`` scores a generation's configs (each result a candidate, or a mapping
     with ``score``, ``accuracy``, ``normalized``, ``seconds``); stops after ``evaluations`` scores. The first
     candidate (generation 0, alone) is the start point, the method's usual values, so the search never reports
-    worse than it; CMA-ES's generations follow.
+    worse than it; CMA-ES's generations follow. One number alone (CMA-ES needs two) is searched on an even grid
+    of the ``evaluations − 1`` candidates left, as generation 1.
 
     Ties keep the earliest candidate.
     """
@@ -182,6 +184,12 @@ def cma_search(space: RecipeSpace, base: str | Path, models: Mapping[str, str | 
 
     score([x0], 0)  # generation 0: the start point itself (the method's usual values), the mark to beat
     generation = 1
+    if d == 1:  # CMA-ES needs two numbers or more: one is searched on an even grid of the candidates left
+        n = evaluations - 1
+        if n > 0:
+            score([np.asarray([i / max(1, n - 1)]) for i in range(n)], 1)
+        best = max(candidates, key=lambda c: (c.score, -c.index))
+        return RecipeResult(best, candidates, 2 if n > 0 else 1, n, d, time.perf_counter() - start)
     while len(candidates) < evaluations:
         xs = es.ask()[:evaluations - len(candidates)]
         batch = score(xs, generation)

@@ -8,6 +8,7 @@
     mergeflow lm-eval CKPT --tasks T         score a causal LM with lm-evaluation-harness
     mergeflow merge CONFIG OUT               merge checkpoints (mergeflow or mergekit YAML config)
     mergeflow compare SPEC [--seeds 0,1,2]   strategies × merges at the same budget: table and plot
+    mergeflow compose SPEC --target T --out D  weigh the other tasks' experts for T from a few examples (LoraHub)
     mergeflow ui SPEC [--port 5000]          the MLflow UI on SPEC's tracking store, with links to the last run
     mergeflow submit SPEC --address URL      run SPEC as a Ray job on a cluster; prints the job id
     mergeflow jobs --address URL             the cluster's mergeflow jobs: status, workflow
@@ -22,7 +23,7 @@
 Exit codes: 0 success; 1 the workflow failed while running; 2 bad input (spec, data, model).
 
 One module per verb group, each adding its commands to the group ``main`` (``group.py``):
-``run`` (validate, run, resume, compare), ``inspect`` (status, ui, export), ``score`` (lm-eval), ``merge``, ``cluster``
+``run`` (validate, run, resume, compare, compose), ``inspect`` (status, ui, export), ``score`` (lm-eval), ``merge``, ``cluster``
 (submit, jobs, logs, stop), ``recurring`` (contribute, round, schedule, history) and ``store`` (gc); what they share
 (exit codes, one-line errors, spec loading, console) is in ``common``. A Ray job starts in
 ``job_entry``. No module here imports MLflow: runs are read through ``pipeline.lineage``.

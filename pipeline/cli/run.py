@@ -275,3 +275,38 @@ def compare(spec: str, strategies: str, merges: str, round_merges: str, out_dir:
         console.print(f"{label}: " + ", ".join(f"budget {b:.2f} → {acc:.3f}" + (
             f" ({spread[k][0]:.3f}–{spread[k][1]:.3f})" if spread else "") for k, (b, acc) in enumerate(points)))
     console.print(f"wrote {', '.join(str(f) for f in result.files)}; MLflow run {result.run_id}")
+
+
+@main.command()
+@click.argument("spec", type=click.Path())
+@click.option("--target", required=True, help="The new task (a causal-LM task of SPEC): its expert is not used.")
+@click.option("--examples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Labelled examples of the target (a seeded sample of its train split) the weights are fit on.")
+@click.option("--out", required=True, type=click.Path(), help="Where the composed model is written.")
+@click.option("--evaluations", type=click.IntRange(min=2), default=40, show_default=True,
+              help="Candidates CMA-ES scores (LoraHub: 40).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--l1", type=click.FloatRange(min=0.0), default=0.05, show_default=True,
+              help="α of the L1 penalty on the weights (LoraHub: 0.05).")
+@click.option("--address", default=None, help="Ray cluster for the experts' fine-tunes (as for run).")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all).")
+@click.option("--tracking-uri", default=None, help="Override tracking.uri.")
+@click.option("--store", default=None, help="Override store.root.")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON at the end.")
+def compose(spec: str, target: str, examples: int, out: str, evaluations: int, seed: int, l1: float,
+            address: str | None, num_cpus: int | None, tracking_uri: str | None, store: str | None,
+            as_json: bool) -> None:
+    """Weigh SPEC's other experts for the task TARGET from a few of its examples (LoraHub), write the composed
+    model to OUT, and score it on TARGET's held-out split against the uniform merge and the base."""
+    import json
+
+    from pipeline.compose import compose_target
+
+    wf = load_spec(spec, tracking_uri, store)
+    try:
+        record = compose_target(wf, target, examples, out, evaluations=evaluations, seed=seed, l1=l1,
+                                address=address, num_cpus=num_cpus)
+    except ValueError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
