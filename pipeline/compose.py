@@ -5,7 +5,8 @@ labelled examples (LoraHub's gradient-free composition; ``operators.learn.compos
         ──▶ CMA-ES over the experts' weights on N examples of TARGET ──▶ composed model
         ──▶ TARGET's held-out eval split: composed, the uniform merge (w = 1/K), the base
 
-Everything goes to the workflow's MLflow experiment: the one-shot run of the other tasks, and a run
+Everything goes to the workflow's MLflow experiment: the one-shot run of the other tasks (its merged model
+registered as ``<registered model>-without-TARGET``, never under the workflow's own name), and a run
 ``compose:TARGET`` (kind ``compose``) with the weights, each candidate's few-shot loss and objective (by step),
 the recipe as a mergekit config (``recipe.yaml``), and the three held-out scores.
 """
@@ -51,6 +52,8 @@ def compose_target(wf: Workflow, target: str, examples: int, out: str | Path, *,
         raise ValueError(f"--examples: {examples} is more than {target!r}'s {len(data.train)} training rows")
     # the other tasks' experts, one-shot from the base (reused from the store when a run already made them)
     raw = {k: v for k, v in wf.model_dump(mode="json", exclude_unset=True).items() if k not in ("rounds", "strategy")}
+    # its merges register under a name of their own: the workflow's registered model (and its alias) stay as they are
+    raw["tracking"] = {**raw.get("tracking", {}), "registered_model": f"{wf.registered_model_name}-without-{target}"}
     derived = Workflow.model_validate({**raw, "tasks": [t.model_dump(mode="json", exclude_unset=True) for t in others]})
     report(f"compose {target}: the experts of {', '.join(t.name for t in others)} (one-shot from the base)")
     result = run_workflow(derived, address=address, num_cpus=num_cpus, report=report)

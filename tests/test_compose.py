@@ -92,6 +92,8 @@ def test_mergeflow_compose_through_ray_and_mlflow(tmp_path):
     run = client.get_run(record["run_id"])
     assert run.data.tags[TAG_KIND] == "compose" and float(run.data.params["weight.length"]) == record["weights"]["length"]
     assert len(client.get_metric_history(record["run_id"], "candidate/objective")) == 8
+    # the merge of the other tasks registers under a name of its own, never the workflow's
+    assert [m.name for m in client.search_registered_models()] == ["tinylm-merged-without-vowel"]
     assert run.data.metrics["held_out/composed/accuracy"] == pytest.approx(record["held_out"]["composed"]["accuracy"])
 
 
