@@ -38,7 +38,7 @@ def main() -> None:
 
     from operators.evaluate import evaluate
     from pipeline.compose import compose_target
-    from pipeline.context import StepContext, expert_key, expert_path, base_ref, local_dir, task_data
+    from pipeline.context import StepContext, base_ref, expert_key, expert_path, local_dir, task_data
     from pipeline.spec import load_workflow
     from pipeline.store import CheckpointStore
 

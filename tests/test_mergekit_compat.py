@@ -24,7 +24,8 @@ from operators.tensor_io import load_state_dict
 from pipeline.cli import main
 
 DATA = Path(__file__).parent / "data" / "mergekit"
-MODELS = ("base", "e0", "e1", "e2", "d_base", "d0", "d1", "d2")  # d_*: five layers, for gradients
+MODELS = ("base", "e0", "e1", "e2", "d_base", "d0", "d1", "d2",  # d_*: five layers, for gradients
+          "t_base", "t0", "t1", "t2")  # t_*: character tokenizers, t0 and t1 with tokens of their own
 CONFIGS = sorted((DATA / "configs").glob("*.yaml"))
 
 
@@ -36,23 +37,44 @@ def filled(cfg: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_same_tensors_as_mergekit(cfg, tmp_path):
+    from operators.merge.vocab import plan_vocab
+
     plan = load_merge_config(filled(cfg, tmp_path))
     assert plan.source_format == "mergekit"
     if plan.method == "passthrough":
         stack_layers(plan.slices, tmp_path / "out", out_dtype=plan.out_dtype)
     else:
+        vocab = None if plan.tokenizer_source is None else plan_vocab(plan.base, plan.experts, plan.tokenizer_source,
+                                                                       plan.pad_to_multiple_of)
         merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, tmp_path / "out", out_dtype=plan.out_dtype,
-                          tensor_params=plan.tensor_params)
+                          tensor_params=plan.tensor_params, vocab=vocab)
     got = load_state_dict(tmp_path / "out")
     want = load_file(DATA / "expected" / f"{cfg.stem}.safetensors")
     assert sorted(got) == sorted(want)
+    vocab_file = DATA / "expected" / f"{cfg.stem}.vocab.json"
+    if vocab_file.is_file():  # a merge of vocabularies: the same tokens, each token's rows compared by token
+        from transformers import AutoTokenizer
+
+        want_vocab = json.loads(vocab_file.read_text())
+        got_vocab = AutoTokenizer.from_pretrained(str(tmp_path / "out")).get_vocab()
+        assert got_vocab.keys() == want_vocab.keys()
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == want["lm_head.weight"].shape[0]
+        order = sorted(want_vocab)
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert got[k].shape == want[k].shape, k
+            g, w = got[k][[got_vocab[t] for t in order]], want[k][[want_vocab[t] for t in order]]
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-6), f"{cfg.stem}: {k} differs by {float((g - w).abs().max())}"
+            n = len(order)  # padding rows past the vocabulary: the mean of the rows
+            assert torch.allclose(got[k][n:], want[k][n:], rtol=1e-5, atol=1e-6)
+            got[k], want[k] = g, w
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
         diff = float((got[k].float() - want[k].float()).abs().max())
         assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), f"{cfg.stem}: {k} differs by {diff}"
     # and the merge really changed something (not a copy of an input)
-    base = load_state_dict(DATA / "models" / ("d_base" if "$d" in cfg.read_text() else "base"))
-    assert any(not torch.equal(got[k], base[k]) for k in base)
+    text = cfg.read_text()
+    base = load_state_dict(DATA / "models" / ("d_base" if "$d" in text else "t_base" if "$t" in text else "base"))
+    assert any(not torch.equal(got[k], base[k]) for k in base if got[k].shape == base[k].shape)
 
 
 def test_cli_merge_with_a_mergekit_config_prints_a_json_summary(tmp_path):
@@ -121,7 +143,10 @@ REFUSED = [
     ("hub id", edit(models=[{"model": "meta-llama/Llama-3-8B", "parameters": {"weight": 1}}]),
      "models[0].model: 'meta-llama/Llama-3-8B' is not a local checkpoint directory (a Hugging Face hub id? "),
     ("lora", edit(models=[{"model": str(DATA / "models" / "e0") + "@adapter"}]), "applies a LoRA (model@lora)"),
-    ("tokenizer union", edit(tokenizer_source="union"), "tokenizer_source: 'union' is not supported"),
+    ("per-token embedding sources", edit(tokenizer={"source": "union", "tokens": {"<x>": {"source": "base"}}}),
+     "tokenizer.tokens: per-token embedding sources are not supported by mergeflow"),
+    ("tokenizer of no model", edit(tokenizer_source=str(DATA / "models" / "e2")),
+     "tokenizer_source: '" + str(DATA / "models" / "e2") + "' is none of the config's models"),
     ("density out of range", edit(models=[{"model": str(DATA / "models" / "e0"),
                                            "parameters": {"weight": 1.0, "density": 1.5}}]),
      "models[0].parameters.density: must be in (0, 1], the fraction of the task vector kept (got 1.5)"),

@@ -30,11 +30,12 @@ def _arch(config_path: Path) -> dict[str, Any]:
 
 
 def check_compatible(base: Path, experts: Mapping[str, Path], readers: Mapping[str, TensorReader],
-                     config_dirs: Mapping[str, Path] | None = None) -> None:
+                     config_dirs: Mapping[str, Path] | None = None, ignore: frozenset[str] = frozenset()) -> None:
     """Raise :class:`MergeError` naming the first difference between the base and an expert.
 
     ``config_dirs`` gives, per expert, the directory whose ``config.json`` describes it (a LoRA
-    expert's is its base's; default: the expert's own directory).
+    expert's is its base's; default: the expert's own directory); ``ignore``: config keys allowed to differ
+    (``vocab_size`` where vocabularies are merged).
     """
     base_arch = _arch(base / "config.json")
     ref = readers["__base__"]
@@ -43,7 +44,7 @@ def check_compatible(base: Path, experts: Mapping[str, Path], readers: Mapping[s
         arch = _arch((config_dirs or {}).get(name, path) / "config.json")
         # transformers versions add or drop default keys when saving; compare what both declare
         # (tensor names, shapes and dtypes are compared one by one below)
-        diff = sorted(k for k in set(base_arch) & set(arch) if base_arch[k] != arch[k])
+        diff = sorted(k for k in set(base_arch) & set(arch) if base_arch[k] != arch[k] and k not in ignore)
         if base_arch.get("model_type") != arch.get("model_type"):
             diff = ["model_type", *diff]
         if diff:

@@ -40,6 +40,9 @@ class MergePlan:
     adapter_bases: dict[str, Path] = field(default_factory=dict)
     # parameters that vary by tensor (a mergekit config's gradients and filters): tensor name → parameters
     tensor_params: Callable[[str], dict[str, Any]] | None = None
+    # models with different vocabularies: the output tokenizer (union | base | model:NAME) and its padding
+    tokenizer_source: str | None = None
+    pad_to_multiple_of: int | None = None
 
 
 # How a model given as a URI (s3://…, gs://…) becomes a local directory: set by the caller (the CLI
@@ -86,3 +89,21 @@ def scalar(value: Any, where: str) -> Any:
         raise MergeConfigError(f"{where}: filtered (per-tensor) parameter values are not supported by mergeflow; "
                                "give one value")
     return value
+
+
+def tokenizer_setting(value: Any, where: str) -> tuple[str, int | None]:
+    """A ``tokenizer: {source, pad_to_multiple_of}`` block (or a bare source) read as (source, padding)."""
+    if isinstance(value, str):
+        value = {"source": value}
+    if not isinstance(value, dict):
+        raise MergeConfigError(f"{where}: {{source: union | base | model:NAME, pad_to_multiple_of: N}} is needed "
+                               f"(got {value!r})")
+    unknown = sorted(set(value) - {"source", "pad_to_multiple_of"})
+    if unknown:
+        what = "per-token embedding sources are not supported by mergeflow" if unknown[0] == "tokens" \
+            else "not a key of tokenizer (source, pad_to_multiple_of)"
+        raise MergeConfigError(f"{where}.{unknown[0]}: {what}")
+    pad = value.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise MergeConfigError(f"{where}.pad_to_multiple_of: a positive whole number is needed (got {pad!r})")
+    return str(value.get("source", "union")), pad

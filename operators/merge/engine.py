@@ -47,6 +47,7 @@ from operators.merge.heads import _copy_heads, _plan_heads, _state_heads
 from operators.merge.lora_adapter import AdapterBuilder, linear_coefficients
 from operators.merge.output import _BackgroundWriter, _write_config, atomic_output_dir
 from operators.merge.registry import MergeMethod, get_method, resolve_weights
+from operators.merge.vocab import VocabPlan, aligned_readers
 from operators.state import AdapterCheckpoint, StateCheckpoint
 from operators.tensor_io import ShardedWriter, TensorReader
 
@@ -94,6 +95,7 @@ def merge_checkpoints(
     adapter_rank: int | None = None,
     adapter_factorization: Literal["svd", "concat"] = "svd",
     tensor_params: Callable[[str], Mapping[str, Any]] | None = None,
+    vocab: VocabPlan | None = None,
 ) -> MergeReport:
     """Merge the experts' bodies with ``method``; keep each expert's task head.
 
@@ -126,6 +128,9 @@ def merge_checkpoints(
             config's gradients and filters, see ``operators.merge.schedule``); ``params`` is then the
             parameters reported for the merge as a whole. Every tensor's are checked before anything
             is written; the provenance lists each distinct set with its tensors.
+        vocab: Models with different vocabularies (:func:`operators.merge.vocab.plan_vocab`): every model's
+            token-indexed tensors laid out in the plan's output vocabulary first; the plan's tokenizer and
+            ``vocab_size`` are written (lora mode exact).
 
     Returns:
         A :class:`MergeReport`.
@@ -151,9 +156,7 @@ def merge_checkpoints(
     adapters = {n: read_adapter(paths[n]) for n in names if is_adapter_dir(paths[n])}
     lora_bases = _check_lora_args(base, names, adapters, adapter_bases, lora_mode, adapter_rank,
                                   adapter_factorization, out_dtype)
-    if tensor_params is not None and lora_mode == "adapter":
-        raise MergeError(f"{method}: parameters that vary by tensor (gradients, filters) need lora mode exact; "
-                         "give one value per parameter")
+    _check_exact_only(method, lora_mode, tensor_params, vocab)
     coefficients = None
     if lora_mode == "adapter" and adapter_factorization == "concat":
         coefficients = linear_coefficients(spec, p, weights, names)
@@ -163,7 +166,10 @@ def merge_checkpoints(
         readers["__base__"] = TensorReader(base)
         for n in names:
             readers[n] = LoraDeltaReader(adapters[n], lora_bases[n]) if n in adapters else TensorReader(paths[n])
-        check_compatible(base, paths, readers, config_dirs=lora_bases)
+        if vocab is not None:
+            readers = aligned_readers(vocab, readers)
+        check_compatible(base, paths, readers, config_dirs=lora_bases,
+                         ignore=frozenset({"vocab_size"}) if vocab is not None else frozenset())
         heads = _plan_heads(paths)
 
         report = MergeReport(method=method, params=p.model_dump(mode="json"), experts=names, weights=weights,
@@ -185,8 +191,7 @@ def merge_checkpoints(
         with atomic_output_dir(out_dir) as tmp:
             _write_merged(tmp, keys, readers, names, spec, p, weights, stats, chunk_elements, out_dtype,
                           max_shard_bytes, report, progress, per_tensor)
-            _write_config(base / "config.json", tmp / "config.json", out_dtype)
-            copy_tokenizer(base, tmp)
+            _write_config_and_tokenizer(base, tmp, out_dtype, vocab)
             report.heads = _copy_heads(heads, paths, heads_from, tmp)
             report.seconds = time.perf_counter() - start
             write_provenance(tmp, {
@@ -198,6 +203,7 @@ def merge_checkpoints(
                 "experts": {n: str(paths[n]) for n in names},
                 **lora_record,
                 **({"tensor_params": _params_record(per_tensor)} if per_tensor is not None else {}),
+                **({"vocabulary": vocab.record()} if vocab is not None else {}),
                 **(provenance or {}),
             })
         return report
@@ -226,6 +232,26 @@ def _write_merged(tmp: Path, keys: list[str], readers: Mapping[str, Any], names:
                 progress(report.tensors, len(keys))
     report.output_files = writer.close()
     report.bytes_written = writer.bytes_written
+
+
+def _check_exact_only(method: str, lora_mode: str, tensor_params: Any, vocab: VocabPlan | None) -> None:
+    if vocab is not None and lora_mode == "adapter":
+        raise MergeError("tokenizer: merging vocabularies writes full checkpoints; use lora mode exact")
+    if tensor_params is not None and lora_mode == "adapter":
+        raise MergeError(f"{method}: parameters that vary by tensor (gradients, filters) need lora mode exact; "
+                         "give one value per parameter")
+
+
+def _write_config_and_tokenizer(base: Path, tmp: Path, out_dtype: torch.dtype | None, vocab: VocabPlan | None) -> None:
+    """The base's config (in ``out_dtype``) and tokenizer; with ``vocab``, its tokenizer and its vocabulary size."""
+    _write_config(base / "config.json", tmp / "config.json", out_dtype)
+    if vocab is None:
+        copy_tokenizer(base, tmp)
+        return
+    vocab.tokenizer.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["vocab_size"] = vocab.size
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _per_tensor_params(spec: MergeMethod, tensor_params: Callable[[str], Mapping[str, Any]], keys: list[str],

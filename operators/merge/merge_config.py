@@ -7,6 +7,7 @@ mergeflow's format names the base, the experts and one registered method::
     method: ties
     params: {density: 0.2, scaling: 1.0}
     dtype: float32            # optional: output dtype (default: the base's)
+    tokenizer: {source: union} # optional: experts with other vocabularies (union | base | model:NAME)
 
 An expert may be a peft LoRA adapter directory (merged exactly as base + B·A·scaling); an optional
 ``lora`` block picks the output::
@@ -30,7 +31,15 @@ from typing import Any
 
 import yaml
 
-from operators.merge.config_common import _FETCH, DTYPES, MergeConfigError, MergePlan, dtype_of, local_path
+from operators.merge.config_common import (
+    _FETCH,
+    DTYPES,
+    MergeConfigError,
+    MergePlan,
+    dtype_of,
+    local_path,
+    tokenizer_setting,
+)
 from operators.merge.mergekit_config import MERGEKIT_METHODS, from_mergekit
 from operators.merge.registry import get_method
 
@@ -65,7 +74,7 @@ def parse_merge_config(raw: Mapping[str, Any], root: Path = Path(".")) -> MergeP
     """Translate a config mapping into a :class:`MergePlan` (mergekit's when it has ``merge_method``)."""
     if "merge_method" in raw:
         return from_mergekit(raw, Path.cwd())
-    known = {"base", "experts", "method", "params", "dtype", "lora", "adapter_bases"}
+    known = {"base", "experts", "method", "params", "dtype", "lora", "adapter_bases", "tokenizer"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise MergeConfigError(f"{unknown[0]}: unknown key; a mergeflow merge config has {', '.join(sorted(known))} "
@@ -90,6 +99,12 @@ def parse_merge_config(raw: Mapping[str, Any], root: Path = Path(".")) -> MergeP
         out_dtype=dtype_of(raw.get("dtype"), "dtype"),
     )
     _lora_settings(raw, root, plan)
+    if raw.get("tokenizer") is not None:
+        plan.tokenizer_source, plan.pad_to_multiple_of = tokenizer_setting(raw["tokenizer"], "tokenizer")
+        src = plan.tokenizer_source
+        if src not in ("union", "base") and not (src.startswith("model:") and src[6:] in plan.experts):
+            raise MergeConfigError(f"tokenizer.source: {src!r} is not union, base or model:NAME of an expert "
+                                   f"({', '.join(f'model:{n}' for n in plan.experts)})")
     return plan
 
 

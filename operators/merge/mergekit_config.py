@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from operators.errors import MergeError
-from operators.merge.config_common import MergeConfigError, MergePlan, dtype_of, local_path
+from operators.merge.config_common import MergeConfigError, MergePlan, dtype_of, local_path, tokenizer_setting
 from operators.merge.passthrough import LayerSlice, layer_count
 from operators.merge.registry import get_method
 from operators.merge.schedule import check_setting, layer_position, resolve, varies
@@ -40,10 +40,9 @@ MERGEKIT_METHODS: dict[str, set[str]] = {
 # mergekit methods whose base_model may be left out (they then merge the models themselves)
 MERGEKIT_BASE_OPTIONAL = {"linear", "nuslerp", "multislerp", "karcher"}
 MERGEKIT_TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-                     "name"}
+                     "tokenizer", "name"}
 MERGEKIT_UNSUPPORTED_KEYS = {
     "modules": "per-module merges",
-    "tokenizer": "tokenizer surgery",
     "chat_template": "chat templates",
 }
 
@@ -67,6 +66,7 @@ def from_mergekit(raw: Mapping[str, Any], root: Path) -> MergePlan:
                      out_dtype=dtype_of(raw.get("out_dtype") or raw.get("dtype"), "out_dtype" if raw.get("out_dtype") else "dtype"))
     if method not in MERGEKIT_BASE_OPTIONAL and base is None:
         raise MergeConfigError(f"base_model: required by mergekit's {method}")
+    _tokenizer(raw, root, plan, base)
     if not any(varies(v) for v in [*glob.values(), *(v for _, _, ps in inputs for v in ps.values())]):
         _MERGEKIT_PARAMS[method](_MergekitParams(method, glob, inputs, names, plan), plan, base)
     else:
@@ -196,6 +196,9 @@ def _passthrough(raw: Mapping[str, Any], root: Path, method: str, glob: dict[str
     if method != "passthrough":
         raise MergeConfigError(f"slices: mergeflow stacks slices with merge_method: passthrough only (got {method!r}); "
                                "merge whole models with models:")
+    if raw.get("tokenizer") is not None or raw.get("tokenizer_source") not in (None, "base"):
+        raise MergeConfigError("tokenizer: a passthrough stack takes its first slice's model's tokenizer; merging "
+                               "vocabularies is for merges of whole models (remove tokenizer)")
     if "slices" in raw:
         entries = raw["slices"] if isinstance(raw["slices"], list) and raw["slices"] and "models" not in raw else [None]
         for i, sl in enumerate(entries):
@@ -236,6 +239,26 @@ def _passthrough(raw: Mapping[str, Any], root: Path, method: str, glob: dict[str
                                         "out_dtype" if raw.get("out_dtype") else "dtype"), slices=slices)
 
 
+def _tokenizer(raw: Mapping[str, Any], root: Path, plan: MergePlan, base: Path | None) -> None:
+    """``tokenizer_source`` / ``tokenizer``: union, base, or a model's path (as ``model:NAME`` of that expert)."""
+    where = "tokenizer_source" if raw.get("tokenizer_source") is not None else "tokenizer"
+    value = raw.get(where)
+    if value is None:
+        return
+    source, pad = tokenizer_setting(value, where)
+    if source not in ("union", "base"):
+        path = local_path(source, root, f"{where}{'.source' if where == 'tokenizer' else ''}").resolve()
+        names = [n for n, p in plan.experts.items() if p.resolve() == path]
+        if base is not None and path == base.resolve():
+            source = "base"
+        elif names:
+            source = f"model:{names[0]}"
+        else:
+            raise MergeConfigError(f"{where}: {value!r} is none of the config's models; give union, base or one of "
+                                   "its models")
+    plan.tokenizer_source, plan.pad_to_multiple_of = source, pad
+
+
 def _mergekit_method(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The config's merge method and its global parameters, checked against what mergeflow reads."""
     for key in raw:
@@ -248,10 +271,8 @@ def _mergekit_method(raw: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if method not in MERGEKIT_METHODS:
         raise MergeConfigError(f"merge_method: {method!r} is not supported by mergeflow; "
                                f"supported mergekit methods: {', '.join(sorted(MERGEKIT_METHODS))}")
-    ts = raw.get("tokenizer_source")
-    if ts not in (None, "base"):
-        raise MergeConfigError(f"tokenizer_source: {ts!r} is not supported; mergeflow copies the base model's "
-                               "tokenizer (tokenizer_source: base)")
+    if raw.get("tokenizer_source") is not None and raw.get("tokenizer") is not None:
+        raise MergeConfigError("tokenizer_source: give tokenizer_source or tokenizer, not both (as mergekit)")
     allowed = MERGEKIT_METHODS[method]
     glob = dict(raw.get("parameters") or {})
     for k, v in glob.items():

@@ -58,12 +58,17 @@ def merge(config: str, out: str, shard_size: str, threads: int | None, as_json: 
             report = stack_layers(plan.slices, out, out_dtype=plan.out_dtype, max_shard_bytes=shard_bytes,
                                   provenance=made, progress=progress)
         else:
+            vocab = None
+            if plan.tokenizer_source is not None:  # vocabularies laid out in the output tokenizer's
+                from operators.merge.vocab import plan_vocab
+
+                vocab = plan_vocab(plan.base, plan.experts, plan.tokenizer_source, plan.pad_to_multiple_of)
             report = merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, out,
                                        max_shard_bytes=shard_bytes, progress=progress, out_dtype=plan.out_dtype,
                                        provenance=made, adapter_bases=plan.adapter_bases or None,
                                        lora_mode=plan.lora_mode, adapter_rank=plan.adapter_rank,
                                        adapter_factorization=plan.adapter_factorization,
-                                       tensor_params=plan.tensor_params)
+                                       tensor_params=plan.tensor_params, vocab=vocab)
     except (MergeError, CheckpointError, ValueError) as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     finally:
