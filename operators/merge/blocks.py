@@ -165,6 +165,13 @@ def _tensor_context(key, readers, names, spec, p, stats, whole: bool) -> tuple[T
         checked.add(names[i])
         return e.sub_(whole_base[0]) if e.dtype == torch.float32 else e.float() - whole_base[0]
 
+    def model(i: int) -> torch.Tensor:  # an input itself, for methods that merge the models (not task vectors)
+        e = readers[names[i]].get(key)
+        _check_finite(e, names[i], key)
+        checked.add(names[i])
+        return e.float()
+
+    task_vector.model = model  # type: ignore[attr-defined]
     return replace(ctx, local=spec.tensor_stats(task_vector, p, names, key)), checked
 
 
