@@ -10,7 +10,8 @@ The output's config is the first slice's model's with the new layer count (and p
 ``layer_types`` stacked likewise; other per-layer settings, such as Qwen2's ``max_window_layers``, are
 copied as they are); its tokenizer is that model's too. The models must share their shape (hidden,
 intermediate and vocabulary sizes, heads). Tensors are copied as they are
-(cast to ``out_dtype`` when given): no arithmetic unless scaled, so the stack is bit-exact.
+(cast to ``out_dtype`` when given): no arithmetic unless scaled, so the stack is bit-exact. Tensors are
+copied in pieces of ``CHUNK_ELEMENTS``, so memory stays near a few pieces whatever the model's size.
 
 Layers are found by name, ``….layers.N.…`` (Llama, Mistral, Qwen, Gemma …), ``….h.N.…`` (GPT-2) or
 ``….layer.N.…`` / ``….blocks.N.…``; the layer count by ``num_hidden_layers`` / ``n_layer`` in config.json.
@@ -30,6 +31,7 @@ import torch
 from operators.checkpoint_files import copy_tokenizer, write_provenance
 from operators.errors import MergeError
 from operators.merge.engine import MergeReport
+from operators.merge.blocks import CHUNK_ELEMENTS
 from operators.merge.layers import LAYER_RE, layer_count
 from operators.merge.output import _BackgroundWriter, atomic_output_dir
 from operators.merge.schedule import evaluate
@@ -138,11 +140,13 @@ def stack_layers(slices: Sequence[LayerSlice], out_dir: str | Path, *, out_dtype
                                    metadata={"mergeflow_method": "passthrough"})
             with _BackgroundWriter(writer) as bg:
                 for n, (o, i, k, scale) in enumerate(plan, 1):
-                    t = readers[i].get(k)
-                    report.bytes_read += t.numel() * t.element_size()
-                    if scale is not None and t.is_floating_point():
-                        t = t * scale
-                    bg.write(o, t.to(dtypes[o]))
+                    numel = readers[i].numel(k)
+                    for start in range(0, max(1, numel), CHUNK_ELEMENTS):  # copied in pieces: memory stays flat
+                        t = readers[i].get_flat(k, start, min(numel, start + CHUNK_ELEMENTS))
+                        report.bytes_read += t.numel() * t.element_size()
+                        if scale is not None and t.is_floating_point():
+                            t = t * scale
+                        bg.write(o, t.to(dtypes[o]))
                     if progress is not None:
                         progress(n, len(plan))
             report.output_files = writer.close()
