@@ -30,8 +30,8 @@ import torch
 
 from operators.checkpoint_files import copy_tokenizer, write_provenance
 from operators.errors import MergeError
-from operators.merge.engine import MergeReport
 from operators.merge.blocks import CHUNK_ELEMENTS
+from operators.merge.engine import MergeReport
 from operators.merge.layers import LAYER_RE, layer_count
 from operators.merge.output import _BackgroundWriter, atomic_output_dir
 from operators.merge.schedule import evaluate
