@@ -63,7 +63,7 @@ def test_compose_weighs_up_the_expert_that_knows_the_new_task(lm_experts):
 
 
 @pytest.mark.e2e
-def test_mergeflow_compose_through_ray_and_mlflow(tmp_path):
+def test_mergeflow_compose_records_its_search_in_mlflow(tmp_path):
     import json
 
     import yaml
@@ -79,7 +79,7 @@ def test_mergeflow_compose_through_ray_and_mlflow(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "composed"
     res = CliRunner().invoke(main, ["compose", str(tmp_path / "spec.yaml"), "--target", "vowel", "--examples", "12",
-                                    "--evaluations", "8", "--out", str(out), "--num-cpus", "2", "--json"])
+                                    "--evaluations", "8", "--out", str(out), "--address", "in-process", "--json"])
     assert res.exit_code == 0, res.output
     record = json.loads(res.output[res.output.index("{\n"):])
     # the other task's expert only; the composed model is task arithmetic of it at the found weight
