@@ -14,7 +14,7 @@ with this environment's torch build so no CUDA wheel is pulled), or give --merge
     python benchmarks/merge_speed.py --skip-mergekit # mergeflow only
     python benchmarks/merge_speed.py --skip-mergekit --methods task_arithmetic,tsv_m,iso_c,iso_cts,cart
                                                      # the SVD merges against task arithmetic
-    python benchmarks/merge_speed.py --reps 1 --methods della,sce,multislerp,karcher,nuslerp,nearswap,passthrough
+    python benchmarks/merge_speed.py --reps 1 --methods della,sce,multislerp,karcher,nuslerp,nearswap,passthrough,arcee_fusion
                                                      # mergekit's other methods, both tools
 
 After the timed runs the outputs of the two tools are compared tensor by tensor.
@@ -122,6 +122,12 @@ slices:
   - sources:
       - model: {e1}
         layer_range: [4, 12]
+dtype: float32
+""",
+    "arcee_fusion": """merge_method: arcee_fusion
+base_model: {base}
+models:
+  - model: {e0}
 dtype: float32
 """,
 }
