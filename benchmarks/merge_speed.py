@@ -6,7 +6,8 @@ base plus small Gaussian noise. The script builds them once under --workdir.
 
 Each tool merges the same mergekit YAML config (TIES at density 0.2, and task arithmetic), run as
 a fresh process (`mergeflow merge` / `mergekit-yaml`), alternating tools, several repetitions. Wall
-time and the peak RSS of that process (wait4's ru_maxrss) are recorded; medians and ratios printed.
+time and the peak RSS of that process (its own VmHWM, polled; wait4's ru_maxrss would carry this
+script's own size over fork and exec) are recorded; medians and ratios printed.
 mergekit (0.1.5) goes into its own virtual environment under --workdir (installed on first use,
 with this environment's torch build so no CUDA wheel is pulled), or give --mergekit-bin.
 
@@ -194,19 +195,31 @@ def ensure_mergekit(work: Path) -> Path:
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Run ``cmd`` as a child process; its wall time (s) and peak RSS (bytes, from wait4)."""
+    """Run ``cmd`` as a child process; its wall time (s) and peak RSS (bytes).
+
+    The peak is the child's own high-water mark (``VmHWM`` of /proc/PID/status, read every 20 ms until it
+    exits; it only grows). Not wait4's ``ru_maxrss``: Linux carries a process's maximum across fork and exec,
+    so a child of this (large) process would report at least this process's size.
+    """
     import tempfile
 
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty child cannot block on a full pipe
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                peak = max(peak, int(next(ln for ln in status.splitlines() if ln.startswith("VmHWM:")).split()[1]))
+            except (OSError, StopIteration, ValueError):
+                pass
+            time.sleep(0.02)
         wall = time.perf_counter() - start
         log.seek(0)
         err = log.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, peak * 1024
 
 
 def compare_outputs(a: Path, b: Path) -> tuple[float, int, int]:
