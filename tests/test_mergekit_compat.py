@@ -231,11 +231,12 @@ def test_slices_of_models_of_different_shapes_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["multislerp", "nuslerp", "multislerp_nobase", "nuslerp_rows_nobase", "sce", "sce_all",
-                                  "karcher", "karcher_base"])
+                                  "karcher", "karcher_base", "arcee_fusion", "arcee_fusion_deep"])
 def test_whole_tensor_merges_in_row_blocks_give_mergekits_tensors(name, tmp_path):
-    """Large tensors of Multi-SLERP, NuSLERP, SCE and Karcher are merged in row blocks after passes for what they
-    need of the whole tensor (norms and dots; the variance threshold and η; the models' Gram matrix), here blocks of
-    64 elements, so every matrix comes in pieces: still mergekit's tensors."""
+    """Large tensors of Multi-SLERP, NuSLERP, SCE, Karcher and Arcee Fusion are merged in row blocks after passes
+    for what they need of the whole tensor (norms and dots; the variance threshold and η; the models' Gram matrix;
+    the importance's fence), here blocks of 64 elements, so every matrix comes in pieces: still mergekit's
+    tensors."""
     plan = load_merge_config(filled(DATA / "configs" / f"{name}.yaml", tmp_path))
     merge_checkpoints(plan.base, plan.experts, plan.method, plan.params, tmp_path / "out", chunk_elements=64)
     got = load_state_dict(tmp_path / "out")

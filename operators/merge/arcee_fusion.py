@@ -40,6 +40,22 @@ def importance(base: Tensor, other: Tensor) -> Tensor:
     return (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
+ROWS_PER_PASS = 4096  # rows of the importance computed at a time in the fence's pass
+
+
+def fence_stats(task_vector, params: ArceeFusionParams, names, key: str = "") -> Tensor:
+    """The fence of one whole tensor (its importance formed a few thousand rows at a time), so that the tensor
+    can then be merged in row blocks."""
+    other = task_vector.model(0)
+    base = task_vector(0).neg_().add_(other)  # θ_0 = θ_1 − τ, in the task vector's buffer
+    flat_o, flat_b = other.reshape(-1, other.shape[-1]), base.reshape(-1, base.shape[-1])
+    scores = torch.empty_like(flat_o)
+    for r in range(0, flat_o.shape[0], ROWS_PER_PASS):
+        scores[r:r + ROWS_PER_PASS] = importance(flat_b[r:r + ROWS_PER_PASS], flat_o[r:r + ROWS_PER_PASS])
+    del other, base, flat_o, flat_b
+    return fence(scores)
+
+
 def fence(scores: Tensor) -> Tensor:
     """Median + 1.5 IQR of ``scores``, each quantile the order statistic at ⌊q · (n − 1)⌋ (float32 index)."""
     flat = scores.reshape(-1)
@@ -55,6 +71,8 @@ def fence(scores: Tensor) -> Tensor:
     paper="https://github.com/arcee-ai/mergekit/blob/main/mergekit/merge_methods/arcee_fusion.py",
     formula="θ = θ_0 + Δ · [|Δ|·KL(softmax θ_1 ‖ softmax θ_0) ≥ median + 1.5 IQR]",
     experts=(1, 1),
+    chunkable=True,
+    tensor_stats=fence_stats,
 )
 def arcee_fusion(
     base: Tensor | None, experts: Sequence[Tensor], weights: Sequence[float], params: ArceeFusionParams,
@@ -70,7 +88,8 @@ def arcee_fusion(
         raise ValueError(f"arcee_fusion takes the base and exactly one other model (got {len(experts)} experts)")
     a, b = base.float(), experts[0].float()
     scores = importance(a, b)
-    return a + (b - a) * (scores >= fence(scores)).float()
+    threshold = ctx.local if ctx is not None and ctx.local is not None else fence(scores)  # a block's, or whole
+    return a + (b - a) * (scores >= threshold).float()
 
 
-__all__ = ["arcee_fusion", "fence", "importance"]
+__all__ = ["arcee_fusion", "fence", "fence_stats", "importance"]
