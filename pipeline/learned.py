@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from typing import Any
 
 from pipeline.context import ModelRef, StepContext, local_dir, say, task_data
@@ -150,15 +149,19 @@ def recipe_refs(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef]) 
             {t: e.uri for t, e in sorted(experts.items())})
 
 
-def local_recipe(ctx: StepContext, config: dict[str, Any], base: ModelRef, experts: dict[str, ModelRef]):
-    """A recipe's merge plan on this machine: its references replaced by local folders, experts named by task."""
-    from operators.learn.recipe import recipe_plan
-
+def local_config(ctx: StepContext, config: dict[str, Any], base: ModelRef, experts: dict[str, ModelRef]) -> dict[str, Any]:
+    """A recipe with its references replaced by this machine's local folders."""
     base_ref, refs = recipe_refs(ctx, base, experts)
     local = {base_ref: str(local_dir(ctx, base)), **{refs[t]: str(local_dir(ctx, e)) for t, e in experts.items()}}
-    cfg = {**config, "base_model": local[config["base_model"]],
-           "models": [{**m, "model": local[m["model"]]} for m in config["models"]]}
-    return recipe_plan(cfg, {t: local_dir(ctx, e) for t, e in experts.items()})
+    return {**config, "base_model": local[config["base_model"]],
+            "models": [{**m, "model": local[m["model"]]} for m in config["models"]]}
+
+
+def local_recipe(ctx: StepContext, config: dict[str, Any], base: ModelRef, experts: dict[str, ModelRef]):
+    """A recipe's merge plan on this machine: its references local, its experts named by task."""
+    from operators.learn.recipe import recipe_plan
+
+    return recipe_plan(local_config(ctx, config, base, experts), {t: local_dir(ctx, e) for t, e in experts.items()})
 
 
 _SCORERS: dict[str, Any] = {}  # one recipe search's loaded models, kept by each worker process between candidates
@@ -187,18 +190,9 @@ def recipe_candidate_step(ctx: StepContext, base: ModelRef, experts: dict[str, M
     Returns:
         ``{"score", "accuracy", "normalized", "seconds", "run_id"}``.
     """
-    from operators.learn.search import merge_in_memory
-
     lineage = ctx.lineage()
-    scorer = _recipe_scorer(ctx, base, experts)
-    plan = local_recipe(ctx, config, base, experts)
-    t = time.perf_counter()
-    merged = merge_in_memory(scorer.base_sd, {n: scorer.expert_sd[n] for n in plan.experts}, plan.method,
-                             plan.params, tensor_params=plan.tensor_params)
-    acc = scorer.scorer.accuracy(merged)
-    norm = {k: acc[k] / scorer.reference[k] if scorer.reference[k] > 0 else float("nan") for k in acc}
-    score = sum(norm.values()) / len(norm)
-    seconds = time.perf_counter() - t
+    scored = _recipe_scorer(ctx, base, experts).score(local_config(ctx, config, base, experts))
+    score, acc, norm, seconds = scored["score"], scored["accuracy"], scored["normalized"], scored["seconds"]
     cid = lineage.start_run(f"recipe:{number}", kind="search_candidate", parent=run_id,
                             workflow_run=ctx.workflow_run_id, tags={TAG_ROUND: str(round_index),
                                                                     "mergeflow.recipe.generation": str(generation)})

@@ -171,7 +171,14 @@ def _tensor_context(key, readers, names, spec, p, stats, whole: bool) -> tuple[T
         checked.add(names[i])
         return e.float()
 
+    def base() -> torch.Tensor:  # the base itself (a fresh buffer)
+        b = ref.get(key).float()
+        _check_finite(b, "base", key)
+        checked.add("base")
+        return b
+
     task_vector.model = model  # type: ignore[attr-defined]
+    task_vector.base = base  # type: ignore[attr-defined]
     return replace(ctx, local=spec.tensor_stats(task_vector, p, names, key)), checked
 
 

@@ -37,6 +37,9 @@ BASE = "__base__"
 
 
 def vocab_size(model: Path) -> int:
+    if not (model / "config.json").is_file():
+        raise MergeError(f"{model}: no config.json; merging vocabularies needs full checkpoints (a LoRA adapter "
+                         "has its base's vocabulary: leave tokenizer out)")
     cfg = json.loads((model / "config.json").read_text())
     size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
     if not isinstance(size, int):
