@@ -78,7 +78,7 @@ def compose_target(wf: Workflow, target: str, examples: int, out: str | Path, *,
         shutil.rmtree(uniform, ignore_errors=True)
     scores["base"] = evaluate(base, data, headline=task.headline_metric, max_length=max_length)
     record = {**made, "few_shot_loss": {"composed": res.loss, "uniform": res.uniform_loss, "base": res.base_loss},
-              "held_out": {k: {m: v for m, v in s.items()} for k, s in scores.items()}, "search_seconds": res.seconds,
+              "held_out": scores, "search_seconds": res.seconds,
               "candidates": len(res.candidates), "output": str(Path(out).resolve())}
     lineage = Lineage(derived.tracking.uri, result.experiment_id)
     run_id = lineage.start_run(f"compose:{target}", kind="compose", workflow_run=result.run_id)

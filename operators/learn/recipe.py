@@ -143,11 +143,11 @@ class RecipeResult:
 
 
 def cma_search(space: RecipeSpace, base: str | Path, models: Mapping[str, str | Path],
-               evaluate: Callable[[list[dict[str, Any]]], list[RecipeCandidate | dict[str, Any]]], *,
+               evaluate: Callable[[list[dict[str, Any]]], list[Mapping[str, Any]]], *,
                evaluations: int, population: int | None = None, seed: int = 0,
                on_generation: Callable[[list[RecipeCandidate]], None] | None = None) -> RecipeResult:
-    """CMA-ES over ``space``: ``evaluate`` scores a generation's configs (each result a candidate, or a mapping
-    with ``score``, ``accuracy``, ``normalized``, ``seconds``); stops after ``evaluations`` scores. The first
+    """CMA-ES over ``space``: ``evaluate`` scores a generation's configs (each result a mapping with ``score``
+    and optionally ``accuracy``, ``normalized``, ``seconds``, ``run_id``); stops after ``evaluations`` scores. The first
     candidate (generation 0, alone) is the start point, the method's usual values, so the search never reports
     worse than it; CMA-ES's generations follow. One number alone (CMA-ES needs two) is searched on an even grid
     of the ``evaluations − 1`` candidates left, as generation 1.
@@ -172,10 +172,9 @@ def cma_search(space: RecipeSpace, base: str | Path, models: Mapping[str, str | 
         configs = [space.config(x, base, models) for x in xs]
         batch = []
         for x, cfg, s in zip(xs, configs, evaluate(configs), strict=True):
-            c = s if isinstance(s, RecipeCandidate) else RecipeCandidate(
-                index=0, generation=0, x=[], config=cfg, score=float(s["score"]), accuracy=dict(s.get("accuracy", {})),
-                normalized=dict(s.get("normalized", {})), seconds=float(s.get("seconds", 0.0)), run_id=s.get("run_id"))
-            c.index, c.generation, c.x, c.config = len(candidates), generation, [float(v) for v in x], cfg
+            c = RecipeCandidate(len(candidates), generation, [float(v) for v in x], cfg, float(s["score"]),
+                                dict(s.get("accuracy", {})), dict(s.get("normalized", {})),
+                                float(s.get("seconds", 0.0)), s.get("run_id"))
             candidates.append(c)
             batch.append(c)
         if on_generation is not None:

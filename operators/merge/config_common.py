@@ -1,5 +1,5 @@
 """What both merge-config formats share: the plan ``mergeflow merge`` runs, the error, and reading
-model paths, dtypes and scalar values."""
+model paths, dtypes and tokenizer settings."""
 
 from __future__ import annotations
 
@@ -79,16 +79,6 @@ def dtype_of(value: Any, where: str) -> torch.dtype | None:
     if value not in DTYPES:
         raise MergeConfigError(f"{where}: {value!r} is not a supported dtype; use one of {', '.join(DTYPES)}")
     return DTYPES[value]
-
-
-def scalar(value: Any, where: str) -> Any:
-    if isinstance(value, list):
-        raise MergeConfigError(f"{where}: gradients (a list of values interpolated over layers) are not supported "
-                               "by mergeflow; give one value")
-    if isinstance(value, dict):
-        raise MergeConfigError(f"{where}: filtered (per-tensor) parameter values are not supported by mergeflow; "
-                               "give one value")
-    return value
 
 
 def tokenizer_setting(value: Any, where: str) -> tuple[str, int | None]:

@@ -66,14 +66,15 @@ def union_tokenizer(base_tok: Any, others: list[Any]) -> Any:
         out = AutoTokenizer.from_pretrained(tmp)
     have = set(out.get_vocab())
     added: dict[str, Any] = {}
-    plain: list[str] = []
+    plain: dict[str, None] = {}  # in order of arrival (a dict: membership in constant time over large vocabularies)
     for tok in [base_tok, *others]:
         special = {info.content: info for info in tok.added_tokens_decoder.values()}
-        for t in sorted(tok.get_vocab(), key=tok.get_vocab().get):
+        vocab = tok.get_vocab()
+        for t in sorted(vocab, key=vocab.get):
             if t in special:
                 added.setdefault(t, special[t])
-            elif t not in have and t not in plain:
-                plain.append(t)
+            elif t not in have:
+                plain.setdefault(t)
     for t in plain:
         out.add_tokens(t)
     for t, info in added.items():
