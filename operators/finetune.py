@@ -22,8 +22,8 @@ bit as one loaded from its checkpoint. Knows nothing of Ray or MLflow: progress 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,14 +32,24 @@ from typing import Any, Protocol
 
 import torch
 
-from operators.checkpoint import default_lora_targets, load_task_model, quiet_transformers, save_task_model
+from operators.checkpoint import load_task_model, quiet_transformers, save_task_model
 from operators.checkpoint_files import HEAD_WEIGHTS, HEADS_DIR, copy_tokenizer, save_head
 from operators.data import Split, TaskData
+from operators.distributed import Distributed, full_state, read_resume, wrap, write_resume
 from operators.errors import TrainingDiverged
+from operators.lm_batches import (  # noqa: F401  (IGNORE_INDEX, lm_tokenizer, encode_lm: importable from here)
+    IGNORE_INDEX,
+    collate_lm,
+    encode_lm,
+    keeps_logits,
+    learned_tokens,
+    lm_loss,
+    lm_tokenizer,
+)
+from operators.lora import add_lora
 from operators.sharpness import sharpness_aware_
 
 LogFn = Callable[[int, dict[str, float]], None]
-IGNORE_INDEX = -100  # label value the loss skips (prompt and padding positions)
 
 
 class LoraSettings(Protocol):
@@ -131,100 +141,6 @@ def autocast(precision: str, device: str):
     return contextlib.nullcontext()
 
 
-# --- causal LM batches -------------------------------------------------------------------------------
-
-def lm_tokenizer(path: str | Path):
-    """The tokenizer of a causal LM, with a pad token (its EOS when it has none) for batching."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def encode_lm(tokenizer, split: Split, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Token ids and loss labels of every row: prompt tokens masked, response tokens + EOS learned.
-
-    Without prompts, every token is learned. Rows longer than ``max_length`` are cut from the right.
-    """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    rows = []
-    prompts = tokenizer(split.prompts)["input_ids"] if split.prompts is not None else None
-    texts = tokenizer(split.texts, add_special_tokens=prompts is None)["input_ids"]
-    for i, text_ids in enumerate(texts):
-        prompt_ids = prompts[i] if prompts is not None else []
-        ids = (prompt_ids + text_ids + eos)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + text_ids + eos)[:max_length]
-        rows.append((ids, labels))
-    return rows
-
-
-def collate_lm(rows: list[tuple[list[int], list[int]]], pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input ids, attention mask, labels (padding is ``IGNORE_INDEX``)."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, :len(x)] = torch.tensor(x)
-        labels[i, :len(y)] = torch.tensor(y)
-        mask[i, :len(x)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
-
-
-def keeps_logits(model) -> bool:
-    """Whether the causal LM's forward can compute its logits at chosen positions only (``logits_to_keep``)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def lm_loss(model, batch: dict[str, torch.Tensor], *, keep_logits: bool) -> torch.Tensor:
-    """Mean next-token cross-entropy over the learned tokens (labels not ``IGNORE_INDEX``).
-
-    With ``keep_logits``, the vocabulary projection (for a small LM the largest matmul of a step: SmolLM2's
-    is 576 x 49,152) and the softmax run only at the positions that predict a learned token in some row of
-    the batch (``logits_to_keep``), not at every prompt and padding position. The same mean as
-    transformers' loss over full logits, to float rounding; without it, that loss.
-    """
-    if not keep_logits:
-        return model(**batch).loss
-    targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    positions = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=positions).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten(),
-                                             ignore_index=IGNORE_INDEX)
-
-
-# --- LoRA -------------------------------------------------------------------------------------------------
-
-def add_lora(model, settings: LoraSettings, causal_lm: bool):
-    """Wrap ``model`` with peft LoRA adapters; only they (and a classification head) stay trainable.
-
-    Classification adapters are made without a peft task type, so the head is not copied into the
-    adapter (``modules_to_save``): mergeflow keeps heads apart (``heads/<task>/``) and trains it here.
-    """
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    targets = settings.target_modules or default_lora_targets(model.config.model_type)
-    config = LoraConfig(
-        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
-        use_rslora=settings.use_rslora, bias="none", task_type=TaskType.CAUSAL_LM if causal_lm else None,
-        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores weights as (in, out)
-    )
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as exc:
-        raise ValueError(f"finetune.lora.target_modules {targets} do not fit this {model.config.model_type} model "
-                         f"({exc}); name its linear layers") from None
-    if not causal_lm:
-        prefix = model.base_model_prefix + "."
-        for name, p in model.named_parameters():
-            if not name.startswith(prefix):  # the task head trains in full
-                p.requires_grad_(True)
-    return peft_model
-
-
 # --- the loop ---------------------------------------------------------------------------------------------
 
 def finetune(
@@ -240,6 +156,7 @@ def finetune(
     model: Any = None,
     tokenizer: Any = None,
     fresh_head: bool = False,
+    distributed: Distributed | None = None,
 ) -> FinetuneResult:
     """Fine-tune an expert for ``data.name`` starting from ``init_ckpt``; save it to ``out_dir``.
 
@@ -268,6 +185,10 @@ def finetune(
             than carried over; training goes on from where that draw left the stream, as when
             ``init_ckpt`` is loaded here. Otherwise the stream starts again at the seed once the model is
             ready, however it was loaded.
+        distributed: This process is one of several training this expert together (DDP or FSDP; see
+            :mod:`operators.distributed`): each takes its share of every batch, and the expert is the one
+            process would train at the same batch size. Only rank 0 writes ``out_dir`` (pass None elsewhere)
+            and calls ``log``; every rank must call this with the same arguments otherwise.
 
     Returns:
         Steps, losses, tokens, time taken and peak GPU memory.
@@ -279,15 +200,15 @@ def finetune(
     if model is None:  # (a preloaded model was seeded and loaded by its caller: a fresh head drew from the seed)
         torch.manual_seed(settings.seed)  # fixes the fresh head's initialisation, LoRA's A and dropout masks
     init_ckpt = Path(init_ckpt)
-    run = _set_up(init_ckpt, data, settings, device, model, tokenizer, fresh_head)
+    run = _set_up(init_ckpt, data, settings, device, model, tokenizer, fresh_head, distributed)
     steps = total_steps(len(data.train), settings)
     optimizer, scheduler = _optimizer(run, settings, steps)
     load_seconds = time.perf_counter() - load_start
-    trained = _train(run, data, settings, steps, optimizer, scheduler, device, log)
+    trained = _train(run, data, settings, steps, optimizer, scheduler, device, log, distributed)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
     save_start = time.perf_counter()
-    _save(run, init_ckpt, data, settings, out_dir)
-    keep = keep_model and (not run.lora or out_dir is None)
+    _save(run, init_ckpt, data, settings, out_dir, distributed)
+    keep = keep_model and (not run.lora or out_dir is None) and distributed is None
     return FinetuneResult(
         steps=steps,
         examples_seen=trained.seen,
@@ -320,10 +241,11 @@ class _Run:
     precision: str
     encoded: list[tuple[list[int], list[int]]] | None  # causal LM: every row's ids and loss labels
     keep_logits: bool = False  # causal LM: logits only where a token is learned (:func:`lm_loss`)
+    parallel: Any = None  # several processes: what forward is called on (DDP's wrapper; FSDP: ``model``, sharded)
 
 
 def _set_up(init_ckpt: Path, data: TaskData, settings: FinetuneSettings, device: str, model: Any, tokenizer: Any,
-            fresh_head: bool) -> _Run:
+            fresh_head: bool, distributed: Distributed | None = None) -> _Run:
     """The start model (loaded, or a resident worker's), its tokenizer, LoRA adapters, on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -355,14 +277,15 @@ def _set_up(init_ckpt: Path, data: TaskData, settings: FinetuneSettings, device:
         task_model.config.use_cache = False
         task_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
+    parallel = wrap(model, task_model, distributed, device) if distributed is not None else None
     return _Run(model, task_model, tokenizer, lm, lora, has_head, precision, encoded,
-                keep_logits=lm and keeps_logits(task_model))
+                keep_logits=lm and keeps_logits(task_model), parallel=parallel)
 
 
 def _optimizer(run: _Run, settings: FinetuneSettings, steps: int):
     """AdamW over what trains (the head at its own learning rate), with linear warm-up then linear decay."""
     body_prefix = run.task_model.base_model_prefix + "."
-    trainable = [(n, p) for n, p in run.task_model.named_parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in run.task_model.named_parameters() if p.requires_grad]  # (FSDP: the shards)
     head_params = [] if run.lm else [p for n, p in trainable if not n.startswith(body_prefix) and "lora_" not in n]
     head_ids = {id(p) for p in head_params}
     body_params = [p for _, p in trainable if id(p) not in head_ids]
@@ -393,43 +316,37 @@ class _Trained:
 
 
 def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, optimizer, scheduler, device: str,
-           log: LogFn | None) -> _Trained:
-    """The loop: ``steps`` seeded batches, the loss averaged over every ``log_every`` steps."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    model, tokenizer = run.model, run.tokenizer
+           log: LogFn | None, dist_: Distributed | None = None) -> _Trained:
+    """The loop: ``steps`` seeded batches, the loss averaged over every ``log_every`` steps.
 
-    def batch_inputs(idx: list[int]) -> dict[str, Any]:
-        if run.lm:
-            return collate_lm([run.encoded[i] for i in idx], tokenizer.pad_token_id, device)
-        enc = tokenizer([data.train.texts[i] for i in idx], padding=True, truncation=True,
-                        max_length=settings.max_length, return_tensors="pt").to(device)
-        return {**enc, "labels": torch.tensor([data.train.labels[i] for i in idx], device=device)}
+    With ``dist_``, every rank draws the same batch and trains on its share of it, and the loss is scaled
+    so that the gradients averaged over the ranks are the whole batch's (:mod:`operators.distributed`);
+    the loss logged and checked is the whole batch's, summed over the ranks."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = run.model
+    losses = _Loss(run, data, settings, device, dist_)
+    forward = losses.forward
 
     model.train()
     start = time.perf_counter()
-    losses: list[tuple[int, float]] = []
-    window: list[float] = []
-    total_loss, seen, tokens = 0.0, 0, 0
+    tally = _Tally()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     all_params = [p for _, p in named]
-    last_finite: tuple[int, float] | None = None
     sharpness = getattr(settings, "sharpness", None)
+    first = 1
+    if dist_ is not None and dist_.resume_from is not None:  # a restarted group: on from the last resume state
+        record = read_resume(dist_.resume_from, model, optimizer, scheduler, dist_)
+        first, tally = record["step"] + 1, _Tally.from_record(record["totals"])
 
     def stop(step: int, what: str) -> TrainingDiverged:
-        if window and log is not None:  # the curve ends at the last step that completed
-            log(step - 1, {"train_loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]})
-        return _diverged(data.name, step, steps, what, last_finite, settings)
-
-    def forward(batch: dict[str, Any]) -> torch.Tensor:
-        with autocast(run.precision, device):
-            # classification: mean cross-entropy over the batch (transformers' loss); causal LM: mean
-            # over the response tokens of the batch, next-token shifted, logits only where learned
-            return lm_loss(model, batch, keep_logits=run.keep_logits) if run.lm else model(**batch).loss
+        if tally.window and log is not None:  # the curve ends at the last step that completed
+            log(step - 1, {"train_loss": sum(tally.window) / len(tally.window), "lr": scheduler.get_last_lr()[0]})
+        return _diverged(data.name, step, steps, what, tally.last_finite, settings)
 
     for step, idx in enumerate(_batches(data.train, settings.batch_size, steps, generator), start=1):
-        batch = batch_inputs(idx)
-        loss = forward(batch)
-        value = float(loss.detach())
+        if step < first:  # (resumed: these batches were trained before the restart; drawn again to skip them)
+            continue
+        batch, loss, value, batch_tokens = losses.step(idx)
         if not math.isfinite(value):  # before the step: no NaN reaches the weights, none is saved
             raise stop(step, f"the training loss is {value}")
         loss.backward()
@@ -439,25 +356,105 @@ def _train(run: _Run, data: TaskData, settings: FinetuneSettings, steps: int, op
             if not math.isfinite(second):
                 raise stop(step, f"the loss at the perturbed weights ({sharpness.method}, rho {sharpness.rho}) is {second}")
         if settings.max_grad_norm:
-            norm = float(torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(all_params, settings.max_grad_norm)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # (FSDP: a DTensor)
             if not math.isfinite(norm):  # a gradient that overflowed: stepping would write NaN into the weights
                 raise stop(step, f"the gradient's norm is {norm} (the loss {value:.6g})")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients now; no need for this memory
 
-        last_finite = (step, value)
-        window.append(value)
-        total_loss += value
-        seen += len(idx)
-        tokens += int(batch["attention_mask"].sum())
-        if step % settings.log_every == 0 or step == steps:
-            avg = sum(window) / len(window)
-            losses.append((step, avg))
-            if log is not None:
-                log(step, {"train_loss": avg, "lr": scheduler.get_last_lr()[0]})
-            window = []
-    return _Trained(losses, total_loss, seen, tokens, time.perf_counter() - start, all_params)
+        avg = tally.add(step, value, len(idx), batch_tokens, ends_window=step % settings.log_every == 0 or step == steps)
+        if avg is not None and log is not None:
+            log(step, {"train_loss": avg, "lr": scheduler.get_last_lr()[0]})
+        if dist_ is not None and dist_.checkpoint_every and step % dist_.checkpoint_every == 0 and step < steps:
+            _save_resume(model, optimizer, scheduler, step, tally, dist_)
+    return _Trained(tally.losses, tally.total_loss, tally.seen, tally.tokens, time.perf_counter() - start, all_params)
+
+
+class _Loss:
+    """A training step's batch and loss, in one process or as one of several (:mod:`operators.distributed`)."""
+
+    def __init__(self, run: _Run, data: TaskData, settings: FinetuneSettings, device: str, dist_: Distributed | None):
+        self.run, self.data, self.settings, self.device, self.dist = run, data, settings, device, dist_
+        self.model = run.parallel if run.parallel is not None else run.model  # what forward is called on
+
+    def inputs(self, idx: list[int]) -> dict[str, Any]:
+        run, device = self.run, self.device
+        if run.lm:
+            return collate_lm([run.encoded[i] for i in idx], run.tokenizer.pad_token_id, device)
+        enc = run.tokenizer([self.data.train.texts[i] for i in idx], padding=True, truncation=True,
+                            max_length=self.settings.max_length, return_tensors="pt").to(device)
+        return {**enc, "labels": torch.tensor([self.data.train.labels[i] for i in idx], device=device)}
+
+    def forward(self, batch: dict[str, Any], total: int | None = None) -> torch.Tensor:
+        with autocast(self.run.precision, self.device):
+            # classification: mean cross-entropy over the batch (transformers' loss); causal LM: mean
+            # over the response tokens of the batch, next-token shifted, logits only where learned
+            if self.run.lm:
+                return lm_loss(self.model, batch, keep_logits=self.run.keep_logits, total=total)
+            return self.model(**batch).loss
+
+    def step(self, idx: list[int]) -> tuple[dict[str, Any], torch.Tensor, float, int]:
+        """The batch this process trains on, the loss it back-propagates, the whole batch's loss and tokens."""
+        dist_ = self.dist
+        if dist_ is None:
+            batch = self.inputs(idx)
+            loss = self.forward(batch)
+            return batch, loss, float(loss.detach()), int(batch["attention_mask"].sum())
+        batch = self.inputs(dist_.shard(idx))
+        if self.run.lm:  # this share's token losses over the whole batch's count: the shares add up to its mean
+            total = sum(learned_tokens(self.run.encoded[i][1]) for i in idx)
+            share = self.forward(batch, total=max(1, total))
+            loss = share * dist_.world  # the ranks' gradients are averaged: N × (1/N) Σ = the whole batch's
+        else:  # each share's mean over an equal part of the batch: their average is the batch's mean
+            loss = self.forward(batch)
+            share = loss / dist_.world
+        value, count = dist_.all_sum([float(share.detach()), float(batch["attention_mask"].sum())])
+        return batch, loss, value, int(count)
+
+
+@dataclass
+class _Tally:
+    """The loss curve and counts so far (a resumed run carries them over)."""
+
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    window: list[float] = field(default_factory=list)  # the losses since the curve's last point
+    total_loss: float = 0.0
+    seen: int = 0
+    tokens: int = 0
+    last_finite: tuple[int, float] | None = None
+
+    def add(self, step: int, value: float, examples: int, tokens: int, ends_window: bool) -> float | None:
+        """Count one step; returns the window's mean loss when ``ends_window`` (a point of the curve)."""
+        self.last_finite = (step, value)
+        self.window.append(value)
+        self.total_loss += value
+        self.seen += examples
+        self.tokens += tokens
+        if not ends_window:
+            return None
+        avg = sum(self.window) / len(self.window)
+        self.losses.append((step, avg))
+        self.window = []
+        return avg
+
+    def record(self) -> dict[str, Any]:
+        return {"losses": self.losses, "window": self.window, "total_loss": self.total_loss, "seen": self.seen,
+                "tokens": self.tokens, "last_finite": self.last_finite}
+
+    @classmethod
+    def from_record(cls, r: dict[str, Any]) -> _Tally:
+        return cls([tuple(x) for x in r["losses"]], list(r["window"]), r["total_loss"], int(r["seen"]),
+                   int(r["tokens"]), tuple(r["last_finite"]) if r["last_finite"] else None)
+
+
+def _save_resume(model, optimizer, scheduler, step: int, tally: _Tally, dist_: Distributed) -> None:
+    """Every rank: the resume state written (by rank 0) and handed to ``dist_.save`` to be kept."""
+    with tempfile.TemporaryDirectory(prefix="mergeflow-resume-") as tmp:
+        written = write_resume(Path(tmp), model, optimizer, scheduler, step, tally.record(), dist_)
+        if dist_.save is not None:
+            dist_.save(written, step)
 
 
 def _diverged(task: str, step: int, steps: int, what: str, last: tuple[int, float] | None,
@@ -471,10 +468,17 @@ def _diverged(task: str, step: int, steps: int, what: str, last: tuple[int, floa
         "checkpoint it started from; then run again (finished steps are kept)")
 
 
-def _save(run: _Run, init_ckpt: Path, data: TaskData, settings: FinetuneSettings, out_dir: str | Path | None) -> None:
-    """The trained model back on the CPU in eval mode; written to ``out_dir`` unless it is None."""
+def _save(run: _Run, init_ckpt: Path, data: TaskData, settings: FinetuneSettings, out_dir: str | Path | None,
+          dist_: Distributed | None = None) -> None:
+    """The trained model back on the CPU in eval mode; written to ``out_dir`` unless it is None.
+
+    Several processes: FSDP's shards are gathered into one state (every rank takes part), and rank 0 writes."""
     run.model.eval()
-    run.model.to("cpu")
+    state = None
+    if dist_ is not None and dist_.strategy == "fsdp":
+        state, _ = full_state(run.model, dist_)  # (the model stays sharded; the whole state is on rank 0's CPU)
+    else:
+        run.model.to("cpu")
     if settings.gradient_checkpointing:
         run.task_model.gradient_checkpointing_disable()
         run.task_model.config.use_cache = True
@@ -483,12 +487,12 @@ def _save(run: _Run, init_ckpt: Path, data: TaskData, settings: FinetuneSettings
     if run.lora:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        run.model.save_pretrained(str(out_dir), safe_serialization=True)  # the adapter only, not the base
+        run.model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state)  # the adapter only
         if not run.lm:
             save_head(run.task_model, out_dir, data.name)
         copy_tokenizer(init_ckpt, out_dir)
     elif run.lm:
-        run.task_model.save_pretrained(str(out_dir))
+        run.task_model.save_pretrained(str(out_dir), state_dict=state)
         copy_tokenizer(init_ckpt, Path(out_dir))
     else:
         save_task_model(run.task_model, init_ckpt, out_dir, data.name)

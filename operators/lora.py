@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from operators.checkpoint import default_lora_targets
 from operators.errors import MergeError
 from operators.tensor_io import INDEX_FILE, SINGLE_FILE, CheckpointError, TensorReader
 
@@ -458,3 +459,31 @@ __all__ = [
     "LoraModule", "adapter_from_tensors", "check_same_task_type", "delta_weight", "is_adapter_dir", "lora_scaling", "map_modules",
     "read_adapter",
 ]
+
+
+def add_lora(model, settings: Any, causal_lm: bool):
+    """Wrap ``model`` with peft LoRA adapters (``settings``: ``finetune.lora``); only they (and a classification
+    head) stay trainable.
+
+    Classification adapters are made without a peft task type, so the head is not copied into the
+    adapter (``modules_to_save``): mergeflow keeps heads apart (``heads/<task>/``) and trains it here.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = settings.target_modules or default_lora_targets(model.config.model_type)
+    config = LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
+        use_rslora=settings.use_rslora, bias="none", task_type=TaskType.CAUSAL_LM if causal_lm else None,
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores weights as (in, out)
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise ValueError(f"finetune.lora.target_modules {targets} do not fit this {model.config.model_type} model "
+                         f"({exc}); name its linear layers") from None
+    if not causal_lm:
+        prefix = model.base_model_prefix + "."
+        for name, p in model.named_parameters():
+            if not name.startswith(prefix):  # the task head trains in full
+                p.requires_grad_(True)
+    return peft_model
