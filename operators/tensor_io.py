@@ -212,24 +212,18 @@ class ShardedWriter:
     """
 
     def __init__(self, directory: str | Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None):
+                 max_shard_bytes: int = 2 * 1024**3, metadata: dict[str, str] | None = None,
+                 only: list[int] | None = None):
         if not plan:
             raise ValueError("ShardedWriter: no tensors to write")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
-        size = 0
-        for key, dtype, shape in plan:
-            nbytes = math.prod(shape) * _itemsize(dtype)
-            if self._shards[-1] and size + nbytes > max_shard_bytes:
-                self._shards.append([])
-                size = 0
-            self._shards[-1].append((key, dtype, tuple(shape), nbytes))
-            size += nbytes
-        n = len(self._shards)
-        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._order = [(i, entry) for i, shard in enumerate(self._shards) for entry in shard]
+        self._shards = plan_shards(plan, max_shard_bytes)
+        self.files = shard_files(len(self._shards))
+        # ``only``: the shards this writer writes, of the whole plan (one part of a merge split over workers)
+        self.only = sorted(only) if only is not None else list(range(len(self._shards)))
+        self._order = [(i, entry) for i in self.only for entry in self._shards[i]]
         self._pos = 0  # index into _order of the tensor being written
         self._written = 0  # bytes of that tensor written so far
         self._file = None
@@ -272,6 +266,10 @@ class ShardedWriter:
             self._pos += 1
             self._written = 0
 
+    def keys(self) -> list[str]:
+        """The tensors this writer writes, in the order it takes them."""
+        return [entry[0] for _, entry in self._order]
+
     def add(self, key: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor."""
         self.write(key, tensor)
@@ -285,13 +283,47 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        mine = [self.files[i] for i in self.only]
+        if len(self.only) < len(self._shards):  # a part: the index is written once every part is in
+            for i in self.only:  # (a shard whose tensors are all empty was never opened: write its header)
+                if not (self.directory / self.files[i]).exists():
+                    self._open_shard(i)
+                    self._file.close()
+                    self._file = None
+            return mine
         if len(self.files) == 1:
             return list(self.files)
-        weight_map = {key: self.files[i] for i, shard in enumerate(self._shards) for key, *_ in shard}
-        total = sum(nbytes for shard in self._shards for *_, nbytes in shard)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        write_index(self.directory, self._shards, self.files)
         return [*self.files, INDEX_FILE]
+
+
+def plan_shards(plan: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int,
+                ) -> list[list[tuple[str, torch.dtype, tuple[int, ...], int]]]:
+    """The shards of a checkpoint: tensors in order, a new shard when the next would pass ``max_shard_bytes``."""
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+    size = 0
+    for key, dtype, shape in plan:
+        nbytes = math.prod(shape) * _itemsize(dtype)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, dtype, tuple(shape), nbytes))
+        size += nbytes
+    return shards
+
+
+def shard_files(n: int) -> list[str]:
+    """The file names of ``n`` shards, as ``save_pretrained`` names them."""
+    return [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def write_index(directory: Path, shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]],
+                files: list[str]) -> None:
+    """``model.safetensors.index.json`` of a sharded checkpoint."""
+    weight_map = {key: files[i] for i, shard in enumerate(shards) for key, *_ in shard}
+    total = sum(nbytes for shard in shards for *_, nbytes in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
 def iter_tensors(directory: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

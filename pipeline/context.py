@@ -150,10 +150,13 @@ def say(msg: str) -> None:
 
 # --- keys and paths (also used by the driver to find finished work) ------------------------------
 
-def expert_key(start: ModelRef, task: TaskSpec, settings: FinetuneSpec, data_digest: str) -> str:
+def expert_key(start: ModelRef, task: TaskSpec, settings: FinetuneSpec, data_digest: str, workers: int = 1,
+               strategy: str = "ddp") -> str:
     # fields added later are left out at their default, so experts already in a store keep their keys
     finetune = settings.model_dump(mode="json", exclude={"sharpness"} if settings.sharpness is None else set())
-    return content_key("expert", start.key, task.model_dump(mode="json"), finetune, data_digest)
+    # several workers train the one-worker expert to float rounding only: another key, not a reuse of it
+    parallel = [f"{workers} workers, {strategy}"] if workers > 1 else []
+    return content_key("expert", start.key, task.model_dump(mode="json"), finetune, data_digest, *parallel)
 
 
 def expert_path(store: CheckpointStore, workflow: Workflow, round_index: int, task: str, key: str) -> str:

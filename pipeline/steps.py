@@ -50,8 +50,7 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
     ``settings`` default to the task's full budget (one-shot); iterated strategies pass a round's.
     ``part`` picks the training rows (see :func:`task_data`).
     """
-    from operators.evaluate import evaluate, score
-    from operators.finetune import finetune, total_steps
+    from operators.finetune import total_steps
 
     step_start = time.perf_counter()
     wf, store, lineage = ctx.workflow, ctx.store(), ctx.lineage()
@@ -81,17 +80,14 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         t0 = time.perf_counter()
         start_dir = local_dir(ctx, start)
         fetch_seconds = time.perf_counter() - t0
-        result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads,
-                          keep_model=True)
-        t0 = time.perf_counter()
-        if result.model is not None:  # scored as trained, not loaded again from what was just written
-            own = score(result.model, result.tokenizer, data, headline=task.headline_metric,
-                        max_length=settings.max_length, device=ctx.device)
-            result.model = result.tokenizer = None
-        else:  # a LoRA expert: as every later reader loads it (adapter folded into its base)
-            own = evaluate(ckpt, data, adapter_base=start_dir if lora else None, headline=task.headline_metric,
-                           max_length=settings.max_length, device=ctx.device)
-        evaluate_seconds = time.perf_counter() - t0
+        if wf.resources.workers_per_expert > 1:  # a Ray Train worker group: rank 0 logs the curve here and scores
+            from pipeline.train import train_across_workers
+
+            lineage.set_tags(run_id, {"mergeflow.workers": str(wf.resources.workers_per_expert),
+                                      "mergeflow.strategy": wf.resources.strategy})
+            result, own, evaluate_seconds = train_across_workers(ctx, task, start, settings, part, run_id, key, ckpt)
+        else:
+            result, own, evaluate_seconds = _train_and_score(ctx, task, data, settings, start_dir, ckpt, on_log)
         metrics = train_metrics(result)
         lineage.log_metrics(run_id, metrics, step=round_index)
         # its own task's scores, measured here where the model already is (iterated strategies use them
@@ -130,6 +126,26 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
                              **phases},
                     artifact_location=location,
                     adapter_base=start if lora else None)
+
+
+def _train_and_score(ctx: StepContext, task: TaskSpec, data: Any, settings: FinetuneSpec, start_dir: Path, ckpt: Path,
+                     on_log: Callable[[int, dict[str, float]], None]) -> tuple[Any, dict[str, Any], float]:
+    """One worker: fine-tune into ``ckpt``, then score the expert on its own task (the result, the scores,
+    the seconds scoring took)."""
+    from operators.evaluate import evaluate, score
+    from operators.finetune import finetune
+
+    result = finetune(start_dir, data, settings, ckpt, log=on_log, device=ctx.device, torch_threads=ctx.torch_threads,
+                      keep_model=True)
+    t0 = time.perf_counter()
+    if result.model is not None:  # scored as trained, not loaded again from what was just written
+        own = score(result.model, result.tokenizer, data, headline=task.headline_metric,
+                    max_length=settings.max_length, device=ctx.device)
+        result.model = result.tokenizer = None
+    else:  # a LoRA expert: as every later reader loads it (adapter folded into its base)
+        own = evaluate(ckpt, data, adapter_base=start_dir if settings.mode == "lora" else None,
+                       headline=task.headline_metric, max_length=settings.max_length, device=ctx.device)
+    return result, own, time.perf_counter() - t0
 
 
 def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str, key: str,

@@ -33,6 +33,7 @@ import torch
 from operators.checkpoint_files import HEADS_DIR, copy_tokenizer, write_provenance
 from operators.errors import MergeError
 from operators.lora import LoraAdapter, LoraDeltaReader, check_same_task_type, is_adapter_dir, read_adapter
+from operators.merge import split
 from operators.merge.blocks import (
     CHUNK_ELEMENTS,
     _Block,
@@ -45,7 +46,11 @@ from operators.merge.blocks import (
 from operators.merge.compat import _check_lora_args, _check_states, check_compatible
 from operators.merge.heads import _copy_heads, _plan_heads, _state_heads
 from operators.merge.lora_adapter import AdapterBuilder, linear_coefficients
-from operators.merge.output import _BackgroundWriter, _write_config, atomic_output_dir
+from operators.merge.output import (
+    _BackgroundWriter,
+    _write_config_and_tokenizer,
+    atomic_output_dir,
+)
 from operators.merge.registry import MergeMethod, get_method, resolve_weights
 from operators.merge.vocab import VocabPlan, aligned_readers
 from operators.state import AdapterCheckpoint, StateCheckpoint
@@ -96,6 +101,7 @@ def merge_checkpoints(
     adapter_factorization: Literal["svd", "concat"] = "svd",
     tensor_params: Callable[[str], Mapping[str, Any]] | None = None,
     vocab: VocabPlan | None = None,
+    part: tuple[int, int] | None = None,
 ) -> MergeReport:
     """Merge the experts' bodies with ``method``; keep each expert's task head.
 
@@ -131,6 +137,11 @@ def merge_checkpoints(
         vocab: Models with different vocabularies (:func:`operators.merge.vocab.plan_vocab`): every model's
             token-indexed tensors laid out in the plan's output vocabulary first; the plan's tokenizer and
             ``vocab_size`` are written (lora mode exact).
+        part: ``(i, n)``: write only part i of n of the output, for n workers that merge one model together
+            (:mod:`operators.merge.split`): the whole output shards the split assigns to part i, and a
+            ``part.json`` naming them; no index, config, tokenizer or heads (:func:`~operators.merge.split.
+            assemble_parts` writes those once every part is in). Shards are then at most
+            :func:`~operators.merge.split.part_shard_bytes` so that every part gets some.
 
     Returns:
         A :class:`MergeReport`.
@@ -182,6 +193,10 @@ def merge_checkpoints(
             raise MergeError(f"{method}: these parameters need a pass over the whole model before merging, which "
                              "parameters that vary by tensor (gradients, filters) cannot have; give one value per "
                              "parameter")
+        if part is not None:
+            return _merge_part(out_dir, part, keys, readers, names, spec, p, weights, stats, chunk_elements, out_dtype,
+                               max_shard_bytes, report, progress, lora_mode == "adapter" or per_tensor is not None
+                               or vocab is not None, start)
         if lora_mode == "adapter":
             builder = AdapterBuilder(adapters, {n: readers[n].targets for n in names}, adapter_factorization,
                                      adapter_rank, coefficients, method)
@@ -212,15 +227,37 @@ def merge_checkpoints(
             r.close()
 
 
+def _merge_part(out_dir, part, keys, readers, names, spec, p, weights, stats, chunk_elements, out_dtype,
+                max_shard_bytes, report, progress, whole_only: bool, start: float) -> MergeReport:
+    """``merge_checkpoints(part=...)``: this part's shards and its ``part.json`` (:mod:`operators.merge.split`)."""
+    if whole_only:
+        raise MergeError("a merge in parts writes full checkpoints of one set of parameters and one vocabulary: "
+                         "merge adapters, gradients, filters and vocabularies in one process")
+    with atomic_output_dir(out_dir) as tmp:
+        shard_bytes, only = split.part_shards(output_plan(keys, readers["__base__"], out_dtype), max_shard_bytes, part)
+        _write_merged(tmp, keys, readers, names, spec, p, weights, stats, chunk_elements, out_dtype,
+                      shard_bytes, report, progress, only=only)
+        report.seconds = time.perf_counter() - start
+        split.write_part_record(tmp, part, shard_bytes, report.as_dict())
+    return report
+
+
+def output_plan(keys: list[str], ref: Any, out_dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple]]:
+    """Every output tensor's name, dtype and shape (floating-point tensors in ``out_dtype``, if given)."""
+    return [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
+            for k in keys]
+
+
 def _write_merged(tmp: Path, keys: list[str], readers: Mapping[str, Any], names: list[str], spec: MergeMethod, p: Any,
                   weights: list[float], stats: Any, chunk_elements: int, out_dtype: torch.dtype | None,
                   max_shard_bytes: int, report: MergeReport, progress: Callable[[int, int], None] | None,
-                  per_tensor: Mapping[str, tuple[Any, list[float]]] | None = None) -> None:
-    """Merge every tensor block by block into sharded safetensors in ``tmp``, written by a background thread."""
+                  per_tensor: Mapping[str, tuple[Any, list[float]]] | None = None, only: list[int] | None = None) -> None:
+    """Merge every tensor block by block into sharded safetensors in ``tmp``, written by a background thread
+    (``only``: just those shards of the whole output, and the tensors in them)."""
     ref = readers["__base__"]
-    plan = [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
-            for k in keys]
-    writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes, metadata={"merge_method": spec.name})
+    writer = ShardedWriter(tmp, output_plan(keys, ref, out_dtype), max_shard_bytes=max_shard_bytes,
+                           metadata={"merge_method": spec.name}, only=only)
+    keys = writer.keys()
     with _BackgroundWriter(writer) as out:
         def emit(b: _Block, base_t: torch.Tensor, merged: torch.Tensor) -> None:
             out.write(b.key, cast_checked(merged, out_dtype or ref.dtype(b.key), b.key, spec.name))
@@ -240,18 +277,6 @@ def _check_exact_only(method: str, lora_mode: str, tensor_params: Any, vocab: Vo
     if tensor_params is not None and lora_mode == "adapter":
         raise MergeError(f"{method}: parameters that vary by tensor (gradients, filters) need lora mode exact; "
                          "give one value per parameter")
-
-
-def _write_config_and_tokenizer(base: Path, tmp: Path, out_dtype: torch.dtype | None, vocab: VocabPlan | None) -> None:
-    """The base's config (in ``out_dtype``) and tokenizer; with ``vocab``, its tokenizer and its vocabulary size."""
-    _write_config(base / "config.json", tmp / "config.json", out_dtype)
-    if vocab is None:
-        copy_tokenizer(base, tmp)
-        return
-    vocab.tokenizer.save_pretrained(tmp)
-    cfg = json.loads((tmp / "config.json").read_text())
-    cfg["vocab_size"] = vocab.size
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _per_tensor_params(spec: MergeMethod, tensor_params: Callable[[str], Mapping[str, Any]], keys: list[str],

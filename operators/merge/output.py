@@ -12,9 +12,11 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from operators.checkpoint_files import copy_tokenizer
 from operators.errors import MergeError
 from operators.tensor_io import ShardedWriter
 
@@ -91,3 +93,16 @@ def _write_config(src: Path, dst: Path, out_dtype: torch.dtype | None) -> None:
         if key in cfg or key == "dtype":
             cfg[key] = name
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _write_config_and_tokenizer(base: Path, tmp: Path, out_dtype: torch.dtype | None, vocab: Any = None) -> None:
+    """The base's config (in ``out_dtype``) and tokenizer; with ``vocab`` (a :class:`~operators.merge.vocab.VocabPlan`),
+    its tokenizer and its vocabulary size."""
+    _write_config(base / "config.json", tmp / "config.json", out_dtype)
+    if vocab is None:
+        copy_tokenizer(base, tmp)
+        return
+    vocab.tokenizer.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg["vocab_size"] = vocab.size
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

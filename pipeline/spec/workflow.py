@@ -20,7 +20,7 @@ from pipeline.spec.merge import (
     check_per_expert_params,
 )
 from pipeline.spec.recurring import RecurringSpec, check_recurring
-from pipeline.spec.resources import ResourcesSpec
+from pipeline.spec.resources import NO_WEIGHT_CHANGE, ResourcesSpec, check_multiworker
 from pipeline.spec.rounds import RoundsSpec, check_contributors, check_resident_workers
 from pipeline.spec.tasks import TaskSpec, check_task_types
 from pipeline.spec.tracking import StoreSpec, TrackingSpec
@@ -38,6 +38,7 @@ WORKFLOW_RULES: tuple[Callable[[Workflow], None], ...] = (
     check_contributors,         # rounds: no more contributors than tasks
     check_recurring,            # recurring: gate tasks, classification, element-wise fusion
     check_lm_eval,              # evaluation: lm-eval scores causal LMs
+    check_multiworker,          # resources: experts over several workers, merges split over several
 )
 
 
@@ -170,6 +171,11 @@ class Workflow(_Frozen):
         # those of task workers), so a spec keeps its hash when they change
         payload["rounds"].pop("workers")
         payload["rounds"].pop("checkpoint_every")
+        for name in NO_WEIGHT_CHANGE:  # nor where workers sit, nor how a merge is split (bit for bit the same)
+            payload["resources"].pop(name)
+        if payload["resources"]["workers_per_expert"] == 1:  # (several workers: equal to float rounding only)
+            payload["resources"].pop("workers_per_expert")
+            payload["resources"].pop("strategy")
         # fields added later are left out at their default, so a spec keeps its hash across versions
         if payload["finetune"].get("sharpness") is None:
             payload["finetune"].pop("sharpness", None)
