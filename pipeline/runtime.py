@@ -21,6 +21,9 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
     "PYTHONWARNINGS": "ignore",
+    # an expert's Ray Train workers wait for their slots like any queued step (Ray Train's default, 60 s, logs an
+    # error at every wait and starts waiting again)
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3600",
 }
 
 
@@ -119,9 +122,55 @@ class InProcessRuntime:
     def resident_pool(self, size: int, resources: Resources) -> InProcessPool:
         return InProcessPool()
 
+    def gang(self, size: int, resources: Resources, placement: str = "pack") -> InProcessGang:
+        return InProcessGang(self)
+
     def as_completed(self, futures: list[Future]) -> Iterator[tuple[Future, Any]]:
         for f in futures:
             yield f, f.done_value()
+
+
+class InProcessGang:
+    """Steps that belong together (a split merge's parts), here one after the other in this process."""
+
+    def __init__(self, runtime: InProcessRuntime):
+        self.runtime = runtime
+
+    def submit(self, slot: int, fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Future:
+        return self.runtime.submit(fn, *args, name=name, **kwargs)
+
+    def close(self) -> None:
+        pass
+
+
+class RayGang:
+    """``size`` slots of ``resources`` reserved together in one placement group, packed on few nodes or spread
+    over many (``placement``); step ``i`` runs in slot ``i``. The slots are held until :meth:`close`."""
+
+    def __init__(self, size: int, resources: Resources, placement: str):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        bundle = {"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {})}
+        self.resources = resources
+        self.group = placement_group([dict(bundle) for _ in range(size)],
+                                     strategy="PACK" if placement == "pack" else "SPREAD")
+        ray.get(self.group.ready())  # every slot is free before any step starts (or this waits for them)
+
+    def submit(self, slot: int, fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Future:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        remote = ray.remote(fn).options(
+            name=name, num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
+            max_retries=self.resources.max_retries, retry_exceptions=False,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot))
+        return Future(name, ref=remote.remote(*args, **kwargs))
+
+    def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(self.group)
 
 
 class InProcessPool:
@@ -158,7 +207,12 @@ def preload_modules() -> None:
     driver sets up, not in the first steps. A failure is left to the step that imports the same module,
     which reports it; here it would only stop the worker from starting."""
     import importlib
+    import logging
 
+    # Ray Train's placement-group cleaner asks the state API (served by the dashboard) every few seconds whether
+    # its run's controller lives; a private local cluster runs no dashboard, so it would warn every time
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
+        lambda record: "State API may be temporarily unavailable" not in record.getMessage())
     for name in filter(None, os.environ.get(PRELOAD_ENV, "").split(",")):
         try:
             importlib.import_module(name)
@@ -327,6 +381,10 @@ class RayRuntime:
                free.get("GPU", 0.0) // resources.num_gpus if resources.num_gpus else size]
         return RayPool(max(1, min(size, int(min(fit)))), resources)
 
+    def gang(self, size: int, resources: Resources, placement: str = "pack") -> RayGang:
+        """Slots for steps that belong together (a split merge's parts): :class:`RayGang`."""
+        return RayGang(size, resources, placement)
+
     def result(self, future: Future) -> Any:
         import ray
 
@@ -363,6 +421,29 @@ def where_am_i() -> dict[str, str]:
     except Exception:  # not in Ray, or an API that moved: the host alone
         pass
     return tags
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident memory (VmHWM) afresh, so that :func:`peak_rss_bytes` measures what
+    comes next, not an earlier step's peak in a reused worker (Linux: ``/proc/self/clear_refs``); False elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started or :func:`reset_peak_rss` (0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _unwrap(name: str, exc: Exception) -> BaseException:

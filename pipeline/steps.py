@@ -8,6 +8,7 @@ Steps receive and return references (store paths, run and model ids), never weig
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from pipeline.context import (
 from pipeline.learned import align_merged_heads, alignment_inputs, prepare_merge
 from pipeline.lineage import TAG_STORE_URI
 from pipeline.redact import redact_uri
-from pipeline.runtime import where_am_i
+from pipeline.runtime import peak_rss_bytes, reset_peak_rss, where_am_i
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
 from pipeline.store import CheckpointStore, content_key
 
@@ -148,16 +149,45 @@ def _train_and_score(ctx: StepContext, task: TaskSpec, data: Any, settings: Fine
     return result, own, time.perf_counter() - t0
 
 
+def merge_part_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, key: str,
+                    merge: MergeSpec, part: tuple[int, int]) -> dict[str, Any]:
+    """One worker's part of a merge split across workers (``resources.merge_workers``): it reads only its
+    tensors and publishes its output shards to the store beside the merge's path; :func:`merge_step` puts
+    the parts together. Returns the part's store path and what it took (seconds, peak memory, where)."""
+    from operators.merge.engine import merge_checkpoints
+
+    reset_peak_rss()  # this step's own peak, not an earlier step's in this reused worker
+    store = ctx.store()
+    path = f"{merged_path(store, ctx.workflow, round_index, key, merge.method)}.parts/part-{part[0]:03d}-of-{part[1]:03d}"
+    if store.is_complete(path) or store.exists(path):  # an earlier attempt's part: merged again, not trusted
+        store.discard(path)
+    adapter_bases = {t: adapter_base_dir(ctx, e) for t, e in experts.items() if e.adapter_base is not None}
+    staging = store.staging_dir()
+    try:
+        report = merge_checkpoints(local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
+                                   merge.method, merge.params, staging / "part", adapter_bases=adapter_bases or None,
+                                   part=part)
+        store.publish(staging / "part", path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"[merge] part {part[0] + 1} of {part[1]}: {report.tensors} tensors in {report.seconds:.1f}s")
+    return {"path": path, "part": part[0], "tensors": report.tensors, "seconds": report.seconds,
+            "bytes_read": report.bytes_read, "bytes_written": report.bytes_written, "peak_rss_bytes": peak_rss_bytes(),
+            **where_am_i()}
+
+
 def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, run_id: str, key: str,
                merge: MergeSpec | None = None, heads_from: ModelRef | None = None,
-               statistics: dict[str, str] | None = None, recipe: dict[str, Any] | None = None) -> ModelRef:
+               statistics: dict[str, str] | None = None, recipe: dict[str, Any] | None = None,
+               parts: list[dict[str, Any]] | None = None) -> ModelRef:
     """Merge the experts' bodies (keeping each task's head) and publish the merged checkpoint.
 
     ``merge`` defaults to the workflow's; ``heads_from`` supplies the heads of tasks no expert
     brings (ColD Fusion's non-contributors keep their latest head). ``statistics``: task → store
     path of its expert's statistics (data-driven methods); a searched parameter is chosen on the
     validation slices first (``pipeline.learned``); ``recipe``: the recipe a recipe search chose (a mergekit
-    config and the search's summary), merged with its per-tensor parameters.
+    config and the search's summary), merged with its per-tensor parameters. ``parts``: the records of
+    :func:`merge_part_step` for a merge split across workers: they are put together instead of merging here.
     """
     from operators.merge.engine import merge_checkpoints
 
@@ -181,25 +211,28 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
         align_inputs = alignment_inputs(ctx, merge, experts) if merge.heads.mode == "aligned" else None
         params, learned, learned_metrics, tensor_params = prepare_merge(ctx, merge, base, experts, statistics, run_id,
                                                                         round_index, align_inputs, recipe)
-        report = merge_checkpoints(
-            local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
-            merge.method, params, ckpt,
-            heads_from=local_dir(ctx, heads_from) if heads_from is not None and heads_from.path else None,
-            adapter_bases=adapter_bases or None, lora_mode=merge.lora.mode, adapter_rank=merge.lora.rank,
-            adapter_factorization=merge.lora.factorization, tensor_params=tensor_params,
-            provenance={
-                "round": round_index, "workflow": wf.name, "strategy": wf.strategy, "spec_hash": wf.spec_hash(),
-                "key": key, "heads_from": heads_from.uri if heads_from is not None else None,
-                "parents": [{"kind": base.kind, "uri": base.uri, "key": base.key, "model_id": base.model_id}]
-                + [{"kind": "expert", "task": t, "uri": e.uri, "key": e.key, "model_id": e.model_id,
-                    "run_id": e.run_id, "format": "peft-lora-adapter" if e.adapter_base else "full",
-                    "adapter_base": e.adapter_base.record() if e.adapter_base else None}
-                   for t, e in sorted(experts.items())],
-                "adapter_base": base.record() if adapter_out else None,
-                "mlflow": {"tracking_uri": redact_uri(ctx.tracking_uri), "run_id": run_id, "model_id": model_id},
-                **({"learned": learned} if learned else {}),
-            },
-        )
+        provenance = {
+            "round": round_index, "workflow": wf.name, "strategy": wf.strategy, "spec_hash": wf.spec_hash(),
+            "key": key, "heads_from": heads_from.uri if heads_from is not None else None,
+            "parents": [{"kind": base.kind, "uri": base.uri, "key": base.key, "model_id": base.model_id}]
+            + [{"kind": "expert", "task": t, "uri": e.uri, "key": e.key, "model_id": e.model_id,
+                "run_id": e.run_id, "format": "peft-lora-adapter" if e.adapter_base else "full",
+                "adapter_base": e.adapter_base.record() if e.adapter_base else None}
+               for t, e in sorted(experts.items())],
+            "adapter_base": base.record() if adapter_out else None,
+            "mlflow": {"tracking_uri": redact_uri(ctx.tracking_uri), "run_id": run_id, "model_id": model_id},
+            **({"learned": learned} if learned else {}),
+        }
+        heads_dir = local_dir(ctx, heads_from) if heads_from is not None and heads_from.path else None
+        if parts is not None:
+            report, part_metrics = _assemble(ctx, base, experts, parts, ckpt, heads_dir, provenance, run_id)
+            learned_metrics = {**learned_metrics, **part_metrics}
+        else:
+            report = merge_checkpoints(
+                local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
+                merge.method, params, ckpt, heads_from=heads_dir,
+                adapter_bases=adapter_bases or None, lora_mode=merge.lora.mode, adapter_rank=merge.lora.rank,
+                adapter_factorization=merge.lora.factorization, tensor_params=tensor_params, provenance=provenance)
         merge_metrics = {"merge_seconds": report.seconds, "merge_tensors": report.tensors,
                          "merge_bytes_written": report.bytes_written, **learned_metrics}
         if align_inputs is not None:  # before publishing: the published checkpoint carries the aligned heads
@@ -216,6 +249,38 @@ def merge_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], r
     return ModelRef("merged", f"{wf.name}-merged", path, store.uri(path), key, run_id, model_id,
                     artifact_location=location if wf.tracking.log_model_artifacts else None,
                     adapter_base=base if adapter_out else None)
+
+
+def _assemble(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], parts: list[dict[str, Any]], ckpt: Path,
+              heads_dir: Path | None, provenance: dict[str, Any], run_id: str) -> tuple[Any, dict[str, float]]:
+    """A split merge's parts put together into ``ckpt`` (their shards moved, not copied, on a local store), the
+    parts' store directories removed; returns a merge report and each part's metrics (time, peak memory)."""
+    from operators.merge.engine import MergeReport
+    from operators.merge.split import assemble_parts
+
+    store, lineage = ctx.store(), ctx.lineage()
+    parts = sorted(parts, key=lambda r: r["part"])
+    dirs = [store.materialize(r["path"]) for r in parts]
+    summary = assemble_parts(local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()}, dirs, ckpt,
+                             heads_from=heads_dir, provenance={**provenance, "parts": [
+                                 {k: r[k] for k in ("part", "seconds", "peak_rss_bytes", "mergeflow.host",
+                                                    "mergeflow.ray_node_id") if k in r} for r in parts]})
+    for r in parts:
+        store.discard(r["path"])
+    first = summary["parts"][0]
+    seconds = max(r["seconds"] for r in parts) + summary["assemble_seconds"]
+    report = MergeReport(method=first["method"], params=first["params"], experts=sorted(experts),
+                         weights=[first["weights"][t] for t in sorted(experts)], tensors=summary["tensors"],
+                         bytes_read=summary["bytes_read"], bytes_written=summary["bytes_written"], seconds=seconds,
+                         heads=summary["heads"], output_files=summary["files"])
+    nodes = sorted({r.get("mergeflow.ray_node_id", r.get("mergeflow.host", "?")) for r in parts})
+    lineage.set_tags(run_id, {"mergeflow.merge_parts": str(len(parts)), "mergeflow.merge_part_nodes": ",".join(nodes)})
+    metrics = {"merge_parts": float(len(parts)), "merge_assemble_seconds": summary["assemble_seconds"],
+               "merge_part_peak_rss_mb_max": max(r["peak_rss_bytes"] for r in parts) / 2**20}
+    for r in parts:
+        metrics |= {f"merge_part_{r['part']}_seconds": r["seconds"],
+                    f"merge_part_{r['part']}_peak_rss_mb": r["peak_rss_bytes"] / 2**20}
+    return report, metrics
 
 
 def evaluate_step(ctx: StepContext, model: ModelRef, head_sources: dict[str, ModelRef], run_id: str,

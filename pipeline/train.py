@@ -41,7 +41,7 @@ def train_across_workers(ctx: StepContext, task: TaskSpec, start: ModelRef, sett
     Returns the training result, the expert's scores on its own task (measured by rank 0, on its device, as
     every later reader loads the expert) and the seconds they took."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
@@ -61,13 +61,15 @@ def train_across_workers(ctx: StepContext, task: TaskSpec, start: ModelRef, sett
             resources_per_worker={"CPU": r.num_cpus, **({"GPU": r.num_gpus} if gpu else {})},
             placement_strategy="PACK" if r.placement == "pack" else "SPREAD"),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=r.max_retries),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"the workers training expert {task.name!r} finished without reporting it")
+    out_dir.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as done:
         done = Path(done)
         if not (done / EXPERT_DIR).is_dir():
@@ -85,12 +87,15 @@ def train_across_workers(ctx: StepContext, task: TaskSpec, start: ModelRef, sett
 
 def _worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: its share of every batch; rank 0 logs and writes (see the module)."""
+    import logging
+
     import ray.train
     import torch
 
-    from operators.distributed import Distributed
+    from operators.distributed import RESUME_STATE, Distributed
     from operators.finetune import finetune
 
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)  # a line per report
     c = ray.train.get_context()
     rank, world = c.get_world_rank(), c.get_world_size()
     ctx: StepContext = config["ctx"]
@@ -112,8 +117,11 @@ def _worker(config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="mergeflow-train-") as tmp:
         resume_dir = None
-        if resume is not None:
+        if resume is not None:  # a restarted group (a worker died): on from the last resume state, said in the run
             resume_dir = Path(resume.to_directory(str(Path(tmp) / "resume")))
+            if lineage is not None:
+                step = json.loads((resume_dir / RESUME_STATE).read_text())["step"]
+                lineage.set_tags(run_id, {"mergeflow.resumed_from_step": str(step)})
         d = Distributed(rank, world, ctx.workflow.resources.strategy, device=device,
                         checkpoint_every=ctx.workflow.resources.resume_every, save=save, resume_from=resume_dir)
         expert = Path(tmp) / "final" / EXPERT_DIR

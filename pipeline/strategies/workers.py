@@ -24,7 +24,7 @@ from pipeline.context import ModelRef, StepContext
 from pipeline.lineage import TAG_STORE_URI
 from pipeline.runtime import Future, PartsHandle, Resources
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
-from pipeline.steps import evaluate_step, finetune_step, merge_step, probe_step
+from pipeline.steps import evaluate_step, finetune_step, merge_part_step, merge_step, probe_step
 from pipeline.store import CheckpointStore
 
 
@@ -139,12 +139,32 @@ class TaskWorkers:
               merge: MergeSpec, heads_from: ModelRef | None, statistics: dict[str, str] | None,
               durable: bool, recipe: dict[str, Any] | None = None) -> ModelRef:
         r = self.rounds
+        resources = Resources(num_cpus=r.resources.num_cpus, max_retries=r.resources.max_retries)
+        parts = self._merge_parts(base, experts, index, key, merge, resources)
         fut = r.runtime.submit(merge_step, r.ctx, base, experts, index, run_id, key, merge, heads_from, statistics,
-                               recipe, name=f"merge-r{index}", resources=Resources(num_cpus=r.resources.num_cpus,
-                                                                           max_retries=r.resources.max_retries))
+                               recipe, parts, name=f"merge-r{index}", resources=resources)
         ref = r.runtime.result(fut)
         r.report(f"round {index}: merged {len(experts)} experts with {merge.method}")
         return ref
+
+    def _merge_parts(self, base: ModelRef, experts: dict[str, ModelRef], index: int, key: str, merge: MergeSpec,
+                     resources: Resources) -> list[dict[str, Any]] | None:
+        """A merge split across ``resources.merge_workers`` workers (one placement group, packed or spread):
+        each part's record, once all are in the store; None for a merge in one step."""
+        r = self.rounds
+        n = r.wf.resources.merge_workers
+        if n == 1:
+            return None
+        gang = r.runtime.gang(n, resources, r.wf.resources.placement)
+        try:
+            futures = [gang.submit(i, merge_part_step, r.ctx, base, experts, index, key, merge, (i, n),
+                                   name=f"merge-r{index}-part{i}") for i in range(n)]
+            parts = [r.runtime.result(f) for f in futures]
+        finally:
+            gang.close()
+        r.report(f"round {index}: {merge.method} merged in {n} parts on {len({p.get('mergeflow.ray_node_id') for p in parts})}"
+                 f" node(s), peak memory per part {max(p['peak_rss_bytes'] for p in parts) / 2**20:.0f} MiB at most")
+        return parts
 
     def evaluate(self, name: str, model: ModelRef, heads: dict[str, ModelRef], run_id: str,
                  index: int) -> dict[str, Future]:
