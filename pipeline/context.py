@@ -156,7 +156,8 @@ def expert_key(start: ModelRef, task: TaskSpec, settings: FinetuneSpec, data_dig
     finetune = settings.model_dump(mode="json", exclude={"sharpness"} if settings.sharpness is None else set())
     # several workers train the one-worker expert to float rounding only: another key, not a reuse of it
     parallel = [f"{workers} workers, {strategy}"] if workers > 1 else []
-    return content_key("expert", start.key, task.model_dump(mode="json"), finetune, data_digest, *parallel)
+    spec = task.model_dump(mode="json", exclude={"workers"})  # (how many workers: below, beside the settings)
+    return content_key("expert", start.key, spec, finetune, data_digest, *parallel)
 
 
 def expert_path(store: CheckpointStore, workflow: Workflow, round_index: int, task: str, key: str) -> str:

@@ -84,6 +84,7 @@ def preflight(wf: Workflow, report: Callable[[str], None] = lambda _m: None) -> 
         if wf.tasks[0].type == "causal_lm" and not is_causal_lm_checkpoint(base_dir):
             problems.append(f"base_model: {wf.base_model} is not a causal LM (its config.json names no *ForCausalLM "
                             "architecture); causal_lm tasks need one, e.g. packaged:word-llama")
+        problems += gpu_memory_problems(wf, base_dir, report)
     except CheckpointError as exc:
         problems.append(f"base_model: {exc}")
     for task in wf.tasks:
@@ -101,6 +102,45 @@ def preflight(wf: Workflow, report: Callable[[str], None] = lambda _m: None) -> 
         problems += lm_eval_problems(wf)
     if problems:
         raise PreflightError(problems)
+
+
+def gpu_memory_problems(wf: Workflow, base_dir: Path, report: Callable[[str], None]) -> list[str]:
+    """With GPUs: each expert's estimated memory per worker (``operators.memory``), reported; a share of a GPU
+    (``resources.num_gpus``) that cannot hold it is a problem, where the GPU's memory is known
+    (``resources.gpu_memory_gb``, else this machine's first GPU)."""
+    from operators.memory import CUDA_CONTEXT_BYTES, GIB, estimate_expert_memory
+
+    r = wf.resources
+    if r.num_gpus <= 0:
+        return []
+    device = r.gpu_memory_gb * GIB if r.gpu_memory_gb else _local_gpu_bytes()
+    problems = []
+    for task in wf.tasks:
+        settings = wf.finetune_for(task)
+        est = estimate_expert_memory(base_dir, settings, outputs=None if task.type == "causal_lm" else
+                                     len(task.labels or []) or task.num_labels or 2, workers=r.workers_per_expert,
+                                     strategy=r.strategy)
+        need = est.total + CUDA_CONTEXT_BYTES
+        report(f"memory {task.name}: about {need / GIB:.1f} GiB per worker, CUDA context included: {est.describe()}")
+        if device and need > r.num_gpus * device:
+            fit = int(device // need)
+            problems.append(
+                f"resources.num_gpus: {r.num_gpus:g} gives each expert {r.num_gpus * device / GIB:.1f} GiB of a "
+                f"{device / GIB:.0f} GiB GPU, but expert {task.name!r} needs about {need / GIB:.1f} GiB "
+                f"({est.describe()}); raise num_gpus to {min(1.0, need / device):.2f} or more"
+                + (f" ({fit} such experts fit one GPU)" if fit else "")
+                + ", or lower finetune.batch_size / max_length, or set finetune.gradient_checkpointing or mode lora")
+    return problems
+
+
+def _local_gpu_bytes() -> float | None:
+    """The memory of this machine's first GPU (None without one)."""
+    try:
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+    except Exception:
+        return None
 
 
 def lm_eval_problems(wf: Workflow) -> list[str]:

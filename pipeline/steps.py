@@ -81,10 +81,10 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         t0 = time.perf_counter()
         start_dir = local_dir(ctx, start)
         fetch_seconds = time.perf_counter() - t0
-        if wf.resources.workers_per_expert > 1:  # a Ray Train worker group: rank 0 logs the curve here and scores
+        if wf.workers_for(task) > 1:  # a Ray Train worker group: rank 0 logs the curve here and scores
             from pipeline.train import train_across_workers
 
-            lineage.set_tags(run_id, {"mergeflow.workers": str(wf.resources.workers_per_expert),
+            lineage.set_tags(run_id, {"mergeflow.workers": str(wf.workers_for(task)),
                                       "mergeflow.strategy": wf.resources.strategy})
             result, own, evaluate_seconds = train_across_workers(ctx, task, start, settings, part, run_id, key, ckpt)
         else:

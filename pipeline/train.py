@@ -35,7 +35,7 @@ def train_storage(ctx: StepContext) -> str:
 
 def train_across_workers(ctx: StepContext, task: TaskSpec, start: ModelRef, settings: FinetuneSpec, part: str,
                          run_id: str, key: str, out_dir: Path) -> tuple[FinetuneResult, dict[str, Any], float]:
-    """Fine-tune ``task``'s expert from ``start`` on ``resources.workers_per_expert`` Ray Train workers; the
+    """Fine-tune ``task``'s expert from ``start`` on its workers (``workers_for(task)``) under Ray Train; the
     expert is written to ``out_dir``. Called inside a Ray task (the expert's step); logs into ``run_id``.
 
     Returns the training result, the expert's scores on its own task (measured by rank 0, on its device, as
@@ -57,7 +57,7 @@ def train_across_workers(ctx: StepContext, task: TaskSpec, start: ModelRef, sett
                            "run_id": run_id},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=r.workers_per_expert, use_gpu=gpu,
+            num_workers=ctx.workflow.workers_for(task), use_gpu=gpu,
             resources_per_worker={"CPU": r.num_cpus, **({"GPU": r.num_gpus} if gpu else {})},
             placement_strategy="PACK" if r.placement == "pack" else "SPREAD"),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=r.max_retries),

@@ -229,13 +229,18 @@ def test_the_default_heads_leave_spec_hashes_and_merge_keys_as_they_were(tiny_ba
 
     plain, explicit, aligned = wf(), wf(heads="experts"), wf(heads="aligned")
     # the spec hash and merge key of a spec written before `heads` (and `rounds.workers`, `rounds.checkpoint_every`,
-    # `evaluation`) existed: computed without those fields
+    # `evaluation`, the multi-worker resources) existed: computed without those fields
     payload = plain.model_dump(mode="json", exclude={"tracking", "store", "description", "evaluation"})
     for m in (payload["merge"], payload["rounds"]["merge"]):
         m.pop("heads")
     payload["rounds"].pop("workers")
     payload["rounds"].pop("checkpoint_every")
     payload["finetune"].pop("sharpness")  # (`finetune.sharpness` too)
+    for name in ("workers_per_expert", "strategy", "placement", "resume_every", "train_storage", "merge_workers",
+                 "gpu_memory_gb"):  # (and the resources of multi-worker experts and split merges)
+        payload["resources"].pop(name)
+    for task in payload["tasks"]:
+        task.pop("workers")
     import hashlib
     import json
 

@@ -68,24 +68,26 @@ written, and how a merge is split (a split merge is bit for bit the one-process 
 def check_multiworker(wf: Workflow) -> None:
     """``workers_per_expert`` and ``merge_workers``: what the training and merging they ask for can do."""
     r = wf.resources
-    if r.workers_per_expert > 1:
-        n = r.workers_per_expert
-        settings = [(t.name, wf.finetune_for(t)) for t in wf.tasks]
+    many = [t for t in wf.tasks if wf.workers_for(t) > 1]
+    for task in many:
+        n = wf.workers_for(task)
+        where = f"tasks[{task.name}].workers" if task.workers else "resources.workers_per_expert"
+        settings = [(task.name, wf.finetune_for(task))]
         if wf.strategy != "oneshot":
-            settings += [(f"{t.name} (a round)", wf.round_finetune_for(t, 1)) for t in wf.tasks]
+            settings.append((f"{task.name} (a round)", wf.round_finetune_for(task, 1)))
         for name, s in settings:
             if s.batch_size % n:
-                raise ValueError(f"resources.workers_per_expert: {n} splits each batch evenly over the workers, but "
-                                 f"task {name}'s finetune.batch_size is {s.batch_size}; make it a multiple of {n}")
+                raise ValueError(f"{where}: {n} splits each batch evenly over the workers, but task {name}'s "
+                                 f"finetune.batch_size is {s.batch_size}; make it a multiple of {n}")
             if s.sharpness is not None:
-                raise ValueError(f"finetune.sharpness (task {name}) is not available with resources.workers_per_expert"
-                                 f" {n}; train sharpness-aware experts with one worker each")
-        if wf.strategy != "oneshot" and wf.rounds.workers == "resident":
-            raise ValueError("resources.workers_per_expert > 1 needs rounds.workers: tasks (a resident worker keeps "
-                             "one expert's model in one process)")
-        if r.strategy == "fsdp" and any(t.type != "causal_lm" for t in wf.tasks):
+                raise ValueError(f"finetune.sharpness (task {name}) is not available with {where} {n}; train "
+                                 "sharpness-aware experts with one worker each")
+        if r.strategy == "fsdp" and task.type != "causal_lm":
             raise ValueError("resources.strategy: fsdp trains causal-LM tasks; classification experts (small: a body "
                              "and a head) train with strategy: ddp")
+    if many and wf.strategy != "oneshot" and wf.rounds.workers == "resident":
+        raise ValueError("resources.workers_per_expert > 1 (or a task's workers) needs rounds.workers: tasks (a "
+                         "resident worker keeps one expert's model in one process)")
     if r.merge_workers > 1:
         merges = [("merge", wf.merge)] + ([("rounds.merge", wf.rounds.merge)] if wf.strategy != "oneshot" else [])
         for where, m in merges:

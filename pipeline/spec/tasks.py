@@ -127,6 +127,10 @@ class TaskSpec(_Frozen):
         default_factory=dict, description="Overrides of the workflow's finetune settings for this task only "
         "(e.g. {epochs: 5})."
     )
+    workers: int | None = Field(
+        default=None, ge=1, description="How many workers fine-tune this task's expert (overrides "
+        "resources.workers_per_expert for it: a large task's expert on several, the others on one each)."
+    )
 
     @field_validator("name")
     @classmethod

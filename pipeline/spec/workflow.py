@@ -120,6 +120,10 @@ class Workflow(_Frozen):
             return self.finetune
         return FinetuneSpec.model_validate({**self.finetune.model_dump(), **task.finetune})
 
+    def workers_for(self, task: TaskSpec) -> int:
+        """How many workers fine-tune ``task``'s expert: its own ``workers``, else ``resources.workers_per_expert``."""
+        return task.workers or self.resources.workers_per_expert
+
     def round_finetune_for(self, task: TaskSpec, round_index: int) -> FinetuneSpec:
         """One round's fine-tuning of ``task`` in an iterated strategy.
 
@@ -173,6 +177,9 @@ class Workflow(_Frozen):
         payload["rounds"].pop("checkpoint_every")
         for name in NO_WEIGHT_CHANGE:  # nor where workers sit, nor how a merge is split (bit for bit the same)
             payload["resources"].pop(name)
+        for task in payload["tasks"]:
+            if task.get("workers") is None:
+                task.pop("workers", None)
         if payload["resources"]["workers_per_expert"] == 1:  # (several workers: equal to float rounding only)
             payload["resources"].pop("workers_per_expert")
             payload["resources"].pop("strategy")

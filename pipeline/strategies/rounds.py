@@ -198,7 +198,7 @@ class Rounds:
         data = task_data(task, part, self.wf.held_out_fraction, task.dataset.split_seed)
         cost = total_steps(len(data.train), settings) * settings.batch_size * settings.max_length
         r = self.wf.resources
-        return settings, expert_key(start, task, settings, data.digest, r.workers_per_expert, r.strategy), cost
+        return settings, expert_key(start, task, settings, data.digest, self.wf.workers_for(task), r.strategy), cost
 
     def submit_experts(self, start: ModelRef, tasks: list[TaskSpec], index: int, round_run: str,
                        per_round: bool = False, part: str = "all", scored: bool = True) -> PendingExperts:

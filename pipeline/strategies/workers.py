@@ -85,11 +85,11 @@ def step_resources(wf: Workflow) -> Resources:
     return Resources(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_retries=r.max_retries)
 
 
-def expert_resources(wf: Workflow) -> Resources:
+def expert_resources(wf: Workflow, task: TaskSpec) -> Resources:
     """What an expert's step asks of the cluster: a fine-tuning slot, or, for an expert trained by several
     workers (``resources.workers_per_expert``), nothing: the step only coordinates them, and Ray Train reserves
     each worker's slot in the expert's placement group (a coordinator holding one would starve its own workers)."""
-    if wf.resources.workers_per_expert > 1:
+    if wf.workers_for(task) > 1:
         return Resources(num_cpus=0, num_gpus=0, max_retries=wf.resources.max_retries)
     return step_resources(wf)
 
@@ -133,7 +133,7 @@ class TaskWorkers:
                  part: str, scored: bool, cost: float) -> Future:
         r = self.rounds  # (an expert is always scored on its own task where it is trained)
         return r.runtime.submit(finetune_step, r.ctx, task, start, index, run_id, key, settings, part,
-                                name=f"finetune-{task.name}-r{index}", resources=expert_resources(r.wf))
+                                name=f"finetune-{task.name}-r{index}", resources=expert_resources(r.wf, task))
 
     def merge(self, base: ModelRef, experts: dict[str, ModelRef], index: int, run_id: str, key: str,
               merge: MergeSpec, heads_from: ModelRef | None, statistics: dict[str, str] | None,
