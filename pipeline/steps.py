@@ -78,16 +78,17 @@ def finetune_step(ctx: StepContext, task: TaskSpec, start: ModelRef, round_index
         "mergeflow.kind": "expert", "mergeflow.task": task.name, "mergeflow.round": str(round_index),
         "mergeflow.format": "peft-lora-adapter" if lora else "full", TAG_STORE_URI: store.uri(path)})
     with staged_checkpoint(store, lineage, model_id, f"expert {task.name!r}", path) as ckpt:
-        t0 = time.perf_counter()
-        start_dir = local_dir(ctx, start)
-        fetch_seconds = time.perf_counter() - t0
-        if wf.workers_for(task) > 1:  # a Ray Train worker group: rank 0 logs the curve here and scores
-            from pipeline.train import train_across_workers
+        fetch_seconds = 0.0
+        if wf.workers_for(task) > 1:  # a Ray Train worker group (each worker fetches the start model where it
+            from pipeline.train import train_across_workers  # runs); rank 0 logs the curve here and scores
 
             lineage.set_tags(run_id, {"mergeflow.workers": str(wf.workers_for(task)),
                                       "mergeflow.strategy": wf.resources.strategy})
             result, own, evaluate_seconds = train_across_workers(ctx, task, start, settings, part, run_id, key, ckpt)
         else:
+            t0 = time.perf_counter()
+            start_dir = local_dir(ctx, start)
+            fetch_seconds = time.perf_counter() - t0
             result, own, evaluate_seconds = _train_and_score(ctx, task, data, settings, start_dir, ckpt, on_log)
         metrics = train_metrics(result)
         lineage.log_metrics(run_id, metrics, step=round_index)

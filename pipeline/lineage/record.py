@@ -212,7 +212,13 @@ class Lineage:
         if local_dir is not None:
             self.upload_model_artifacts(model_id, local_dir)
         self._call(self.client.finalize_logged_model, model_id, "READY")
-        self._call(self.client.log_outputs, run_id, [LoggedModelOutput(model_id, step)])
+        try:
+            self._call(self.client.log_outputs, run_id, [LoggedModelOutput(model_id, step)])
+        except Exception as exc:  # a call retried after its connection broke, whose first try had landed
+            outputs = self._call(self.client.get_run, run_id).outputs
+            if not any(o.model_id == model_id for o in (outputs.model_outputs if outputs else [])):
+                raise
+            log.info("the run's output %s was recorded by an earlier try (%s)", model_id, str(exc).splitlines()[0])
         return self._call(self.client.get_logged_model, model_id).artifact_location  # waits out an outage too
 
     @_retry
