@@ -5,6 +5,8 @@ Workload: merge_speed.py's ~134M-parameter float32 Llama and three experts (buil
 Each run is a fresh process, measured by its own VmHWM (merge_speed.timed):
 
 - ``one``: ``merge_checkpoints`` of the whole model (shards of the split's size, so the files can be compared);
+- ``statistics``: a method's whole-model pass alone (TIES' model-wide top-k), once, as the workflow runs it
+  before the parts (``whole_model_statistics``; its result, a few floats, handed to every part);
 - ``part i``: ``merge_checkpoints(part=(i, n))``, each part alone (what a node runs: its tensors read, its
   shards written), one after the other so that each peak is its own;
 - ``idle``: a process that imports the same modules and merges nothing: the floor under every peak.
@@ -76,9 +78,16 @@ def main() -> None:
                 f"{str(base)!r}, {experts!r}, {method!r}, {PARAMS[method]!r}, OUT, max_shard_bytes={shard}PART); "
                 "print(json.dumps({'bytes_read': r.bytes_read, 'seconds': r.seconds}))")
         one_wall, one_peak = timed(child(call.replace("OUT", repr(str(out / "one"))).replace("PART", "")))
+        stats_file = out / "stats.json"
+        stats_wall, stats_peak = timed(child(
+            "from operators.merge.engine import whole_model_statistics; import json; "
+            f"s = whole_model_statistics({str(base)!r}, {experts!r}, {method!r}, {PARAMS[method]!r}); "
+            f"open({str(stats_file)!r}, 'w').write(json.dumps(s))"))
+        given = f", whole_model_stats=json.load(open({str(stats_file)!r}))"
         rows = []
         for i in range(n):
-            wall, peak = timed(child(call.replace("OUT", repr(str(out / f"part-{i}"))).replace("PART", f", part=({i}, {n})")))
+            wall, peak = timed(child(call.replace("OUT", repr(str(out / f"part-{i}")))
+                                     .replace("PART", f", part=({i}, {n}){given}")))
             record = json.loads((out / f"part-{i}" / "part.json").read_text())
             rows.append((i, wall, peak, record["bytes_read"], record["files"]))
         summary = assemble_parts(base, experts, [out / f"part-{i}" for i in range(n)], out / "assembled")
@@ -88,6 +97,9 @@ def main() -> None:
               f"above the idle floor); put together in {summary['assemble_seconds']:.2f} s; files identical: {same}")
         print("| run | wall s | peak RSS MiB | above floor MiB | GB read | shards |")
         print("|---|---|---|---|---|---|")
+        if json.loads(stats_file.read_text()) is not None:
+            print(f"| statistics (once) | {stats_wall:.1f} | {stats_peak / mib:.0f} | {(stats_peak - idle) / mib:.0f} | "
+                  f"{model_bytes * 4 * 2 / 1e9:.2f} (two passes) | - |")
         total_read = sum(r[3] for r in rows)
         for i, wall, peak, read, files in rows:
             print(f"| part {i} | {wall:.1f} | {peak / mib:.0f} | {(peak - idle) / mib:.0f} | {read / 1e9:.2f} | "

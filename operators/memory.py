@@ -46,7 +46,8 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
     def describe(self) -> str:
-        return f"{self.total / GIB:.1f} GiB (" + ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items()) + ")"
+        """Each part in GiB, e.g. ``weights 0.50, gradients + AdamW 0.03, activations 0.40, logits 0.11``."""
+        return ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items())
 
 
 def _config(base: Path) -> dict[str, Any]:

@@ -116,20 +116,26 @@ def gpu_memory_problems(wf: Workflow, base_dir: Path, report: Callable[[str], No
     device = r.gpu_memory_gb * GIB if r.gpu_memory_gb else _local_gpu_bytes()
     problems = []
     for task in wf.tasks:
-        settings = wf.finetune_for(task)
+        settings, workers = wf.finetune_for(task), wf.workers_for(task)
         est = estimate_expert_memory(base_dir, settings, outputs=None if task.type == "causal_lm" else
-                                     len(task.labels or []) or task.num_labels or 2, workers=r.workers_per_expert,
+                                     len(task.labels or []) or task.num_labels or 2, workers=workers,
                                      strategy=r.strategy)
         need = est.total + CUDA_CONTEXT_BYTES
-        report(f"memory {task.name}: about {need / GIB:.1f} GiB per worker, CUDA context included: {est.describe()}")
+        parts = f"{est.describe()}, CUDA context {CUDA_CONTEXT_BYTES / GIB:.2f} GiB"
+        report(f"memory {task.name}: about {need / GIB:.1f} GiB per worker ({parts})")
         if device and need > r.num_gpus * device:
             fit = int(device // need)
+            fixes = ["lower finetune.batch_size or max_length"]
+            fixes += [] if settings.gradient_checkpointing else ["set finetune.gradient_checkpointing"]
+            fixes += [] if settings.mode == "lora" else ["fine-tune with mode: lora"]
+            fixes += [] if workers > 1 and r.strategy == "fsdp" or task.type != "causal_lm" else [
+                "shard it over several workers (workers_per_expert with strategy: fsdp)"]
             problems.append(
                 f"resources.num_gpus: {r.num_gpus:g} gives each expert {r.num_gpus * device / GIB:.1f} GiB of a "
-                f"{device / GIB:.0f} GiB GPU, but expert {task.name!r} needs about {need / GIB:.1f} GiB "
-                f"({est.describe()}); raise num_gpus to {min(1.0, need / device):.2f} or more"
-                + (f" ({fit} such experts fit one GPU)" if fit else "")
-                + ", or lower finetune.batch_size / max_length, or set finetune.gradient_checkpointing or mode lora")
+                f"{device / GIB:.0f} GiB GPU, but expert {task.name!r} needs about {need / GIB:.1f} GiB per worker "
+                f"({parts}); raise num_gpus to {min(1.0, need / device):.2f} or more"
+                + (f" ({fit} such expert{'s fit' if fit > 1 else ' fits'} one GPU)" if fit else "")
+                + ", or " + ", or ".join(fixes))
     return problems
 
 
@@ -212,6 +218,10 @@ def run_workflow(
         parent_run_id: Nest the workflow's run under this one (``mergeflow compare``).
     """
     start = time.perf_counter()
+    if address == "in-process" and any(wf.workers_for(t) > 1 for t in wf.tasks):
+        raise PreflightError(["resources.workers_per_expert (or a task's workers) above 1 trains those experts with Ray "
+                              "Train, on a Ray cluster: run without --address in-process (a private local cluster), "
+                              "or set it to 1 to debug in this process"])
     preflight(wf, report)
     store = CheckpointStore(wf.store.root)
     # one driver per workflow and store at a time, claimed before anything else (even a fresh MLflow

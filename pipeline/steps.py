@@ -150,11 +150,21 @@ def _train_and_score(ctx: StepContext, task: TaskSpec, data: Any, settings: Fine
     return result, own, time.perf_counter() - t0
 
 
+def merge_statistics_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], merge: MergeSpec) -> Any:
+    """A split merge's whole-model pass (TIES' model-wide top-k, ...), once for every part (None without one)."""
+    from operators.merge.engine import whole_model_statistics
+
+    adapter_bases = {t: adapter_base_dir(ctx, e) for t, e in experts.items() if e.adapter_base is not None}
+    return whole_model_statistics(local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
+                                  merge.method, merge.params, adapter_bases=adapter_bases or None)
+
+
 def merge_part_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRef], round_index: int, key: str,
-                    merge: MergeSpec, part: tuple[int, int]) -> dict[str, Any]:
+                    merge: MergeSpec, part: tuple[int, int], stats: Any = None) -> dict[str, Any]:
     """One worker's part of a merge split across workers (``resources.merge_workers``): it reads only its
     tensors and publishes its output shards to the store beside the merge's path; :func:`merge_step` puts
-    the parts together. Returns the part's store path and what it took (seconds, peak memory, where)."""
+    the parts together. ``stats``: the method's whole-model pass (:func:`merge_statistics_step`), if it has one.
+    Returns the part's store path and what it took (seconds, peak memory, where)."""
     from operators.merge.engine import merge_checkpoints
 
     reset_peak_rss()  # this step's own peak, not an earlier step's in this reused worker
@@ -167,7 +177,7 @@ def merge_part_step(ctx: StepContext, base: ModelRef, experts: dict[str, ModelRe
     try:
         report = merge_checkpoints(local_dir(ctx, base), {t: local_dir(ctx, e) for t, e in experts.items()},
                                    merge.method, merge.params, staging / "part", adapter_bases=adapter_bases or None,
-                                   part=part)
+                                   part=part, whole_model_stats=stats)
         store.publish(staging / "part", path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

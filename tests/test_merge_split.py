@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from operators.errors import MergeError
-from operators.merge.engine import merge_checkpoints, output_plan
+from operators.merge.engine import merge_checkpoints, output_plan, whole_model_statistics
 from operators.merge.split import PART_FILE, assemble_parts, part_shard_bytes
 from operators.tensor_io import INDEX_FILE, TensorReader
 
@@ -34,7 +34,10 @@ def _shard_bytes(base: Path, parts: int) -> int:
 def test_three_parts_put_together_are_the_one_process_merge_byte_for_byte(tiny_base, tiny_experts, tmp_path,
                                                                           method, params):
     parts = [tmp_path / f"part-{i}" for i in range(3)]
-    reports = [merge_checkpoints(tiny_base, tiny_experts, method, params, parts[i], part=(i, 3)) for i in range(3)]
+    stats = whole_model_statistics(tiny_base, tiny_experts, method, params)  # TIES' model-wide top-k: once
+    assert (stats is None) == (method == "task_arithmetic")
+    reports = [merge_checkpoints(tiny_base, tiny_experts, method, params, parts[i], part=(i, 3),
+                                 whole_model_stats=stats) for i in range(3)]
     # every part wrote whole shards of the plan and no index, config or head
     for d in parts:
         assert not (d / INDEX_FILE).exists() and not (d / "config.json").exists() and not (d / "heads").exists()

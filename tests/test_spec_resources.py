@@ -85,3 +85,12 @@ def test_an_expert_trained_by_several_workers_has_its_own_key(tmp_path):
     one = expert_key(start, task, settings, "d")
     assert expert_key(start, task, settings, "d", 1, "fsdp") == one, "one worker: the key experts already have"
     assert expert_key(start, task, settings, "d", 2, "ddp") not in (one, expert_key(start, task, settings, "d", 2, "fsdp"))
+
+
+def test_multiworker_experts_in_process_are_refused_before_anything_runs(tmp_path):
+    from pipeline.driver import PreflightError, run_workflow
+
+    wf = parse_workflow(_wf(tmp_path, resources={"workers_per_expert": 2}))
+    with pytest.raises(PreflightError, match="run without --address in-process"):
+        run_workflow(wf, address="in-process", report=lambda _m: None)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "mlflow.db").exists(), "nothing was created"

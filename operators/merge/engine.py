@@ -102,6 +102,7 @@ def merge_checkpoints(
     tensor_params: Callable[[str], Mapping[str, Any]] | None = None,
     vocab: VocabPlan | None = None,
     part: tuple[int, int] | None = None,
+    whole_model_stats: Any = None,
 ) -> MergeReport:
     """Merge the experts' bodies with ``method``; keep each expert's task head.
 
@@ -142,6 +143,9 @@ def merge_checkpoints(
             ``part.json`` naming them; no index, config, tokenizer or heads (:func:`~operators.merge.split.
             assemble_parts` writes those once every part is in). Shards are then at most
             :func:`~operators.merge.split.part_shard_bytes` so that every part gets some.
+        whole_model_stats: A part's method's whole-model pass (TIES' model-wide top-k thresholds, ...), computed
+            once for every part by :func:`whole_model_statistics`, so that a part reads only its own tensors;
+            None: computed here (reading the whole model).
 
     Returns:
         A :class:`MergeReport`.
@@ -188,7 +192,7 @@ def merge_checkpoints(
         lora_record = _lora_provenance(adapters, lora_bases, lora_mode, adapter_factorization) if adapters else {}
         keys = readers["__base__"].keys()
         per_tensor = _per_tensor_params(spec, tensor_params, keys, names) if tensor_params is not None else None
-        stats = _prepare(spec, p, keys, readers, names)
+        stats = whole_model_stats if whole_model_stats is not None else _prepare(spec, p, keys, readers, names)
         if per_tensor is not None and stats is not None:
             raise MergeError(f"{method}: these parameters need a pass over the whole model before merging, which "
                              "parameters that vary by tensor (gradients, filters) cannot have; give one value per "
@@ -222,6 +226,30 @@ def merge_checkpoints(
                 **(provenance or {}),
             })
         return report
+    finally:
+        for r in readers.values():
+            r.close()
+
+
+def whole_model_statistics(base: str | Path, experts: Mapping[str, str | Path], method: str,
+                           params: dict[str, Any] | None, *, adapter_bases: Mapping[str, str | Path] | None = None) -> Any:
+    """A method's whole-model pass alone (None for a method without one, or whose parameters need none): what
+    every part of a split merge would otherwise compute for itself, reading the whole model (``whole_model_stats``
+    of :func:`merge_checkpoints`)."""
+    spec = get_method(method)
+    p = spec.parse_params(params)
+    if spec.prepare is None:
+        return None
+    names = sorted(experts)
+    paths = {n: Path(experts[n]) for n in names}
+    adapters = {n: read_adapter(paths[n]) for n in names if is_adapter_dir(paths[n])}
+    lora_bases = _check_lora_args(Path(base), names, adapters, adapter_bases, "exact", None, "svd", None)
+    readers: dict[str, Any] = {"__base__": TensorReader(Path(base))}
+    try:
+        for n in names:
+            readers[n] = LoraDeltaReader(adapters[n], lora_bases[n]) if n in adapters else TensorReader(paths[n])
+        check_compatible(Path(base), paths, readers, config_dirs=lora_bases)
+        return _prepare(spec, p, readers["__base__"].keys(), readers, names)
     finally:
         for r in readers.values():
             r.close()

@@ -7,8 +7,11 @@ for byte. :func:`assemble_parts` then moves the shards into one directory and wr
 once every part is in: the index, the config and tokenizer, the task heads and the provenance. Nothing is
 visible at the output until it is complete (the same hidden directory renamed into place as one merge).
 
-How the output is cut: shards of at most ``min(max_shard_bytes, ⌈total / n⌉)`` (:func:`part_shard_bytes`,
-so that each of n parts can have one), assigned to parts as consecutive runs of about equal bytes.
+How the output is cut: shards of at most ``min(max_shard_bytes, ⌈total / 4n⌉)`` (:func:`part_shard_bytes`: about
+four a part, so that parts of whole shards come out about equal), assigned to parts as consecutive runs of
+about equal bytes. A method with a whole-model pass (TIES' model-wide top-k, LiNeS) has it computed once
+(:func:`~operators.merge.engine.whole_model_statistics`) and handed to every part, which then reads only its
+own tensors.
 """
 
 from __future__ import annotations
@@ -33,10 +36,14 @@ from operators.tensor_io import TensorReader, plan_shards, shard_files, write_in
 PART_FILE = "part.json"
 
 
+SHARDS_PER_PART = 4  # finer shards than one a part: whole shards then split the bytes evenly, to about 1/4 of a part
+
+
 def part_shard_bytes(plan: list[tuple[str, torch.dtype, tuple]], max_shard_bytes: int, parts: int) -> int:
-    """The shard size of a merge in ``parts`` parts: ``max_shard_bytes``, or less so that every part has a shard."""
+    """The shard size of a merge in ``parts`` parts: ``max_shard_bytes``, or less so that there are about
+    :data:`SHARDS_PER_PART` shards a part (parts of whole shards then read and write about equal bytes)."""
     total = sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for _, dtype, shape in plan)
-    return max(1, min(max_shard_bytes, math.ceil(total / parts)))
+    return max(1, min(max_shard_bytes, math.ceil(total / (parts * SHARDS_PER_PART))))
 
 
 def part_shards(plan: list[tuple[str, torch.dtype, tuple]], max_shard_bytes: int, part: tuple[int, int],

@@ -24,7 +24,14 @@ from pipeline.context import ModelRef, StepContext
 from pipeline.lineage import TAG_STORE_URI
 from pipeline.runtime import Future, PartsHandle, Resources
 from pipeline.spec import FinetuneSpec, MergeSpec, TaskSpec, Workflow
-from pipeline.steps import evaluate_step, finetune_step, merge_part_step, merge_step, probe_step
+from pipeline.steps import (
+    evaluate_step,
+    finetune_step,
+    merge_part_step,
+    merge_statistics_step,
+    merge_step,
+    probe_step,
+)
 from pipeline.store import CheckpointStore
 
 
@@ -155,9 +162,15 @@ class TaskWorkers:
         n = r.wf.resources.merge_workers
         if n == 1:
             return None
+        from operators.merge import get_method
+
+        stats = None
+        if get_method(merge.method).prepare is not None:  # the whole-model pass once, not once a part
+            stats = r.runtime.result(r.runtime.submit(merge_statistics_step, r.ctx, base, experts, merge,
+                                                      name=f"merge-r{index}-statistics", resources=resources))
         gang = r.runtime.gang(n, resources, r.wf.resources.placement)
         try:
-            futures = [gang.submit(i, merge_part_step, r.ctx, base, experts, index, key, merge, (i, n),
+            futures = [gang.submit(i, merge_part_step, r.ctx, base, experts, index, key, merge, (i, n), stats,
                                    name=f"merge-r{index}-part{i}") for i in range(n)]
             parts = [r.runtime.result(f) for f in futures]
         finally:
