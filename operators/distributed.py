@@ -112,7 +112,20 @@ def full_state(model: torch.nn.Module, dist_: Distributed, optimizer=None) -> tu
         return weights, get_optimizer_state_dict(model, optimizer, options=options)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
+    for alias in tied_aliases(model):  # a tied weight (an LM head sharing the embedding) is written once, as
+        weights.pop(alias, None)       # save_pretrained writes it: the checkpoint has the base's tensor names
     return weights, (get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None)
+
+
+def tied_aliases(model: torch.nn.Module) -> list[str]:
+    """The second and later names of parameters registered under several names (tied weights)."""
+    seen: set[int] = set()
+    aliases = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            aliases.append(name)
+        seen.add(id(p))
+    return aliases
 
 
 def write_resume(directory: Path, model: torch.nn.Module, optimizer, scheduler, step: int, totals: dict[str, Any],

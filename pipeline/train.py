@@ -64,7 +64,11 @@ def train_across_workers(ctx: StepContext, task: TaskSpec, start: ModelRef, sett
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
+    import time
+
+    started = time.perf_counter()
     result = trainer.fit()
+    fit_seconds = time.perf_counter() - started
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
@@ -82,6 +86,10 @@ def train_across_workers(ctx: StepContext, task: TaskSpec, start: ModelRef, sett
                             if k in known})
     if "://" not in storage:  # the run's resume states: the expert is in the store now
         shutil.rmtree(Path(storage) / name, ignore_errors=True)
+    # how long the workers held their slots (rank 0's last attempt, from its start to the expert reported), and
+    # what Ray Train added around them (waiting for the slots, starting the group and its processes, ending it)
+    ctx.lineage().log_metrics(run_id, {"workers_seconds": raw["worker_seconds"],
+                                       "ray_train_seconds": fit_seconds - raw["worker_seconds"]})
     return out, raw["own"], raw["evaluate_seconds"]
 
 
@@ -96,6 +104,9 @@ def _worker(config: dict[str, Any]) -> None:
     from operators.finetune import finetune
 
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)  # a line per report
+    import time
+
+    started = time.perf_counter()
     c = ray.train.get_context()
     rank, world = c.get_world_rank(), c.get_world_size()
     ctx: StepContext = config["ctx"]
@@ -129,15 +140,14 @@ def _worker(config: dict[str, Any]) -> None:
                           device=device, torch_threads=ctx.torch_threads, distributed=d)
         checkpoint = None
         if rank == 0:  # scored here, on this worker's device, as every later reader loads it
-            import time
-
             from operators.evaluate import evaluate
 
             t0 = time.perf_counter()
             own = evaluate(expert, data, adapter_base=start_dir if settings.mode == "lora" else None,
                            headline=task.headline_metric, max_length=settings.max_length, device=device)
             record = {"result": {k: v for k, v in result.__dict__.items() if k not in ("model", "tokenizer")},
-                      "own": own, "evaluate_seconds": time.perf_counter() - t0}
+                      "own": own, "evaluate_seconds": time.perf_counter() - t0,
+                      "worker_seconds": time.perf_counter() - started}
             (expert.parent / RESULT_FILE).write_text(json.dumps(record))
             checkpoint = ray.train.Checkpoint.from_directory(str(expert.parent))
         ray.train.report({"step": result.steps, "final_loss": result.final_loss}, checkpoint=checkpoint)

@@ -96,17 +96,19 @@ LM_FULL = {"max_steps": 6, "batch_size": 8, "learning_rate": 3e-3, "log_every": 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_fsdp_workers_train_the_one_worker_causal_lm_expert(tiny_lm, tmp_path, mode):
     """Losses step by step and the written weights: one process at batch 8 = two FSDP shards at 4 + 4 (a full
-    fine-tune, and LoRA adapters on sharded frozen weights). DDP: the restart test below."""
+    fine-tune of a GPT-2, whose LM head is tied to its embedding, and LoRA adapters on a Llama's sharded frozen
+    weights). DDP: the restart test below."""
     settings = {**LM_FULL, **({"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}} if mode == "lora" else {})}
-    one = _one(tiny_lm, "lm", settings, tmp_path / "one")
-    two = _group(tiny_lm, "lm", settings, "fsdp", tmp_path / "two")
+    base = tiny_lm if mode == "lora" else make_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2")
+    one = _one(base, "lm", settings, tmp_path / "one")
+    two = _group(base, "lm", settings, "fsdp", tmp_path / "two")
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 7))
     for (_, a), (_, b) in zip(one, two, strict=True):
         assert b == pytest.approx(a, rel=RTOL)
     assert one[-1][1] < one[0][1], "the expert learned"
     name = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
     w1, w2 = load_file(str(tmp_path / "one/expert" / name)), load_file(str(tmp_path / "two/expert" / name))
-    assert w1.keys() == w2.keys()
+    assert w1.keys() == w2.keys(), "the tensors one process writes (a tied head written once)"
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
 
