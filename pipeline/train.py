@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,6 @@ def train_across_workers(ctx: StepContext, task: TaskSpec, start: ModelRef, sett
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
-    import time
-
     started = time.perf_counter()
     result = trainer.fit()
     fit_seconds = time.perf_counter() - started
@@ -78,8 +77,8 @@ def train_across_workers(ctx: StepContext, task: TaskSpec, start: ModelRef, sett
         done = Path(done)
         if not (done / EXPERT_DIR).is_dir():
             raise RuntimeError(f"the last checkpoint of Ray Train run {name!r} holds no expert (in {done})")
-        for item in (done / EXPERT_DIR).iterdir():
-            shutil.move(str(item), out_dir / item.name)
+        # copied, not moved: the checkpoint stays whole until this step has the expert (a retried step reads it)
+        shutil.copytree(done / EXPERT_DIR, out_dir, dirs_exist_ok=True)
         raw = json.loads((done / RESULT_FILE).read_text())
     known = {f.name for f in fields(FinetuneResult)}
     out = FinetuneResult(**{k: (([tuple(x) for x in v]) if k == "losses" else v) for k, v in raw["result"].items()
@@ -104,8 +103,6 @@ def _worker(config: dict[str, Any]) -> None:
     from operators.finetune import finetune
 
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)  # a line per report
-    import time
-
     started = time.perf_counter()
     c = ray.train.get_context()
     rank, world = c.get_world_rank(), c.get_world_size()
@@ -130,6 +127,10 @@ def _worker(config: dict[str, Any]) -> None:
         resume_dir = None
         if resume is not None:  # a restarted group (a worker died): on from the last resume state, said in the run
             resume_dir = Path(resume.to_directory(str(Path(tmp) / "resume")))
+            if (resume_dir / EXPERT_DIR).is_dir():  # the expert itself: done before its step was cut short (a step
+                checkpoint = ray.train.Checkpoint.from_directory(str(resume_dir)) if rank == 0 else None  # retried):
+                ray.train.report({"step": -1}, checkpoint=checkpoint)  # reported again, as it is
+                return
             if lineage is not None:
                 step = json.loads((resume_dir / RESUME_STATE).read_text())["step"]
                 lineage.set_tags(run_id, {"mergeflow.resumed_from_step": str(step)})

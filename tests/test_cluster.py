@@ -39,7 +39,24 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
+def mlflow_server_starting(tmp_path_factory):
+    """An ``mlflow server`` launched, not yet waited for: it starts while the Ray nodes do."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_ports()[0]
+    proc = start_mlflow_server(port, f"sqlite:///{root / 'server.db'}", root / "server-artifacts", wait=False)
+    yield proc, port, root
+    stop_process_group(proc, grace_s=3)
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_starting, ray_cluster):
+    proc, port, _ = mlflow_server_starting
+    wait_for_mlflow_server(proc, port)
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(mlflow_server_starting):
     """A head and two worker nodes, one CPU each, started with `ray start` (one cluster for this file's tests:
     the multi-worker test first, then the one that loses a worker node)."""
     import secrets
@@ -60,17 +77,6 @@ def ray_cluster(tmp_path_factory):
         yield address, env
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True)
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, ray_cluster):
-    port = free_ports()[0]
-    proc = start_mlflow_server(port, f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts", wait=False)
-    try:
-        wait_for_mlflow_server(proc, port)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process_group(proc, grace_s=3)
 
 
 def _raylets(gcs_port: int) -> dict[str, int]:
@@ -146,7 +152,7 @@ def test_multiworker_experts_and_a_merge_split_over_three_nodes(tmp_path, ray_cl
         "num_cpus": 1, "workers_per_expert": 2, "placement": "spread", "resume_every": 4, "max_retries": 2,
         "merge_workers": 3})
     spec["tasks"] = spec["tasks"][:1]  # one expert: a worker group takes two of the three nodes' slots
-    spec["finetune"].update(mode="full", max_steps=24, batch_size=8, log_every=1)
+    spec["finetune"].update(mode="full", max_steps=16, batch_size=8, log_every=1)
     wf = parse_workflow(spec)
     (tmp_path / "wf.yaml").write_text(json.dumps(spec))
     done, killed = threading.Event(), []
@@ -176,7 +182,7 @@ def test_multiworker_experts_and_a_merge_split_over_three_nodes(tmp_path, ray_cl
             curve[m.step] = m.value  # (steps after the resume state, before the kill, are logged twice: the last)
         task = wf.task(name)
         one = finetune(base, task_data(task, "all", 0.0, task.dataset.split_seed), wf.finetune_for(task), None)
-        assert sorted(curve) == [s for s, _ in one.losses] == list(range(1, 25))
+        assert sorted(curve) == [s for s, _ in one.losses] == list(range(1, 17))
         for step, loss in one.losses:
             assert curve[step] == pytest.approx(loss, rel=1e-4), (name, step)
     assert resumed and resumed[0] % 4 == 0, "the killed group went on from a resume state, not from step 0"
@@ -202,7 +208,7 @@ def test_multiworker_experts_and_a_merge_split_over_three_nodes(tmp_path, ray_cl
 
 
 def test_workflow_on_existing_cluster_with_tracking_server_and_a_node_lost_mid_expert(
-        tiny_base, tmp_path, ray_cluster, mlflow_server):
+        tiny_base, tmp_path, ray_cluster, mlflow_server, mlflow_server_starting):
     """The driver on a 3-node cluster, lineage through the tracking server. As soon as an expert runs on a
     worker node, that node is killed (raylet, workers, agents): Ray retries the expert on a node that is left
     and the workflow finishes with merged weights bitwise equal to an undisturbed run of the same spec."""
@@ -273,7 +279,7 @@ def test_workflow_on_existing_cluster_with_tracking_server_and_a_node_lost_mid_e
     got = Path(mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(tmp_path / "dl"),
                                                    tracking_uri=mlflow_server))
     assert (got / "config.json").is_file() and (got / "heads" / "length" / "head.safetensors").is_file()
-    assert (tmp_path / "server-artifacts").is_dir()
+    assert (mlflow_server_starting[2] / "server-artifacts").is_dir()
     # expert runs were logged by workers on the cluster's nodes, through the server
     for e in final["experts"].values():
         steps = [m.step for m in client.get_metric_history(e["run_id"], "train_loss")]

@@ -79,27 +79,31 @@ def test_parts_that_do_not_belong_together_are_refused(tiny_base, tiny_experts, 
 
 def test_a_workflow_merge_in_parts_is_the_merge_in_one_step(tiny_base, tmp_path):
     """resources.merge_workers through the workflow (in process): the parts go through the store and are put
-    together by the merge step; the published merge is the one-step merge's, file for file, and records its parts."""
+    together by the merge step; the published merge holds the one-step merge's tensors, bit for bit, and records
+    its parts."""
     from mlflow import MlflowClient
 
     from pipeline.driver import run_workflow
     from pipeline.spec import parse_workflow
     from tests.helpers import tiny_workflow_dict
 
-    one = parse_workflow(tiny_workflow_dict(tmp_path / "one", tiny_base))
     split = parse_workflow(tiny_workflow_dict(tmp_path / "split", tiny_base, resources={"num_cpus": 1,
                                                                                           "merge_workers": 3}))
-    a = run_workflow(one, address="in-process", report=lambda _m: None).rounds[0].merged
     lines: list[str] = []
-    b = run_workflow(split, address="in-process", report=lines.append).rounds[0].merged
+    done = run_workflow(split, address="in-process", report=lines.append).rounds[0]
+    b = done.merged
     assert any("merged in 3 parts" in line for line in lines), lines
+    # the one-step merge of the same experts, with the same method and parameters
+    merge_checkpoints(tiny_base, {t: e.path for t, e in done.experts.items()}, split.merge.method, split.merge.params,
+                      tmp_path / "one")
+    a = Path(tmp_path / "one")
     # the one-step merge wrote one file (the tiny model is under 2 GiB); the parts wrote shards of a third
     prov = json.loads((Path(b.path) / "mergeflow.json").read_text())
     assert prov["split"]["parts"] == 3 and [p["part"] for p in prov["parts"]] == [0, 1, 2]
     assert all(p["peak_rss_bytes"] > 0 for p in prov["parts"])
     from operators.tensor_io import TensorReader
 
-    with TensorReader(Path(a.path)) as x, TensorReader(Path(b.path)) as y:
+    with TensorReader(a) as x, TensorReader(Path(b.path)) as y:
         assert x.keys() == y.keys()
         for k in x.keys():
             assert x.get(k).view(-1).view(torch.uint8).equal(y.get(k).view(-1).view(torch.uint8)), k
