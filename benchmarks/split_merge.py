@@ -55,7 +55,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     paths = build_models(work)
 
-    from operators.merge.engine import output_plan
+    from operators.merge.output import output_plan
     from operators.merge.split import assemble_parts, part_shard_bytes
     from operators.tensor_io import TensorReader
 

@@ -32,7 +32,6 @@ import torch
 RESUME_WEIGHTS = "resume-weights.safetensors"
 RESUME_OPTIMIZER = "resume-optimizer.safetensors"
 RESUME_STATE = "resume.json"
-STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -69,11 +68,6 @@ class Distributed:
         return t.tolist()
 
 
-def check_strategy(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"resources.strategy {strategy!r} is not known; use one of: {', '.join(STRATEGIES)}")
-
-
 def wrap(model: torch.nn.Module, task_model: Any, dist_: Distributed, device: str) -> torch.nn.Module:
     """``model`` (on ``device``) made data-parallel: what the training loop calls forward on.
 
@@ -95,25 +89,26 @@ def wrap(model: torch.nn.Module, task_model: Any, dist_: Distributed, device: st
     return model
 
 
-def full_state(model: torch.nn.Module, dist_: Distributed, optimizer=None) -> tuple[dict[str, torch.Tensor], Any]:
-    """The whole model's (and ``optimizer``'s) state on the CPU, gathered from every rank (a collective:
-    every rank calls it; rank 0's is complete, the others' may be empty)."""
+def full_state(model: torch.nn.Module, dist_: Distributed, optimizer=None, trainable_only: bool = False,
+               ) -> tuple[dict[str, torch.Tensor], Any]:
+    """The model's (and ``optimizer``'s) state on the CPU, gathered from every rank (a collective: every rank
+    calls it; rank 0's is complete, the others' may be empty); ``trainable_only``: just what trains."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    if dist_.strategy == "ddp":  # every rank holds everything already
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if optimizer is None:
-            return weights, None
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return weights, get_optimizer_state_dict(model, optimizer, options=options)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    for alias in tied_aliases(model):  # a tied weight (an LM head sharing the embedding) is written once, as
-        weights.pop(alias, None)       # save_pretrained writes it: the checkpoint has the base's tensor names
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if dist_.strategy == "ddp":  # every rank holds everything already: copied, and only what is asked for
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items() if not trainable_only or k in trainable}
+    else:
+        weights = get_model_state_dict(model, options=options)
+        for alias in tied_aliases(model):  # a tied weight (an LM head sharing the embedding) is written once,
+            weights.pop(alias, None)       # as save_pretrained writes it: the checkpoint has the base's names
+        if trainable_only:
+            weights = {k: v for k, v in weights.items() if k in trainable}
     return weights, (get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None)
 
 
@@ -132,10 +127,10 @@ def write_resume(directory: Path, model: torch.nn.Module, optimizer, scheduler, 
                  dist_: Distributed) -> Path | None:
     """Gather what a restart needs and write it (rank 0) to ``directory``; every rank calls it.
     Returns ``directory`` on rank 0, None elsewhere."""
+    import torch.distributed as dist
     from safetensors.torch import save_file
 
-    weights, optim = full_state(model, dist_, optimizer)
-    import torch.distributed as dist
+    weights, optim = full_state(model, dist_, optimizer, trainable_only=True)
 
     rng = torch.get_rng_state().to(dist_.device)  # (NCCL gathers device tensors only)
     rngs = [torch.zeros_like(rng) for _ in range(dist_.world)]
@@ -144,9 +139,7 @@ def write_resume(directory: Path, model: torch.nn.Module, optimizer, scheduler, 
     if dist_.rank != 0:
         return None
     directory.mkdir(parents=True, exist_ok=True)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    save_file({k: v.contiguous() for k, v in weights.items() if _plain(k) in trainable or k in trainable},
-              str(directory / RESUME_WEIGHTS))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / RESUME_WEIGHTS))
     tensors = {f"rng/{r}": t for r, t in enumerate(rngs)}
     scalars: dict[str, dict[str, float]] = {}
     for name, fields in optim["state"].items():
@@ -161,10 +154,6 @@ def write_resume(directory: Path, model: torch.nn.Module, optimizer, scheduler, 
         "scalars": scalars, "param_groups": optim["param_groups"], "scheduler": scheduler.state_dict(),
     }))
     return directory
-
-
-def _plain(key: str) -> str:
-    return key.removeprefix("module.")
 
 
 def read_resume(directory: Path, model: torch.nn.Module, optimizer, scheduler, dist_: Distributed) -> dict[str, Any]:

@@ -147,24 +147,21 @@ class RayGang:
     """``size`` slots of ``resources`` reserved together in one placement group, packed on few nodes or spread
     over many (``placement``); step ``i`` runs in slot ``i``. The slots are held until :meth:`close`."""
 
-    def __init__(self, size: int, resources: Resources, placement: str):
+    def __init__(self, runtime: RayRuntime, size: int, resources: Resources, placement: str):
         import ray
         from ray.util.placement_group import placement_group
 
         bundle = {"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {})}
-        self.resources = resources
+        self.runtime, self.resources = runtime, resources
         self.group = placement_group([dict(bundle) for _ in range(size)],
                                      strategy="PACK" if placement == "pack" else "SPREAD")
         ray.get(self.group.ready())  # every slot is free before any step starts (or this waits for them)
 
     def submit(self, slot: int, fn: Callable[..., Any], *args: Any, name: str, **kwargs: Any) -> Future:
-        import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        remote = ray.remote(fn).options(
-            name=name, num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus,
-            max_retries=self.resources.max_retries, retry_exceptions=False,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot))
+        remote = self.runtime._remote(fn, name, self.resources, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.group, placement_group_bundle_index=slot))
         return Future(name, ref=remote.remote(*args, **kwargs))
 
     def close(self) -> None:
@@ -359,18 +356,22 @@ class RayRuntime:
         return "cuda" if resources.num_gpus > 0 else "cpu"
 
     def submit(self, fn: Callable[..., Any], *args: Any, name: str, resources: Resources = Resources(), **kwargs: Any) -> Future:
+        return Future(name, ref=self._remote(fn, name, resources).remote(*args, **kwargs))
+
+    def _remote(self, fn: Callable[..., Any], name: str, resources: Resources, **options: Any) -> Any:
+        """``fn`` as a Ray remote function with a step's options (and any others, e.g. where it is placed)."""
         import ray
 
         if fn not in self._remotes:  # one remote function per step function (not one per call)
             self._remotes[fn] = ray.remote(fn)
-        remote = self._remotes[fn].options(
+        return self._remotes[fn].options(
             name=name,
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,
             max_retries=resources.max_retries,  # retries when the worker process dies
             retry_exceptions=False,  # a Python error is a bug or bad input: retrying will not help
+            **options,
         )
-        return Future(name, ref=remote.remote(*args, **kwargs))
 
     def resident_pool(self, size: int, resources: Resources) -> RayPool:
         """Resident workers: ``size`` of them, or as many as the cluster's free slots hold, if fewer."""
@@ -383,7 +384,7 @@ class RayRuntime:
 
     def gang(self, size: int, resources: Resources, placement: str = "pack") -> RayGang:
         """Slots for steps that belong together (a split merge's parts): :class:`RayGang`."""
-        return RayGang(size, resources, placement)
+        return RayGang(self, size, resources, placement)
 
     def result(self, future: Future) -> Any:
         import ray

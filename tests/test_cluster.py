@@ -141,7 +141,8 @@ def test_multiworker_experts_and_a_merge_split_over_three_nodes(tmp_path, ray_cl
     from mlflow import MlflowClient
 
     from operators.finetune import finetune
-    from operators.merge.engine import merge_checkpoints, output_plan
+    from operators.merge.engine import merge_checkpoints
+    from operators.merge.output import output_plan
     from operators.merge.split import part_shard_bytes
     from operators.tensor_io import TensorReader
     from pipeline.context import task_data

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from operators.errors import MergeError
-from operators.merge.engine import merge_checkpoints, output_plan, whole_model_statistics
+from operators.merge.engine import merge_checkpoints, whole_model_statistics
+from operators.merge.output import output_plan
 from operators.merge.split import PART_FILE, assemble_parts, part_shard_bytes
 from operators.tensor_io import INDEX_FILE, TensorReader
 

@@ -50,6 +50,7 @@ from operators.merge.output import (
     _BackgroundWriter,
     _write_config_and_tokenizer,
     atomic_output_dir,
+    output_plan,
 )
 from operators.merge.registry import MergeMethod, get_method, resolve_weights
 from operators.merge.vocab import VocabPlan, aligned_readers
@@ -268,12 +269,6 @@ def _merge_part(out_dir, part, keys, readers, names, spec, p, weights, stats, ch
         report.seconds = time.perf_counter() - start
         split.write_part_record(tmp, part, shard_bytes, report.as_dict())
     return report
-
-
-def output_plan(keys: list[str], ref: Any, out_dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple]]:
-    """Every output tensor's name, dtype and shape (floating-point tensors in ``out_dtype``, if given)."""
-    return [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
-            for k in keys]
 
 
 def _write_merged(tmp: Path, keys: list[str], readers: Mapping[str, Any], names: list[str], spec: MergeMethod, p: Any,

@@ -106,3 +106,9 @@ def _write_config_and_tokenizer(base: Path, tmp: Path, out_dtype: torch.dtype | 
     cfg = json.loads((tmp / "config.json").read_text())
     cfg["vocab_size"] = vocab.size
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def output_plan(keys: list[str], ref: Any, out_dtype: torch.dtype | None) -> list[tuple[str, torch.dtype, tuple]]:
+    """Every output tensor's name, dtype and shape (floating-point tensors in ``out_dtype``, if given)."""
+    return [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
+            for k in keys]

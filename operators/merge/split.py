@@ -30,7 +30,7 @@ from operators.checkpoint_files import write_provenance
 from operators.errors import MergeError
 from operators.merge.blocks import split_keys
 from operators.merge.heads import _copy_heads, _plan_heads
-from operators.merge.output import _write_config_and_tokenizer, atomic_output_dir
+from operators.merge.output import _write_config_and_tokenizer, atomic_output_dir, output_plan
 from operators.tensor_io import TensorReader, plan_shards, shard_files, write_index
 
 PART_FILE = "part.json"
@@ -101,8 +101,7 @@ def assemble_parts(base: str | Path, experts: Mapping[str, str | Path], part_dir
     ref = TensorReader(base)
     try:
         keys = ref.keys()
-        plan = [(k, (out_dtype or ref.dtype(k)) if ref.dtype(k).is_floating_point else ref.dtype(k), ref.shape(k))
-                for k in keys]
+        plan = output_plan(keys, ref, out_dtype)
     finally:
         ref.close()
     shards = plan_shards(plan, records[0]["shard_bytes"])
